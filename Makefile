@@ -1,0 +1,35 @@
+# The two commands (see README): `make tables` regenerates every table and figure on the embedded
+# default (the mini world at scale=small); `make test` runs every test, notebooks included.
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+# The torch build for this machine. Elsewhere: `make setup TORCH="torch torchvision"` (or any CUDA build).
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.installed
+SCALE  ?= small
+SEED   ?= 0
+
+.PHONY: setup tables test bench lab clean-cache
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -c "import torch, torchvision" 2>/dev/null || $(VPY) -m pip install -q $(TORCH)
+	$(VPY) -m pip install -q -e ".[notebooks,dev]"
+	touch $(STAMP)
+
+tables: $(STAMP)  ## regenerate every table and figure (all notebooks through papermill)
+	$(VPY) tools/run_notebooks.py --scale $(SCALE) --seed $(SEED)
+
+test: $(STAMP)  ## every test, each notebook through papermill at scale="tiny"
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VPY) -m pytest -q tests
+
+bench: $(STAMP)  ## benchmarks that print throughput figures
+	$(VPY) benchmarks/run_all.py
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-cache:
+	rm -rf .cache

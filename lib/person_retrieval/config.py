@@ -1,0 +1,167 @@
+"""Scales, paths, seeding and the validation of notebook parameters.
+
+Scales (see DESIGN.md): ``tiny`` runs every code path in seconds (CI), ``small`` is the classroom scale
+(a CUHK-PEDES-shaped test split of 1,000 identities, each notebook at most 10 minutes on 2 CPU cores),
+``paper`` means real data under ``data_root`` and real weights.
+"""
+from __future__ import annotations
+
+import os
+import random
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SCALE_NAMES = ("tiny", "small", "paper")
+
+
+@dataclass(frozen=True)
+class WorldSize:
+    """How big one world dataset is at a scale: identities per split and images per identity."""
+
+    ids: dict
+    images_per_id: tuple[int, int]  # inclusive range
+    captions_per_image: int
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    image_height: int  # crops are image_height x image_height // 2
+    tpr: dict = field(default_factory=dict)  # style -> WorldSize
+    cpr_train_triplets: int = 0  # SynCPR-shaped training triplets
+    cpr_queries: int = 0  # ITCPR-shaped test queries
+    cpr_gallery: int = 0  # ITCPR gallery size (targets + distractors)
+    chat_ids: dict = field(default_factory=dict)  # ChatPedes split -> identities
+    chat_rounds: int = 6
+
+
+SCALES = {
+    "tiny": Scale(
+        name="tiny", image_height=64,
+        tpr={
+            "cuhk_pedes": WorldSize({"train": 48, "val": 12, "test": 16}, (2, 4), 2),
+            "icfg_pedes": WorldSize({"train": 48, "test": 16}, (3, 5), 1),
+            "rstpreid": WorldSize({"train": 48, "val": 12, "test": 12}, (5, 5), 2),
+        },
+        cpr_train_triplets=120, cpr_queries=24, cpr_gallery=120,
+        chat_ids={"train": 40, "test": 16}, chat_rounds=6,
+    ),
+    "small": Scale(
+        name="small", image_height=128,
+        tpr={
+            "cuhk_pedes": WorldSize({"train": 2000, "val": 200, "test": 1000}, (2, 4), 2),
+            "icfg_pedes": WorldSize({"train": 2000, "test": 1000}, (3, 7), 1),
+            "rstpreid": WorldSize({"train": 2000, "val": 200, "test": 200}, (5, 5), 2),
+        },
+        cpr_train_triplets=6000, cpr_queries=1000, cpr_gallery=10000,
+        chat_ids={"train": 2000, "test": 1000}, chat_rounds=6,
+    ),
+    # Real data: sizes come from the files under data_root.
+    "paper": Scale(name="paper", image_height=384),
+}
+
+
+def get_scale(scale: str | Scale) -> Scale:
+    if isinstance(scale, Scale):
+        return scale
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALE_NAMES}, got {scale!r}")
+    return SCALES[scale]
+
+
+# ---------------------------------------------------------------------------------------------
+def repo_root() -> Path:
+    """The checkout this package lives in (lib/person_retrieval -> repo), else the working directory."""
+    here = Path(__file__).resolve().parents[2]
+    return here if (here / "pyproject.toml").exists() else Path.cwd()
+
+
+def cache_dir() -> Path:
+    """Where built worlds and trained mini models are cached (``PR_CACHE_DIR`` overrides)."""
+    return Path(os.environ.get("PR_CACHE_DIR") or repo_root() / ".cache")
+
+
+def results_dirs(scale: str) -> tuple[Path, Path]:
+    """``(tables, figures)`` for a run at ``scale``.
+
+    The committed results are the ``small`` ones, in ``tables/`` and ``figures/``. Other scales write
+    to ``tables/<scale>/`` and ``figures/<scale>/`` so a quick tiny run never overwrites them.
+    ``PR_RESULTS_DIR`` moves both (the tests use it).
+    """
+    base = Path(os.environ.get("PR_RESULTS_DIR") or repo_root())
+    sub = "" if scale == "small" else scale
+    t, f = base / "tables" / sub, base / "figures" / sub
+    t.mkdir(parents=True, exist_ok=True)
+    f.mkdir(parents=True, exist_ok=True)
+    return t, f
+
+
+# ---------------------------------------------------------------------------------------------
+def stable_hash(*parts) -> int:
+    """A hash of strings/ints that is the same in every process (unlike ``hash``)."""
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def rng_for(seed: int, *purpose) -> np.random.Generator:
+    """An independent random stream for one purpose: ``rng_for(seed, "cuhk_pedes", "people")``."""
+    return np.random.default_rng([int(seed), stable_hash(*purpose)])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+def check_params(**params) -> dict:
+    """Validate a notebook's common parameters; raise ``ValueError`` naming the bad one.
+
+    Known names: ``scale``, ``gpus``, ``seed``, ``data_root``, ``weights``. Others are passed through
+    (check them with :func:`check_number`). Returns the parameters, ``data_root`` as a ``Path``.
+    """
+    out = dict(params)
+    if "scale" in params:
+        s = params["scale"]
+        if s not in SCALE_NAMES:
+            raise ValueError(f"parameter 'scale' must be one of {SCALE_NAMES}, got {s!r} ({type(s).__name__})")
+    if "gpus" in params:
+        g = params["gpus"]
+        if isinstance(g, bool) or not isinstance(g, int) or g < 0:
+            raise ValueError(f"parameter 'gpus' must be a non-negative integer (0 = CPU), got {g!r} ({type(g).__name__})")
+    if "seed" in params:
+        s = params["seed"]
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"parameter 'seed' must be a non-negative integer, got {s!r} ({type(s).__name__})")
+    if "data_root" in params and params["data_root"] is not None:
+        d = params["data_root"]
+        if not isinstance(d, (str, os.PathLike)):
+            raise ValueError(f"parameter 'data_root' must be None (the mini world) or a folder path, got {d!r}")
+        p = Path(d).expanduser()
+        if not p.is_dir():
+            raise ValueError(f"parameter 'data_root': folder {str(p)!r} does not exist (None uses the mini world)")
+        out["data_root"] = p
+    if "weights" in params and params["weights"] is not None and not isinstance(params["weights"], str):
+        raise ValueError(f"parameter 'weights' must be None (the mini backbone) or a model name or path, got {params['weights']!r}")
+    if params.get("scale") == "paper" and params.get("data_root") is None and "data_root" in params:
+        raise ValueError("scale='paper' needs real data: set parameter 'data_root' to the dataset folder")
+    return out
+
+
+def check_number(name: str, value, lo=None, hi=None, integer: bool = False):
+    """Validate one numeric knob (e.g. ``lambda1``), naming it in the error."""
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"parameter {name!r} must be {kind}, got {value!r} ({type(value).__name__})")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"parameter {name!r} must lie in [{lo}, {hi}], got {value!r}")
+    return value

@@ -1,0 +1,300 @@
+"""Readers and writers of the public datasets' on-disk formats, with their field names as released.
+
+| dataset    | annotation file                    | image folder | fields |
+|------------|------------------------------------|--------------|--------|
+| CUHK-PEDES | ``reid_raw.json``                  | ``imgs/``    | split, captions, file_path, processed_tokens, id (from 1) |
+| ICFG-PEDES | ``ICFG-PEDES.json``                | ``imgs/``    | split (train/test), captions, file_path, id |
+| RSTPReid   | ``data_captions.json``             | ``imgs/``    | split (train/val/test), captions, img_path, id |
+| ITCPR      | ``query.json``, ``gallery.json``   | root         | file_path, datasets, person_id, instance_id, caption (query only) |
+| SynCPR     | ``SynCPR.json``                    | root         | reference_caption, target_caption, reference_image_path, target_image_path, edit_caption, cpr_id |
+| ChatPedes  | ``train_reid.json``/``test_reid.json`` | ``imgs/`` | id, file_path, chats (dialogues of {"from": "gpt"/"user", "value"}) |
+
+Every reader validates the whole file before returning anything: a malformed or truncated file, a
+missing field, an unknown split or a missing image raises :class:`DatasetFormatError` naming the file,
+the entry and what was expected.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = [
+    "DatasetFormatError", "TPRSplit", "TPR_FORMATS", "load_split", "read_tpr_annotations", "write_tpr_annotations",
+    "read_itcpr", "write_itcpr", "read_syncpr", "write_syncpr", "read_chatpedes", "write_chatpedes",
+    "split_statistics", "write_json_atomic",
+]
+
+
+class DatasetFormatError(ValueError):
+    """An annotation file or dataset folder does not match its documented format."""
+
+
+@dataclass(frozen=True)
+class TPRFormat:
+    title: str
+    annotation: str
+    path_key: str
+    splits: tuple[str, ...]
+    image_dir: str = "imgs"
+    pid_offset: int = 0  # IRRA subtracts 1 from CUHK-PEDES ids
+    required: tuple[str, ...] = ("id", "captions", "split")
+
+
+TPR_FORMATS: dict[str, TPRFormat] = {
+    "cuhk_pedes": TPRFormat("CUHK-PEDES", "reid_raw.json", "file_path", ("train", "val", "test"), pid_offset=-1,
+                            required=("id", "captions", "split", "processed_tokens")),
+    "icfg_pedes": TPRFormat("ICFG-PEDES", "ICFG-PEDES.json", "file_path", ("train", "test")),
+    "rstpreid": TPRFormat("RSTPReid", "data_captions.json", "img_path", ("train", "val", "test")),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _read_json_list(path: Path, what: str, expected: str) -> list:
+    if not path.is_file():
+        raise DatasetFormatError(f"{path}: file not found; expected the {what} annotation file ({expected})")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetFormatError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); the file may be truncated "
+            f"or corrupted. Expected a JSON list of {expected}"
+        ) from None
+    if not isinstance(data, list):
+        raise DatasetFormatError(f"{path}: expected a JSON list of {expected}, found a {type(data).__name__}")
+    return data
+
+
+def _check_entry(path: Path, i: int, entry: Any, fields: dict[str, type | tuple]) -> None:
+    if not isinstance(entry, dict):
+        raise DatasetFormatError(f"{path}: entry {i} is a {type(entry).__name__}; expected an object with fields {sorted(fields)}")
+    for name, typ in fields.items():
+        if name not in entry:
+            raise DatasetFormatError(f"{path}: entry {i} has no field {name!r}; expected fields {sorted(fields)} (found {sorted(entry)})")
+        if not isinstance(entry[name], typ) or (typ is int and isinstance(entry[name], bool)):
+            want = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+            raise DatasetFormatError(f"{path}: entry {i} field {name!r} is {entry[name]!r}; expected {want}")
+
+
+def _check_captions(path: Path, i: int, caps: list) -> None:
+    if not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+        raise DatasetFormatError(f"{path}: entry {i} field 'captions' must be a non-empty list of non-empty strings")
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TPRSplit:
+    """One split of a text-based person retrieval dataset, with IRRA's field names.
+
+    ``caption_image_ids[j]`` is the index in ``image_paths`` of the image caption ``j`` describes.
+    Person ids are as the dataset stores them (CUHK-PEDES: minus 1, as IRRA does).
+    """
+
+    name: str
+    root: Path
+    split: str
+    image_paths: list[str] = field(default_factory=list)
+    image_pids: list[int] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    caption_pids: list[int] = field(default_factory=list)
+    caption_image_ids: list[int] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return (f"TPRSplit({self.name}/{self.split}: {len(set(self.image_pids))} identities, "
+                f"{len(self.image_paths)} images, {len(self.captions)} captions)")
+
+
+def read_tpr_annotations(name: str, root: str | Path) -> list[dict]:
+    """The validated annotation list of a TPR dataset folder (all splits)."""
+    if name not in TPR_FORMATS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(TPR_FORMATS)}")
+    fmt = TPR_FORMATS[name]
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetFormatError(f"{root}: dataset folder not found; expected a {fmt.title} folder holding {fmt.annotation} and {fmt.image_dir}/")
+    path = root / fmt.annotation
+    data = _read_json_list(path, fmt.title, f"objects with fields {sorted(set(fmt.required) | {fmt.path_key})}")
+    spec: dict = {k: {"id": int, "captions": list, "split": str, "processed_tokens": list}[k] for k in fmt.required}
+    spec[fmt.path_key] = str
+    for i, e in enumerate(data):
+        _check_entry(path, i, e, spec)
+        _check_captions(path, i, e["captions"])
+        if e["split"] not in fmt.splits:
+            raise DatasetFormatError(f"{path}: entry {i} has split {e['split']!r}; {fmt.title} splits are {list(fmt.splits)}")
+    return data
+
+
+def load_split(name: str, root: str | Path, split: str, check_images: bool = True) -> TPRSplit:
+    """Read one split of ``cuhk_pedes``, ``icfg_pedes`` or ``rstpreid`` from the dataset's own folder."""
+    if name not in TPR_FORMATS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(TPR_FORMATS)}")
+    fmt = TPR_FORMATS[name]
+    if split not in fmt.splits:
+        extra = " (ICFG-PEDES has no validation split: hold out training identities instead)" if name == "icfg_pedes" and split == "val" else ""
+        raise ValueError(f"unknown split {split!r} for {fmt.title}; expected one of {list(fmt.splits)}{extra}")
+    root = Path(root)
+    data = read_tpr_annotations(name, root)
+    out = TPRSplit(name=name, root=root, split=split)
+    img_dir = root / fmt.image_dir
+    for i, e in enumerate(data):
+        if e["split"] != split:
+            continue
+        p = img_dir / e[fmt.path_key]
+        if check_images and not p.is_file():
+            raise DatasetFormatError(f"{root / fmt.annotation}: entry {i} names image {e[fmt.path_key]!r}, but {p} does not exist")
+        img_id = len(out.image_paths)
+        pid = int(e["id"]) + fmt.pid_offset
+        out.image_paths.append(str(p))
+        out.image_pids.append(pid)
+        for c in e["captions"]:
+            out.captions.append(c)
+            out.caption_pids.append(pid)
+            out.caption_image_ids.append(img_id)
+    if not out.image_paths:
+        raise DatasetFormatError(f"{root / fmt.annotation}: no entries in split {split!r}")
+    return out
+
+
+def write_tpr_annotations(name: str, root: str | Path, entries: Iterable[dict]) -> Path:
+    """Write a TPR annotation file (entries already carry the dataset's own field names)."""
+    fmt = TPR_FORMATS[name]
+    path = Path(root) / fmt.annotation
+    write_json_atomic(path, list(entries))
+    return path
+
+
+def split_statistics(split: TPRSplit) -> dict:
+    """Dataset statistics in the papers' terms."""
+    from ..world.language import tokenize
+
+    toks = [tokenize(c) for c in split.captions]
+    vocab = {t for ts in toks for t in ts}
+    return {
+        "identities": len(set(split.image_pids)),
+        "images": len(split.image_paths),
+        "captions": len(split.captions),
+        "mean caption length": sum(map(len, toks)) / max(1, len(toks)),
+        "vocabulary": len(vocab),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+ITCPR_QUERY_FIELDS = {"file_path": str, "datasets": str, "person_id": int, "instance_id": int, "caption": str}
+ITCPR_GALLERY_FIELDS = {"file_path": str, "datasets": str, "person_id": int, "instance_id": int}
+
+
+@dataclass
+class ITCPR:
+    """The ITCPR benchmark: queries (reference image + relative caption) and a gallery.
+    A gallery item is a ground truth of a query when their ``instance_id`` agree; -1 marks distractors."""
+
+    root: Path
+    queries: list[dict]
+    gallery: list[dict]
+
+    def query_paths(self) -> list[str]:
+        return [str(self.root / q["file_path"]) for q in self.queries]
+
+    def gallery_paths(self) -> list[str]:
+        return [str(self.root / g["file_path"]) for g in self.gallery]
+
+
+def _check_images_exist(ann: Path, root: Path, entries: list[dict], keys: Iterable[str]) -> None:
+    for i, e in enumerate(entries):
+        for k in keys:
+            if not (root / e[k]).is_file():
+                raise DatasetFormatError(f"{ann}: entry {i} names image {e[k]!r} in {k!r}, but {root / e[k]} does not exist")
+
+
+def read_itcpr(root: str | Path, check_images: bool = True) -> ITCPR:
+    root = Path(root)
+    qp, gp = root / "query.json", root / "gallery.json"
+    queries = _read_json_list(qp, "ITCPR query", f"objects with fields {sorted(ITCPR_QUERY_FIELDS)}")
+    gallery = _read_json_list(gp, "ITCPR gallery", f"objects with fields {sorted(ITCPR_GALLERY_FIELDS)}")
+    for i, e in enumerate(queries):
+        _check_entry(qp, i, e, ITCPR_QUERY_FIELDS)
+        if e["instance_id"] < 0:
+            raise DatasetFormatError(f"{qp}: entry {i} has instance_id {e['instance_id']}; a query's instance_id must be >= 0")
+    for i, e in enumerate(gallery):
+        _check_entry(gp, i, e, ITCPR_GALLERY_FIELDS)
+    targets = {g["instance_id"] for g in gallery}
+    for i, q in enumerate(queries):
+        if q["instance_id"] not in targets:
+            raise DatasetFormatError(f"{qp}: entry {i} (instance_id {q['instance_id']}) has no ground truth in {gp}")
+    if check_images:
+        _check_images_exist(qp, root, queries, ["file_path"])
+        _check_images_exist(gp, root, gallery, ["file_path"])
+    return ITCPR(root, queries, gallery)
+
+
+def write_itcpr(root: str | Path, queries: list[dict], gallery: list[dict]) -> None:
+    write_json_atomic(Path(root) / "query.json", queries)
+    write_json_atomic(Path(root) / "gallery.json", gallery)
+
+
+SYNCPR_FIELDS = {"reference_caption": str, "target_caption": str, "reference_image_path": str,
+                 "target_image_path": str, "edit_caption": str, "cpr_id": (int, str)}
+
+
+def read_syncpr(root: str | Path, check_images: bool = True) -> list[dict]:
+    root = Path(root)
+    path = root / "SynCPR.json"
+    data = _read_json_list(path, "SynCPR", f"objects with fields {sorted(SYNCPR_FIELDS)}")
+    for i, e in enumerate(data):
+        _check_entry(path, i, e, SYNCPR_FIELDS)
+    if check_images:
+        _check_images_exist(path, root, data, ["reference_image_path", "target_image_path"])
+    return data
+
+
+def write_syncpr(root: str | Path, triplets: list[dict]) -> None:
+    write_json_atomic(Path(root) / "SynCPR.json", triplets)
+
+
+CHATPEDES_FIELDS = {"id": int, "file_path": str, "chats": list}
+CHATPEDES_SPLITS = {"train": "train_reid.json", "test": "test_reid.json"}
+
+
+def read_chatpedes(root: str | Path, split: str, image_root: str | Path | None = None, check_images: bool = True) -> list[dict]:
+    """ChatPedes entries; ``image_root`` defaults to ``root/imgs`` (ChatPedes reuses CUHK-PEDES images)."""
+    if split not in CHATPEDES_SPLITS:
+        raise ValueError(f"unknown split {split!r} for ChatPedes; expected one of {list(CHATPEDES_SPLITS)}")
+    root = Path(root)
+    path = root / CHATPEDES_SPLITS[split]
+    data = _read_json_list(path, "ChatPedes", 'objects with fields id, file_path and chats (lists of {"from", "value"} turns)')
+    for i, e in enumerate(data):
+        _check_entry(path, i, e, CHATPEDES_FIELDS)
+        if not e["chats"]:
+            raise DatasetFormatError(f"{path}: entry {i} has no dialogues in 'chats'")
+        for d, chat in enumerate(e["chats"]):
+            if not isinstance(chat, list) or not chat or len(chat) % 2:
+                raise DatasetFormatError(f"{path}: entry {i} dialogue {d} must be a non-empty list of question/answer turn pairs")
+            for t, turn in enumerate(chat):
+                want = "gpt" if t % 2 == 0 else "user"
+                if not isinstance(turn, dict) or turn.get("from") != want or not isinstance(turn.get("value"), str):
+                    raise DatasetFormatError(
+                        f"{path}: entry {i} dialogue {d} turn {t} is {turn!r}; expected {{'from': '{want}', 'value': <text>}} "
+                        "(questions from 'gpt', answers from 'user', alternating)")
+    if check_images:
+        base = Path(image_root) if image_root is not None else root / "imgs"
+        for i, e in enumerate(data):
+            if not (base / e["file_path"]).is_file():
+                raise DatasetFormatError(f"{path}: entry {i} names image {e['file_path']!r}, but {base / e['file_path']} does not exist")
+    return data
+
+
+def write_chatpedes(root: str | Path, split: str, entries: list[dict]) -> None:
+    write_json_atomic(Path(root) / CHATPEDES_SPLITS[split], entries)

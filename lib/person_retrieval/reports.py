@@ -1,0 +1,64 @@
+"""Paper-vs-this-run tables and figures.
+
+Every table carries a ``source`` column saying which scale, seed and data produced each row, beside
+the rows transcribed from the papers (``lib/person_retrieval/reported/*.csv``). Tables are written as
+CSV (for machines) and Markdown (for people); figures as PNG.
+"""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+from .config import results_dirs
+
+
+def reported(name: str) -> pd.DataFrame:
+    """A table of the papers' reported numbers, e.g. ``reported("dataset_statistics")``."""
+    ref = resources.files("person_retrieval") / "reported" / f"{name}.csv"
+    if not ref.is_file():
+        known = sorted(p.name[:-4] for p in (resources.files("person_retrieval") / "reported").iterdir() if p.name.endswith(".csv"))
+        raise FileNotFoundError(f"no reported table {name!r}; known: {known}")
+    with ref.open() as f:
+        return pd.read_csv(f)
+
+
+def run_source(scale: str, seed: int, data: str) -> str:
+    """The provenance label of a row produced here, e.g. 'this run: mini world, scale=small, seed=0'."""
+    return f"this run: {data}, scale={scale}, seed={seed}"
+
+
+def save_table(df: pd.DataFrame, name: str, scale: str, title: str = "", notes: str = "") -> Path:
+    """Write ``tables/<name>.csv`` and ``.md`` (under ``tables/<scale>/`` for scales other than small)."""
+    if "source" not in df.columns:
+        raise ValueError(f"table {name!r} needs a 'source' column saying which scale, seed and data produced each row")
+    tdir, _ = results_dirs(scale)
+    csv = tdir / f"{name}.csv"
+    df.to_csv(csv, index=False, float_format="%.2f")
+    md = [f"# {title or name}", ""]
+    if notes:
+        md += [notes, ""]
+    md.append(_markdown(df))
+    (tdir / f"{name}.md").write_text("\n".join(md) + "\n")
+    return csv
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return "" if pd.isna(v) else f"{v:,.2f}".rstrip("0").rstrip(".")
+        return str(v)
+
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def save_figure(fig, name: str, scale: str, dpi: int = 120) -> Path:
+    """Save a matplotlib figure to ``figures/<name>.png`` (under ``figures/<scale>/`` for other scales)."""
+    _, fdir = results_dirs(scale)
+    path = fdir / f"{name}.png"
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    return path
