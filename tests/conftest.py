@@ -1,0 +1,21 @@
+"""Test configuration: offline, and results and caches in temporary folders so the committed
+tables and figures are never touched by a test run."""
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+_tmp = tempfile.mkdtemp(prefix="pr-tests-")
+os.environ["PR_RESULTS_DIR"] = os.path.join(_tmp, "results")
+os.environ.setdefault("PR_CACHE_DIR", os.path.join(_tmp, "cache"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+    """Every world dataset at scale tiny, built once per test session: name -> folder."""
+    from person_retrieval.world import FORMAT_NAMES, world_dataset
+
+    return {name: world_dataset(name, "tiny", seed=0, progress=False) for name in FORMAT_NAMES}

@@ -1,0 +1,176 @@
+import json
+import shutil
+
+import pytest
+
+from person_retrieval.datasets import (
+    DatasetFormatError, load_split, read_chatpedes, read_itcpr, read_syncpr, read_tpr_annotations, split_statistics,
+    write_tpr_annotations,
+)
+from person_retrieval.world import caption_coverage, world_dataset
+
+
+@pytest.mark.parametrize("name, splits", [("cuhk_pedes", ("train", "val", "test")), ("icfg_pedes", ("train", "test")),
+                                          ("rstpreid", ("train", "val", "test"))])
+def test_world_tpr_folders_read_back(tiny_world, name, splits):
+    pids = {}
+    for sp in splits:
+        s = load_split(name, tiny_world[name], sp)
+        assert len(s.captions) == len(s.caption_pids) == len(s.caption_image_ids)
+        assert all(s.caption_pids[j] == s.image_pids[s.caption_image_ids[j]] for j in range(len(s.captions)))
+        pids[sp] = set(s.image_pids)
+    assert not pids["train"] & pids["test"]  # identities do not cross splits
+    assert 0 < caption_coverage(tiny_world[name]) < 1
+
+
+def test_real_field_names(tiny_world):
+    cuhk = json.loads((tiny_world["cuhk_pedes"] / "reid_raw.json").read_text())
+    assert set(cuhk[0]) == {"split", "captions", "file_path", "processed_tokens", "id"}
+    assert min(e["id"] for e in cuhk) == 1
+    rstp = json.loads((tiny_world["rstpreid"] / "data_captions.json").read_text())
+    assert set(rstp[0]) == {"id", "img_path", "captions", "split"}
+    icfg = json.loads((tiny_world["icfg_pedes"] / "ICFG-PEDES.json").read_text())
+    assert {e["split"] for e in icfg} == {"train", "test"}
+    it = read_itcpr(tiny_world["itcpr"])
+    assert set(it.queries[0]) == {"file_path", "datasets", "person_id", "instance_id", "caption"}
+    assert any(g["instance_id"] == -1 for g in it.gallery)
+    syn = read_syncpr(tiny_world["syncpr"])
+    assert set(syn[0]) == {"reference_caption", "target_caption", "reference_image_path", "target_image_path", "edit_caption", "cpr_id"}
+    chat = read_chatpedes(tiny_world["chatpedes"], "test")
+    assert len(chat[0]["chats"]) == 2 and chat[0]["chats"][0][0]["from"] == "gpt"
+
+
+def test_cuhk_pids_follow_irra(tiny_world):
+    raw = json.loads((tiny_world["cuhk_pedes"] / "reid_raw.json").read_text())
+    s = load_split("cuhk_pedes", tiny_world["cuhk_pedes"], "train")
+    assert s.image_pids[0] == raw[0]["id"] - 1
+
+
+def test_world_cache_is_reused_and_deterministic(tiny_world, tmp_path):
+    again = world_dataset("rstpreid", "tiny", seed=0, progress=False)
+    assert again == tiny_world["rstpreid"]
+    from person_retrieval.world import build_dataset
+
+    other = build_dataset("rstpreid", tmp_path / "r", "tiny", seed=0, progress=False)
+    a = (tiny_world["rstpreid"] / "data_captions.json").read_text()
+    assert (other / "data_captions.json").read_text() == a
+    assert (other / "imgs" / json.loads(a)[0]["img_path"]).read_bytes() == \
+        (tiny_world["rstpreid"] / "imgs" / json.loads(a)[0]["img_path"]).read_bytes()
+
+
+# --- hand-written fixtures in the real formats ------------------------------------------------
+@pytest.fixture
+def cuhk_fixture(tmp_path):
+    root = tmp_path / "CUHK-PEDES"
+    (root / "imgs" / "CUHK01").mkdir(parents=True)
+    for n in ("a.png", "b.png", "c.png"):
+        (root / "imgs" / "CUHK01" / n).write_bytes(b"")
+    entries = [
+        {"split": "test", "captions": ["A man in a red coat.", "Red coat, black shoes."], "file_path": "CUHK01/a.png",
+         "processed_tokens": [["a", "man", "in", "a", "red", "coat"], ["red", "coat", "black", "shoes"]], "id": 5},
+        {"split": "test", "captions": ["A woman with a bag."], "file_path": "CUHK01/b.png",
+         "processed_tokens": [["a", "woman", "with", "a", "bag"]], "id": 6},
+        {"split": "train", "captions": ["Someone."], "file_path": "CUHK01/c.png", "processed_tokens": [["someone"]], "id": 1},
+    ]
+    write_tpr_annotations("cuhk_pedes", root, entries)
+    return root, entries
+
+
+def test_fixture_known_statistics(cuhk_fixture):
+    root, _ = cuhk_fixture
+    s = load_split("cuhk_pedes", root, "test")
+    assert s.image_pids == [4, 5] and s.caption_pids == [4, 4, 5] and s.caption_image_ids == [0, 0, 1]
+    st = split_statistics(s)
+    assert st["identities"] == 2 and st["images"] == 2 and st["captions"] == 3
+    assert st["mean caption length"] == pytest.approx((6 + 4 + 5) / 3)
+    assert st["vocabulary"] == len({"a", "man", "in", "red", "coat", "black", "shoes", "woman", "with", "bag"})
+
+
+def test_round_trip(cuhk_fixture):
+    root, entries = cuhk_fixture
+    assert read_tpr_annotations("cuhk_pedes", root) == entries
+
+
+def test_truncated_file_names_the_file(cuhk_fixture):
+    root, _ = cuhk_fixture
+    p = root / "reid_raw.json"
+    p.write_text(p.read_text()[:-40])
+    with pytest.raises(DatasetFormatError, match=r"reid_raw.json: not valid JSON .*truncated"):
+        load_split("cuhk_pedes", root, "test")
+
+
+def test_missing_field_names_entry_and_field(cuhk_fixture):
+    root, entries = cuhk_fixture
+    del entries[1]["file_path"]
+    write_tpr_annotations("cuhk_pedes", root, entries)
+    with pytest.raises(DatasetFormatError, match=r"entry 1 has no field 'file_path'"):
+        load_split("cuhk_pedes", root, "test")
+
+
+def test_wrong_type_and_bad_split_value(cuhk_fixture):
+    root, entries = cuhk_fixture
+    entries[0]["id"] = "5"
+    write_tpr_annotations("cuhk_pedes", root, entries)
+    with pytest.raises(DatasetFormatError, match=r"entry 0 field 'id' is '5'; expected int"):
+        load_split("cuhk_pedes", root, "test")
+    entries[0]["id"] = 5
+    entries[2]["split"] = "testing"
+    write_tpr_annotations("cuhk_pedes", root, entries)
+    with pytest.raises(DatasetFormatError, match=r"entry 2 has split 'testing'"):
+        load_split("cuhk_pedes", root, "test")
+
+
+def test_missing_image_names_entry(cuhk_fixture):
+    root, _ = cuhk_fixture
+    (root / "imgs" / "CUHK01" / "b.png").unlink()
+    with pytest.raises(DatasetFormatError, match=r"entry 1 names image 'CUHK01/b.png'"):
+        load_split("cuhk_pedes", root, "test")
+
+
+def test_unknown_split_and_dataset(tmp_path):
+    with pytest.raises(ValueError, match="ICFG-PEDES has no validation split"):
+        load_split("icfg_pedes", tmp_path, "val")
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        load_split("rstpreid", tmp_path, "dev")
+    with pytest.raises(ValueError, match="unknown dataset 'market'"):
+        load_split("market", tmp_path, "test")
+
+
+def test_missing_folder_and_file(tmp_path):
+    with pytest.raises(DatasetFormatError, match="dataset folder not found"):
+        load_split("rstpreid", tmp_path / "nope", "test")
+    with pytest.raises(DatasetFormatError, match="data_captions.json: file not found"):
+        load_split("rstpreid", tmp_path, "test")
+
+
+def test_itcpr_errors(tiny_world, tmp_path):
+    root = tmp_path / "itcpr"
+    shutil.copytree(tiny_world["itcpr"], root)
+    q = json.loads((root / "query.json").read_text())
+    q[3]["instance_id"] = 10**6
+    (root / "query.json").write_text(json.dumps(q))
+    with pytest.raises(DatasetFormatError, match="entry 3 .* has no ground truth"):
+        read_itcpr(root)
+    del q[3]["caption"]
+    (root / "query.json").write_text(json.dumps(q))
+    with pytest.raises(DatasetFormatError, match="entry 3 has no field 'caption'"):
+        read_itcpr(root)
+
+
+def test_chatpedes_turn_order_is_checked(tiny_world, tmp_path):
+    root = tmp_path / "chat"
+    shutil.copytree(tiny_world["chatpedes"], root)
+    d = json.loads((root / "test_reid.json").read_text())
+    d[2]["chats"][1][1]["from"] = "gpt"
+    (root / "test_reid.json").write_text(json.dumps(d))
+    with pytest.raises(DatasetFormatError, match="entry 2 dialogue 1 turn 1"):
+        read_chatpedes(root, "test")
+
+
+def test_syncpr_missing_image(tiny_world, tmp_path):
+    root = tmp_path / "syn"
+    shutil.copytree(tiny_world["syncpr"], root)
+    first = read_syncpr(root)[0]
+    (root / first["target_image_path"]).unlink()
+    with pytest.raises(DatasetFormatError, match="entry 0 names image"):
+        read_syncpr(root)
