@@ -107,3 +107,11 @@ def test_dialogue_metrics_known_answer():
     assert m["hits@2"] == [50.0, 100.0]  # query 1 keeps its round-0 success
     assert m["BRI"][0] == pytest.approx((math.log(3) + math.log(2)) / 2)
     assert m["BRI"][1] == pytest.approx((math.log(3) / 2 + math.log(2)) / 2)
+
+
+def test_counting_ranks_equal_a_stable_sort_even_with_many_ties():
+    rng = np.random.default_rng(3)
+    sim = torch.from_numpy(rng.integers(0, 4, size=(50, 40)).astype(np.float32))  # heavy ties
+    qp, gp = torch.from_numpy(rng.integers(0, 8, 50)), torch.arange(40) % 8
+    order = torch.sort(sim, dim=1, descending=True, stable=True).indices
+    assert retrieval_metrics(sim, qp, gp, chunk=7) == pytest.approx(rank_metrics(order, qp, gp), abs=1e-9)

@@ -24,7 +24,7 @@ from .attributes import Person, sample_person
 from .language import caption, coverage, dialogue, edit_person, tokenize
 from .render import CameraProfile, State, render, sample_state
 
-BUILD_VERSION = 1  # bump when the world changes, so caches are rebuilt
+BUILD_VERSION = 2  # bump when the world changes, so caches are rebuilt
 
 ALL_SCENES = ("street", "campus", "mall", "park", "station", "parking")
 #: Each dataset style is its own domain: different people, cameras, places and light.
@@ -57,12 +57,15 @@ class _Writer:
         self.people: dict[int, dict] = {}
         self.images: list[dict] = []
 
-    def image(self, rel: str, person: Person, state: State, person_key: int, captions=()) -> str:
+    def image(self, rel: str, person: Person, state: State, person_key: int, captions=(), split: str | None = None) -> str:
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(render(person, state, self.height)).save(path, quality=92)
         self.people.setdefault(person_key, person.as_dict())
-        self.images.append({"path": rel, "person": person_key, "state": state.as_dict(), "captions": list(captions)})
+        rec = {"path": rel, "person": person_key, "state": state.as_dict(), "captions": list(captions)}
+        if split is not None:
+            rec["split"] = split
+        self.images.append(rec)
         return rel
 
     def finish(self, manifest: dict) -> None:
@@ -99,7 +102,7 @@ def _build_tpr(style: str, root: Path, scale: Scale, seed: int, progress: bool) 
             else:
                 rel = f"{real_id:04d}_c{int(rng.integers(1, 16))}_{k:04d}.jpg"
             caps = [_caption_record(person, state, style, rng) for _ in range(size.captions_per_image)]
-            w.image(rel, person, state, pid, [c[1] for c in caps])
+            w.image(rel, person, state, pid, [c[1] for c in caps], split=split)
             e = {"id": real_id, fmt.path_key: rel, "captions": [c[0] for c in caps], "split": split}
             if style == "cuhk_pedes":
                 e["processed_tokens"] = [tokenize(c[0]) for c in caps]
@@ -170,7 +173,7 @@ def _build_chatpedes(root: Path, scale: Scale, seed: int, progress: bool) -> dic
             for k in range(int(rng.integers(2, 4))):
                 state = sample_state(rng, PROFILES["cuhk_pedes"])
                 chats = [dialogue(person, state, rng, scale.chat_rounds, style) for style in ("cuhk_pedes", "rstpreid")]
-                rel = w.image(f"{split}/p{pid + 1}_s{k}.jpg", person, state, pid)
+                rel = w.image(f"{split}/p{pid + 1}_s{k}.jpg", person, state, pid, split=split)
                 entries.append({"id": pid + 1, "file_path": rel, "chats": chats})
             pid += 1
         formats.write_chatpedes(root, split, entries)
@@ -229,8 +232,8 @@ def read_world_meta(root: str | Path) -> dict:
     return json.loads(p.read_text())
 
 
-def caption_coverage(root: str | Path) -> float:
-    """Mean fraction of visible slots mentioned per caption, over a world TPR dataset."""
+def caption_coverage(root: str | Path, split: str | None = None) -> float:
+    """Mean fraction of visible slots mentioned per caption, over a world TPR dataset (or one split)."""
     meta = read_world_meta(root)
-    cov = [c["coverage"] for im in meta["images"] for c in im["captions"]]
+    cov = [c["coverage"] for im in meta["images"] if split is None or im.get("split") == split for c in im["captions"]]
     return float(np.mean(cov)) if cov else float("nan")

@@ -1,0 +1,247 @@
+# %% [markdown]
+# # 00 · The mini pedestrian world, the dataset formats and the metrics
+#
+# All five papers in this companion work on **text-based person retrieval** (TPR): given a description
+# such as *"a woman in a red jacket carrying a black backpack"*, rank a gallery of pedestrian crops so
+# that images of that person come first. Their data (CUHK-PEDES, ICFG-PEDES, RSTPReid, ITCPR,
+# ChatPedes) and their models (CLIP, FLUX.1-dev, Qwen2.5-VL) are large downloads. This notebook
+# introduces the stand-in that lets every notebook run on a laptop: a **procedural pedestrian world**.
+#
+# The world is not a toy replacement for the method: it writes its datasets **in the real on-disk
+# formats**, and every later notebook reads them through the same readers a user's real
+# CUHK-PEDES folder goes through. Point `data_root` at real data and the same code runs on it.
+#
+# What you will see:
+# 1. people, their outfits and how images of them are taken;
+# 2. captions in the styles of the three TPR datasets, which (like human annotators) mention only part of what is visible;
+# 3. the six dataset formats on disk, and their statistics beside the real datasets';
+# 4. a composed-retrieval triplet and a dialogue;
+# 5. the retrieval metrics (Rank-k, mAP, mINP, and the dialogue metrics) on a case small enough to check by hand.
+
+# %% tags=["parameters"]
+scale = "small"     # "tiny" (seconds, for tests), "small" (classroom), "paper" (real data)
+gpus = 0            # not used by this part of the notebook
+seed = 0
+data_root = None    # None: the mini world; a folder holding CUHK-PEDES/, ICFG-PEDES/, RSTPReid/ ...: real data
+weights = None      # None: the mini backbone (trained in the second part)
+
+# %%
+import json
+
+import numpy as np
+import pandas as pd
+import torch
+
+from person_retrieval import config, datasets, metrics, reports, viz, world
+
+params = config.check_params(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights)
+sc = config.get_scale(scale)
+H = sc.image_height if scale != "paper" else 128
+print(f"scale={scale}: images {H}x{H // 2}; results go to {config.results_dirs(scale)[0]}")
+
+# %% [markdown]
+# ## 1. People
+#
+# A person has **identity attributes** (gender, age, build, skin tone, hair) and an **outfit** of thirteen
+# slots: upper garment type, colour and pattern; lower garment type and colour; shoe type and colour; hat,
+# bag, held item and accessory. Values are drawn from skewed priors: black, white and grey dominate the
+# palette while purple and orange are rare, and a few co-occurrence rules hold (skirts go with women,
+# shorts with sneakers or sandals, coats with dark colours, grey hair with age). The result is what makes
+# real galleries hard: **many people look alike**, and the telling detail is often small.
+
+# %%
+rng = config.rng_for(seed, "notebook00", "people")
+people = world.sample_people(rng, 2000)
+counts = pd.Series([p.upper_color for p in people]).value_counts(normalize=True).mul(100).round(1)
+print("upper-garment colour, % of people:")
+print(counts.to_string())
+
+# %%
+look = pd.Series([(p.gender, p.upper_type, p.upper_color, p.lower_type, p.lower_color) for p in people]).value_counts()
+print(f"{(look[look > 1].sum() / len(people)):.0%} of people share gender, top and bottom (type and colour) with someone else")
+
+# %% [markdown]
+# Each image adds a **state**: pose (standing or walking), viewpoint (front, back, side), scene, light, and
+# camera resolution. A low-resolution camera is simulated as real low-resolution crops look: the image
+# is downsampled and upsampled again. A back view hides the face (glasses, masks) and shows the backpack.
+
+# %%
+states = [world.sample_state(rng) for _ in people[:24]]
+imgs = [world.render(p, s, H) for p, s in zip(people[:24], states)]
+fig = viz.image_grid(imgs, [f"{p.upper_color} {p.upper_type}" for p in people[:24]], cols=12,
+                     title="24 people of the mini world (title: their top)")
+reports.save_figure(fig, "00_people_grid", scale)
+
+# %% [markdown]
+# For this figure we dress one sampled person in distinct colours (a red top, a yellow backpack, glasses)
+# so each effect is easy to see.
+
+# %%
+p = people[3].replace(upper_color="red", upper_type="jacket", bag="backpack", bag_color="yellow",
+                      accessory="glasses", hat="none", lower_color="navy")
+views = [world.State(view=v, pose=pose, res_factor=r, brightness=b, scene=sc_)
+         for v, pose, r, b, sc_ in [("front", "standing", 1, 1.0, "street"), ("side", "walking", 1, 1.0, "street"),
+                                    ("back", "walking", 1, 1.0, "street"), ("front", "standing", 2, 0.8, "mall"),
+                                    ("front", "standing", 4, 1.2, "park"), ("back", "standing", 2, 0.65, "station")]]
+labels = ["front", "side, walking", "back (backpack)", "res/2, dim", "res/4, bright", "back, res/2"]
+fig = viz.image_grid([world.render(p, s, H) for s in views], labels, cols=6, scale=1.4,
+                     title="one identity across viewpoint, pose, light and camera resolution")
+reports.save_figure(fig, "00_identity_views", scale)
+
+# %% [markdown]
+# ## 2. Captions in three dataset styles
+#
+# The three TPR datasets were written by different annotators with different habits:
+# **CUHK-PEDES** has two full sentences of about 23 words, **ICFG-PEDES** longer (about 37 words),
+# age-prefixed, thorough text, and **RSTPReid** surveillance-style text that talks about the walking
+# direction and the place. The world has a grammar for each, with synonyms ("grey"/"gray",
+# "rucksack"/"backpack", "trainers"/"sneakers") and varied order.
+#
+# Crucially, each caption mentions only a **random subset** of what is visible, as human annotators do.
+# That gap between what is in the image and what the query says is exactly what the papers' methods
+# (multi-turn questions, dialogues, composed queries, synthetic previews) exist to close.
+
+# %%
+s = world.State(view="front", pose="walking", scene="street")
+crng = config.rng_for(seed, "notebook00", "captions")
+print("visible:", ", ".join(world.visible_slots(p, s.view)), "\n")
+for style in world.STYLES:
+    for _ in range(2):
+        text, mentioned = world.caption(p, s, style, crng)
+        print(f"[{style}] {text}\n   mentions {len(mentioned)} of {len(world.visible_slots(p, s.view))} visible slots: {sorted(mentioned)}\n")
+
+# %% [markdown]
+# ## 3. The datasets on disk
+#
+# The world writes six datasets, each in its public release's format and field names (see
+# `person_retrieval.datasets.formats`). They are cached by scale and seed under `.cache/world/`, so every
+# later notebook finds them ready. With `data_root` set, the same call returns your real folders instead.
+
+# %%
+roots = {name: datasets.dataset_root(name, params["data_root"], scale, seed) for name in datasets.REAL_FOLDERS
+         if params["data_root"] is None or (params["data_root"] / datasets.REAL_FOLDERS[name]).is_dir()}
+for name, root in roots.items():
+    files = sorted(f.name for f in root.iterdir())
+    print(f"{name:11s} {root}\n            {files}")
+
+# %%
+def first_entry(path):
+    entry = json.loads(path.read_text())[0]
+    return json.dumps(entry, indent=1)[:700]
+
+for name, fname in [("cuhk_pedes", "reid_raw.json"), ("rstpreid", "data_captions.json"), ("itcpr", "query.json"),
+                    ("syncpr", "SynCPR.json")]:
+    if name in roots:
+        print(f"--- {name}/{fname}, first entry:\n{first_entry(roots[name] / fname)}\n")
+
+# %% [markdown]
+# One call reads any split of the three TPR datasets and returns IRRA's fields: `image_paths`,
+# `image_pids`, `captions`, `caption_pids`, and `caption_image_ids` (which image each caption describes).
+
+# %%
+split = datasets.load_split("cuhk_pedes", roots["cuhk_pedes"], "test")
+print(split)
+print(split.captions[0], "->", split.image_paths[split.caption_image_ids[0]])
+
+# %% [markdown]
+# ### Statistics in the papers' terms
+#
+# Identities, images, captions, mean caption length (words) and vocabulary size, per split, beside the
+# real datasets' numbers as TIPS (Appendix A) reports them. The world's vocabulary is, by design, far
+# smaller than human annotators'; its *shape* (split sizes, captions per image, relative lengths) follows
+# the real datasets. For the world we also report **coverage**: the mean fraction of visible attributes
+# a caption mentions.
+
+# %%
+rows = []
+for name in ("cuhk_pedes", "icfg_pedes", "rstpreid"):
+    if name not in roots:
+        continue
+    fmt = datasets.TPR_FORMATS[name]
+    source = reports.run_source(scale, seed, "mini world" if params["data_root"] is None else f"real data at {params['data_root']}")
+    for sp in fmt.splits:
+        st = datasets.split_statistics(datasets.load_split(name, roots[name], sp))
+        if params["data_root"] is None:
+            st["caption coverage"] = world.caption_coverage(roots[name], sp)
+        rows.append({"dataset": name, "split": sp, **st, "source": source})
+ref = reports.reported("dataset_statistics")
+ref = ref[ref.dataset != "itcpr"].assign(source="paper (TIPS App. A)").drop(columns=["note"])
+stats = pd.concat([pd.DataFrame(rows), ref], ignore_index=True)
+stats = stats.sort_values(["dataset", "source"], kind="stable").reset_index(drop=True)
+reports.save_table(stats, "00_dataset_statistics", scale, title="Dataset statistics: this run beside the real datasets",
+                   notes="Coverage = mean fraction of the visible slots a caption mentions (measurable in the world only).")
+stats
+
+# %% [markdown]
+# ## 4. A composed-retrieval triplet and a dialogue
+#
+# **Composed person retrieval** (SynCPR / ITCPR, notebook 03-04) queries with a reference image plus a
+# relative caption ("now in a red coat, no backpack"); the target is the same person after the change.
+# In ITCPR's format, a gallery item is the ground truth of a query when their `instance_id` agree; `-1`
+# marks distractors, among them the same person in the original outfit.
+
+# %%
+itcpr = datasets.read_itcpr(roots["itcpr"])
+q = itcpr.queries[0]
+target = next(g for g in itcpr.gallery if g["instance_id"] == q["instance_id"])
+same_person = [g for g in itcpr.gallery if g["person_id"] == q["person_id"] and g["instance_id"] == -1]
+imgs = [itcpr.root / q["file_path"], itcpr.root / target["file_path"]] + [itcpr.root / g["file_path"] for g in same_person[:1]]
+fig = viz.image_grid(imgs, ["reference", "target", "distractor:\nold outfit"][: len(imgs)], cols=3, scale=1.6,
+                     title=f"query: \"{q['caption']}\"")
+reports.save_figure(fig, "00_composed_triplet", scale)
+
+# %% [markdown]
+# **Chat-based retrieval** (ChatPedes / DiaNA, notebook 06) queries with a dialogue: a questioner asks,
+# the user answers from memory of the person. In the world, each answer is grounded in what the image
+# shows: absent items get a "no", and what the viewpoint hides gets "I cannot see".
+
+# %%
+chat = datasets.read_chatpedes(roots["chatpedes"], "test")[0]
+for turn in chat["chats"][0]:
+    print(f"{'Q' if turn['from'] == 'gpt' else 'A'}: {turn['value']}")
+
+# %% [markdown]
+# ## 5. The metrics, on a case you can check by hand
+#
+# For a query, sort the gallery by similarity and let $m_j = 1$ when the item at rank $j$ shows the
+# query's person. With $M$ matches in all and $L$ the rank of the last one:
+#
+# $$\text{R@}k = \mathbb{1}\Big[\textstyle\sum_{j \le k} m_j > 0\Big], \qquad
+#   \text{AP} = \frac{1}{M} \sum_j m_j \, \frac{\sum_{i \le j} m_i}{j}, \qquad
+#   \text{INP} = \frac{M}{L}.$$
+#
+# Averaged over queries (in percent) these are Rank-k, mAP and mINP, as IRRA computes them. mINP
+# punishes the *hardest* match: it is high only when even the last image of the person ranks early.
+
+# %%
+sim = torch.tensor([[0.9, 0.8, 0.1, 0.5],    # query of person 0
+                    [0.2, 0.3, 0.6, 0.7]])   # query of person 1
+query_pids, gallery_pids = torch.tensor([0, 1]), torch.tensor([0, 1, 0, 2])
+toy = metrics.retrieval_metrics(sim, query_pids, gallery_pids, ks=(1, 3))
+toy
+
+# %% [markdown]
+# By hand: query 0 ranks its two matches 1st and 4th, so AP = (1/1 + 2/4)/2 = 0.75 and INP = 2/4;
+# query 1 ranks its one match 3rd, so AP = INP = 1/3. Hence R@1 = 50, R@3 = 100,
+# mAP = (0.75 + 0.333)/2 = 54.2 and mINP = (0.5 + 0.333)/2 = 41.7.
+
+# %%
+assert abs(toy["mAP"] - 100 * (0.75 + 1 / 3) / 2) < 1e-6 and abs(toy["mINP"] - 100 * (0.5 + 1 / 3) / 2) < 1e-6
+
+# %% [markdown]
+# Dialogue retrieval is scored per round. **Recall@k** after round $r$ counts queries whose target is in
+# the top $k$ then; **Hits@k** (ChatIR) counts a query from the first round it reaches the top $k$, so it
+# never falls; **BRI** (PlugIR) averages, over rounds so far, the log of the best rank reached: lower is
+# better, 0 is rank 1 from the start.
+
+# %%
+round0 = torch.tensor([[0.5, 0.9, 0.8, 0.1], [0.9, 0.8, 0.1, 0.0]])
+round1 = torch.tensor([[0.9, 0.5, 0.4, 0.1], [0.9, 0.1, 0.8, 0.7]])
+dm = metrics.dialogue_metrics([round0, round1], torch.tensor([0, 1]), torch.tensor([0, 1, 2, 3]), ks=(1, 2))
+pd.DataFrame({k: v for k, v in dm.items() if k != "ranks"}, index=["round 0", "round 1"]).round(3)
+
+# %% [markdown]
+# Query 1's target drops from rank 2 to rank 4 in round 1: its Recall@2 falls, its Hits@2 does not.
+#
+# *The second part of this notebook (pretraining the mini CLIP backbone on the world) comes with the
+# retrieval-core issue.*
