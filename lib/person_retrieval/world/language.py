@@ -56,7 +56,7 @@ STYLES = ("cuhk_pedes", "icfg_pedes", "rstpreid")
 
 #: Probability that an annotator mentions each visible group, per style.
 SALIENCE = {
-    "cuhk_pedes": {"upper": 0.95, "lower": 0.85, "shoes": 0.55, "hair": 0.40, "hat": 0.75, "bag": 0.70, "held": 0.45, "accessory": 0.30},
+    "cuhk_pedes": {"upper": 0.95, "lower": 0.88, "shoes": 0.70, "hair": 0.55, "hat": 0.75, "bag": 0.75, "held": 0.55, "accessory": 0.40},
     "icfg_pedes": {"upper": 1.00, "lower": 0.95, "shoes": 0.85, "hair": 0.80, "hat": 0.90, "bag": 0.85, "held": 0.70, "accessory": 0.60},
     "rstpreid": {"upper": 0.90, "lower": 0.70, "shoes": 0.35, "hair": 0.35, "hat": 0.65, "bag": 0.70, "held": 0.45, "accessory": 0.25},
 }
