@@ -34,3 +34,44 @@ def image_grid(images: Sequence, titles: Sequence[str] | None = None, cols: int 
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_history(history: list[dict], left: Sequence[str] = ("loss",), right: Sequence[str] = ("val_R1",), title: str = ""):
+    """Training curves per epoch: ``left`` keys on the left axis, ``right`` keys (validation) on the right."""
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] + 1 for h in history]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for k in left:
+        ax.plot(ep, [h[k] for h in history], "o-", label=k)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(", ".join(left))
+    ax2 = ax.twinx()
+    for k in right:
+        ax2.plot(ep, [h[k] for h in history], "s--", color="tab:green", label=k)
+    ax2.set_ylabel(", ".join(right) + " (%)")
+    fig.legend(loc="upper center", ncol=len(left) + len(right), fontsize=8, bbox_to_anchor=(0.5, 1.02))
+    if title:
+        ax.set_title(title, fontsize=9, pad=18)
+    fig.tight_layout()
+    return fig
+
+
+def heatmaps(tables: dict, fmt: str = "{:.1f}", cmap: str = "viridis"):
+    """Side-by-side annotated heatmaps of equally shaped DataFrames (e.g. train x test R1)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(3.6 * len(tables), 3.2), squeeze=False)
+    for ax, (title, df) in zip(axes[0], tables.items()):
+        v = df.to_numpy(dtype=float)
+        ax.imshow(v, cmap=cmap, vmin=0, vmax=max(1.0, float(np.nanmax(v))))
+        ax.set_xticks(range(df.shape[1]), [str(c).replace("_pedes", "") for c in df.columns], rotation=30)
+        ax.set_yticks(range(df.shape[0]), [str(r).replace("_pedes", "") for r in df.index])
+        ax.set_xlabel("test")
+        ax.set_ylabel("train")
+        ax.set_title(title, fontsize=9)
+        for i in range(v.shape[0]):
+            for j in range(v.shape[1]):
+                ax.text(j, i, fmt.format(v[i, j]), ha="center", va="center", color="w" if v[i, j] < np.nanmax(v) * 0.6 else "k", fontsize=8)
+    fig.tight_layout()
+    return fig

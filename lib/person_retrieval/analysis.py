@@ -1,0 +1,54 @@
+"""Why retrieval fails: look-alike people, and captions that leave out the telling detail.
+
+Only the world can answer this exactly, because it knows every person's attributes and which slots each
+caption mentions (``world_meta.json``). For a query whose top-1 image shows someone else:
+
+* **caption leaves out the telling detail**: the wrong person agrees with the true one on every slot
+  the caption mentions, so no model could tell them apart from this text alone;
+* **look-alike**: otherwise, but the two differ in at most ``alike`` outfit slots;
+* **model error**: the caption names a slot on which they differ, and they are not close look-alikes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .datasets.torch_data import RetrievalData
+from .world import OUTFIT_SLOTS, read_world_meta
+
+COMPARED = ["gender"] + OUTFIT_SLOTS
+
+
+def failure_causes(sim: torch.Tensor, data: RetrievalData, world_root: str | Path, alike: int = 2) -> pd.DataFrame:
+    """One row per failed query (top-1 shows another person), with the differing slots and the cause."""
+    if data.image_paths is None:
+        raise ValueError("failure_causes needs RetrievalData with image_paths (build it with RetrievalData.from_split)")
+    meta = read_world_meta(world_root)
+    by_path = {rec["path"]: rec for rec in meta["images"]}
+    base = Path(world_root) / "imgs"
+    recs = [by_path[str(Path(p).relative_to(base))] for p in data.image_paths]
+    people = meta["people"]
+    seen: dict[int, int] = {}
+    rows = []
+    top1 = sim.argmax(1)
+    for j in range(len(data.captions)):
+        i_true = int(data.caption_image_ids[j])
+        k = seen.get(i_true, 0)
+        seen[i_true] = k + 1
+        i_top = int(top1[j])
+        if int(data.image_pids[i_top]) == int(data.caption_pids[j]):
+            continue
+        a, b = people[str(recs[i_true]["person"])], people[str(recs[i_top]["person"])]
+        diff = [s for s in COMPARED if a[s] != b[s]]
+        mentioned = set(recs[i_true]["captions"][k]["slots"])
+        if not (set(diff) & mentioned):
+            cause = "caption leaves out the telling detail"
+        elif len(diff) <= alike:
+            cause = "look-alike"
+        else:
+            cause = "model error"
+        rows.append({"query": j, "caption": data.captions[j], "true_image": i_true, "top1_image": i_top,
+                     "differing slots": ", ".join(diff), "mentioned": ", ".join(sorted(mentioned)), "cause": cause})
+    return pd.DataFrame(rows)

@@ -1,0 +1,203 @@
+"""The CLIP backbone over open_clip: a mini CLIP trained here, or real weights, with token outputs.
+
+* ``build_backbone(weights=None, scale=...)``: a small CLIP-architecture model (open_clip's
+  ``VisionTransformer`` + text transformer, CLIP's own BPE vocabulary) for the mini world.
+* ``build_backbone(weights="ViT-B-16")`` (or a local checkpoint path): the real model at 384x128, its
+  position grid resized for the non-square input as IRRA does. Nothing is downloaded: a missing file
+  raises an error saying which file and where to put it.
+
+:class:`Backbone` returns pooled features *and* token features for both modalities (RDE, CECA, FAFA and
+DiaNA need tokens), and can drop padding beyond the longest caption of a batch (exact, since CLIP's
+text attention is causal).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..config import cache_dir
+
+CLIP_CONTEXT = 77
+
+
+@dataclass(frozen=True)
+class MiniClipConfig:
+    embed_dim: int = 128
+    image_size: tuple[int, int] = (128, 64)  # (height, width)
+    patch_size: int = 16
+    vision_width: int = 128
+    vision_layers: int = 3
+    text_width: int = 128
+    text_layers: int = 3
+    head_width: int = 32
+    context_length: int = CLIP_CONTEXT
+
+
+MINI_CONFIGS = {
+    "tiny": MiniClipConfig(embed_dim=64, image_size=(64, 32), patch_size=8, vision_width=64, vision_layers=2,
+                           text_width=64, text_layers=2, head_width=32),
+    "small": MiniClipConfig(),
+}
+
+
+def weights_dir() -> Path:
+    """Where real weights are looked for by name (``PR_WEIGHTS_DIR`` overrides)."""
+    return Path(os.environ.get("PR_WEIGHTS_DIR") or cache_dir() / "weights")
+
+
+class Backbone(nn.Module):
+    """A CLIP model with pooled and token outputs for images and texts.
+
+    ``encode_image(x) -> (pooled [B, D], tokens [B, N, D])`` (patch tokens, projected);
+    ``encode_text(ids) -> (pooled [B, D], tokens [B, L, D])`` (EOT-pooled, as CLIP).
+    """
+
+    def __init__(self, clip: nn.Module, tokenizer, name: str, config: dict | None = None):
+        super().__init__()
+        self.clip = clip
+        self.clip.visual.output_tokens = True
+        self.tokenizer = tokenizer
+        self.name = name
+        self.config = config or {}
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.clip.text_projection.shape[1])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.clip.positional_embedding.shape[0])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.clip.visual.image_size)  # type: ignore[return-value]
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts, context_length=self.context_length)
+
+    def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = self.clip.visual
+        pooled, tokens = visual(images)
+        if visual.proj is not None:
+            tokens = tokens @ visual.proj
+        return pooled, tokens
+
+    def encode_text(self, ids: torch.Tensor, trim: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.clip
+        if trim:  # drop padding columns beyond the longest caption (exact under the causal mask)
+            n = int((ids != 0).sum(1).max())
+            ids = ids[:, : max(n, 1)]
+        L = ids.shape[1]
+        x = c.token_embedding(ids) + c.positional_embedding[:L]
+        x = c.transformer(x, attn_mask=c.attn_mask[:L, :L])
+        x = c.ln_final(x)
+        tokens = x @ c.text_projection
+        eot = ids.argmax(dim=-1)  # the end-of-text token has the largest id in CLIP's vocabulary
+        pooled = tokens[torch.arange(ids.shape[0]), eot]
+        return pooled, tokens
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor):
+        return self.encode_image(images)[0], self.encode_text(ids)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+def _tokenizer():
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-16")  # CLIP's BPE vocabulary ships inside open_clip
+
+
+def mini_clip(cfg: MiniClipConfig) -> Backbone:
+    """A randomly initialised CLIP of the mini size (trained on the world by the pretraining step)."""
+    import open_clip
+
+    vision = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
+                  layers=cfg.vision_layers, head_width=cfg.head_width)
+    text = dict(context_length=cfg.context_length, vocab_size=49408, width=cfg.text_width,
+                heads=max(1, cfg.text_width // cfg.head_width), layers=cfg.text_layers)
+    model = open_clip.CLIP(embed_dim=cfg.embed_dim, vision_cfg=vision, text_cfg=text)
+    return Backbone(model, _tokenizer(), "mini-clip", asdict(cfg))
+
+
+def build_backbone(weights: str | None = None, scale: str = "small", image_size: tuple[int, int] = (384, 128)) -> Backbone:
+    """``weights=None``: the (untrained) mini CLIP for ``scale``; otherwise the real model (see module doc)."""
+    if weights is None:
+        if scale not in MINI_CONFIGS:
+            raise ValueError(f"no mini CLIP for scale {scale!r}; expected one of {sorted(MINI_CONFIGS)} (or pass weights)")
+        return mini_clip(MINI_CONFIGS[scale])
+    return load_real_clip(weights, image_size)
+
+
+def _resolve_weights(weights: str) -> tuple[str, Path]:
+    """(open_clip architecture, checkpoint file) for a name like "ViT-B-16" or a path."""
+    p = Path(weights).expanduser()
+    if p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.exists():
+        if not p.is_file():
+            raise FileNotFoundError(f"weights file {p} does not exist")
+        arch = os.environ.get("PR_CLIP_ARCH", "ViT-B-16-quickgelu" if "openai" in p.name.lower() else "ViT-B-16")
+        return arch, p
+    arch = weights.split(":")[0]
+    name = arch.replace("/", "-")
+    d = weights_dir()
+    for cand in (d / f"{name}.safetensors", d / name / "open_clip_model.safetensors", d / f"{name}.bin"):
+        if cand.is_file():
+            return arch, cand
+    raise FileNotFoundError(
+        f"no local weights for {weights!r}: put the open_clip checkpoint at {d / (name + '.safetensors')} "
+        f"(or {d / name / 'open_clip_model.safetensors'}), set PR_WEIGHTS_DIR to the folder holding it, or pass "
+        "the checkpoint's path as weights. Nothing is downloaded. OpenAI's CLIP weights use the quick-gelu "
+        "variant: name the file ViT-B-16-quickgelu.safetensors."
+    )
+
+
+def load_real_clip(weights: str, image_size: tuple[int, int] = (384, 128)) -> Backbone:
+    """Real CLIP weights from disk, at ``image_size`` (height, width), position grid resized (bicubic)."""
+    import open_clip
+
+    arch, path = _resolve_weights(weights)
+    model = open_clip.create_model(arch, pretrained=str(path), force_image_size=tuple(image_size), load_weights=True)
+    return Backbone(model, _tokenizer(), f"{arch}@{path.name}", {"arch": arch, "image_size": list(image_size)})
+
+
+# ---------------------------------------------------------------------------------------------
+def stretch_positional_embedding(pos_embed: torch.Tensor, keep: int = 20, length: int = 248) -> torch.Tensor:
+    """CTGI's / Long-CLIP's knowledge-preserved stretching of text positions.
+
+    The first ``keep`` rows (well-trained short-range positions) are kept; every later gap between
+    rows ``i`` and ``i+1`` is filled with the original row and ``r - 1`` linear interpolants
+    (``r = (length - keep) / (n - keep)``, 4 for 77 -> 248), and the last row is extended past the end
+    along its final difference. With keep=20, 77 positions become 20 + 4 * 57 = 248.
+    """
+    n, d = pos_embed.shape
+    if not 0 <= keep < n:
+        raise ValueError(f"keep must lie in [0, {n}), got {keep}")
+    if (length - keep) % (n - keep):
+        raise ValueError(f"length - keep ({length - keep}) must be a multiple of n - keep ({n - keep})")
+    r = (length - keep) // (n - keep)
+    head, tail = pos_embed[:keep], pos_embed[keep:]
+    nxt = torch.cat([tail[1:], (2 * tail[-1] - tail[-2]).unsqueeze(0)])  # the last row extends linearly
+    w = torch.arange(r, dtype=pos_embed.dtype, device=pos_embed.device).view(1, r, 1) / r
+    filled = tail.unsqueeze(1) * (1 - w) + nxt.unsqueeze(1) * w  # (n - keep, r, d)
+    return torch.cat([head, filled.reshape(-1, d)])
+
+
+def stretch_text_encoder(backbone: Backbone, keep: int = 20, length: int = 248) -> Backbone:
+    """Make ``backbone`` accept ``length`` text tokens by stretching its positional embedding (in place)."""
+    c = backbone.clip
+    before = int(c.positional_embedding.shape[0])
+    with torch.no_grad():
+        new = stretch_positional_embedding(c.positional_embedding.detach(), keep, length)
+    c.positional_embedding = nn.Parameter(new)
+    mask = torch.full((length, length), float("-inf")).triu_(1)
+    c.register_buffer("attn_mask", mask, persistent=False)
+    c.context_length = length
+    backbone.config = {**backbone.config, "context_length": length, "stretched_from": before, "stretch_keep": keep}
+    return backbone

@@ -1,0 +1,409 @@
+"""The one training loop: ``gpus`` -> CPU, one GPU, or DistributedDataParallel over N processes.
+
+    result = fit(TaskSpec("person_retrieval.tasks:IRRATask", {...}), TrainConfig(epochs=5, gpus=0))
+
+* ``gpus=0`` trains on the CPU; ``gpus=1`` on one CUDA GPU; ``gpus=N`` spawns N processes from
+  :func:`_worker` (a library function, so spawned processes can import it) with NCCL on GPUs. On a
+  machine with no GPU, ``gpus>=2`` runs the very same DDP path as N CPU processes over gloo (how the
+  tests exercise it); asking for more GPUs than the machine has is an error.
+* Contrastive losses see the whole global batch: features are gathered across processes with
+  gradients kept (``torch.distributed.nn.functional.all_gather``).
+* bf16 autocast on GPU; gradient accumulation; AdamW (fused) with linear warmup and cosine decay, and
+  per-module learning-rate multipliers.
+* A checkpoint at every epoch: weights as safetensors, optimizer and scheduler state (loaded with
+  ``weights_only=True``), RNG states and history as JSON. The data order of an epoch depends only on
+  ``(seed, epoch)``, so a run interrupted and resumed ends with the same weights as one that was not.
+* Model selection on a validation split (the task's ``evaluate``), never on test.
+* A JSON-lines metrics log per run; progress bars that work in Jupyter and in papermill logs.
+* ``python -m person_retrieval.train --config run.json`` runs the same thing from a shell (torchrun or a
+  cluster launcher can then take over).
+
+A *task* says what is trained: ``build() -> nn.Module``, ``train_data() -> Dataset`` (items are dicts
+of tensors), ``loss(model, batch, gather) -> (loss, logs)`` and ``evaluate(model) -> metrics``. Tasks
+are named by a :class:`TaskSpec` (an import path and keyword arguments) so every process can rebuild
+the same one.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import random
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+__all__ = ["TaskSpec", "TrainConfig", "FitResult", "fit", "resolve_devices", "build_optimizer", "cosine_schedule"]
+
+
+@dataclass
+class TaskSpec:
+    """An importable task factory ``"package.module:Name"`` and its keyword arguments."""
+
+    target: str
+    kwargs: dict = field(default_factory=dict)
+
+    def build(self):
+        mod, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(mod), name)(**self.kwargs)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 64  # per process; the global batch is batch_size * processes
+    lr: float = 1e-4
+    weight_decay: float = 0.02
+    warmup_epochs: float = 0.5
+    min_lr_ratio: float = 0.0
+    grad_accum: int = 1
+    lr_mult: dict = field(default_factory=dict)  # parameter-name prefix -> learning-rate multiplier
+    gpus: int = 0
+    seed: int = 0
+    out_dir: str | None = None  # checkpoints and metrics log; None = no checkpoints
+    resume: bool = True
+    select: str = "R1"  # validation metric for model selection (higher is better)
+    stop_after_epochs: int | None = None  # end this call early (as an interruption would), for tests
+    progress: bool = True
+    bf16: bool = True  # autocast on GPU only
+    clip_grad: float | None = 5.0
+    threads: int | None = None
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    history: list
+    best: dict
+    out_dir: str | None
+    seconds: float
+
+    @property
+    def train_pairs_per_s(self) -> float:
+        rates = [h["pairs_per_s"] for h in self.history if "pairs_per_s" in h]
+        return float(np.mean(rates)) if rates else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+def resolve_devices(gpus: int) -> tuple[str, str | None]:
+    """``(device type, DDP backend)`` for a ``gpus`` request, or a clear error."""
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+        raise ValueError(f"gpus must be a non-negative integer, got {gpus!r}")
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        return "cpu", None
+    if have == 0:
+        if gpus == 1:
+            raise RuntimeError("gpus=1 asks for a CUDA GPU, but none is available; use gpus=0 for the CPU")
+        return "cpu", "gloo"  # the DDP path, as CPU processes (tests, laptops)
+    if gpus > have:
+        raise RuntimeError(f"gpus={gpus} asks for more GPUs than this machine has ({have} visible)")
+    return "cuda", ("nccl" if gpus > 1 else None)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with CLIP's habit of no weight decay on biases, norms, embeddings and the logit scale,
+    and ``cfg.lr_mult`` multipliers by parameter-name prefix (IRRA trains new heads 5x faster)."""
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        mult = 1.0
+        for prefix, m in cfg.lr_mult.items():
+            if name.startswith(prefix):
+                mult = m
+        no_decay = p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith(".bias")
+        groups.setdefault((mult, no_decay), []).append(p)
+    param_groups = [{"params": ps, "lr": cfg.lr * m, "base_lr": cfg.lr * m, "weight_decay": 0.0 if nd else cfg.weight_decay}
+                    for (m, nd), ps in sorted(groups.items())]
+    try:
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    except (RuntimeError, TypeError):  # older torch without fused AdamW on this device
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_order(n: int, seed: int, epoch: int, lengths: torch.Tensor | None = None, batch: int = 1,
+                bucket: int = 8) -> torch.Tensor:
+    """The data order of an epoch: a function of ``(seed, epoch)`` only.
+
+    With ``lengths`` (caption token counts), items are shuffled, then sorted by length within windows of
+    ``bucket`` batches, and the batches shuffled again: each batch holds captions of similar length, so
+    little compute goes to padding, while every batch still mixes random people.
+    """
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g)
+    if lengths is None or batch <= 1:
+        return order
+    win = batch * bucket
+    parts = [chunk[torch.sort(lengths[chunk], stable=True).indices] for chunk in order.split(win)]
+    order = torch.cat(parts)
+    nb = n // batch
+    batches = order[: nb * batch].view(nb, batch)[torch.randperm(nb, generator=g)]
+    return torch.cat([batches.reshape(-1), order[nb * batch:]])
+
+
+def _collate(items: list[dict]) -> dict:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(out: Path, model: nn.Module, opt, sched, state: dict, best: bool) -> None:
+    from safetensors.torch import save_model
+
+    ck = out / "checkpoints"
+    ck.mkdir(parents=True, exist_ok=True)
+    _write_atomic(ck / "last.safetensors", lambda p: save_model(model, str(p)))
+    _write_atomic(ck / "last_optim.pt", lambda p: torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                                             "torch_rng": torch.get_rng_state()}, p))
+    if best:
+        _write_atomic(ck / "best.safetensors", lambda p: save_model(model, str(p)))
+    # The JSON goes last: it is what marks the epoch as complete.
+    _write_atomic(ck / "last_state.json", lambda p: p.write_text(json.dumps(state)))
+
+
+def _load_checkpoint(out: Path, model: nn.Module, opt, sched) -> dict | None:
+    from safetensors.torch import load_model
+
+    ck = out / "checkpoints"
+    if not (ck / "last_state.json").is_file():
+        return None
+    state = json.loads((ck / "last_state.json").read_text())
+    load_model(model, str(ck / "last.safetensors"))
+    extra = torch.load(ck / "last_optim.pt", weights_only=True)
+    opt.load_state_dict(extra["optimizer"])
+    sched.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["torch_rng"])
+    random.setstate((state["py_rng"][0], tuple(state["py_rng"][1]), state["py_rng"][2]))
+    return state
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load safetensors weights saved by :func:`fit` into ``model``."""
+    from safetensors.torch import load_model
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"weights file {p} not found")
+    load_model(model, str(p))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type: str, backend: str | None, port: int | None) -> dict:
+    if world > 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port)
+        dist.init_process_group(backend, rank=rank, world_size=world)
+    if cfg.threads or world > 1:
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2) // world))
+    device = torch.device(f"cuda:{rank}") if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    random.seed(cfg.seed + rank)
+    np.random.seed((cfg.seed + rank) % 2**32)
+    torch.manual_seed(cfg.seed + rank)
+
+    task = spec.build()
+    model = task.build().to(device)
+    data = task.train_data()
+    global_bs = cfg.batch_size * world
+    steps_per_epoch = len(data) // global_bs
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set ({len(data)} items) is smaller than one global batch ({global_bs})")
+    opt_steps = max(1, steps_per_epoch * cfg.epochs // cfg.grad_accum)
+    opt = build_optimizer(model, cfg)
+    sched = cosine_schedule(opt, opt_steps, int(cfg.warmup_epochs * steps_per_epoch / cfg.grad_accum), cfg.min_lr_ratio)
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    start_epoch, history, best = 0, [], {cfg.select: -math.inf}
+    if out is not None and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:  # a fresh run: forget an earlier one's log and checkpoints
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+            for f in (out / "checkpoints").glob("*") if (out / "checkpoints").is_dir() else []:
+                f.unlink()
+    if world > 1:
+        dist.barrier()
+    if out is not None and cfg.resume:
+        st = _load_checkpoint(out, model, opt, sched)
+        if st is not None:
+            start_epoch, history, best = st["epoch"] + 1, st["history"], st["best"]
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        if world == 1:
+            return x
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(x.contiguous()))
+
+    amp = device.type == "cuda" and cfg.bf16
+    log_path = out / "metrics.jsonl" if out is not None and rank == 0 else None
+    end_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
+    t_start = time.time()
+    for epoch in range(start_epoch, end_epoch):
+        model.train()
+        order = epoch_order(len(data), cfg.seed, epoch, getattr(data, "lengths", None), global_bs)
+        it = range(steps_per_epoch)
+        if cfg.progress and rank == 0:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=2.0)
+        sums: dict[str, float] = {}
+        t0 = time.time()
+        for step in it:
+            idx = order[step * global_bs + rank * cfg.batch_size: step * global_bs + (rank + 1) * cfg.batch_size]
+            raw = data.batch(idx) if hasattr(data, "batch") else _collate([data[int(i)] for i in idx])
+            batch = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
+            accumulate = (step + 1) % cfg.grad_accum != 0 and step + 1 != steps_per_epoch
+            ctx = ddp.no_sync() if (world > 1 and accumulate) else _null()
+            with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss, logs = task.loss(ddp, batch, gather)
+                (loss / cfg.grad_accum).backward()
+            if not accumulate:
+                if cfg.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+            for k, v in {"loss": loss.item(), **logs}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if cfg.progress and rank == 0 and hasattr(it, "set_postfix"):
+                it.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        secs = time.time() - t0
+        rec = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "lr": sched.get_last_lr()[0], "seconds": secs,
+               "pairs_per_s": steps_per_epoch * global_bs / secs, **{k: v / steps_per_epoch for k, v in sums.items()}}
+        improved = False
+        if rank == 0:
+            model.eval()
+            with torch.no_grad():
+                val = task.evaluate(model)
+            rec.update({f"val_{k}": v for k, v in val.items()})
+            improved = val.get(cfg.select, -math.inf) > best.get(cfg.select, -math.inf)
+            if improved:
+                best = {**val, "epoch": epoch}
+            history.append(rec)
+            if log_path is not None:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if out is not None:
+                pyr = random.getstate()
+                state = {"epoch": epoch, "history": history, "best": best, "config": asdict(cfg),
+                         "py_rng": [pyr[0], list(pyr[1]), pyr[2]]}
+                _save_checkpoint(out, model, opt, sched, state, improved)
+            if cfg.progress:
+                shown = ", ".join(f"{k}={v:.2f}" for k, v in val.items())
+                print(f"epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f}, {rec['pairs_per_s']:.0f} pairs/s, val {shown}", flush=True)
+        if world > 1:
+            dist.barrier()
+    if world > 1:
+        dist.destroy_process_group()
+    return {"history": history, "best": best, "seconds": time.time() - t_start, "model": model if world == 1 else None}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _worker(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type: str, backend: str, port: int, result_file: str) -> None:
+    """Entry point of each spawned DDP process (importable, so spawn can find it)."""
+    res = _train(rank, world, spec, cfg, device_type, backend, port)
+    if rank == 0:
+        Path(result_file).write_text(json.dumps({k: v for k, v in res.items() if k != "model"}))
+
+
+def fit(spec: TaskSpec, cfg: TrainConfig) -> FitResult:
+    """Train ``spec``'s task under ``cfg``; return the model with its best validation weights."""
+    device_type, backend = resolve_devices(cfg.gpus)
+    world = max(1, cfg.gpus)
+    t = time.time()
+    if world == 1:
+        res = _train(0, 1, spec, cfg, device_type, backend, None)
+        model = res["model"].cpu()
+    else:
+        import tempfile
+
+        import torch.multiprocessing as mp
+
+        out_dir = cfg.out_dir or tempfile.mkdtemp(prefix="pr-ddp-")
+        cfg = TrainConfig(**{**asdict(cfg), "out_dir": out_dir})
+        result_file = str(Path(out_dir) / "result.json")
+        if cfg.progress:
+            where = f"{world} GPUs (NCCL)" if device_type == "cuda" else f"{world} CPU processes (gloo; no GPU here)"
+            print(f"DistributedDataParallel over {world} processes on {where}", flush=True)
+        mp.spawn(_worker, args=(world, spec, cfg, device_type, backend, _free_port(), result_file), nprocs=world, join=True)
+        res = json.loads(Path(result_file).read_text())
+        model = spec.build().build()
+        load_weights(model, Path(out_dir) / "checkpoints" / "last.safetensors")
+    best_file = Path(cfg.out_dir) / "checkpoints" / "best.safetensors" if cfg.out_dir else None
+    if best_file is not None and best_file.is_file():
+        load_weights(model, best_file)  # model selection: the best validation epoch
+    model.eval()
+    return FitResult(model=model, history=res["history"], best=res["best"], out_dir=cfg.out_dir, seconds=time.time() - t)
+
+
+# ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m person_retrieval.train", description="Train a task from a JSON config: "
+                                 '{"task": {"target": "person_retrieval.tasks:IRRATask", "kwargs": {...}}, "train": {...TrainConfig...}}')
+    ap.add_argument("--config", required=True, help="path to the JSON config")
+    ap.add_argument("--gpus", type=int, help="override train.gpus")
+    args = ap.parse_args(argv)
+    p = Path(args.config)
+    if not p.is_file():
+        ap.error(f"config file {p} not found")
+    try:
+        conf = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        ap.error(f"{p}: not valid JSON ({e})")
+    if "task" not in conf or "target" not in conf["task"]:
+        ap.error(f"{p}: needs a 'task' object with a 'target' (module:Name) and optional 'kwargs'")
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = set(conf.get("train", {})) - known
+    if unknown:
+        ap.error(f"{p}: unknown training options {sorted(unknown)}; known: {sorted(known)}")
+    cfg = TrainConfig(**conf.get("train", {}))
+    if args.gpus is not None:
+        cfg.gpus = args.gpus
+    res = fit(TaskSpec(conf["task"]["target"], conf["task"].get("kwargs", {})), cfg)
+    print(json.dumps({"best": res.best, "seconds": round(res.seconds, 1), "out_dir": res.out_dir}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+
+from person_retrieval.models import build_backbone, load_real_clip, stretch_positional_embedding, stretch_text_encoder
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_backbone(None, "tiny").eval()
+
+
+def test_outputs_pooled_and_tokens(tiny):
+    h, w = tiny.image_size
+    pooled, tokens = tiny.encode_image(torch.randn(2, 3, h, w))
+    assert pooled.shape == (2, tiny.embed_dim) and tokens.shape == (2, (h // 8) * (w // 8), tiny.embed_dim)
+    ids = tiny.tokenize(["a man in a red coat", "a woman"])
+    tp, tt = tiny.encode_text(ids)
+    assert tp.shape == (2, tiny.embed_dim) and tt.shape[0] == 2
+    # pooled text = the token at end-of-text
+    assert torch.allclose(tp[1], tt[1, ids[1].argmax()])
+
+
+def test_trimming_padding_is_exact(tiny):
+    ids = tiny.tokenize(["a man in a red coat and black shoes", "a woman"])
+    assert torch.allclose(tiny.encode_text(ids, trim=True)[0], tiny.encode_text(ids, trim=False)[0], atol=1e-5)
+
+
+def test_stretch_known_rows():
+    pe = torch.arange(77.0).view(77, 1) * torch.tensor([[1.0, -2.0]])
+    s = stretch_positional_embedding(pe, keep=20, length=248)
+    assert s.shape == (248, 2)
+    assert torch.equal(s[:20], pe[:20])
+    for k in range(57):
+        assert torch.allclose(s[20 + 4 * k], pe[20 + k])  # original rows stay at the start of their group
+    assert torch.allclose(s[21, 0], torch.tensor(20.25)) and torch.allclose(s[23, 0], torch.tensor(20.75))
+    assert torch.allclose(s[-1, 0], torch.tensor(76.75))  # the last row extended along the final step
+    with pytest.raises(ValueError, match="multiple"):
+        stretch_positional_embedding(pe, keep=20, length=250)
+    with pytest.raises(ValueError, match="keep"):
+        stretch_positional_embedding(pe, keep=80)
+
+
+def test_stretched_encoder_takes_248_tokens_and_keeps_short_texts(tiny):
+    bb = build_backbone(None, "tiny").eval()
+    bb.load_state_dict(tiny.state_dict())
+    short = bb.tokenize(["a man in a red coat"])
+    before = bb.encode_text(short)[0]
+    stretch_text_encoder(bb, keep=20, length=248)
+    assert bb.context_length == 248
+    assert torch.allclose(bb.encode_text(bb.tokenize(["a man in a red coat"]))[0], before, atol=1e-5)
+    long_ids = bb.tokenize(["red " * 200])
+    assert long_ids.shape[1] == 248 and bb.encode_text(long_ids)[1].shape[1] > 77
+
+
+def test_real_weights_path_with_a_tiny_checkpoint(tmp_path, monkeypatch):
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "pr-tiny-vit.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "pr-tiny-vit.json")
+    src = open_clip.create_model("pr-tiny-vit")
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, tmp_path / "ckpt.safetensors")
+    monkeypatch.setenv("PR_CLIP_ARCH", "pr-tiny-vit")
+    bb = load_real_clip(str(tmp_path / "ckpt.safetensors"), image_size=(64, 32))
+    assert bb.image_size == (64, 32)
+    assert bb.clip.visual.positional_embedding.shape == (8 * 4 + 1, 32)  # 4x4 grid resized to 8x4 (+ class token)
+    assert torch.equal(bb.clip.token_embedding.weight, src.token_embedding.weight)
+    assert bb.encode_image(torch.randn(1, 3, 64, 32))[1].shape == (1, 32, 32)
+
+
+def test_missing_weights_say_where_to_put_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("PR_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"put the open_clip checkpoint at {tmp_path}/ViT-B-16.safetensors"):
+        build_backbone("ViT-B-16")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_backbone(str(tmp_path / "nope.safetensors"))

@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from person_retrieval import losses
+
+EYE = torch.eye(2)
+SWAP = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+DISTINCT = torch.tensor([0, 1])
+
+
+def test_itc_known_value():
+    # logits = I: each row's softmax puts e/(e+1) on its match, so the loss is log(1 + 1/e) both ways
+    assert losses.itc_loss(EYE, EYE, DISTINCT, 1.0).item() == pytest.approx(math.log(1 + math.exp(-1)))
+
+
+def test_itc_same_person_columns_are_positives():
+    same = torch.tensor([3, 3])
+    # both columns are positives with half the target each: loss = log 2 when logits are equal
+    assert losses.itc_loss(EYE, EYE, same, 0.0).item() == pytest.approx(math.log(2))
+
+
+def test_sdm_is_a_kl_divergence():
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(6, 8), dim=1), F.normalize(torch.randn(6, 8), dim=1)
+    pids = torch.tensor([0, 0, 1, 2, 2, 2])
+    v = losses.sdm_loss(a, b, pids)
+    assert v.item() > 0
+    q = (pids.view(-1, 1) == pids.view(1, -1)).float()
+    q = q / q.sum(1, keepdim=True)
+    def kl_p_q(s):  # KL(p || q) with p the predicted matching distribution
+        p = F.softmax(s * 50, 1)
+        return (p * (torch.log(p) - torch.log(q + 1e-8))).sum(1).mean()
+
+    manual = kl_p_q(a @ b.T) + kl_p_q(b @ a.T)
+    assert v.item() == pytest.approx(manual.item(), rel=1e-4, abs=1e-4)
+    # perfectly separated features with distinct ids: almost nothing to match
+    assert losses.sdm_loss(EYE, EYE, DISTINCT).item() < 1e-6
+
+
+def test_id_loss_is_cross_entropy():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    assert losses.id_loss(logits, logits, DISTINCT).item() == pytest.approx(F.cross_entropy(logits, DISTINCT).item())
+
+
+def test_tal_hinge_known_values():
+    assert losses.tal_loss(EYE, EYE, DISTINCT).item() == pytest.approx(0.0)  # margin met: 0.1 - 1 + 0 < 0
+    # swapped: positive 0, smooth-max negative 1 -> 0.1 + 1 per row, two directions
+    assert losses.tal_loss(EYE, SWAP, DISTINCT).item() == pytest.approx(2.2, abs=1e-4)
+
+
+def test_tal_without_negatives_is_zero_with_finite_gradients():
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0]], requires_grad=True)
+    v = losses.tal_loss(x, x, torch.tensor([5, 5]))
+    v.backward()
+    assert v.item() == 0.0 and torch.isfinite(x.grad).all()
+
+
+def test_tal_tends_to_the_hardest_negative_triplet_loss_as_tau_shrinks():
+    torch.manual_seed(1)
+    img, txt = F.normalize(torch.randn(5, 4), dim=1), F.normalize(torch.randn(5, 4), dim=1)
+    pids = torch.arange(5)
+    s = img @ txt.T
+    off = s.masked_fill(torch.eye(5, dtype=torch.bool), -9)
+    hard = sum(F.relu(0.1 - m.diag() + o.max(1).values).mean() for m, o in ((s, off), (s.T, off.T)))
+    assert losses.tal_loss(img, txt, pids, tau=1e-4, margin=0.1).item() == pytest.approx(hard.item(), abs=1e-3)

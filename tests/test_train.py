@@ -1,0 +1,104 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from person_retrieval import train
+from person_retrieval.train import TaskSpec, TrainConfig, fit, resolve_devices
+
+TINY = TaskSpec("person_retrieval.tasks:ClipPretrainTask", {"scale": "tiny", "seed": 0, "n_ids": 40})
+
+
+def cfg(**kw):
+    base = dict(epochs=3, batch_size=8, lr=1e-3, gpus=0, seed=0, progress=False, warmup_epochs=0.5)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_device_resolution(monkeypatch):
+    assert resolve_devices(0) == ("cpu", None)
+    if not torch.cuda.is_available():
+        assert resolve_devices(2) == ("cpu", "gloo")
+        with pytest.raises(RuntimeError, match="gpus=1 asks for a CUDA GPU"):
+            resolve_devices(1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match="more GPUs than this machine has"):
+        resolve_devices(2)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        resolve_devices("2")
+
+
+def test_schedule_warms_up_then_decays():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sch = train.cosine_schedule(opt, total_steps=10, warmup_steps=2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sch.step()
+    assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[-1] < 0.05 and all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_per_module_learning_rates():
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    opt = train.build_optimizer(m, TrainConfig(lr=0.1, lr_mult={"1.": 5.0}))
+    lrs = sorted({g["lr"] for g in opt.param_groups})
+    assert lrs == [0.1, 0.5]
+
+
+def test_resume_ends_with_the_same_weights(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    full = fit(TINY, cfg(out_dir=str(a)))
+    part = fit(TINY, cfg(out_dir=str(b), stop_after_epochs=1))  # "interrupted" after epoch 1
+    assert len(part.history) == 1
+    done = fit(TINY, cfg(out_dir=str(b)))  # resumes at epoch 2
+    assert [h["epoch"] for h in done.history] == [0, 1, 2]
+    wa, wb = load_file(a / "checkpoints" / "last.safetensors"), load_file(b / "checkpoints" / "last.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    log = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2] and all("val_R1" in r for r in log)
+    assert full.best["epoch"] in (0, 1, 2)
+
+
+def test_model_selection_uses_the_best_validation_epoch(tmp_path):
+    res = fit(TINY, cfg(out_dir=str(tmp_path)))
+    best = max(res.history, key=lambda h: h["val_R1"])
+    assert res.best["epoch"] == best["epoch"]
+    w = load_file(tmp_path / "checkpoints" / "best.safetensors")
+    got = dict(res.model.named_parameters())
+    assert all(torch.equal(w[k], got[k].detach()) for k in w if k in got)
+
+
+def test_two_processes_over_gloo(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: gpus=2 would mean two GPUs")
+    res = fit(TINY, cfg(gpus=2, epochs=1, out_dir=str(tmp_path)))
+    assert len(res.history) == 1 and res.history[0]["loss"] > 0
+    assert (tmp_path / "checkpoints" / "last.safetensors").is_file()
+
+
+def test_command_line_entry(tmp_path):
+    conf = {"task": {"target": TINY.target, "kwargs": TINY.kwargs},
+            "train": {"epochs": 1, "batch_size": 8, "progress": False, "out_dir": str(tmp_path / "run")}}
+    p = tmp_path / "run.json"
+    p.write_text(json.dumps(conf))
+    r = subprocess.run([sys.executable, "-m", "person_retrieval.train", "--config", str(p)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "best" in json.loads(r.stdout.strip().splitlines()[-1])
+    p.write_text(json.dumps({"task": conf["task"], "train": {"epochz": 1}}))
+    r = subprocess.run([sys.executable, "-m", "person_retrieval.train", "--config", str(p)], capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown training options ['epochz']" in r.stderr
+
+
+def test_epoch_order_is_a_permutation_with_length_buckets():
+    lengths = torch.randint(5, 70, (103,))
+    o = train.epoch_order(103, seed=1, epoch=2, lengths=lengths, batch=8)
+    assert sorted(o.tolist()) == list(range(103))
+    assert torch.equal(o, train.epoch_order(103, seed=1, epoch=2, lengths=lengths, batch=8))
+    assert not torch.equal(o, train.epoch_order(103, seed=1, epoch=3, lengths=lengths, batch=8))
+    spread = lambda order: float(lengths[order[:96]].view(12, 8).float().std(1).mean())  # noqa: E731
+    assert spread(o) < 0.5 * spread(train.epoch_order(103, 1, 2))  # batches are more uniform in length
