@@ -313,7 +313,7 @@ def pretrained_mini_clip(scale: str = "small", seed: int = 0, gpus: int = 0, pro
 
 PRETRAIN_CONFIG = {
     "tiny": dict(epochs=2, batch_size=32, lr=1e-3, warmup_epochs=0.3),
-    "small": dict(epochs=6, batch_size=128, lr=5e-4, warmup_epochs=0.5),
+    "small": dict(epochs=4, batch_size=64, lr=1e-3, warmup_epochs=0.3),
 }
 
 
@@ -322,7 +322,7 @@ PRETRAIN_CONFIG = {
 #: take IRRA's (1e-5, new layers x5, 60 epochs).
 BASELINE_CONFIG = {
     "tiny": dict(epochs=2, batch_size=16, lr=5e-4, warmup_epochs=0.3),
-    "small": dict(epochs=3, batch_size=64, lr=2e-4, warmup_epochs=0.3),
+    "small": dict(epochs=2, batch_size=32, lr=3e-4, warmup_epochs=0.3),
     "paper": dict(epochs=60, batch_size=64, lr=1e-5, warmup_epochs=5, min_lr_ratio=0.0),
 }
 METHODS = {"irra": "person_retrieval.tasks:IRRATask", "rde": "person_retrieval.tasks:RDETask"}

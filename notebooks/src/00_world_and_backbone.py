@@ -275,8 +275,7 @@ if weights is None:
 #
 # Before any fine-tuning on a retrieval dataset, how well does the backbone retrieve people from their
 # descriptions? We embed every test image and caption and rank by cosine similarity. The papers report
-# zero-shot CLIP on the real datasets (TIPS Table 1) far below fine-tuned models; the mini CLIP, trained
-# on the world's own web, is a stronger start on the world than CLIP is on real pedestrians.
+# zero-shot CLIP on the real datasets (TIPS Table 1); notebook 01 fine-tunes from this starting point.
 
 # %%
 backbone = models.build_backbone(weights, scale)
