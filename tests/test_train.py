@@ -102,3 +102,14 @@ def test_epoch_order_is_a_permutation_with_length_buckets():
     assert not torch.equal(o, train.epoch_order(103, seed=1, epoch=3, lengths=lengths, batch=8))
     spread = lambda order: float(lengths[order[:96]].view(12, 8).float().std(1).mean())  # noqa: E731
     assert spread(o) < 0.5 * spread(train.epoch_order(103, 1, 2))  # batches are more uniform in length
+
+
+def test_resume_under_ddp_ends_with_the_same_weights(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: gpus=2 would mean two GPUs")
+    a, b = tmp_path / "a", tmp_path / "b"
+    fit(TINY, cfg(gpus=2, epochs=2, out_dir=str(a)))
+    fit(TINY, cfg(gpus=2, epochs=2, out_dir=str(b), stop_after_epochs=1))
+    fit(TINY, cfg(gpus=2, epochs=2, out_dir=str(b)))
+    wa, wb = load_file(a / "checkpoints" / "last.safetensors"), load_file(b / "checkpoints" / "last.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -21,15 +21,20 @@ from .world import OUTFIT_SLOTS, read_world_meta
 COMPARED = ["gender"] + OUTFIT_SLOTS
 
 
-def failure_causes(sim: torch.Tensor, data: RetrievalData, world_root: str | Path, alike: int = 2) -> pd.DataFrame:
-    """One row per failed query (top-1 shows another person), with the differing slots and the cause."""
+def _world_records(data: RetrievalData, world_root: str | Path) -> tuple[list[dict], list[dict]]:
+    """The world's record (state, caption mentions) and person attributes behind each gallery image."""
     if data.image_paths is None:
-        raise ValueError("failure_causes needs RetrievalData with image_paths (build it with RetrievalData.from_split)")
+        raise ValueError("needs RetrievalData with image_paths (build it with RetrievalData.from_split)")
     meta = read_world_meta(world_root)
     by_path = {rec["path"]: rec for rec in meta["images"]}
     base = Path(world_root) / "imgs"
     recs = [by_path[str(Path(p).relative_to(base))] for p in data.image_paths]
-    people = meta["people"]
+    return recs, [meta["people"][str(r["person"])] for r in recs]
+
+
+def failure_causes(sim: torch.Tensor, data: RetrievalData, world_root: str | Path, alike: int = 2) -> pd.DataFrame:
+    """One row per failed query (top-1 shows another person), with the differing slots and the cause."""
+    recs, people = _world_records(data, world_root)
     seen: dict[int, int] = {}
     rows = []
     top1 = sim.argmax(1)
@@ -40,7 +45,7 @@ def failure_causes(sim: torch.Tensor, data: RetrievalData, world_root: str | Pat
         i_top = int(top1[j])
         if int(data.image_pids[i_top]) == int(data.caption_pids[j]):
             continue
-        a, b = people[str(recs[i_true]["person"])], people[str(recs[i_top]["person"])]
+        a, b = people[i_true], people[i_top]
         diff = [s for s in COMPARED if a[s] != b[s]]
         mentioned = set(recs[i_true]["captions"][k]["slots"])
         if not (set(diff) & mentioned):
@@ -60,11 +65,7 @@ def attribute_oracle_r1(data: RetrievalData, world_root: str | Path) -> float:
     captions' sparsity and the look-alikes leave to any text-to-image model on this split."""
     import numpy as np
 
-    meta = read_world_meta(world_root)
-    by_path = {rec["path"]: rec for rec in meta["images"]}
-    base = Path(world_root) / "imgs"
-    recs = [by_path[str(Path(p).relative_to(base))] for p in data.image_paths]
-    people = [meta["people"][str(r["person"])] for r in recs]
+    recs, people = _world_records(data, world_root)
     table = {s: np.array([p[s] for p in people]) for s in COMPARED}
     gpids = data.image_pids.numpy()
     seen: dict[int, int] = {}

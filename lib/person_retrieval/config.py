@@ -55,8 +55,8 @@ SCALES = {
             # Training splits are smaller than the real ones so that each notebook fits its 10-minute
             # budget on a 2-core CPU; the CUHK-PEDES-shaped test split keeps its 1,000 identities.
             "cuhk_pedes": WorldSize({"train": 1000, "val": 200, "test": 1000}, (2, 4), 2),
-            "icfg_pedes": WorldSize({"train": 1000, "test": 1000}, (3, 7), 1),
-            "rstpreid": WorldSize({"train": 800, "val": 200, "test": 200}, (5, 5), 2),
+            "icfg_pedes": WorldSize({"train": 1000, "test": 1000}, (2, 5), 1),
+            "rstpreid": WorldSize({"train": 600, "val": 200, "test": 200}, (5, 5), 2),
         },
         cpr_train_triplets=6000, cpr_queries=1000, cpr_gallery=10000,
         chat_ids={"train": 2000, "test": 1000}, chat_rounds=6,

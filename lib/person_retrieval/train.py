@@ -179,21 +179,21 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
-def _save_checkpoint(out: Path, model: nn.Module, opt, sched, state: dict, best: bool) -> None:
+def _save_checkpoint(out: Path, model: nn.Module, opt, sched, state: dict, best: bool, rng_states: list) -> None:
     from safetensors.torch import save_model
 
     ck = out / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
     _write_atomic(ck / "last.safetensors", lambda p: save_model(model, str(p)))
     _write_atomic(ck / "last_optim.pt", lambda p: torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                                             "torch_rng": torch.get_rng_state()}, p))
+                                                             "torch_rng": rng_states}, p))
     if best:
         _write_atomic(ck / "best.safetensors", lambda p: save_model(model, str(p)))
     # The JSON goes last: it is what marks the epoch as complete.
     _write_atomic(ck / "last_state.json", lambda p: p.write_text(json.dumps(state)))
 
 
-def _load_checkpoint(out: Path, model: nn.Module, opt, sched) -> dict | None:
+def _load_checkpoint(out: Path, model: nn.Module, opt, sched, rank: int = 0) -> dict | None:
     from safetensors.torch import load_model
 
     ck = out / "checkpoints"
@@ -204,7 +204,7 @@ def _load_checkpoint(out: Path, model: nn.Module, opt, sched) -> dict | None:
     extra = torch.load(ck / "last_optim.pt", weights_only=True)
     opt.load_state_dict(extra["optimizer"])
     sched.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"])
+    torch.set_rng_state(extra["torch_rng"][rank])  # one state per process
     random.setstate((state["py_rng"][0], tuple(state["py_rng"][1]), state["py_rng"][2]))
     return state
 
@@ -256,7 +256,7 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
     if world > 1:
         dist.barrier()
     if out is not None and cfg.resume:
-        st = _load_checkpoint(out, model, opt, sched)
+        st = _load_checkpoint(out, model, opt, sched, rank)
         if st is not None:
             start_epoch, history, best = st["epoch"] + 1, st["history"], st["best"]
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -305,6 +305,10 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
         rec = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "lr": sched.get_last_lr()[0], "seconds": secs,
                "pairs_per_s": steps_per_epoch * global_bs / secs, **{k: v / steps_per_epoch for k, v in sums.items()}}
         improved = False
+        rng_states = [torch.get_rng_state()]
+        if world > 1:  # every process's generator goes into the checkpoint (a collective: all ranks call it)
+            rng_states = [None] * world
+            dist.all_gather_object(rng_states, torch.get_rng_state())
         if rank == 0:
             model.eval()
             with torch.no_grad():
@@ -321,7 +325,7 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
                 pyr = random.getstate()
                 state = {"epoch": epoch, "history": history, "best": best, "config": asdict(cfg),
                          "py_rng": [pyr[0], list(pyr[1]), pyr[2]]}
-                _save_checkpoint(out, model, opt, sched, state, improved)
+                _save_checkpoint(out, model, opt, sched, state, improved, rng_states)
             if cfg.progress:
                 shown = ", ".join(f"{k}={v:.2f}" for k, v in val.items())
                 print(f"epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f}, {rec['pairs_per_s']:.0f} pairs/s, val {shown}", flush=True)

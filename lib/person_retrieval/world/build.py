@@ -24,7 +24,7 @@ from .attributes import Person, sample_person
 from .language import caption, coverage, dialogue, edit_person, tokenize
 from .render import CameraProfile, State, render, sample_state
 
-BUILD_VERSION = 3  # bump when the world changes, so caches are rebuilt
+BUILD_VERSION = 4  # bump when the world changes, so caches are rebuilt
 
 ALL_SCENES = ("street", "campus", "mall", "park", "station", "parking")
 #: Each dataset style is its own domain: different people, cameras, places and light.

@@ -207,6 +207,11 @@ def _carry_clause(g: str, phrase: str, p: Person, rng) -> str:
     return f"wearing {phrase}"
 
 
+def _verb_phrase(clause: str) -> str:
+    """'carrying a bag' -> 'is carrying a bag'; 'has ...' and 'is ...' stay as they are."""
+    return clause if clause.startswith(("has ", "is ")) else "is " + clause
+
+
 _VIEW_PHRASES = {
     "front": ["towards the camera", "facing the camera"],
     "back": ["away from the camera", "with {pos} back to the camera"],
@@ -241,8 +246,7 @@ def caption(person: Person, state: State, style: str, rng: np.random.Generator) 
         verb = _pick(rng, ["is wearing", "wears", "is dressed in", "has on"])
         sentences.append(f"{lead} {verb} {_join(wear)}" if wear else f"{lead} is walking")
         if extras:
-            clauses = [_carry_clause(g, x, p, rng) for g, x in extras]
-            sentences.append(f"{pron} is " + _join(clauses) if not clauses[0].startswith(("has", "is")) else f"{pron} " + _join(clauses))
+            sentences.append(f"{pron} " + _join([_verb_phrase(_carry_clause(g, x, p, rng)) for g, x in extras]))
     elif style == "icfg_pedes":
         lead = subj
         if extras and extras[0][0] == "hair":
@@ -266,7 +270,7 @@ def caption(person: Person, state: State, style: str, rng: np.random.Generator) 
         for g, x in extras[:2]:
             sentences.append(f"{pron} is {_carry_clause(g, x, p, rng)}".replace(" is has ", " has ").replace(" is is ", " is "))
         if len(extras) > 2:
-            sentences.append(f"{pron} is also " + _join([_carry_clause(g, x, p, rng) for g, x in extras[2:]]))
+            sentences.append(f"{pron} also " + _join([_verb_phrase(_carry_clause(g, x, p, rng)) for g, x in extras[2:]]))
     text = " ".join(_cap(s.strip()) + "." for s in sentences)
     text = text.replace("is has ", "has ").replace("is is ", "is ")
     return text, slots
