@@ -1,0 +1,45 @@
+import torch
+
+from person_retrieval.analysis import attribute_oracle_r1, failure_causes
+from person_retrieval.datasets import load_split
+from person_retrieval.datasets.torch_data import RetrievalData
+from person_retrieval.world import read_world_meta
+
+
+def _data(root):
+    split = load_split("cuhk_pedes", root, "test")
+    return RetrievalData.from_split(split, lambda caps: torch.zeros(len(caps), 4, dtype=torch.long), (64, 32))
+
+
+def test_perfect_similarity_has_no_failures(tiny_world):
+    data = _data(tiny_world["cuhk_pedes"])
+    perfect = (data.caption_pids.view(-1, 1) == data.image_pids.view(1, -1)).float()
+    assert len(failure_causes(perfect, data, tiny_world["cuhk_pedes"])) == 0
+
+
+def test_failure_causes_agree_with_the_world(tiny_world):
+    root = tiny_world["cuhk_pedes"]
+    data = _data(root)
+    g = torch.Generator().manual_seed(0)
+    sim = torch.rand(len(data.captions), len(data.image_pids), generator=g)
+    fails = failure_causes(sim, data, root)
+    wrong = (data.image_pids[sim.argmax(1)] != data.caption_pids).sum().item()
+    assert len(fails) == wrong > 0
+    assert set(fails.cause) <= {"caption leaves out the telling detail", "look-alike", "model error"}
+    meta = read_world_meta(root)
+    people = meta["people"]
+    by_path = {r["path"]: r for r in meta["images"]}
+    for _, f in fails.head(5).iterrows():
+        a = people[str(by_path[data.image_paths[f.true_image].split("imgs/")[1]]["person"])]
+        b = people[str(by_path[data.image_paths[f.top1_image].split("imgs/")[1]]["person"])]
+        diff = {s.strip() for s in f["differing slots"].split(",") if s.strip()}
+        assert all(a[s] != b[s] for s in diff)
+        if f.cause == "caption leaves out the telling detail":
+            assert not diff & set(f.mentioned.split(", "))
+
+
+def test_oracle_is_a_probability_and_beats_chance(tiny_world):
+    data = _data(tiny_world["cuhk_pedes"])
+    r1 = attribute_oracle_r1(data, tiny_world["cuhk_pedes"])
+    chance = 100.0 * 3 / len(data.image_pids)  # about three images per person
+    assert chance < r1 <= 100.0
