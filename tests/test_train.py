@@ -70,7 +70,9 @@ def test_model_selection_uses_the_best_validation_epoch(tmp_path):
     assert res.best["epoch"] == best["epoch"]
     w = load_file(tmp_path / "checkpoints" / "best.safetensors")
     got = dict(res.model.named_parameters())
-    assert all(torch.equal(w[k], got[k].detach()) for k in w if k in got)
+    shared = [k for k in w if k in got]
+    assert len(shared) > 10
+    assert all(torch.equal(w[k], got[k].detach()) for k in shared)
 
 
 def test_two_processes_over_gloo(tmp_path):

@@ -150,9 +150,9 @@ def retrieval_metrics_from_features(query_feats, gallery_feats, query_pids, gall
     _check_pids(q, g, (qf.shape[0], gf.shape[0]))
     acc = _Accumulator(ks)
     G = gf.shape[0]
-    index = _faiss_index(gf) if backend == "faiss" else None
     if backend not in ("torch", "faiss"):
         raise ValueError(f"backend must be 'torch' or 'faiss', got {backend!r}")
+    index = _faiss_index(gf) if backend == "faiss" else None
     for s in range(0, qf.shape[0], chunk):
         qp = q[s: s + chunk].view(-1, 1)
         if index is not None:  # faiss returns the whole gallery in ranked order

@@ -154,7 +154,10 @@ class _TPRTask:
         self.dataset, self.root, self.scale, self.seed = dataset, str(root), scale, seed
         self.weights, self.init, self.val_holdout = weights, init, val_holdout
 
+    @cached_property
     def backbone(self) -> Backbone:
+        """The task's one backbone: built (and loaded from ``init``) once, used by the model and to
+        tokenize and size the data."""
         bb = build_backbone(self.weights, self.scale if self.weights is None else "small")
         if self.init:
             from .train import load_weights
@@ -163,12 +166,8 @@ class _TPRTask:
         return bb
 
     @cached_property
-    def _tok(self):
-        return self.backbone()
-
-    @cached_property
     def _splits(self) -> tuple[RetrievalData, RetrievalData]:
-        bb = self._tok
+        bb = self.backbone
         train = load_split(self.dataset, self.root, "train")
         if "val" in TPR_FORMATS[self.dataset].splits:
             val_split, keep = load_split(self.dataset, self.root, "val"), None
@@ -193,7 +192,7 @@ class IRRATask(_TPRTask):
     (IRRA's implicit relation reasoning via masked language modelling is left out here.)"""
 
     def build(self) -> DualEncoder:
-        return DualEncoder(_fixed_temperature(self.backbone()), num_ids=self.train_data().num_ids)
+        return DualEncoder(_fixed_temperature(self.backbone), num_ids=self.train_data().num_ids)
 
     def loss(self, model, batch, gather):
         img, txt = model(batch["image"], batch["ids"])
@@ -212,7 +211,7 @@ class RDETask(_TPRTask):
         self.tau, self.margin, self.ratio = tau, margin, ratio
 
     def build(self) -> RDEModel:
-        return RDEModel(_fixed_temperature(self.backbone()), self.ratio)
+        return RDEModel(_fixed_temperature(self.backbone), self.ratio)
 
     def loss(self, model, batch, gather):
         img, txt = model(batch["image"], batch["ids"])
@@ -258,13 +257,17 @@ class ClipPretrainTask:
     def __init__(self, scale: str = "small", seed: int = 0, n_ids: int | None = None):
         self.scale, self.seed, self.n_ids = scale, seed, n_ids
 
+    @cached_property
+    def backbone(self) -> Backbone:
+        return build_backbone(None, self.scale)
+
     def build(self) -> DualEncoder:
-        return DualEncoder(build_backbone(None, self.scale))
+        return DualEncoder(self.backbone)
 
     @cached_property
     def _data(self) -> tuple[RetrievalData, RetrievalData]:
         images, caps, pids = pretrain_corpus(self.scale, self.seed, self.n_ids)
-        tok = build_backbone(None, self.scale).tokenize(caps)
+        tok = self.backbone.tokenize(caps)
         n_val = max(8, int(0.05 * int(pids.max() + 1)))
         val = pids < n_val
 

@@ -26,6 +26,7 @@ the same one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -287,7 +288,7 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
             raw = data.batch(idx) if hasattr(data, "batch") else _collate([data[int(i)] for i in idx])
             batch = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
             accumulate = (step + 1) % cfg.grad_accum != 0 and step + 1 != steps_per_epoch
-            ctx = ddp.no_sync() if (world > 1 and accumulate) else _null()
+            ctx = ddp.no_sync() if (world > 1 and accumulate) else contextlib.nullcontext()
             with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss, logs = task.loss(ddp, batch, gather)
                 (loss / cfg.grad_accum).backward()
@@ -334,14 +335,6 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
     if world > 1:
         dist.destroy_process_group()
     return {"history": history, "best": best, "seconds": time.time() - t_start, "model": model if world == 1 else None}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _worker(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type: str, backend: str, port: int, result_file: str) -> None:

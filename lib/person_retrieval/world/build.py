@@ -68,9 +68,10 @@ class _Writer:
         self.images.append(rec)
         return rel
 
-    def finish(self, manifest: dict) -> None:
-        formats.write_json_atomic(self.root / "world_meta.json", {"people": self.people, "images": self.images})
-        formats.write_json_atomic(self.root / "world.json", manifest)
+    def finish(self, dataset_root: Path, manifest: dict) -> None:
+        """Write the provenance sidecar and the manifest (which marks the build complete) at the dataset root."""
+        formats.write_json_atomic(dataset_root / "world_meta.json", {"people": self.people, "images": self.images})
+        formats.write_json_atomic(dataset_root / "world.json", manifest)
 
 
 def _caption_record(person, state, style, rng):
@@ -202,8 +203,7 @@ def build_dataset(name: str, root: str | Path, scale: str | Scale = "small", see
     manifest = {"dataset": name, "scale": sc.name, "seed": seed, "version": BUILD_VERSION,
                 "image_size": [sc.image_height, sc.image_height // 2], "counts": res["counts"],
                 "config": json.loads(json.dumps(asdict(sc), default=str))}
-    res["w"].root = part  # world_meta.json and world.json sit at the dataset root
-    res["w"].finish(manifest)
+    res["w"].finish(part, manifest)
     shutil.rmtree(root, ignore_errors=True)
     part.rename(root)
     return root

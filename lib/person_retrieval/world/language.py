@@ -260,7 +260,7 @@ def caption(person: Person, state: State, style: str, rng: np.random.Generator) 
         if "shoes" in ph:
             sentences.append(f"{pron} has a pair of {ph['shoes']} on {pos} feet")
         for g, x in extras:
-            sentences.append(f"{pron} is {_carry_clause(g, x, p, rng)}".replace(" is has ", " has ").replace(" is is ", " is "))
+            sentences.append(f"{pron} {_verb_phrase(_carry_clause(g, x, p, rng))}")
     else:  # rstpreid
         move = "walking" if state.pose == "walking" else "standing"
         vp = _pick(rng, _VIEW_PHRASES[state.view]).format(pos=pos)
@@ -268,12 +268,10 @@ def caption(person: Person, state: State, style: str, rng: np.random.Generator) 
         if wear:
             sentences.append(f"{pron} {_pick(rng, ['is wearing', 'wears', 'is in'])} {_join(wear)}")
         for g, x in extras[:2]:
-            sentences.append(f"{pron} is {_carry_clause(g, x, p, rng)}".replace(" is has ", " has ").replace(" is is ", " is "))
+            sentences.append(f"{pron} {_verb_phrase(_carry_clause(g, x, p, rng))}")
         if len(extras) > 2:
             sentences.append(f"{pron} also " + _join([_verb_phrase(_carry_clause(g, x, p, rng)) for g, x in extras[2:]]))
-    text = " ".join(_cap(s.strip()) + "." for s in sentences)
-    text = text.replace("is has ", "has ").replace("is is ", "is ")
-    return text, slots
+    return " ".join(_cap(s.strip()) + "." for s in sentences), slots
 
 
 def coverage(mentioned: set, person: Person, view: str) -> float:
