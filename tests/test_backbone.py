@@ -79,3 +79,25 @@ def test_missing_weights_say_where_to_put_them(tmp_path, monkeypatch):
         build_backbone("ViT-B-16")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_backbone(str(tmp_path / "nope.safetensors"))
+
+
+def test_pre_trimmed_batches_give_the_same_features(tiny):
+    from person_retrieval.datasets.torch_data import trim_tokens
+
+    ids = tiny.tokenize(["a man in a red coat and black shoes", "a woman"])
+    cut = trim_tokens(ids)
+    longest = int((ids != 0).sum(1).max())
+    assert cut.shape[1] % 8 == 0 and longest <= cut.shape[1] < longest + 8
+    assert torch.equal(cut, ids[:, : cut.shape[1]]) and (ids[:, cut.shape[1]:] == 0).all()
+    assert torch.allclose(tiny.encode_text(cut, trim=False)[0], tiny.encode_text(ids, trim=False)[0], atol=1e-5)
+    assert trim_tokens(ids, multiple=1000).shape == ids.shape  # never wider than the context
+
+
+def test_token_table_can_be_frozen():
+    from dataclasses import replace
+
+    from person_retrieval.models import MINI_CONFIGS, mini_clip
+
+    assert build_backbone(None, "tiny").clip.token_embedding.weight.requires_grad
+    frozen = mini_clip(replace(MINI_CONFIGS["tiny"], freeze_token_embedding=True))
+    assert not frozen.clip.token_embedding.weight.requires_grad

@@ -115,3 +115,26 @@ def test_resume_under_ddp_ends_with_the_same_weights(tmp_path):
     fit(TINY, cfg(gpus=2, epochs=2, out_dir=str(b)))
     wa, wb = load_file(a / "checkpoints" / "last.safetensors"), load_file(b / "checkpoints" / "last.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_batches_travel_as_bytes_and_are_normalised_on_the_device():
+    from person_retrieval.datasets.torch_data import CLIP_MEAN, CLIP_STD
+
+    task = TINY.build()
+    data = task.train_data()
+    raw = data.batch(torch.arange(4))
+    assert raw["image"].dtype == torch.uint8 and raw["ids"].shape[1] % 8 == 0
+    out = train._to_device(raw, torch.device("cpu"))
+    want = (raw["image"].float() / 255 - CLIP_MEAN) / CLIP_STD
+    assert out["image"].dtype == torch.float32 and torch.allclose(out["image"], want)
+    assert torch.equal(out["ids"], raw["ids"]) and torch.equal(out["pid"], raw["pid"])
+
+
+def test_fixed_pretraining_temperature_is_not_trained(tmp_path):
+    import math
+
+    spec = TaskSpec("person_retrieval.tasks:ClipPretrainTask", {"scale": "tiny", "seed": 0, "n_ids": 40, "temperature": 0.03})
+    res = fit(spec, cfg(epochs=1, out_dir=str(tmp_path)))
+    scale = res.model.backbone.logit_scale
+    assert not scale.requires_grad and math.isclose(float(scale), math.log(1 / 0.03), rel_tol=1e-6)
+    assert math.isclose(res.history[0]["temperature"], 0.03, rel_tol=1e-4)

@@ -32,6 +32,11 @@ def _world_records(data: RetrievalData, world_root: str | Path) -> tuple[list[di
     return recs, [meta["people"][str(r["person"])] for r in recs]
 
 
+def world_people(data: RetrievalData, world_root: str | Path) -> list[dict]:
+    """The true attributes of the person in each gallery image (world datasets only)."""
+    return _world_records(data, world_root)[1]
+
+
 def failure_causes(sim: torch.Tensor, data: RetrievalData, world_root: str | Path, alike: int = 2) -> pd.DataFrame:
     """One row per failed query (top-1 shows another person), with the differing slots and the cause."""
     recs, people = _world_records(data, world_root)

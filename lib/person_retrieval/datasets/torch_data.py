@@ -39,8 +39,21 @@ def load_images(paths: Sequence[str], size: tuple[int, int], progress: bool = Fa
 
 
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> CLIP-normalised float."""
-    return (images_u8.float() / 255.0 - CLIP_MEAN) / CLIP_STD
+    """uint8 images -> CLIP-normalised float (on the images' device: the training loop moves uint8
+    batches, a quarter of the bytes, and normalises them on the GPU)."""
+    dev = images_u8.device
+    return (images_u8.float() / 255.0 - CLIP_MEAN.to(dev)) / CLIP_STD.to(dev)
+
+
+def trim_tokens(ids: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """Drop padding columns beyond a batch's longest caption, rounded up to ``multiple`` columns.
+
+    Exact for CLIP (causal text attention; padding id 0). Done on the CPU before a batch moves to the
+    GPU, so the model never has to read a length back from the device, and the few rounded lengths
+    keep compiled kernels reusable."""
+    n = int((ids != 0).sum(1).max()) if ids.numel() else 1
+    n = min(ids.shape[1], -(-max(n, 1) // multiple) * multiple)
+    return ids[:, :n]
 
 
 @dataclass
@@ -91,12 +104,14 @@ class PairDataset(Dataset):
         return len(self.pids)
 
     def __getitem__(self, j: int) -> dict:
-        return {k: v[0] for k, v in self.batch(torch.tensor([j])).items()}
+        out = self.batch(torch.tensor([j]))
+        return {"image": out["image"][0], "ids": self.data.tokens[j], "pid": out["pid"][0]}
 
     def batch(self, idx: torch.Tensor) -> dict:
-        """A whole batch at once (vectorised: the training loop's fast path)."""
-        img = to_float(self.data.images[self.data.caption_image_ids[idx]])
+        """A whole batch at once (vectorised: the training loop's fast path). Images stay uint8; the
+        training loop normalises them on the training device (:func:`to_float`)."""
+        img = self.data.images[self.data.caption_image_ids[idx]]
         if self.flip:
             flip = torch.rand(len(idx)) < 0.5
             img[flip] = img[flip].flip(-1)
-        return {"image": img, "ids": self.data.tokens[idx], "pid": self.pids[idx]}
+        return {"image": img, "ids": trim_tokens(self.data.tokens[idx]), "pid": self.pids[idx]}

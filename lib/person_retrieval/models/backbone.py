@@ -35,6 +35,11 @@ class MiniClipConfig:
     text_layers: int = 3
     head_width: int = 32
     context_length: int = CLIP_CONTEXT
+    #: Keep the 49,408 x width token table at its random initialisation (the world's texts use a few
+    #: hundred of CLIP's tokens, and a trainable table costs a dense 49,408-row gradient every step).
+    #: Off by default: measured at small, it trains 7-13% faster on the CPU but learns much less
+    #: (validation R1 6.8 against 11.7 after three pretraining epochs).
+    freeze_token_embedding: bool = False
 
 
 MINI_CONFIGS = {
@@ -92,8 +97,8 @@ class Backbone(nn.Module):
 
     def encode_text(self, ids: torch.Tensor, trim: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.clip
-        if trim:  # drop padding columns beyond the longest caption (exact under the causal mask)
-            n = int((ids != 0).sum(1).max())
+        if trim and ids.device.type == "cpu":  # drop padding beyond the longest caption (exact: causal mask)
+            n = int((ids != 0).sum(1).max())  # (on a GPU this would be a sync: batches come pre-trimmed)
             ids = ids[:, : max(n, 1)]
         L = ids.shape[1]
         x = c.token_embedding(ids) + c.positional_embedding[:L]
@@ -124,6 +129,7 @@ def mini_clip(cfg: MiniClipConfig) -> Backbone:
     text = dict(context_length=cfg.context_length, vocab_size=49408, width=cfg.text_width,
                 heads=max(1, cfg.text_width // cfg.head_width), layers=cfg.text_layers)
     model = open_clip.CLIP(embed_dim=cfg.embed_dim, vision_cfg=vision, text_cfg=text)
+    model.token_embedding.weight.requires_grad_(not cfg.freeze_token_embedding)
     return Backbone(model, _tokenizer(), "mini-clip", asdict(cfg))
 
 

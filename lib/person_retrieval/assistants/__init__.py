@@ -1,0 +1,22 @@
+"""The LLM and MLLM roles (see :mod:`.base`), with a learned mini backend (:mod:`.mini`) and a transformers
+backend (:mod:`.hf`), and every prompt of the papers (:mod:`.prompts`).
+
+    vlm = assistants.mini_vlm(scale)          # the attribute recognizer trained on the world (cached)
+    lm = assistants.MiniLM()
+    vlm.answer(images, prompts.CECA_QUESTIONS["Q1"])
+"""
+from . import grammar, prompts
+from .base import (
+    LanguageModel, Usage, VisionLanguageModel, categorize_dialogue, parse_categories, parse_score, parse_scores, parse_yes_no,
+)
+from .mini import AttributeRecognizer, MiniLM, MiniVLM, Noise, categorize_rounds, trained_recognizer
+
+
+def mini_vlm(scale: str = "small", seed: int = 0, noise: Noise = Noise(), progress: bool = True) -> MiniVLM:
+    """The mini MLLM for ``(scale, seed)`` (its recognizer trained and cached on first use)."""
+    return MiniVLM(trained_recognizer(scale, seed, progress), noise=noise, seed=seed)
+
+
+__all__ = ["grammar", "prompts", "categorize_dialogue", "LanguageModel", "VisionLanguageModel", "Usage", "parse_yes_no", "parse_score", "parse_scores",
+           "parse_categories", "AttributeRecognizer", "MiniLM", "MiniVLM", "Noise", "categorize_rounds", "trained_recognizer",
+           "mini_vlm"]

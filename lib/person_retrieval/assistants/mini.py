@@ -1,0 +1,570 @@
+"""The mini backend: assistants learned from the world, never reading the ground truth of the image they
+are asked about.
+
+* :class:`AttributeRecognizer`: a small convolutional network trained on rendered world images and their
+  attribute labels (people it will never be asked about), predicting every slot and the view. It is what
+  the mini MLLM "sees"; its per-slot accuracy on held-out identities is measured, good and imperfect.
+* :class:`MiniVLM`: answers questions (parsed with :func:`.grammar.question_groups`) in sentences from
+  what the recognizer predicts, describes a few salient attributes as an unprompted MLLM does, judges and
+  scores images by the probability the recognizer gives to what a text claims. An error-injection knob
+  (:class:`Noise`) adds hallucinations, contradictions and repetitions, for experiments that need a
+  noisy assistant (ChatPedes cleaning).
+* :class:`MiniLM`: the text jobs of the papers' prompts (summaries, reconstructions, merges, rephrasings,
+  dialogue-round categorisation, quadruples, seed prompts) done with the world's lexicon and grammar. It
+  recognises which prompt of :mod:`.prompts` it was given; any other prompt is an error.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import cache_dir, get_scale, rng_for
+from ..world.attributes import SLOT_VALUES, Person, attribute_vector, sample_person
+from ..world.render import POSES, SCENES, VIEWS, State, render, sample_state
+from . import grammar, prompts
+from .base import LanguageModel, VisionLanguageModel
+
+#: What the recognizer predicts: every attribute slot, the pattern's colour, and how the image was taken.
+HEADS: dict[str, list[str]] = {**SLOT_VALUES, "pattern_color": SLOT_VALUES["upper_color"], "view": VIEWS, "pose": POSES,
+                               "scene": SCENES}
+IDENTITY = ["gender", "age", "build", "skin", "hair_style", "hair_color"]
+OUTFIT = ["upper_type", "upper_color", "upper_pattern", "lower_type", "lower_color", "shoes_type", "shoes_color", "hat", "bag",
+          "held", "accessory"]
+
+
+def labels(person: Person, state: State) -> dict[str, int]:
+    """Training targets for one image: head -> class index, or -1 where the image cannot show it."""
+    v = {**attribute_vector(person), "pattern_color": person.pattern_color, "view": state.view, "pose": state.pose,
+         "scene": state.scene, "hat_color": person.hat_color, "bag_color": person.bag_color}
+    hidden = set()
+    if person.hat == "none":
+        hidden.add("hat_color")
+    if person.bag == "none":
+        hidden.add("bag_color")
+    if person.hair_style == "bald":
+        hidden.add("hair_color")
+    if state.view == "back" and person.accessory in ("glasses", "face mask", "none"):
+        hidden.add("accessory")
+    if state.view != "front" and person.upper_pattern in ("plain", "logo"):
+        hidden.add("upper_pattern")
+    if person.upper_pattern not in ("striped", "logo") or "upper_pattern" in hidden:
+        hidden.add("pattern_color")
+    return {h: (-1 if h in hidden else HEADS[h].index(v[h])) for h in HEADS}
+
+
+class RecognizerNet(nn.Module):
+    """Four stride-2 convolutions keep a coarse spatial map (top, legs and feet stay apart), then one
+    linear head per attribute."""
+
+    def __init__(self, size: tuple[int, int], width: int = 24):
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, 4 * width]
+        layers = []
+        for k, (a, b) in enumerate(zip(chans[:-1], chans[1:])):
+            layers += [nn.Conv2d(a, b, 5 if k == 0 else 3, stride=2, padding=2 if k == 0 else 1, bias=False), nn.BatchNorm2d(b),
+                       nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        h, wd = size[0] // 16, size[1] // 16
+        self.trunk = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(chans[-1] * h * wd, 256), nn.ReLU(inplace=True))
+        self.heads = nn.ModuleDict({k: nn.Linear(256, len(v)) for k, v in HEADS.items()})
+        self.size = tuple(size)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.trunk(self.features(x))
+        return {k: head(z) for k, head in self.heads.items()}
+
+
+@dataclass
+class RecognizerConfig:
+    n_train: int = 3000  # identities, two images each
+    n_val: int = 400
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 3e-3
+    width: int = 24
+
+
+RECOGNIZER_CONFIGS = {"tiny": RecognizerConfig(n_train=600, n_val=100, epochs=4, batch_size=64, width=16),
+                      "small": RecognizerConfig()}
+
+
+def _render_set(n: int, seed: int, purpose: str, height: int):
+    from ..world.build import PROFILES
+
+    rng = rng_for(seed, "recognizer", purpose)
+    styles = ["cuhk_pedes", "icfg_pedes", "rstpreid"]
+    imgs, labs, people, states = [], [], [], []
+    for i in range(n):
+        p = sample_person(rng, i)
+        for _ in range(2):
+            st = sample_state(rng, PROFILES[styles[int(rng.integers(3))]])
+            imgs.append(render(p, st, height))
+            labs.append(labels(p, st))
+            people.append(p)
+            states.append(st)
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+    y = {h: torch.tensor([lab[h] for lab in labs]) for h in HEADS}
+    return x, y, people, states
+
+
+def _to_input(images_u8: torch.Tensor, size) -> torch.Tensor:
+    x = images_u8.float() / 255.0
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return (x - 0.45) / 0.25
+
+
+class AttributeRecognizer:
+    """A trained :class:`RecognizerNet` with its input size. ``predict(images) -> {head: probabilities}``."""
+
+    def __init__(self, net: RecognizerNet, accuracy: dict | None = None):
+        self.net = net.eval()
+        self.accuracy = accuracy or {}
+
+    @torch.no_grad()
+    def predict(self, images: list[np.ndarray] | torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
+        if not isinstance(images, torch.Tensor):
+            images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        outs: dict[str, list] = {h: [] for h in HEADS}
+        for s in range(0, len(images), batch):
+            logits = self.net(_to_input(images[s: s + batch], self.net.size))
+            for h, v in logits.items():
+                outs[h].append(v.softmax(-1))
+        return {h: torch.cat(v) for h, v in outs.items()}
+
+    @classmethod
+    def train(cls, scale: str = "small", seed: int = 0, progress: bool = True, config: RecognizerConfig | None = None) -> "AttributeRecognizer":
+        """Train on rendered people (none of them in any dataset), report accuracy on held-out people."""
+        cfg = config or RECOGNIZER_CONFIGS[get_scale(scale).name]
+        h = get_scale(scale).image_height
+        size = (h, h // 2)
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        x, y, _, _ = _render_set(cfg.n_train, seed, "train", h)
+        xv, yv, _, _ = _render_set(cfg.n_val, seed, "val", h)
+        net = RecognizerNet(size, cfg.width)
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        steps = cfg.epochs * (len(x) // cfg.batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, steps), pct_start=0.15)
+        it = range(cfg.epochs)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="attribute recognizer", leave=False)
+        for _ in it:
+            net.train()
+            order = torch.randperm(len(x), generator=g)
+            for s in range(0, len(x) - cfg.batch_size + 1, cfg.batch_size):
+                idx = order[s: s + cfg.batch_size]
+                xb = x[idx]
+                flip = torch.rand(len(idx), generator=g) < 0.5
+                xb[flip] = xb[flip].flip(-1)
+                out = net(_to_input(xb, size))
+                loss = sum(F.cross_entropy(out[k], y[k][idx], ignore_index=-1) for k in HEADS
+                           if (y[k][idx] >= 0).any())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+        rec = cls(net.eval())
+        rec.accuracy = rec.evaluate(xv, yv)
+        return rec
+
+    def evaluate(self, x: torch.Tensor, y: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Per-head accuracy (%) over the images where the head's label is visible."""
+        probs = self.predict(x)
+        acc = {}
+        for h in HEADS:
+            ok = y[h] >= 0
+            if ok.any():
+                acc[h] = float((probs[h][ok].argmax(-1) == y[h][ok]).float().mean() * 100)
+        return acc
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_model
+
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "recognizer.json").write_text(json.dumps({"size": list(self.net.size), "width": self.net.features[0].out_channels,
+                                                          "heads": HEADS, "accuracy": self.accuracy}, indent=1))
+        tmp = path / "recognizer.safetensors.tmp"
+        save_model(self.net, str(tmp))
+        tmp.replace(path / "recognizer.safetensors")
+
+    @classmethod
+    def load(cls, path: Path) -> "AttributeRecognizer":
+        from safetensors.torch import load_model
+
+        path = Path(path)
+        meta_file, weights = path / "recognizer.json", path / "recognizer.safetensors"
+        if not weights.is_file() or not meta_file.is_file():
+            raise FileNotFoundError(f"no trained recognizer in {path} (expected recognizer.json and recognizer.safetensors)")
+        meta = json.loads(meta_file.read_text())
+        if meta["heads"] != HEADS:
+            raise ValueError(f"{path}: recognizer was trained for other attribute heads; retrain it")
+        net = RecognizerNet(tuple(meta["size"]), meta["width"])
+        load_model(net, str(weights))
+        return cls(net, meta.get("accuracy"))
+
+
+def trained_recognizer(scale: str = "small", seed: int = 0, progress: bool = True) -> AttributeRecognizer:
+    """The recognizer for ``(scale, seed)``, trained and cached on first use."""
+    import hashlib
+    from dataclasses import asdict
+
+    cfg = RECOGNIZER_CONFIGS[get_scale(scale).name]
+    tag = hashlib.sha1(json.dumps([asdict(cfg), HEADS, 1], sort_keys=True).encode()).hexdigest()[:8]
+    path = cache_dir() / "models" / f"recognizer-{scale}-seed{seed}-{tag}"
+    if (path / "recognizer.safetensors").is_file():
+        return AttributeRecognizer.load(path)
+    rec = AttributeRecognizer.train(scale, seed, progress)
+    rec.save(path)
+    return rec
+
+
+# =============================================================================================
+@dataclass(frozen=True)
+class Noise:
+    """Error injection for answers: each answer independently contradicts the image (a wrong value),
+    hallucinates an extra item the image does not show, or repeats the previous answer."""
+
+    contradiction: float = 0.0
+    hallucination: float = 0.0
+    repetition: float = 0.0
+
+    def __post_init__(self):
+        for k in ("contradiction", "hallucination", "repetition"):
+            v = getattr(self, k)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"Noise.{k} must lie in [0, 1], got {v!r}")
+        if self.contradiction + self.hallucination + self.repetition > 1.0:
+            raise ValueError("Noise rates must sum to at most 1")
+
+
+_GROUP_SLOTS_ANSWERED = {"upper": ["upper_type", "upper_color"], "lower": ["lower_type", "lower_color"],
+                         "shoes": ["shoes_type", "shoes_color"], "hair": ["hair_color", "hair_style"], "hat": ["hat"],
+                         "bag": ["bag"], "held": ["held"], "accessory": ["accessory"], "gender": ["gender"], "age": ["age"]}
+
+
+class MiniVLM(VisionLanguageModel):
+    """The mini MLLM: sees through an :class:`AttributeRecognizer`, speaks the world's language."""
+
+    name = "mini-vlm"
+
+    def __init__(self, recognizer: AttributeRecognizer, noise: Noise = Noise(), seed: int = 0, judge_threshold: float = 0.5):
+        super().__init__()
+        self.recognizer, self.noise = recognizer, noise
+        self.rng = np.random.default_rng(seed)
+        self.judge_threshold = judge_threshold
+        self._last_answer: str | None = None
+
+    # -- what it sees --------------------------------------------------------------------------
+    def perceive(self, images) -> list[tuple[Person, State, dict]]:
+        """For each image: the person and viewpoint it believes it sees, and the head probabilities."""
+        from .base import _images
+
+        probs = self.recognizer.predict(_images(images))
+        out = []
+        for i in range(len(probs["gender"])):
+            p = {h: probs[h][i] for h in HEADS}
+            val = {h: HEADS[h][int(p[h].argmax())] for h in HEADS}
+            person = Person(pid=-1, **{k: val[k] for k in Person.__dataclass_fields__ if k not in ("pid", "shade")})
+            out.append((person, State(view=val["view"], pose=val["pose"], scene=val["scene"]), p))
+        return out
+
+    def claim_probability(self, probs: dict, claims: dict[str, str]) -> float:
+        """Mean probability the recognizer gives to each claim it can check (1.0 if none)."""
+        ps = [float(probs[s][HEADS[s].index(v)]) for s, v in claims.items() if s in HEADS and v in HEADS[s]]
+        return float(np.mean(ps)) if ps else 1.0
+
+    # -- the interface -------------------------------------------------------------------------
+    def _answer(self, images, questions):
+        from ..world import language
+
+        seen = self.perceive(images)
+        out = []
+        for (person, state, probs), q in zip(seen, questions):
+            groups = grammar.question_groups(q)
+            if groups == ["describe"]:
+                out.append(self._describe_one(person, state, probs, 4))
+                continue
+            if not groups:
+                out.append("I cannot tell that from the image.")
+                continue
+            r = self.rng.random()
+            n = self.noise
+            if r < n.repetition and self._last_answer is not None:
+                out.append(self._last_answer)
+                continue
+            p = person
+            if r < n.repetition + n.contradiction:
+                p = self._contradict(person, groups)
+            parts = []
+            for g in groups:
+                if g == "gender":
+                    parts.append(f"The person is a {p.gender}.")
+                elif g == "age":
+                    parts.append(f"{p.pronoun.capitalize()} looks {'middle-aged' if p.age == 'adult' else p.age}.")
+                else:
+                    parts.append(language.answer(p, state, g, self.rng))
+            if n.repetition + n.contradiction <= r < n.repetition + n.contradiction + n.hallucination:
+                parts.append(self._hallucinate(person, groups))
+            text = " ".join(parts)
+            self._last_answer = text
+            out.append(text)
+        return out
+
+    def _contradict(self, person: Person, groups: list[str]) -> Person:
+        g = groups[int(self.rng.integers(len(groups)))]
+        slot = _GROUP_SLOTS_ANSWERED.get(g, [g])[-1]
+        if slot == "hair_style" and person.hair_style == "bald":
+            return person.replace(hair_style="short")
+        choices = [v for v in SLOT_VALUES[slot] if v != getattr(person, slot) and not (slot == "lower_type" and v == "skirt")]
+        return person.replace(**{slot: str(self.rng.choice(choices))})
+
+    def _hallucinate(self, person: Person, asked: list[str]) -> str:
+        from ..world.language import BAG_WORDS, HAT_WORDS, HELD_WORDS
+
+        pron = person.pronoun.capitalize()
+        options = []
+        if person.held == "none":
+            options.append(f"{pron} is also holding a {str(self.rng.choice([h for h in HELD_WORDS]))}.")
+        if person.hat == "none":
+            options.append(f"{pron} is also wearing a {str(self.rng.choice(SLOT_VALUES['hat_color']))} {str(self.rng.choice(list(HAT_WORDS)))}.")
+        if person.bag == "none":
+            options.append(f"{pron} is also carrying a {str(self.rng.choice(list(BAG_WORDS)))}.")
+        options = options or [f"{pron} is also wearing glasses."]
+        return options[int(self.rng.integers(len(options)))]
+
+    def _describe_one(self, person: Person, state: State, probs: dict, k: int) -> str:
+        from ..world.attributes import visible_slots
+        from ..world.language import SALIENCE
+
+        vis = set(visible_slots(person, state.view))
+        groups = [g for g in ("upper", "lower", "shoes", "hair", "hat", "bag", "held", "accessory")
+                  if any(s in vis for s in grammar.GROUPS[g])]
+        w = np.array([SALIENCE["rstpreid"][g] for g in groups])
+        pick = set(self.rng.choice(groups, size=min(k, len(groups)), replace=False, p=w / w.sum()).tolist())
+        slots = {"gender"} | {s for g in pick for s in grammar.GROUPS[g] if s in vis or s.endswith("_color")}
+        claims = {s: getattr(person, s) for s in slots if hasattr(person, s)}
+        claims = {s: v for s, v in claims.items() if v not in ("none", "plain") or s in ("hat", "bag", "held")}
+        if claims.get("hat") == "none":
+            claims.pop("hat_color", None)
+        if claims.get("bag") == "none":
+            claims.pop("bag_color", None)
+        return grammar.render_claims(claims, self.rng)
+
+    def _describe(self, images, instructions):
+        seen = self.perceive(images)
+        out = []
+        for (person, state, probs), ins in zip(seen, instructions):
+            thorough = bool(re.search(r"detail|all |every|thorough|template", ins.lower()))
+            out.append(self._describe_one(person, state, probs, 6 if thorough else 3))
+        return out
+
+    def _judge(self, images, texts):
+        seen = self.perceive(images)
+        return [self.claim_probability(probs, grammar.parse_claims(t)) >= self.judge_threshold for (_, _, probs), t in zip(seen, texts)]
+
+    def _score(self, images, criterion, texts, references):
+        kind = _criterion_kind(criterion)
+        seen = self.perceive(images)
+        refs = self.perceive(references) if references[0] is not None else [None] * len(seen)
+        out = []
+        for (person, state, probs), text, ref in zip(seen, texts, refs):
+            if kind == "alignment":
+                if text is None:
+                    raise ValueError(f"criterion {criterion!r} scores image-text alignment: pass texts")
+                s = self.claim_probability(probs, grammar.parse_claims(text))
+            elif kind == "quality":  # how sure the recognizer is of what it sees: blurred or broken images score low
+                s = float(np.mean([float(probs[h].max()) for h in IDENTITY + OUTFIT]))
+                s = (s - 0.5) / 0.5
+            elif kind in ("identity", "variation"):
+                if ref is None:
+                    raise ValueError(f"criterion {criterion!r} compares two images: pass references")
+                rp = ref[2]
+                if kind == "identity":
+                    s = float(np.mean([float((probs[h] * rp[h]).sum()) for h in IDENTITY + OUTFIT]))
+                else:
+                    s = float(np.mean([1 - float((probs[h] * rp[h]).sum()) for h in ("view", "pose", "scene", "held", "bag")]))
+                    s = min(1.0, 2.5 * s)
+            else:  # relevance: the edit's claims hold in the target and not all of them in the reference
+                if text is None or ref is None:
+                    raise ValueError(f"criterion {criterion!r} needs texts (the relative caption) and references")
+                claims = grammar.parse_claims(text)
+                s = self.claim_probability(probs, claims) * (1 - 0.5 * self.claim_probability(ref[2], claims))
+            out.append(int(np.clip(round(1 + 9 * max(0.0, min(1.0, s))), 1, 10)))
+        return out
+
+
+_KINDS = {
+    "alignment": ["align", "match", "description", "prompt", "tips_seed_alignment", "judge"],
+    "quality": ["quality", "natural", "fidelity", "realism", "artifact"],
+    "identity": ["identity", "same person", "consistent", "consistency"],
+    "variation": ["variation", "differ"],
+    "relevance": ["relevance", "relative caption"],
+}
+
+
+def _criterion_kind(criterion: str) -> str:
+    c = criterion.lower()
+    for kind in ("identity", "variation", "relevance", "alignment", "quality"):
+        if any(k in c for k in _KINDS[kind]):
+            return kind
+    raise ValueError(f"the mini MLLM cannot score {criterion!r}: it scores alignment with a text, image quality, identity "
+                     "consistency or variation between two images, and relevance of a relative caption "
+                     f"(prompt names such as {sorted(n for n in prompts.PROMPTS if n.startswith(('tips_', 'syncpr_')))})")
+
+
+# =============================================================================================
+class MiniLM(LanguageModel):
+    """The mini language model: the papers' text jobs, done with the world's lexicon and grammar."""
+
+    name = "mini-lm"
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.rng = np.random.default_rng(seed)
+
+    def _generate(self, batch, max_new_tokens):
+        out = []
+        for item in batch:
+            text = item if isinstance(item, str) else next(m["content"] for m in reversed(item) if m.get("role") == "user")
+            p = prompts.identify(text)
+            if p is None:
+                raise ValueError("the mini language model only does the jobs of the project's prompts "
+                                 f"(person_retrieval.assistants.prompts: {sorted(prompts.PROMPTS)}); got: {text[:80]!r}")
+            job = getattr(self, f"_job_{p.name}", None)
+            if job is None:
+                raise ValueError(f"prompt {p.name!r} is not a job for the mini language model (image prompts go to a "
+                                 "vision-language model; templates such as tips_difference_text are only formatted)")
+            out.append(job(text))
+        return out
+
+    # -- rewriting --------------------------------------------------------------------------------
+    def _rewrite(self, text: str) -> str:
+        body = text.split("\n", 1)[1] if "\n" in text else text
+        return grammar.render_claims(grammar.parse_claims(body), self.rng)
+
+    _job_ceca_summary = _rewrite
+    _job_ctgi_reconstruct = _rewrite
+
+    def _job_rephrase(self, text):
+        return grammar.render_claims(grammar.parse_claims(_field(text, "Description")), self.rng)
+
+    def _job_ctgi_aggregate(self, text):
+        q, a = grammar.parse_claims(_field(text, "Query")), grammar.parse_claims(_field(text, "Answers"))
+        return grammar.render_claims({**a, **q}, self.rng)
+
+    # -- DiaNA's dialogue-round categorisation ---------------------------------------------------
+    def _job_diana_categorize(self, text):
+        tail = text.split("Now classify", 1)[1]
+        caps = _field(tail, "- Captions")
+        dia = tail.split("- Dialogue:", 1)[1].split("- Output:", 1)[0]
+        rounds = re.findall(r"Assistant:\s*(.*?)\n\s*User:\s*(.*?)(?=\n\s*Assistant:|\Z)", dia.strip() + "\n", re.S)
+        return ", ".join(categorize_rounds(caps, [(q.strip(), a.strip()) for q, a in rounds]))
+
+    def _job_diana_categorize_last(self, text):
+        return self._job_diana_categorize(text.replace("Now classify only the LAST round", "Now classify")).split(", ")[-1]
+
+    # -- generation of new descriptions -----------------------------------------------------------
+    def _job_syncpr_quadruple(self, text):
+        from ..world.language import edit_person
+
+        lines = text.split("\n")
+        after = next((i for i, ln in enumerate(lines) if ln.startswith("Reverse:")), len(lines) - 1)
+        hint = grammar.parse_claims("\n".join(lines[after + 1:]))
+        person = sample_person(self.rng, -1)
+        person = person.replace(**{k: v for k, v in hint.items() if hasattr(person, k)})
+        target, forward = edit_person(person, self.rng)
+        reverse = relative_change(target, person)
+        ref = grammar.render_claims(_outfit_claims(person), self.rng)
+        tgt = grammar.render_claims(_outfit_claims(target), self.rng)
+        return f"Reference: {ref}\nTarget: {tgt}\nForward: {forward}\nReverse: {reverse}"
+
+    def _job_tips_seed_prompt_zero_shot(self, text):
+        person = sample_person(self.rng, -1)
+        want = grammar.parse_claims(" ".join(_field(text, f"Suggested {k}") for k in ("character", "colour", "clothing")))
+        colour = grammar.parse_claims(_field(text, "Suggested colour") + " shirt").get("upper_color")
+        cloth = grammar.parse_claims(_field(text, "Suggested clothing"))
+        if colour and cloth:  # the suggested colour goes on the suggested garment
+            group = next((k.split("_")[0] for k in cloth if k.endswith("_type")), None)
+            if group:
+                want[f"{group}_color"] = colour
+        person = person.replace(**{k: v for k, v in want.items() if hasattr(person, k)})
+        claims = _outfit_claims(person)
+        keep = {k: v for k, v in claims.items() if k in want or self.rng.random() < 0.6 or k == "gender"}
+        return grammar.render_claims(keep, self.rng)
+
+    def _job_tips_seed_prompt_few_shot(self, text):
+        examples = [grammar.parse_claims(line) for line in text.split("\n")[1:] if line.strip()]
+        if not examples:
+            raise ValueError("the few-shot seed prompt needs example sentences")
+        new: dict[str, str] = {}
+        for g, slots in {**grammar.GROUPS, "gender": ["gender"], "age": ["age"]}.items():
+            having = [e for e in examples if any(s in e for s in slots)]
+            if having:
+                src = having[int(self.rng.integers(len(having)))]
+                new.update({s: src[s] for s in slots if s in src})
+        return grammar.render_claims(new, self.rng)
+
+
+def _field(text: str, name: str) -> str:
+    m = re.search(rf"{re.escape(name)}:\s*(.*)", text)
+    return m.group(1).strip() if m else ""
+
+
+def _outfit_claims(p: Person) -> dict[str, str]:
+    c = {s: getattr(p, s) for s in ["gender", "hair_style", "hair_color", "upper_type", "upper_color", "upper_pattern", "lower_type",
+                                    "lower_color", "shoes_type", "shoes_color", "hat", "hat_color", "bag", "bag_color", "held",
+                                    "accessory"]}
+    for slot, gate in (("hat_color", "hat"), ("bag_color", "bag")):
+        if c[gate] == "none":
+            c.pop(slot)
+    for s in ("hat", "bag", "held", "accessory"):
+        if c[s] == "none":
+            c.pop(s)
+    if c["upper_pattern"] == "plain":
+        c.pop("upper_pattern")
+    return c
+
+
+def relative_change(src: Person, dst: Person) -> str:
+    """A relative caption taking ``src`` to ``dst`` (what the target has that the reference does not)."""
+    a, b = _outfit_claims(src), _outfit_claims(dst)
+    changed = {k: v for k, v in b.items() if a.get(k) != v}
+    parts = []
+    for g in ("upper", "lower", "shoes", "hat", "bag", "held", "accessory"):
+        slots = grammar.GROUPS[g]
+        if any(s in changed for s in slots):
+            parts.append(grammar.render_claims({s: b[s] for s in slots if s in b}).split(" is wearing ", 1)[-1].rstrip(".").removeprefix("A person "))
+        elif any(s in a for s in slots) and not any(s in b for s in slots):
+            parts.append({"hat": "no hat", "bag": "no bag", "held": "empty hands", "accessory": "no accessories"}.get(g, f"no {g}"))
+    return (" and ".join(parts) or "the same outfit").capitalize() + "."
+
+
+def categorize_rounds(captions: str, rounds: list[tuple[str, str]]) -> list[str]:
+    """DiaNA's four categories for each (question, answer) round against the captions' claims."""
+    cap = grammar.parse_claims(captions)
+    said: set = set()
+    out = []
+    for q, a in rounds:
+        claims = grammar.parse_claims(a)
+        groups = grammar.claimed_groups(claims) or set(grammar.question_groups(q)) - {"describe"}
+        if any(cap.get(s) not in (None, v) for s, v in claims.items()):
+            out.append("Contradictory")
+        elif groups and groups <= said:
+            out.append("Repeated")
+        elif any(s not in cap and v != "none" for s, v in claims.items() if s != "gender"):
+            out.append("Hallucinatory")
+        else:
+            out.append("Matched")
+        said |= groups
+    return out
