@@ -130,7 +130,7 @@ for d in datasets:
 # **Target for the classroom scale: IRRA's R1 on the CUHK-PEDES style between 30 and 75**, hard enough to
 # leave the later papers room, easy enough to learn. Checked here; where it misses, the oracle below says
 # whether the world or the model is to blame. (At scale small on a 2-core CPU the mini CLIP is short of
-# training: the same code with 24 pretraining epochs on a GPU instead of 7 reached R1 26.1. The
+# training: the same code with 24 pretraining epochs on a GPU instead of 6 reached R1 26.1. The
 # retrieval-core issue's closing note has the measurements.)
 
 # %%
