@@ -62,6 +62,8 @@ def test_claims_round_trip_through_a_sentence_and_negations():
     (P.CECA_QUESTIONS["Q4"], ["shoes"]), (P.CECA_QUESTIONS["Q5"], ["held"]), ("Is the person riding the bicycle?", []),
     ("What is the person wearing in the picture?", ["upper", "lower", "shoes"]), ("Please describe the person you saw.", ["describe"]),
     ("Does she have anything on her head?", ["hat"]), ("What color are his trainers?", ["shoes"]),
+    ("Is the person wearing a hat?", ["hat"]), ("Is the person wearing glasses, a scarf or a mask?", ["accessory"]),
+    ("Can you detail the clothing and accessories of the person?", ["upper", "lower", "shoes", "accessory"]),
 ])
 def test_question_groups(q, groups):
     assert grammar.question_groups(q) == groups

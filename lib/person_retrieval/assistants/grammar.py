@@ -165,7 +165,8 @@ def question_groups(question: str) -> list[str]:
     groups = [g for _, g in sorted(hits)]
     if not groups and any(k in q for k in _DESCRIBE):
         return ["describe"]
-    if any(k in q for k in _GENERIC) and set(groups) <= {"accessory", "hat", "bag", "held"}:
+    outfit_words = [k for k in _GENERIC if k != "wearing"]  # "wearing a hat?" asks about the hat alone
+    if (any(k in q for k in outfit_words) and set(groups) <= {"accessory", "hat", "bag", "held"}) or (not groups and "wearing" in q):
         return ["upper", "lower", "shoes"] + groups
     if groups == ["hat"] and "head" in q and "hat" not in q and "cap" not in q:
         return ["hat"]

@@ -1,0 +1,1 @@
+"""The papers' pipelines, built on the assistants and the retrieval models (one module per paper)."""
