@@ -192,7 +192,6 @@ def render_claims(claims: dict[str, str], rng: np.random.Generator | None = None
     noun = _form(GENDER_WORDS, c["gender"], rng) if c.get("gender") in GENDER_WORDS else "person"
     if c.get("age") in AGE_WORDS:
         noun = f"{_form(AGE_WORDS, c['age'], rng)} {noun}"
-    pron = {"man": "he", "woman": "she"}.get(c.get("gender", ""), "they")
     lead = _a(noun)
     hair = []
     if c.get("hair_style") == "bald":
@@ -236,9 +235,8 @@ def render_claims(claims: dict[str, str], rng: np.random.Generator | None = None
         extra.append("wearing " + (w if w in PLURAL_NOUNS else _a(w)))
     s = lead + (" is wearing " + _join(wear) if wear else "")
     if extra:
-        s += (", " if wear else " ") + _join(extra) if not wear else ", " + _join(extra)
-    out = s[0].upper() + s[1:] + "."
-    return out.replace(" is wearing no hat", " wearing no hat") if pron else out
+        s += (", " if wear else " ") + _join(extra)
+    return s[0].upper() + s[1:] + "."
 
 
 def _join(items: list[str]) -> str:

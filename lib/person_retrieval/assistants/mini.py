@@ -293,7 +293,7 @@ class MiniVLM(VisionLanguageModel):
         for (person, state, probs), q in zip(seen, questions):
             groups = grammar.question_groups(q)
             if groups == ["describe"]:
-                out.append(self._describe_one(person, state, probs, 4))
+                out.append(self._describe_one(person, state, 4))
                 continue
             if not groups:
                 out.append("I cannot tell that from the image.")
@@ -343,7 +343,7 @@ class MiniVLM(VisionLanguageModel):
         options = options or [f"{pron} is also wearing glasses."]
         return options[int(self.rng.integers(len(options)))]
 
-    def _describe_one(self, person: Person, state: State, probs: dict, k: int) -> str:
+    def _describe_one(self, person: Person, state: State, k: int) -> str:
         from ..world.attributes import visible_slots
         from ..world.language import SALIENCE
 
@@ -364,9 +364,9 @@ class MiniVLM(VisionLanguageModel):
     def _describe(self, images, instructions):
         seen = self.perceive(images)
         out = []
-        for (person, state, probs), ins in zip(seen, instructions):
+        for (person, state, _), ins in zip(seen, instructions):
             thorough = bool(re.search(r"detail|all |every|thorough|template", ins.lower()))
-            out.append(self._describe_one(person, state, probs, 6 if thorough else 3))
+            out.append(self._describe_one(person, state, 6 if thorough else 3))
         return out
 
     def _judge(self, images, texts):
