@@ -37,3 +37,17 @@ def test_scales_and_streams():
         get_scale("medium")
     a, b = rng_for(0, "x").random(3), rng_for(0, "x").random(3)
     assert (a == b).all() and not (a == rng_for(0, "y").random(3)).all()
+
+
+def test_check_seeds_and_model_names():
+    from person_retrieval.config import check_model_name, check_seeds
+
+    assert check_seeds("seeds", [0, 1, 2]) == [0, 1, 2] and check_seeds("seeds", (3,)) == [3]
+    assert check_seeds("seeds", "[0, 1]") == check_seeds("seeds", "0,1") == check_seeds("seeds", "0 1") == [0, 1]  # papermill -p
+    for bad, msg in (("zero", "must be a list"), ("[0, x]", "must be a list"), ([], "non-empty list"), ([0, -1], "non-negative"), ([0, 0], "repeats a seed"),
+                     ([True], "non-negative integers"), (1, "must be a list")):
+        with pytest.raises(ValueError, match=msg):
+            check_seeds("seeds", bad)
+    assert check_model_name("vlm", None) is None and check_model_name("vlm", "Qwen/Qwen2-VL-7B-Instruct") == "Qwen/Qwen2-VL-7B-Instruct"
+    with pytest.raises(ValueError, match="parameter 'vlm' must be None"):
+        check_model_name("vlm", 7)

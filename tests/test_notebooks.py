@@ -30,7 +30,8 @@ def test_notebooks_have_no_outputs_and_a_parameters_cell():
 
 # Extra parameters per notebook: notebook 01 runs its training through DistributedDataParallel over two
 # gloo processes, as `papermill notebooks/01_tpr_baselines.ipynb out.ipynb -p scale tiny -p gpus 2` does.
-EXTRA = {"01_tpr_baselines": {"gpus": 2}}
+# Notebook 07 repeats its experiment over two seeds (the spread needs more than one).
+EXTRA = {"01_tpr_baselines": {"gpus": 2}, "07_ctgi": {"seeds": [0, 1]}}
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -47,4 +48,13 @@ def test_bad_parameter_type_through_papermill_names_it(tmp_path):
 
     with pytest.raises(pm.PapermillExecutionError, match="parameter 'gpus' must be a non-negative integer"):
         pm.execute_notebook(str(NOTEBOOKS[0]), str(tmp_path / "bad.ipynb"), parameters={"scale": "tiny", "gpus": "two"},
+                            kernel_name="python3", progress_bar=False)
+
+
+def test_bad_seeds_through_papermill_names_it(tmp_path):
+    import papermill as pm
+
+    nb = next(p for p in NOTEBOOKS if p.stem == "07_ctgi")
+    with pytest.raises(pm.PapermillExecutionError, match="parameter 'seeds' must be a list"):
+        pm.execute_notebook(str(nb), str(tmp_path / "bad.ipynb"), parameters={"scale": "tiny", "seeds": "zero"},
                             kernel_name="python3", progress_bar=False)

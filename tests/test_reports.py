@@ -21,3 +21,24 @@ def test_save_table_requires_provenance_and_writes_both_forms(tmp_path, monkeypa
     assert "| this run | 12.35 |" in (p.parent / "t.md").read_text()
     # small is the committed scale: no sub-folder
     assert save_table(pd.DataFrame({"source": ["x"]}), "t", "small").parent == tmp_path / "tables"
+
+
+def test_seed_summary_gives_mean_and_spread():
+    import pandas as pd
+
+    from person_retrieval.reports import seed_summary
+
+    df = pd.DataFrame({"seed": [0, 1, 2, 0], "setting": ["a", "a", "a", "b"], "R1": [10.0, 12.0, 14.0, 5.0], "mAP": [1.0, 1.0, 1.0, 2.0]})
+    s = seed_summary(df, ["setting"], metrics=("R1", "mAP")).set_index("setting")
+    assert s.loc["a", "R1"] == 12.0 and s.loc["a", "R1_sd"] == 2.0 and s.loc["a", "seeds"] == 3
+    assert s.loc["b", "R1"] == 5.0 and pd.isna(s.loc["b", "R1_sd"]) and s.loc["a", "mAP_sd"] == 0.0
+    with pytest.raises(ValueError, match="seed"):
+        seed_summary(df.drop(columns="seed"), ["setting"])
+
+
+def test_ctgi_reported_numbers():
+    df = reported("ctgi")
+    ours = df[(df.table == 3) & (df.method == "RDE") & (df.captions == "MTG")].iloc[0]
+    assert (ours.R1, ours.mAP) == (66.35, 51.51) and ours.MTI and ours.PES
+    t4 = df[(df.table == 4) & (df.method == "IRRA")]
+    assert len(t4) == 4 and t4.R1.max() == 64.20

@@ -167,3 +167,28 @@ def check_number(name: str, value, lo=None, hi=None, integer: bool = False):
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"parameter {name!r} must lie in [{lo}, {hi}], got {value!r}")
     return value
+
+
+def check_seeds(name: str, value) -> list[int]:
+    """Validate a list of repeat seeds (``seeds = [0, 1, 2]``), naming the parameter in the error.
+
+    papermill's ``-p seeds "[0, 1]"`` passes a string: "[0, 1]", "0,1" and "0 1" are read as lists."""
+    import re
+
+    if isinstance(value, str) and re.fullmatch(r"\s*\[?\s*\d+(\s*[, ]\s*\d+)*\s*\]?\s*", value):
+        value = [int(v) for v in re.findall(r"\d+", value)]
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"parameter {name!r} must be a list of non-negative integers, got {value!r} ({type(value).__name__})")
+    out = list(value)
+    if not out or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in out):
+        raise ValueError(f"parameter {name!r} must be a non-empty list of non-negative integers, got {value!r}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"parameter {name!r} repeats a seed: {value!r}")
+    return out
+
+
+def check_model_name(name: str, value) -> str | None:
+    """``None`` (the mini model) or a model name or folder (a transformers model), naming the parameter."""
+    if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value).strip()):
+        raise ValueError(f"parameter {name!r} must be None (the mini model) or a model name or folder, got {value!r}")
+    return None if value is None else str(value)

@@ -62,3 +62,15 @@ def save_figure(fig, name: str, scale: str, dpi: int = 120) -> Path:
     path = fdir / f"{name}.png"
     fig.savefig(path, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     return path
+
+
+def seed_summary(df: pd.DataFrame, by: list[str], metrics=("R1", "R5", "R10", "mAP")) -> pd.DataFrame:
+    """Mean and spread over the ``seed`` column: one row per ``by`` group with ``<metric>`` (the mean),
+    ``<metric>_sd`` (the sample standard deviation; empty with one seed) and ``seeds`` (how many)."""
+    if "seed" not in df.columns:
+        raise ValueError("seed_summary needs a 'seed' column")
+    g = df.groupby(by, sort=False, dropna=False)
+    out = g[list(metrics)].mean()
+    sd = g[list(metrics)].std(ddof=1).add_suffix("_sd")
+    cols = [c for m in metrics for c in (m, f"{m}_sd")]
+    return out.join(sd)[cols].assign(seeds=g.seed.nunique()).reset_index()

@@ -145,14 +145,22 @@ def evaluate_retrieval(model: nn.Module, data: RetrievalData, return_similarity:
 # ---------------------------------------------------------------------------------------------
 class _TPRTask:
     """Fine-tune on one TPR dataset's train split; select on its validation split (or, where the dataset
-    has none, as ICFG-PEDES, on ``val_holdout`` of the training identities, held out of training)."""
+    has none, as ICFG-PEDES, on ``val_holdout`` of the training identities, held out of training).
+
+    ``captions`` (a pseudo-caption file, :func:`person_retrieval.pipelines.ctgi.mtg_split`) replaces the
+    manual captions of both, so nothing human-written is read; ``context_length`` above the backbone's
+    stretches its text positions (CTGI's PES)."""
 
     def __init__(self, dataset: str, root: str, scale: str = "small", seed: int = 0, weights: str | None = None,
-                 init: str | None = None, val_holdout: float = 0.1):
+                 init: str | None = None, val_holdout: float = 0.1, captions: str | None = None,
+                 caption_field: str = "caption", context_length: int | None = None):
         if dataset not in TPR_FORMATS:
             raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(TPR_FORMATS)}")
         self.dataset, self.root, self.scale, self.seed = dataset, str(root), scale, seed
         self.weights, self.init, self.val_holdout = weights, init, val_holdout
+        # CTGI: train (and select) on pseudo-captions instead of the manual ones; a longer text context
+        # stretches the positional embedding (PES) before fine-tuning.
+        self.captions, self.caption_field, self.context_length = captions, caption_field, context_length
 
     @cached_property
     def backbone(self) -> Backbone:
@@ -163,14 +171,26 @@ class _TPRTask:
             from .train import load_weights
 
             load_weights(bb, self.init)
+        if self.context_length and self.context_length > bb.context_length:
+            from .models import stretch_text_encoder
+
+            stretch_text_encoder(bb, keep=20, length=self.context_length)
         return bb
+
+    def _load(self, split: str):
+        s = load_split(self.dataset, self.root, split)
+        if self.captions:
+            from .pipelines.ctgi import read_pseudo_captions, with_pseudo_captions
+
+            s = with_pseudo_captions(s, read_pseudo_captions(self.captions), self.caption_field)
+        return s
 
     @cached_property
     def _splits(self) -> tuple[RetrievalData, RetrievalData]:
         bb = self.backbone
-        train = load_split(self.dataset, self.root, "train")
+        train = self._load("train")
         if "val" in TPR_FORMATS[self.dataset].splits:
-            val_split, keep = load_split(self.dataset, self.root, "val"), None
+            val_split, keep = self._load("val"), None
             val = RetrievalData.from_split(val_split, bb.tokenize, bb.image_size)
         else:
             ids = sorted(set(train.image_pids))
@@ -351,9 +371,14 @@ def _config_tag(*parts) -> str:
 
 
 def fit_baseline(method: str, dataset: str, root, scale: str = "small", seed: int = 0, gpus: int = 0,
-                 init: str | None = None, weights: str | None = None, progress: bool = True, **overrides):
+                 init: str | None = None, weights: str | None = None, progress: bool = True,
+                 captions: str | None = None, caption_field: str = "caption", context_length: int | None = None,
+                 **overrides):
     """Fine-tune an IRRA- or RDE-style model on one dataset; runs are cached (and resumed) by method,
-    dataset, scale, seed and configuration under ``.cache/runs/``."""
+    dataset, scale, seed and configuration under ``.cache/runs/``.
+
+    ``captions``: train on a pseudo-caption file instead of the manual captions (CTGI; its content is
+    part of the cache key); ``context_length``: stretch the text positions to this length first (PES)."""
     from .config import cache_dir
     from .train import TaskSpec, TrainConfig, fit
 
@@ -362,7 +387,15 @@ def fit_baseline(method: str, dataset: str, root, scale: str = "small", seed: in
     conf = {**BASELINE_CONFIG["paper" if weights else scale], **overrides}
     conf["lr_mult"] = {name: 5.0 for name in NEW_LAYERS[method]}
     kwargs = dict(dataset=dataset, root=str(root), scale=scale, seed=seed, weights=weights, init=init and str(init))
-    out = cache_dir() / "runs" / f"{method}-{dataset}-{scale}-seed{seed}-{_config_tag(conf, kwargs)}"
+    tag_extra = []
+    if captions is not None:
+        import hashlib
+
+        kwargs.update(captions=str(captions), caption_field=caption_field)
+        tag_extra.append(hashlib.sha1(Path(captions).read_bytes()).hexdigest()[:12])
+    if context_length is not None:
+        kwargs["context_length"] = int(context_length)
+    out = cache_dir() / "runs" / f"{method}-{dataset}-{scale}-seed{seed}-{_config_tag(conf, kwargs, *tag_extra)}"
     cfg = TrainConfig(**conf, gpus=gpus, seed=seed, out_dir=str(out), progress=progress)
     return fit(TaskSpec(METHODS[method], kwargs), cfg)
 

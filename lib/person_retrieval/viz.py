@@ -75,3 +75,49 @@ def heatmaps(tables: dict, fmt: str = "{:.1f}", cmap: str = "viridis"):
                 ax.text(j, i, fmt.format(v[i, j]), ha="center", va="center", color="w" if v[i, j] < np.nanmax(v) * 0.6 else "k", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def captioned_images(images: Sequence, texts: Sequence[str], width: int = 70, title: str | None = None, scale: float = 1.0):
+    """One row per image: the image, and beside it its text (wrapped), for captions and dialogues."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    fig, axes = plt.subplots(n, 2, figsize=(8 * scale, 1.9 * n * scale), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 6]})
+    for (a, b), im, t in zip(axes, images, texts):
+        a.imshow(load_image(im) if isinstance(im, (str, Path)) else im, interpolation="nearest")
+        a.axis("off")
+        b.axis("off")
+        wrapped = "\n".join(textwrap.fill(p, width) for p in t.split("\n"))
+        b.text(0, 0.5, wrapped, va="center", ha="left", fontsize=7, family="monospace")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def ranking_rows(rows: Sequence[dict], k: int = 10, scale: float = 0.9, width: int = 120):
+    """Top-``k`` rankings, one row each: ``{"label", "query", "true" (image), "ranked" (images),
+    "correct" (bools)}``; the true image first, correct matches framed green, others red."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    n = len(rows)
+    fig, axes = plt.subplots(n, k + 1, figsize=((k + 1) * scale, n * scale * 2.6), squeeze=False)
+    for r, row in zip(axes, rows):
+        for j, ax in enumerate(r):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            im = row["true"] if j == 0 else row["ranked"][j - 1]
+            ax.imshow(load_image(im) if isinstance(im, (str, Path)) else im, interpolation="nearest")
+            color = "black" if j == 0 else ("tab:green" if row["correct"][j - 1] else "tab:red")
+            for s in ax.spines.values():
+                s.set_edgecolor(color)
+                s.set_linewidth(2.5 if j else 1)
+        r[0].set_title("target", fontsize=7)
+        r[1].set_title(textwrap.fill(f"{row['label']}: {row['query']}", width), fontsize=6.5, loc="left")
+    fig.tight_layout()
+    return fig

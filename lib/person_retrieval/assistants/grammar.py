@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import numpy as np
 
@@ -64,6 +65,15 @@ def _chunks(words: list[str]) -> list[str]:
 def parse_claims(text: str) -> dict[str, str]:
     """The attribute claims a text makes (later claims win). Absence ("no hat", "without a bag", "hands
     are empty") is the claim ``"none"``; hidden ("cannot see") claims nothing."""
+    return dict(_parse_claims(text))  # a fresh dict each call: callers may edit it
+
+
+@lru_cache(maxsize=65536)  # re-ranking asks about the same query text again and again
+def _parse_claims(text: str) -> tuple:
+    return tuple(_parse_claims_uncached(text).items())
+
+
+def _parse_claims_uncached(text: str) -> dict[str, str]:
     toks = _chunks(_words(text))
     claims: dict[str, str] = {}
     clause_start = 0
@@ -154,6 +164,15 @@ def question_groups(question: str) -> list[str]:
     """The attribute groups a question asks about, in the order asked (empty: not about a person's
     attributes). "What is the person wearing?" asks about the whole outfit; "describe the person" about
     everything (``["describe"]``)."""
+    return list(_question_groups(question))
+
+
+@lru_cache(maxsize=4096)
+def _question_groups(question: str) -> tuple:
+    return tuple(_question_groups_uncached(question))
+
+
+def _question_groups_uncached(question: str) -> list[str]:
     q = " " + question.lower() + " "
     hits = []
     for g, pats in _KW_RE.items():

@@ -264,20 +264,34 @@ class MiniVLM(VisionLanguageModel):
         self.rng = np.random.default_rng(seed)
         self.judge_threshold = judge_threshold
         self._last_answer: str | None = None
+        self._memo: dict[bytes, tuple[Person, State, dict]] = {}
 
     # -- what it sees --------------------------------------------------------------------------
+    #: How many images' perceptions are remembered. Re-ranking asks about the same gallery images again
+    #: and again (MTI confirms up to 20 candidates per query), and a real MLLM server caches the image
+    #: encoding the same way; the answers are the same with or without the memo.
+    memo_size = 50_000
+
     def perceive(self, images) -> list[tuple[Person, State, dict]]:
         """For each image: the person and viewpoint it believes it sees, and the head probabilities."""
+        import hashlib
+
         from .base import _images
 
-        probs = self.recognizer.predict(_images(images))
-        out = []
-        for i in range(len(probs["gender"])):
-            p = {h: probs[h][i] for h in HEADS}
-            val = {h: HEADS[h][int(p[h].argmax())] for h in HEADS}
-            person = Person(pid=-1, **{k: val[k] for k in Person.__dataclass_fields__ if k not in ("pid", "shade")})
-            out.append((person, State(view=val["view"], pose=val["pose"], scene=val["scene"]), p))
-        return out
+        ims = _images(images)
+        keys = [hashlib.blake2b(im if im.flags.c_contiguous else np.ascontiguousarray(im), digest_size=16,
+                                person=str(im.shape).encode()[:16]).digest() for im in ims]
+        todo = {k: im for k, im in zip(keys, ims) if k not in self._memo}
+        if todo:
+            if len(self._memo) + len(todo) > self.memo_size:
+                self._memo.clear()
+            probs = {h: v.numpy() for h, v in self.recognizer.predict(list(todo.values())).items()}
+            for i, k in enumerate(todo):
+                p = {h: probs[h][i] for h in HEADS}
+                val = {h: HEADS[h][int(p[h].argmax())] for h in HEADS}
+                person = Person(pid=-1, **{k: val[k] for k in Person.__dataclass_fields__ if k not in ("pid", "shade")})
+                self._memo[k] = (person, State(view=val["view"], pose=val["pose"], scene=val["scene"]), p)
+        return [self._memo[k] for k in keys]
 
     def claim_probability(self, probs: dict, claims: dict[str, str]) -> float:
         """Mean probability the recognizer gives to each claim it can check (1.0 if none)."""

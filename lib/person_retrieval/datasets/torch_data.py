@@ -5,6 +5,8 @@ to decode JPEGs every epoch; real 384x128 data streams the same way with more me
 """
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -18,8 +20,29 @@ CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
 
 
+#: Decoded splits kept in memory, newest last, up to this many bytes: notebook 07 fine-tunes a dozen
+#: models on the same images, and decoding a split's JPEGs costs seconds each time.
+IMAGE_MEMO_BYTES = 2 * 1024**3
+_image_memo: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+
+
 def load_images(paths: Sequence[str], size: tuple[int, int], progress: bool = False) -> torch.Tensor:
-    """Decode images into a ``(N, 3, H, W)`` uint8 tensor at ``size = (H, W)`` (bicubic resize if needed)."""
+    """Decode images into a ``(N, 3, H, W)`` uint8 tensor at ``size = (H, W)`` (bicubic resize if needed).
+
+    The same files (same paths and modification times) at the same size are decoded once per process;
+    the tensor returned is then shared, so treat it as read-only."""
+    key = (tuple(str(p) for p in paths), tuple(size), tuple(os.stat(p).st_mtime_ns for p in paths))
+    if key in _image_memo:
+        _image_memo.move_to_end(key)
+        return _image_memo[key]
+    out = _decode_images(paths, size, progress)
+    _image_memo[key] = out
+    while sum(t.numel() for t in _image_memo.values()) > IMAGE_MEMO_BYTES and len(_image_memo) > 1:
+        _image_memo.popitem(last=False)
+    return out
+
+
+def _decode_images(paths: Sequence[str], size: tuple[int, int], progress: bool = False) -> torch.Tensor:
     from PIL import Image
 
     h, w = size

@@ -72,6 +72,170 @@ def mtg_captions(images, vlm: VisionLanguageModel, lm: LanguageModel, rounds: in
     return out
 
 
+def read_pseudo_captions(path) -> dict:
+    """A pseudo-caption file: ``{image path relative to its dataset root: {"initial", "caption", "qa"}}``."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"pseudo-caption file {p} does not exist (write it with person_retrieval.pipelines.ctgi.mtg_split)")
+    data = json.loads(p.read_text())
+    if not isinstance(data, dict) or any(not isinstance(v, dict) or "caption" not in v or "initial" not in v for v in data.values()):
+        raise ValueError(f"{p}: expected an object mapping image paths to {{'initial', 'caption', 'qa'}} records")
+    return data
+
+
+def mtg_split(splits, vlm: VisionLanguageModel, lm: LanguageModel, out_file, rounds: int = 6, seed: int = 0,
+              batch: int = 256, progress: bool = True) -> dict:
+    """MTG pseudo-captions for every image of one or more :class:`~person_retrieval.datasets.TPRSplit`
+    (a dataset's train and validation splits), written to ``out_file`` (JSON, keyed by image path relative
+    to the dataset root) and read back from it when it exists. The splits' manual captions are never read."""
+    import os
+    from pathlib import Path
+
+    from PIL import Image
+
+    from ..datasets.formats import write_json_atomic
+
+    out = Path(out_file)
+    if out.is_file():
+        return read_pseudo_captions(out)
+    splits = [splits] if hasattr(splits, "image_paths") else list(splits)
+    keys, images = [], []
+    for split in splits:
+        for p in split.image_paths:
+            keys.append(os.path.relpath(p, split.root))
+            with Image.open(p) as im:
+                images.append(np.asarray(im.convert("RGB")))
+    res = mtg_captions(images, vlm, lm, rounds=rounds, seed=seed, batch=batch, progress=progress)
+    data = {k: {"initial": r.initial, "caption": r.caption, "qa": [list(x) for x in r.qa]} for k, r in zip(keys, res)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, data)
+    return data
+
+
+def with_pseudo_captions(split, captions: dict, field: str = "caption"):
+    """A copy of ``split`` whose captions are the pseudo-captions (one per image, ``field`` "caption" for
+    MTG's T_e or "initial" for the single-turn T_s) instead of the manual ones."""
+    import os
+    from dataclasses import replace
+
+    if field not in ("caption", "initial"):
+        raise ValueError(f"field must be 'caption' (MTG) or 'initial' (single-turn), got {field!r}")
+    texts = []
+    for p in split.image_paths:
+        key = os.path.relpath(p, split.root)
+        if key not in captions:
+            raise KeyError(f"no pseudo-caption for image {key!r} of {split.name}/{split.split}; regenerate the caption file")
+        texts.append(captions[key][field])
+    n = len(split.image_paths)
+    return replace(split, captions=texts, caption_pids=list(split.image_pids), caption_image_ids=list(range(n)))
+
+
+@dataclass
+class MTIBatch:
+    """MTI over many queries at once. Keeps both score matrices, so the fused ranking for any lambda
+    (eq. 7) is one line: :meth:`scores`."""
+
+    base: torch.Tensor  # S_q, (Q, G)
+    refined_scores: torch.Tensor  # S_q_hat where a query was refined, else S_q, (Q, G)
+    anchor: list  # gallery index of each query's anchor, or None
+    refined: list  # q_hat, or None where there was no refinement
+    early_exit: torch.Tensor  # (Q,) bool: top-1 above xi and confirmed: left as it was
+    vlm_calls: torch.Tensor  # (Q,) MLLM calls each query made (confirmations + diagnostic questions)
+    llm_calls: torch.Tensor  # (Q,) reconstructor calls (0 or 1)
+    seconds: float  # wall time for the whole batch
+
+    def scores(self, lam: float = 0.5) -> torch.Tensor:
+        """``S = lam * S_q + (1 - lam) * S_q_hat``, with each refined query's anchor set to 1 (eq. 7)."""
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must lie in [0, 1], got {lam}")
+        out = lam * self.base + (1 - lam) * self.refined_scores
+        for q, (a, r) in enumerate(zip(self.anchor, self.refined)):
+            if r is not None:
+                out[q, a] = 1.0
+        return out
+
+    @property
+    def refined_mask(self) -> torch.Tensor:
+        return torch.tensor([r is not None for r in self.refined])
+
+    def cost(self) -> dict:
+        """Per-query cost: mean MLLM and reconstructor calls, seconds, and how often each outcome occurred."""
+        n = len(self.anchor)
+        return {"queries": n, "MLLM calls / query": float(self.vlm_calls.float().mean()),
+                "LLM calls / query": float(self.llm_calls.float().mean()), "ms / query": 1000 * self.seconds / max(n, 1),
+                "early exit %": 100 * float(self.early_exit.float().mean()),
+                "refined %": 100 * float(self.refined_mask.float().mean()),
+                "no anchor %": 100 * sum(a is None for a in self.anchor) / max(n, 1)}
+
+
+def mti_rerank_batch(queries: Sequence[str], scores: torch.Tensor, gallery_images, vlm: VisionLanguageModel,
+                     lm: LanguageModel, text_scores: Callable[[list], torch.Tensor], top_k: int = 20, xi: float = 0.85,
+                     progress: bool = False) -> MTIBatch:
+    """MTI for every query (row of ``scores``, cosine similarities to the gallery).
+
+    Each query's steps are exactly the sequential algorithm's: candidates are confirmed in rank order,
+    the first "yes" is the anchor (the rank-1 confirmation doubles as the early-exit check when its
+    similarity passes ``xi``), diagnostic questions go to the anchor about the groups the query leaves
+    out, and the reconstructor merges the answers into ``q_hat``. Calls are batched across queries: round
+    ``r`` asks about the ``r``-th candidate of every query still without an anchor. ``text_scores(texts)``
+    gives the refined queries' similarities to the same gallery, ``(len(texts), G)``."""
+    if scores.ndim != 2 or scores.shape[0] != len(queries):
+        raise ValueError(f"scores must be (queries, gallery) = ({len(queries)}, G), got {tuple(scores.shape)}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    t = time.perf_counter()
+    Q = len(queries)
+    k = min(top_k, scores.shape[1])
+    order = scores.topk(k, dim=1).indices
+    vlm_calls = torch.zeros(Q, dtype=torch.long)
+    llm_calls = torch.zeros(Q, dtype=torch.long)
+    early = torch.zeros(Q, dtype=torch.bool)
+    anchor: list = [None] * Q
+    searching = list(range(Q))
+    rounds = range(k)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rounds = tqdm(rounds, desc="MTI anchor search", leave=False)
+    for r in rounds:  # step 1: anchor identification, in rank order
+        if not searching:
+            break
+        cand = [int(order[q, r]) for q in searching]
+        ok = vlm.judge([gallery_images[c] for c in cand], [queries[q] for q in searching])
+        vlm_calls[searching] += 1
+        still = []
+        for q, c, yes in zip(searching, cand, ok):
+            if not yes:
+                still.append(q)
+                continue
+            anchor[q] = c
+            early[q] = r == 0 and float(scores[q, c]) > xi
+        searching = still
+    refined: list = [None] * Q
+    todo = [q for q in range(Q) if anchor[q] is not None and not early[q]]
+    # step 2: diagnostic questions about what each query leaves out, then the merge (eqs. 5-6)
+    missing = {q: [g for g in prompts.CTGI_DIAGNOSTIC if g not in grammar.claimed_groups(grammar.parse_claims(queries[q]))]
+               for q in todo}
+    flat = [(q, g) for q in todo for g in missing[q]]
+    answers = vlm.answer([gallery_images[anchor[q]] for q, _ in flat], [prompts.CTGI_DIAGNOSTIC[g] for _, g in flat]) if flat else []
+    per_query: dict = {q: [] for q in todo}
+    for (q, _), a in zip(flat, answers):
+        per_query[q].append(a)
+        vlm_calls[q] += 1
+    if todo:
+        jobs = [prompts.CTGI_AGGREGATE.format(query=queries[q], answers=" ".join(per_query[q])) for q in todo]
+        for q, text in zip(todo, lm.generate(jobs)):
+            refined[q] = text
+            llm_calls[q] += 1
+    refined_scores = scores.clone()
+    if todo:  # step 3's second term: the refined queries' similarities
+        refined_scores[todo] = text_scores([refined[q] for q in todo]).to(scores.dtype)
+    return MTIBatch(scores, refined_scores, anchor, refined, early, vlm_calls, llm_calls, time.perf_counter() - t)
+
+
 @dataclass
 class MTIResult:
     scores: torch.Tensor  # the re-ranked scores over the gallery
@@ -85,33 +249,120 @@ class MTIResult:
 
 def mti_rerank(query: str, scores: torch.Tensor, gallery_images, vlm: VisionLanguageModel, lm: LanguageModel,
                text_scores: Callable[[str], torch.Tensor], top_k: int = 20, lam: float = 0.5, xi: float = 0.85) -> MTIResult:
-    """Re-rank one query's gallery ``scores`` (cosine similarities) with MTI.
-
-    ``text_scores(text)`` gives a text's similarities to the same gallery (the retrieval model's text
-    encoder against the cached gallery embeddings)."""
+    """Re-rank one query's gallery ``scores`` (cosine similarities) with MTI (:func:`mti_rerank_batch`
+    for one query). ``text_scores(text)`` gives a text's similarities to the same gallery."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must lie in [0, 1], got {lam}")
-    t = time.perf_counter()
-    v0, l0 = vlm.usage.total_items(), lm.usage.total_items()
-    order = scores.argsort(descending=True)[:top_k].tolist()
+    b = mti_rerank_batch([query], scores.unsqueeze(0), gallery_images, vlm, lm,
+                         lambda texts: torch.stack([text_scores(x) for x in texts]), top_k=top_k, xi=xi)
+    return MTIResult(b.scores(lam)[0], b.anchor[0], b.refined[0], bool(b.early_exit[0]), int(b.vlm_calls[0]),
+                     int(b.llm_calls[0]), b.seconds)
 
-    def done(new, anchor=None, refined=None, early=False):
-        return MTIResult(new, anchor, refined, early, vlm.usage.total_items() - v0, lm.usage.total_items() - l0,
-                         time.perf_counter() - t)
 
-    if float(scores[order[0]]) > xi and vlm.judge([gallery_images[order[0]]], query)[0]:
-        return done(scores.clone(), order[0], None, True)
-    anchor = None
-    for k in order:  # the MLLM confirms candidates in rank order; the first yes is the anchor
-        if vlm.judge([gallery_images[k]], query)[0]:
-            anchor = k
-            break
-    if anchor is None:
-        return done(scores.clone())
-    said = grammar.claimed_groups(grammar.parse_claims(query))
-    missing = [g for g in prompts.CTGI_DIAGNOSTIC if g not in said]
-    answers = vlm.answer([gallery_images[anchor]] * len(missing), [prompts.CTGI_DIAGNOSTIC[g] for g in missing]) if missing else []
-    refined = lm.generate(prompts.CTGI_AGGREGATE.format(query=query, answers=" ".join(answers)))[0]
-    new = lam * scores + (1 - lam) * text_scores(refined).to(scores.dtype)
-    new[anchor] = 1.0
-    return done(new, anchor, refined)
+# =============================================================================================
+# The notebook's experiment (notebook 07): one repeat per seed, every run cached.
+METHOD_LABEL = {"irra": "IRRA", "rde": "RDE"}
+
+
+@dataclass
+class CTGISettings:
+    """What one repeat trains and evaluates. Tables 1-3 need, per style, the single-turn baseline (IRRA*)
+    and MTG+MTI with each method; Table 4 (on ``ablation``) adds MTG alone, and for ``ablation_methods``
+    MTI alone (on a model trained on single-turn captions) and MTG+MTI without PES (text truncated at 77
+    tokens instead of stretched to 248). The default ablates IRRA only, to keep one repeat within 10
+    minutes on a 2-core CPU; ("irra", "rde") adds RDE's two runs (about 90 s)."""
+
+    datasets: tuple = ("cuhk_pedes", "icfg_pedes", "rstpreid")
+    methods: tuple = ("irra", "rde")
+    ablation: str = "rstpreid"
+    ablation_methods: tuple = ("irra",)
+    rounds: int = 6
+    top_k: int = 20
+    lam: float = 0.5
+    xi: float = 0.85
+    context_length: int = 248  # PES; the ablation keeps the backbone's own (77)
+    lams: tuple = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the sweep figure
+
+    def runs(self) -> list[tuple[str, str, str, bool]]:
+        """(method, dataset, captions, PES) of every fine-tuning run of one repeat."""
+        out = []
+        for d in self.datasets:
+            out.append(("irra", d, "single-turn", True))
+            out += [(m, d, "MTG", True) for m in self.methods]
+            if d == self.ablation:
+                out += [(m, d, "single-turn", True) for m in self.ablation_methods if m != "irra"]
+                out += [(m, d, "MTG", False) for m in self.ablation_methods]
+        return out
+
+
+def context_tokens(data, backbone, length: int):
+    """``data`` (a :class:`RetrievalData`) with its captions tokenized for a text context of ``length``
+    (longer captions are cut there, as CLIP's tokenizer does)."""
+    from dataclasses import replace
+
+    return replace(data, tokens=backbone.tokenizer(data.captions, context_length=length))
+
+
+@torch.no_grad()
+def scores_and_scorer(model, data, batch: int = 256):
+    """The query-gallery similarities of ``model`` on ``data``, and ``text_scores(texts)`` that scores
+    new texts (MTI's refined queries) against the same, already encoded, gallery."""
+    from ..tasks import encode
+
+    img, txt = encode(model, data)
+    sim = model.similarity(txt, img)
+    bb = model.backbone
+    dev = next(model.parameters()).device
+
+    @torch.no_grad()
+    def text_scores(texts):
+        out = []
+        for s in range(0, len(texts), batch):
+            t = model.embed_texts(bb.tokenize(list(texts[s: s + batch])).to(dev))
+            out.append(model.similarity({k: v.float().cpu() for k, v in t.items()}, img))
+        return torch.cat(out)
+
+    return sim, text_scores
+
+
+def run_repeat(seed: int, roots: dict, test_sets: dict, vlm: VisionLanguageModel, lm: LanguageModel, caption_dir,
+               settings: CTGISettings = CTGISettings(), scale: str = "small", init=None, weights=None, gpus: int = 0,
+               progress: bool = True):
+    """One repeat of the CTGI experiment: MTG pseudo-captions of every training (and validation) image,
+    the fine-tuning runs of ``settings.runs()``, and their test results with and without MTI.
+
+    ``test_sets[d]`` holds the test split tokenized at ``settings.context_length`` (the manual captions:
+    the users' queries). Returns ``(rows, mti, captions)``: result rows, the :class:`MTIBatch` of each
+    (method, dataset, captions, PES), and the pseudo-captions per dataset."""
+    from pathlib import Path
+
+    from ..datasets import load_split
+    from ..datasets.formats import TPR_FORMATS
+    from ..metrics import retrieval_metrics
+    from ..tasks import fit_baseline
+
+    s = settings
+    rows, mti, captions, files = [], {}, {}, {}
+    for d in s.datasets:
+        splits = [load_split(d, roots[d], x) for x in ("train", "val") if x in TPR_FORMATS[d].splits]
+        files[d] = Path(caption_dir) / f"{d}-seed{seed}-rounds{s.rounds}.json"
+        captions[d] = mtg_split(splits, vlm, lm, files[d], rounds=s.rounds, seed=seed, progress=progress)
+    for method, d, caps, pes in s.runs():
+        tag = f"{METHOD_LABEL[method]} on {caps} captions{'' if pes else ', no PES'} ({d})"
+        if progress:
+            print(f"--- seed {seed}: {tag}", flush=True)
+        run = fit_baseline(method, d, roots[d], scale=scale, seed=seed, gpus=gpus, init=init, weights=weights, progress=progress,
+                           captions=str(files[d]), caption_field="caption" if caps == "MTG" else "initial",
+                           context_length=s.context_length if pes else None)
+        model = run.model.eval()
+        data = test_sets[d] if pes else context_tokens(test_sets[d], model.backbone, model.backbone.context_length)
+        sim, text_scores = scores_and_scorer(model, data)
+        base = dict(seed=seed, dataset=d, method=METHOD_LABEL[method], captions=caps, PES=pes)
+        rows.append({**base, "MTI": False, **retrieval_metrics(sim, data.caption_pids, data.image_pids)})
+        wants_mti = caps == "MTG" or d == s.ablation
+        if wants_mti:
+            gallery = data.images.permute(0, 2, 3, 1).contiguous().numpy()  # H x W x 3 arrays, one per image
+            b = mti_rerank_batch(data.captions, sim, gallery, vlm, lm, text_scores, top_k=s.top_k, xi=s.xi, progress=progress)
+            mti[method, d, caps, pes] = b
+            rows.append({**base, "MTI": True, **retrieval_metrics(b.scores(s.lam), data.caption_pids, data.image_pids)})
+    return rows, mti, captions
