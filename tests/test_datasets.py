@@ -174,3 +174,21 @@ def test_syncpr_missing_image(tiny_world, tmp_path):
     (root / first["target_image_path"]).unlink()
     with pytest.raises(DatasetFormatError, match="entry 0 names image"):
         read_syncpr(root)
+
+
+def test_decoded_images_are_reused_until_a_file_changes(tiny_world):
+    import os
+
+    import torch
+
+    from person_retrieval.datasets.torch_data import load_images
+
+    split = load_split("rstpreid", tiny_world["rstpreid"], "test")
+    paths = split.image_paths[:4]
+    a = load_images(paths, (64, 32))
+    assert load_images(paths, (64, 32)) is a  # decoded once
+    assert load_images(paths, (32, 16)) is not a and load_images(paths, (32, 16)).shape[-2:] == (32, 16)
+    st = os.stat(paths[0])
+    os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # the file "changed": decoded again
+    b = load_images(paths, (64, 32))
+    assert b is not a and torch.equal(b, a)
