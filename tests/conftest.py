@@ -10,7 +10,16 @@ _tmp = tempfile.mkdtemp(prefix="pr-tests-")
 os.environ["PR_RESULTS_DIR"] = os.path.join(_tmp, "results")
 os.environ.setdefault("PR_CACHE_DIR", os.path.join(_tmp, "cache"))
 
+import shutil  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove this run's caches and results (about 1.5 GB): a CI disk must not fill up over runs.
+    ``PR_KEEP_TEST_FILES=1`` keeps them for a look after a failure."""
+    if not os.environ.get("PR_KEEP_TEST_FILES"):
+        shutil.rmtree(_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

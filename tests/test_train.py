@@ -138,3 +138,24 @@ def test_fixed_pretraining_temperature_is_not_trained(tmp_path):
     scale = res.model.backbone.logit_scale
     assert not scale.requires_grad and math.isclose(float(scale), math.log(1 / 0.03), rel_tol=1e-6)
     assert math.isclose(res.history[0]["temperature"], 0.03, rel_tol=1e-4)
+
+
+def test_a_failed_checkpoint_write_leaves_nothing_and_names_a_full_disk(tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    from person_retrieval import train
+
+    def failing(p):
+        p.write_bytes(b"half")
+        raise RuntimeError("serialization failed")
+
+    target = tmp_path / "best.safetensors"
+    with pytest.raises(RuntimeError, match="serialization failed"):
+        train._write_atomic(target, failing)  # plenty of space: the original error
+    assert list(tmp_path.iterdir()) == []
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(OSError, match="only 1 MiB free.*PR_CACHE_DIR"):
+        train._write_atomic(target, failing)
+    assert list(tmp_path.iterdir()) == []

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import sys
 import time
@@ -187,8 +188,18 @@ def _free_port() -> int:
 
 # ---------------------------------------------------------------------------------------------
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write to ``path.tmp`` then rename, so a crash never leaves a half-written file under ``path``.
+    A failed write on a full disk says so (safetensors' own error does not)."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    try:
+        write(tmp)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        if free < 256 * 2**20:
+            raise OSError(f"could not write {path}: only {free / 2**20:.0f} MiB free on its disk. Free some space, "
+                          "or move the caches elsewhere with PR_CACHE_DIR=/some/bigger/disk.") from e
+        raise
     os.replace(tmp, path)
 
 
