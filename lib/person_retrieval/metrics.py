@@ -239,3 +239,25 @@ def dialogue_metrics(similarities: Sequence, query_pids, gallery_pids, ks: Seque
     out["BRI"] = [float(logb[: r + 1].mean(0).mean()) for r in range(len(ranks))]
     out["ranks"] = ranks
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Distribution distance (generated against real images, on any encoder's features)
+def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
+    w, v = torch.linalg.eigh((m + m.T) / 2)
+    return (v * w.clamp_min(0).sqrt()) @ v.T
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2)`` between Gaussians fitted to
+    the rows of ``a`` and ``b`` (computed in float64; the inner root is symmetric, so exact via eigh)."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"need two [N, D] feature sets of one width, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("each feature set needs at least two rows")
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sa, sb = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))
+    ra = _sqrtm_psd(sa)
+    cross = _sqrtm_psd(ra @ sb @ ra)
+    return float(((mu_a - mu_b) ** 2).sum() + torch.trace(sa) + torch.trace(sb) - 2 * torch.trace(cross))

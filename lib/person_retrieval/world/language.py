@@ -218,7 +218,8 @@ _VIEW_PHRASES = {
     "side": ["from one side to the other", "across the scene", "sideways past the camera"],
 }
 _SCENE_PHRASES = {"street": "on the street", "campus": "on campus", "mall": "in a shopping mall", "park": "in a park",
-                  "station": "in a station", "parking": "in a parking lot"}
+                  "station": "in a station", "parking": "in a parking lot",
+                  "studio": "in a studio"}
 
 
 def _cap(s: str) -> str:

@@ -17,6 +17,8 @@ import numpy as np
 from .attributes import HAIR_COLORS, PALETTE, SKIN_TONES, Person
 
 SCENES = ["street", "campus", "mall", "park", "station", "parking"]
+#: Not a dataset scene: the plain, clean backdrop the generators are pretrained on.
+STUDIO = "studio"
 POSES = ["standing", "walking"]
 VIEWS = ["front", "back", "side"]
 RES_FACTORS = (1, 2, 4)
@@ -78,9 +80,12 @@ def _rgb(name: str, shade=(0.0, 0.0, 0.0)) -> np.ndarray:
 @lru_cache(maxsize=64)
 def _panorama(scene: str, h: int, w: int) -> np.ndarray:
     """A scene three crops wide, built once per (scene, size) from a fixed seed."""
-    rng = np.random.default_rng(SCENES.index(scene) + 11)
     W = 3 * w
     img = np.empty((h, W, 3), np.float32)
+    if scene == STUDIO:  # a plain backdrop (the generators' pretraining world), not a dataset scene
+        img[:] = (0.86, 0.86, 0.84)
+        return img
+    rng = np.random.default_rng(SCENES.index(scene) + 11)
     horizon = int(h * {"street": 0.55, "campus": 0.6, "mall": 0.62, "park": 0.5, "station": 0.6, "parking": 0.55}[scene])
     top, ground = {
         "street": ((0.62, 0.60, 0.58), (0.36, 0.36, 0.38)),
@@ -338,7 +343,8 @@ def render(person: Person, state: State, height: int = 128) -> np.ndarray:
     noff = int(state.bg_offset * 997) % (2 * w)
     gain = np.asarray(state.cast, np.float32) * np.float32(state.brightness)
     img *= gain
-    img += nz[:, noff: noff + w]
+    if state.scene != STUDIO:  # the studio camera has no sensor noise
+        img += nz[:, noff: noff + w]
     r = state.res_factor
     if r > 1:
         # Block mean by strided adds (much faster than ndarray.mean over the small axes).

@@ -1,0 +1,477 @@
+"""The mini generator: a small ``FluxTransformer2DModel`` trained here, in pixel space, on the world.
+
+Why pixel space: the world's images are flat-shaded figures on simple scenes; small RGB patches (4x4 at
+small, 48 values a token) carry them without loss, so no autoencoder has to be trained inside the
+15-minute budget, and the size-condition measurement (high-frequency energy) sees the generator's own
+output rather than a decoder's smoothing. The network predicts the clean image (see
+:func:`.flow.predicted_velocity`). FLUX.1-dev's latent path uses the same code with its VAE (:class:`~.flow.VaeCodec`).
+
+The recipe mirrors the papers' use of FLUX.1-dev:
+
+1. **base**: pretrained on a broad *studio* rendering of the world (plain backgrounds, sharp, even light),
+   all weights trained; captions in the datasets' styles; 10% empty captions for guidance.
+2. **LoRA adapters** on the attention projections, trained on a few target-domain images (TIPS: 300
+   images of 100 identities) read from a dataset folder in its real format:
+   * ``spg``: prompt plus size prefix ``(w_r, h_r)`` (the image's original capture size), dropped for 20%;
+   * ``idpg``: reference tokens beside the target's, difference prompt (dropped for 10%) written by the
+     vision-language model from what it sees in the two images;
+   * ``dual``: two-panel canvases of one person in two states, each panel's caption marked.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import cache_dir, get_scale, rng_for
+from .flow import SIZE_TOKENS, Condition, PixelCodec, dual_condition, dual_prompts, flow_matching_loss, size_text, spg_condition
+from .lora import add_lora, load_lora, save_lora
+
+
+@dataclass(frozen=True)
+class MiniFluxConfig:
+    image_size: tuple[int, int]  # (H, W): the generator's fixed physical resolution
+    patch: int = 8
+    width: int = 128  # heads * head_dim
+    heads: int = 4
+    double_layers: int = 2
+    single_layers: int = 2
+    # base pretraining on the studio world
+    studio_ids: int = 2000
+    studio_views: int = 2
+    base_epochs: int = 5
+    base_lr: float = 1e-3
+    batch_size: int = 32
+    # LoRA adaptation on the target domain (TIPS: 100 identities x 3 images)
+    target_ids: int = 100
+    images_per_id: int = 3
+    rank: int = 32
+    lora_lr: float = 1e-3
+    lora_epochs: int = 8
+    dual_epochs: int = 8  # the dual canvas is twice the tokens: fewer epochs keep the 15-minute budget
+    # sampling
+    steps: int = 20
+    guidance: float = 3.0
+    shift: float = 1.0
+    #: The network predicts the clean image, and the velocity follows (see flow.predicted_velocity):
+    #: measured at small, predicting the velocity directly left every sample covered in patch noise.
+    prediction: str = "sample"
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+
+MINI_FLUX = {
+    "tiny": MiniFluxConfig(image_size=(64, 32), width=64, heads=2, double_layers=1, single_layers=1, studio_ids=48, base_epochs=2,
+                           target_ids=8, images_per_id=2, rank=4, lora_epochs=2, dual_epochs=2, batch_size=8, steps=4),
+    # 64x32 in 4x4 patches (48 values a token): measured at small, 128x64 in 8x8 patches (192 values)
+    # trained to mosaics of blurred blocks in the same 15 minutes, and its LoRA adapters to noise.
+    "small": MiniFluxConfig(image_size=(64, 32), patch=4, dual_epochs=6),
+}
+#: A text embedding width per scale (the mini CLIP's embed_dim).
+TEXT_DIM = {"tiny": 64, "small": 128}
+
+
+def mini_flux(cfg: MiniFluxConfig, text_dim: int):
+    """A randomly initialised Flux transformer of the mini size (pixel tokens in, velocities out)."""
+    from diffusers import FluxTransformer2DModel
+
+    hd = cfg.head_dim
+    rope = [hd // 4, 3 * hd // 8, hd - hd // 4 - 3 * hd // 8]  # the three position axes share the head dim
+    return FluxTransformer2DModel(patch_size=1, in_channels=3 * cfg.patch ** 2, num_layers=cfg.double_layers,
+                                  num_single_layers=cfg.single_layers, attention_head_dim=hd, num_attention_heads=cfg.heads,
+                                  joint_attention_dim=text_dim, pooled_projection_dim=text_dim, axes_dims_rope=rope)
+
+
+class MiniClipText:
+    """The mini CLIP's text tower as Flux's two text inputs: the projected token sequence and the pooled
+    (end-of-text) vector. Frozen; batches trimmed to their longest text unless a length is asked."""
+
+    def __init__(self, backbone):
+        self.backbone = backbone.eval()
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.embed_dim
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], length: int | None = None) -> Condition:
+        ids = self.backbone.tokenize(list(texts))
+        n = max(int((ids != 0).sum(1).max()), 1) if length is None else int(length)
+        if n > ids.shape[1]:
+            ids = torch.cat([ids, ids.new_zeros(ids.shape[0], n - ids.shape[1])], 1)
+        pooled, tokens = self.backbone.encode_text(ids[:, :n], trim=False)
+        return Condition(tokens.float(), pooled.float())
+
+    def encode_sizes(self, sizes: list[tuple[int, int] | None]) -> torch.Tensor:
+        """SPG's size tokens. The mini CLIP never saw a digit: its encodings of "64, 128" and "16, 32"
+        have a cosine similarity of 0.99 (measured at small), too close for an adapter to read in minutes.
+        So the numbers go in as sinusoidal features (:func:`.flow.number_tokens`), at the norm of its
+        own tokens; a dropped size is the empty text, as for any encoder."""
+        from .flow import number_tokens
+
+        null = self.encode([""], SIZE_TOKENS).seq
+        return number_tokens(sizes, self.dim, null, float(null.norm(dim=-1).mean()))
+
+
+def mini_text_encoder(scale: str, seed: int, gpus: int = 0, progress: bool = False) -> MiniClipText:
+    """The pretrained mini CLIP of ``(scale, seed)`` (trained and cached when missing) as a text encoder."""
+    from ..models import build_backbone
+    from ..tasks import pretrained_mini_clip
+    from ..train import load_weights
+
+    bb = build_backbone(None, scale)
+    load_weights(bb, pretrained_mini_clip(scale, seed, gpus, progress=progress))
+    return MiniClipText(bb)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+def studio_state(rng: np.random.Generator):
+    """The studio: plain backdrop, even light, a sharp camera; only the pose and view vary."""
+    from ..world.render import STUDIO, State
+
+    view = ["front", "back", "side"][int(rng.choice(3, p=[0.45, 0.35, 0.20]))]
+    return State(pose="walking" if rng.random() < 0.5 else "standing", view=view, facing=1 if rng.random() < 0.5 else -1,
+                 scene=STUDIO, brightness=1.0, cast=(1.0, 1.0, 1.0), res_factor=1, dx=float(rng.uniform(-0.05, 0.05)))
+
+
+def studio_set(cfg: MiniFluxConfig, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """The base model's broad pretraining set: world people rendered in the studio, with captions in the
+    three datasets' styles."""
+    from ..world import STYLES, caption, render, sample_person
+
+    rng = rng_for(seed, "generator-studio")
+    imgs, caps = [], []
+    for pid in range(cfg.studio_ids):
+        person = sample_person(rng, pid)
+        for _ in range(cfg.studio_views):
+            st = studio_state(rng)
+            imgs.append(render(person, st, cfg.image_size[0]))
+            caps.append(caption(person, st, STYLES[int(rng.integers(len(STYLES)))], rng)[0])
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), caps
+
+
+def original_sizes(root: str | Path, rel_paths: list[str]) -> list[tuple[int, int]]:
+    """Each image's original capture size ``(w_r, h_r)``: a real dataset's file size, or, in a world
+    folder (whose files are all one size, blurred to simulate low-resolution cameras), the size its
+    camera saw."""
+    from PIL import Image
+
+    root = Path(root)
+    meta = root / "world_meta.json"
+    if meta.is_file():
+        from ..world.build import read_world_meta
+
+        res = {r["path"]: r["state"]["res_factor"] for r in read_world_meta(root)["images"]}
+        out = []
+        for p in rel_paths:
+            with Image.open(root / p) as im:
+                w, h = im.size
+            parts = Path(p).parts  # the sidecar's paths are relative to the format's image folder
+            f = next((res[k] for k in ("/".join(parts[i:]) for i in range(len(parts))) if k in res), None)
+            if f is None:
+                raise KeyError(f"{p} is not in {meta}: the world folder and its sidecar disagree (rebuild the world)")
+            out.append((w // f, h // f))
+        return out
+    out = []
+    for p in rel_paths:
+        with Image.open(root / p) as im:
+            out.append(im.size)
+    return out
+
+
+@dataclass
+class TargetSet:
+    """A few target-domain images: ``ids`` identities x ``per_id`` images, with captions and sizes."""
+
+    images: torch.Tensor  # uint8 [N, 3, H, W] at the generator's resolution
+    pids: list[int]
+    captions: list[list[str]]
+    sizes: list[tuple[int, int]]
+    paths: list[str]
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """Every ordered pair of different images of one identity (IDPG references and dual panels)."""
+        by = {}
+        for i, p in enumerate(self.pids):
+            by.setdefault(p, []).append(i)
+        return [(a, b) for ims in by.values() for a in ims for b in ims if a != b]
+
+
+def target_set(dataset: str, root, cfg: MiniFluxConfig, seed: int) -> TargetSet:
+    """``cfg.target_ids`` identities with at least ``cfg.images_per_id`` images from the train split of
+    the dataset folder at ``root`` (any folder in the real format), chosen with the seed."""
+    from ..datasets import load_split
+    from ..datasets.torch_data import load_images
+
+    split = load_split(dataset, root, "train")
+    by: dict[int, list[int]] = {}
+    for i, p in enumerate(split.image_pids):
+        by.setdefault(p, []).append(i)
+    eligible = sorted(p for p, v in by.items() if len(v) >= cfg.images_per_id)
+    if len(eligible) < cfg.target_ids:
+        raise ValueError(f"{dataset} train split at {root} has {len(eligible)} identities with {cfg.images_per_id}+ images; "
+                         f"the generator's few-shot set needs {cfg.target_ids}")
+    rng = rng_for(seed, "generator-target", dataset)
+    chosen = sorted(rng.choice(eligible, cfg.target_ids, replace=False).tolist())
+    idx = [i for p in chosen for i in sorted(by[p])[: cfg.images_per_id]]
+    caps: dict[int, list[str]] = {}
+    for c, im in zip(split.captions, split.caption_image_ids):
+        caps.setdefault(im, []).append(c)
+    paths = [split.image_paths[i] for i in idx]
+    rel = [str(Path(p).relative_to(Path(root))) if Path(p).is_absolute() else p for p in paths]
+    return TargetSet(images=load_images(paths, cfg.image_size).clone(), pids=[split.image_pids[i] for i in idx],
+                     captions=[caps.get(i, [""]) for i in idx], sizes=original_sizes(root, rel), paths=rel)
+
+
+def difference_prompts(vlm, references: torch.Tensor, targets: torch.Tensor) -> list[str]:
+    """IDPG's difference captions, as TIPS has an MLLM write them: what the vision-language model sees
+    change between a reference and a target image of one person (view, pose, place)."""
+    from ..world.language import _SCENE_PHRASES
+
+    def np_images(x):
+        return [im.permute(1, 2, 0).numpy() for im in x]
+
+    seen_r, seen_t = vlm.perceive(np_images(references)), vlm.perceive(np_images(targets))
+    out = []
+    for (_, sr, _), (_, st, _) in zip(seen_r, seen_t):
+        parts = []
+        if st.view != sr.view:
+            parts.append({"front": "facing the camera", "back": "seen from the back", "side": "seen from the side"}[st.view])
+        if st.pose != sr.pose:
+            parts.append(st.pose)
+        if st.scene != sr.scene:
+            parts.append(_SCENE_PHRASES[st.scene])
+        out.append(("the same person, " + ", ".join(parts)) if parts else "the same person again")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training tasks for person_retrieval.train.fit
+class _Batches:
+    """A dict of equally long tensors, indexed by batch (what ``fit`` iterates)."""
+
+    def __init__(self, **tensors):
+        self.t = tensors
+        self.n = len(next(iter(tensors.values())))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, idx) -> dict:
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        return {k: v[idx] for k, v in self.t.items()}
+
+
+class GeneratorTask:
+    """One stage of the mini generator for :func:`person_retrieval.train.fit`: ``kind`` is ``"base"``
+    (all weights, studio set) or an adapter (``"spg"``, ``"idpg"``, ``"dual"``) on the frozen base."""
+
+    DROP = {"base": 0.1, "spg": 0.2, "idpg": 0.1, "dual": 0.1}  # TIPS: size 20%, difference prompt 10%
+
+    def __init__(self, kind: str, scale: str = "small", seed: int = 0, base: str | None = None, dataset: str = "cuhk_pedes",
+                 root: str | None = None, overrides: dict | None = None):
+        if kind not in self.DROP:
+            raise ValueError(f"unknown generator stage {kind!r}; expected one of {sorted(self.DROP)}")
+        self.kind, self.scale, self.seed, self.base = kind, scale, seed, base
+        self.dataset, self.root = dataset, root
+        self.cfg = mini_config(scale, overrides)
+        self.codec = PixelCodec(self.cfg.patch)
+        self._data = None
+
+    def build(self):
+        from ..train import load_weights
+
+        model = mini_flux(self.cfg, TEXT_DIM[self.scale])
+        if self.kind != "base":
+            load_weights(model, self.base)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            add_lora(model, self.kind, self.cfg.rank)
+        return model
+
+    # -- data ---------------------------------------------------------------------------------
+    def _prepare(self):
+        if self._data is not None:
+            return self._data
+        text = mini_text_encoder(self.scale, self.seed)
+        g = torch.Generator().manual_seed(self.seed)
+        if self.kind == "base":
+            images, caps = studio_set(self.cfg, self.seed)
+            c = text.encode(caps, _longest(text, caps))
+            data = dict(x=self.codec.encode(images), seq=c.seq, pooled=c.pooled)
+        else:
+            ts = target_set(self.dataset, self.root, self.cfg, self.seed)
+            if self.kind == "spg":  # every caption of every image, with that image's capture size
+                rep = [i for i, cs in enumerate(ts.captions) for _ in cs]
+                caps = [c for cs in ts.captions for c in cs]
+                c = spg_condition(text, caps, [ts.sizes[i] for i in rep])
+                self.prefix_null = text.encode([size_text(None)], SIZE_TOKENS).seq
+                data = dict(x=self.codec.encode(ts.images[rep]), seq=c.seq, pooled=c.pooled)
+            elif self.kind == "idpg":
+                from ..assistants import mini as mini_assistants
+
+                pairs = ts.pairs()
+                vlm = mini_assistants.MiniVLM(mini_assistants.trained_recognizer(self.scale, self.seed, progress=False), seed=self.seed)
+                ref, tgt = ts.images[[a for a, _ in pairs]], ts.images[[b for _, b in pairs]]
+                prompts = difference_prompts(vlm, ref, tgt)
+                c = text.encode(prompts, _longest(text, prompts))
+                data = dict(x=self.codec.encode(tgt), ref=self.codec.encode(ref), seq=c.seq, pooled=c.pooled)
+            else:  # dual: the pair side by side on one canvas, each panel's caption marked
+                pairs = ts.pairs()
+                canvas = torch.cat([ts.images[[a for a, _ in pairs]], ts.images[[b for _, b in pairs]]], 3)
+                left, right = [ts.captions[a][0] for a, _ in pairs], [ts.captions[b][-1] for _, b in pairs]
+                la = _longest(text, dual_prompts(left, right)[0])
+                c = dual_condition(text, left, right, (la, _longest(text, dual_prompts(left, right)[1])))
+                null = dual_condition(text, [""], [""], (la, c.seq.shape[1] - la))
+                data = dict(x=self.codec.encode(canvas), seq=c.seq, pooled=c.pooled)
+        if self.kind in ("base", "idpg"):
+            null = Condition(text.encode([""], c.seq.shape[1]).seq, text.encode([""]).pooled)
+        elif self.kind == "spg":
+            null = None  # SPG drops the size prefix only
+        n = len(data["x"])
+        n_val = max(2, n // 20)
+        perm = torch.randperm(n, generator=g)
+        self.val = {k: v[perm[:n_val]] for k, v in data.items()}
+        self.train = {k: v[perm[n_val:]] for k, v in data.items()}
+        self.null = null
+        self._data = self.train
+        return self._data
+
+    def train_data(self) -> _Batches:
+        return _Batches(**self._prepare())
+
+    def grid(self) -> tuple[int, int]:
+        H, W = self.cfg.image_size
+        return self.codec.grid(H, 2 * W if self.kind == "dual" else W)
+
+    def _condition(self, batch: dict, drop: bool, generator=None) -> Condition:
+        seq, pooled = batch["seq"], batch["pooled"]
+        if not drop:
+            return Condition(seq, pooled)
+        b = seq.shape[0]
+        m = torch.rand(b, generator=generator, device=seq.device) < self.DROP[self.kind]
+        if self.kind == "spg":  # drop the size prefix only: its slots become the empty text
+            k = SIZE_TOKENS
+            pre = torch.where(m[:, None, None], self.prefix_null.to(seq.device).expand(b, -1, -1), seq[:, :k])
+            return Condition(torch.cat([pre, seq[:, k:]], 1), pooled)
+        null = self.null.to(seq.device)
+        seq = torch.where(m[:, None, None], null.seq.expand(b, -1, -1), seq)
+        pooled = torch.where(m[:, None], null.pooled.expand(b, -1), pooled)
+        return Condition(seq, pooled)
+
+    def loss(self, model, batch, gather):
+        cond = self._condition(batch, drop=True)
+        ref = batch.get("ref")
+        loss = flow_matching_loss(model, batch["x"], cond, self.grid(), reference=ref, prediction=self.cfg.prediction)
+        return loss, {}
+
+    def evaluate(self, model) -> dict:
+        """Validation flow-matching loss on held-out items with fixed noise and times."""
+        dev = next(model.parameters()).device
+        v = {k: t.to(dev) for k, t in self.val.items()}
+        g = torch.Generator(device=dev).manual_seed(1234)
+        loss = flow_matching_loss(model, v["x"], Condition(v["seq"], v["pooled"]), self.grid(), reference=v.get("ref"), generator=g,
+                                  prediction=self.cfg.prediction)
+        return {"neg_loss": -float(loss), "loss": float(loss)}
+
+
+def _longest(text: MiniClipText, texts: list[str]) -> int:
+    ids = text.backbone.tokenize(list(texts))
+    return max(int((ids != 0).sum(1).max()), 1)
+
+
+
+# ---------------------------------------------------------------------------------------------
+#: Training settings per stage (TIPS trains its LoRA with AdamW, weight decay 0.01, a short warmup).
+STAGES = ("base", "spg", "idpg", "dual")
+
+
+def mini_config(scale: str, overrides: dict | None = None) -> MiniFluxConfig:
+    """The mini generator's settings at ``scale``, with ``overrides`` (e.g. ``{"rank": 16}``) checked by name."""
+    from dataclasses import fields, replace
+
+    cfg = MINI_FLUX[get_scale(scale).name]
+    known = {f.name for f in fields(cfg)}
+    bad = sorted(set(overrides or {}) - known)
+    if bad:
+        raise ValueError(f"unknown mini generator setting(s) {bad}; known: {sorted(known)}")
+    return replace(cfg, **(overrides or {}))
+
+
+def _fit_stage(kind: str, scale: str, seed: int, out: Path, gpus: int, progress: bool, **task_kw):
+    from ..train import TaskSpec, TrainConfig, fit
+
+    cfg = mini_config(scale, task_kw.get("overrides"))
+    base = kind == "base"
+    tc = TrainConfig(epochs=cfg.base_epochs if base else cfg.dual_epochs if kind == "dual" else cfg.lora_epochs, batch_size=cfg.batch_size,
+                     lr=cfg.base_lr if base else cfg.lora_lr, weight_decay=0.01, warmup_epochs=0.3, select="neg_loss",
+                     gpus=gpus, seed=seed, out_dir=str(out / f"run-{kind}"), progress=progress, clip_grad=1.0)
+    return fit(TaskSpec("person_retrieval.generators.mini:GeneratorTask", {"kind": kind, "scale": scale, "seed": seed, **task_kw}), tc)
+
+
+def mini_generators(scale: str = "small", seed: int = 0, dataset: str = "cuhk_pedes", data_root=None, gpus: int = 0,
+                    progress: bool = True, stages: Sequence[str] = STAGES, **overrides):
+    """The mini generator for ``(scale, seed)``: the base model and its ``spg``, ``idpg`` and ``dual``
+    adapters, trained on ``dataset`` (the world's, or a real folder at ``data_root``) and cached.
+
+    Returns ``(FlowGenerator, report)``; the report gives each stage's training seconds and final
+    validation loss (as trained, or as cached)."""
+    from ..datasets import dataset_root
+    from ..train import load_weights
+    from .sampling import FlowGenerator
+
+    scale = get_scale(scale).name
+    if scale not in MINI_FLUX:
+        raise ValueError(f"the mini generator has scales {sorted(MINI_FLUX)}; at scale {scale!r} use FLUX.1-dev (generators.flux)")
+    bad = [s for s in stages if s not in STAGES]
+    if bad or "base" not in stages:
+        raise ValueError(f"stages must include 'base' and come from {STAGES}, got {list(stages)}")
+    cfg = mini_config(scale, overrides)
+    root = str(dataset_root(dataset, data_root, scale, seed))
+    import hashlib
+
+    tag = hashlib.blake2b(json.dumps([asdict(cfg), dataset, str(data_root), GENERATOR_VERSION], sort_keys=True).encode(), digest_size=4).hexdigest()
+    out = cache_dir() / "models" / f"generators-{scale}-seed{seed}-{tag}"
+    out.mkdir(parents=True, exist_ok=True)
+    report_path = out / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    base_file = out / "base.safetensors"
+    for kind in stages:
+        target = base_file if kind == "base" else out / f"{kind}.safetensors"
+        if target.is_file():
+            continue
+        t0 = time.time()
+        res = _fit_stage(kind, scale, seed, out, gpus, progress, base=str(base_file), dataset=dataset, root=root, overrides=overrides)
+        if kind == "base":
+            from safetensors.torch import save_model
+
+            tmp = target.with_name(target.name + ".tmp")
+            save_model(res.model, str(tmp))
+            tmp.replace(target)
+        else:
+            save_lora(res.model, kind, target)
+        report[kind] = {"seconds": round(time.time() - t0, 1), "val_loss": float(res.best.get("loss", float("nan"))),
+                        "samples_per_s": round(res.train_pairs_per_s, 1), "epochs": len(res.history)}
+        report_path.write_text(json.dumps(report, indent=1))
+    model = mini_flux(cfg, TEXT_DIM[scale])
+    load_weights(model, base_file)
+    for kind in [s for s in stages if s != "base"]:
+        load_lora(model, out / f"{kind}.safetensors", kind)
+    model.requires_grad_(False)
+    gen = FlowGenerator(model, PixelCodec(cfg.patch), mini_text_encoder(scale, seed), cfg.image_size, steps=cfg.steps,
+                        guidance=cfg.guidance, shift=cfg.shift, prediction=cfg.prediction)
+    return gen, {"dir": str(out), **report}
+
+
+#: Bump when the generator's data or training changes, so caches are rebuilt.
+GENERATOR_VERSION = 3

@@ -1,0 +1,113 @@
+"""Measurements of generated images: clarity, identity, and distance to real images.
+
+* :func:`high_frequency_energy`: the share of an image's spectral energy above a radial frequency
+  (SPG: a smaller size condition must give a blurrier image at the same physical resolution).
+* :func:`identity_agreement`: how often the attribute recognizer reads the same identity attributes
+  (gender, age, build, skin, hair style and colour) in two images (IDPG: expansions against their seed).
+* :func:`frechet_distance`: the Frechet distance between Gaussians fitted to two feature sets. On the
+  mini CLIP's image features it is a *Frechet mini-CLIP distance*, not FID: there is no Inception
+  network here, and its values are not comparable with published FIDs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..metrics import frechet_distance
+
+__all__ = ["clip_image_features", "frechet_distance", "high_frequency_energy", "identity_agreement"]
+
+
+def high_frequency_energy(images: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
+    """Per image: the fraction of the (mean-removed, grey) image's spectral energy at radial frequencies
+    above ``cutoff`` cycles per pixel (Nyquist is 0.5). ``images``: uint8 ``[B, 3, H, W]``."""
+    if not 0 < cutoff < 0.5:
+        raise ValueError(f"cutoff must be between 0 and 0.5 cycles per pixel, got {cutoff}")
+    x = images.float().mean(1) / 255.0
+    x = x - x.mean((-2, -1), keepdim=True)
+    power = torch.fft.fft2(x).abs() ** 2
+    fy = torch.fft.fftfreq(x.shape[-2])[:, None]
+    fx = torch.fft.fftfreq(x.shape[-1])[None, :]
+    high = (fy ** 2 + fx ** 2).sqrt() > cutoff
+    total = power.sum((-2, -1)).clamp_min(1e-12)
+    return (power * high).sum((-2, -1)) / total
+
+
+def identity_agreement(recognizer, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """For image pairs ``(a[i], b[i])``: the share of pairs on which the recognizer reads the same value,
+    per identity attribute, and ``"mean"`` over them."""
+    from ..assistants.mini import IDENTITY
+
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} images against {len(b)}")
+    pa, pb = recognizer.predict(a), recognizer.predict(b)
+    out = {h: float((pa[h].argmax(-1) == pb[h].argmax(-1)).float().mean()) for h in IDENTITY}
+    out["mean"] = float(np.mean([out[h] for h in IDENTITY]))
+    return out
+
+
+@torch.no_grad()
+def clip_image_features(backbone, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """L2-normalised pooled image features of uint8 images, resized to the backbone's input size."""
+    import torch.nn.functional as F
+
+    from ..datasets.torch_data import to_float
+
+    backbone = backbone.eval()
+    out = []
+    for s in range(0, len(images), batch):
+        x = images[s: s + batch]
+        if tuple(x.shape[-2:]) != tuple(backbone.image_size):
+            x = F.interpolate(x.float(), size=backbone.image_size, mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
+        out.append(F.normalize(backbone.encode_image(to_float(x))[0].float(), dim=-1))
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurements the notebook reports
+def size_sweep(gen, prompts: list[str], sizes: list, seed: int = 0, cutoff: float = 0.25, real: dict | None = None):
+    """SPG at each size condition (same prompts, same noise): ``(images per size, table)``; the table has
+    the mean and standard error of :func:`high_frequency_energy` per size (in %), and beside it the same
+    for ``real[size]`` images when given (the target images taken at that size)."""
+    import pandas as pd
+
+    images, rows = {}, []
+    for s in sizes:
+        x = gen.spg(prompts, [s] * len(prompts), seed=seed)
+        e = high_frequency_energy(x, cutoff).numpy()
+        images[s] = x
+        r = high_frequency_energy(real[s], cutoff).numpy() if real and s in real else np.array([np.nan])
+        rows.append({"size condition": "none" if s is None else f"{s[0]}x{s[1]}", "w_r": np.nan if s is None else s[0],
+                     "hf_energy": 100 * float(e.mean()), "hf_energy_se": 100 * float(e.std(ddof=1) / np.sqrt(len(e))) if len(e) > 1 else np.nan,
+                     "real images hf_energy": 100 * float(r.mean()), "real images n": int(len(r)) if real and s in real else 0})
+    return images, pd.DataFrame(rows)
+
+
+def falls_significantly(images_by_size: list[torch.Tensor], cutoff: float = 0.25, z: float = 2.0) -> bool:
+    """Whether high-frequency energy falls from each size to the next, beyond noise: the images are
+    paired (same prompt, same noise), so each step's mean paired drop must exceed ``z`` standard errors."""
+    e = [high_frequency_energy(x, cutoff).double() for x in images_by_size]
+    for a, b in zip(e, e[1:]):
+        d = a - b
+        if len(d) < 2 or not float(d.mean()) > z * float(d.std() / len(d) ** 0.5):
+            return False
+    return True
+
+
+def identity_study(gen, recognizer, prompts: list[str], differences: list[str], size=None, seed: int = 0):
+    """IDPG against independent sampling. For each prompt: one SPG seed image, one IDPG expansion per
+    difference prompt, and as many further SPG samples of the same prompt with other noise. Returns
+    ``(images, table)``: the images by role, and the identity agreement (:func:`identity_agreement`) of
+    expansion-vs-seed and independent-vs-seed, per identity attribute."""
+    import pandas as pd
+
+    n, k = len(prompts), len(differences)
+    seeds = gen.spg(prompts, [size] * n, seed=seed)
+    refs = seeds.repeat_interleave(k, 0)
+    expansions = gen.idpg(refs, [d for _ in range(n) for d in differences], seed=seed + 1)
+    independent = torch.cat([gen.spg(prompts, [size] * n, seed=seed + 2 + j) for j in range(k)])
+    independent = independent.reshape(k, n, *independent.shape[1:]).transpose(0, 1).reshape(n * k, *independent.shape[1:])
+    a = identity_agreement(recognizer, expansions, refs)
+    b = identity_agreement(recognizer, independent, refs)
+    table = pd.DataFrame([{"attribute": h, "IDPG expansion vs seed": 100 * a[h], "independent SPG sample vs seed": 100 * b[h]} for h in a])
+    return {"seeds": seeds, "expansions": expansions, "independent": independent}, table

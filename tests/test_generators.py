@@ -1,0 +1,447 @@
+"""Generators: rectified flow, the conditionings, LoRA, the FLUX.1-dev path on a tiny config, the mini
+generator end to end at tiny, and the quality measurements."""
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from person_retrieval.generators import flow, lora
+from person_retrieval.generators.flow import Condition, PixelCodec
+
+
+def tiny_transformer(in_channels=12, text_dim=32, seed=0, heads=2):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=in_channels, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                  num_attention_heads=heads, joint_attention_dim=text_dim, pooled_projection_dim=text_dim,
+                                  axes_dims_rope=[4, 4, 8])
+
+
+class HashText:
+    """A deterministic stand-in text encoder: each character's embedding from a fixed table (the
+    encoder interface only; the real ones are tested below and in test_backbone)."""
+
+    def __init__(self, dim=32):
+        self.table = torch.randn(256, dim, generator=torch.Generator().manual_seed(0))
+
+    def encode(self, texts, length=None):
+        n = length or max(1, max(len(t) for t in texts))
+        seq = torch.zeros(len(texts), n, self.table.shape[1])
+        for i, t in enumerate(texts):
+            for j, ch in enumerate(t[:n]):
+                seq[i, j] = self.table[ord(ch) % 256]
+        return Condition(seq, seq.mean(1))
+
+
+# ---------------------------------------------------------------------------------------------
+def test_pixel_codec_round_trips_and_rejects_odd_sizes():
+    codec = PixelCodec(4)
+    x = torch.randint(0, 256, (2, 3, 16, 8), dtype=torch.uint8)
+    tok = codec.encode(x)
+    assert tok.shape == (2, 8, 48) and tok.min() >= -1 and tok.max() <= 1
+    back = (codec.decode(tok, 16, 8) * 255).round().to(torch.uint8)
+    assert torch.equal(back, x)
+    # one token is one patch: token 1 of image 0 is rows 0-3, columns 4-7
+    assert torch.allclose(tok[0, 1].reshape(3, 4, 4), x[0, :, 0:4, 4:8].float() / 255 * 2 - 1)
+    with pytest.raises(ValueError, match="multiple of the patch size 4"):
+        codec.encode(torch.zeros(1, 3, 10, 8, dtype=torch.uint8))
+
+
+def test_image_ids_give_each_token_its_row_column_and_image_index():
+    ids = flow.image_ids((2, 3), index=1)
+    assert ids.shape == (6, 3)
+    assert ids[:, 0].eq(1).all()
+    assert ids[4].tolist() == [1, 1, 1]  # row 1, column 1
+
+
+def test_timesteps_run_from_noise_to_data_and_shift_towards_noise():
+    t = flow.timesteps(4)
+    assert t[0] == 1 and t[-1] == 0 and (t[:-1] > t[1:]).all()
+    assert (flow.timesteps(4, shift=3.0)[1:-1] > t[1:-1]).all()
+    with pytest.raises(ValueError, match="at least 1"):
+        flow.timesteps(0)
+
+
+def test_euler_sampler_lands_exactly_on_a_point_mass():
+    """For data that is one point c the true velocity is (x - c) / t, and Euler steps on it are exact:
+    the sampler must end on c whatever the step count and shift."""
+    c = torch.randn(1, 6, 12)
+
+    class PointMass(nn.Module):
+        config = types.SimpleNamespace(guidance_embeds=False)
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, hidden_states, timestep, return_dict=False, **kw):
+            return ((hidden_states - c) / timestep[:, None, None],)
+
+    cond = Condition(torch.zeros(1, 3, 4), torch.zeros(1, 4))
+    for steps, shift in ((1, 1.0), (3, 3.0), (7, 0.5)):
+        x = flow.euler_sample(PointMass(), cond, (2, 3), 12, steps=steps, shift=shift, seed=5)
+        assert torch.allclose(x, c, atol=1e-5)
+
+
+def test_flow_matching_loss_is_taken_on_the_target_tokens_only():
+    tr = tiny_transformer()
+    x0, ref = torch.randn(2, 6, 12), torch.randn(2, 6, 12)
+    cond = Condition(torch.randn(2, 5, 32), torch.randn(2, 32))
+    got = flow.flow_matching_loss(tr, x0, cond, (2, 3), reference=ref, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # the same draws, by hand
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.sigmoid(torch.randn(2, generator=g))
+    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    ids = torch.cat([flow.image_ids((2, 3), 0), flow.image_ids((2, 3), 1)])
+    v = flow.velocity(tr, torch.cat([xt, ref], 1), cond, t, ids)
+    assert v.shape[1] == 12
+    assert torch.allclose(got, ((v[:, :6] - (noise - x0)) ** 2).mean(), atol=1e-6)
+    # and the reference matters: the same target without it gives another loss
+    other = flow.flow_matching_loss(tr, x0, cond, (2, 3), generator=torch.Generator().manual_seed(3))
+    assert not torch.allclose(got, other)
+
+
+def test_sampling_is_deterministic_given_the_seed():
+    tr = tiny_transformer().eval()
+    cond, null = Condition(torch.randn(2, 5, 32), torch.randn(2, 32)), Condition(torch.zeros(1, 5, 32), torch.zeros(1, 32))
+    a = flow.euler_sample(tr, cond, (2, 3), 12, steps=3, guidance_scale=2.0, null=null, seed=1)
+    b = flow.euler_sample(tr, cond, (2, 3), 12, steps=3, guidance_scale=2.0, null=null, seed=1)
+    c = flow.euler_sample(tr, cond, (2, 3), 12, steps=3, guidance_scale=2.0, null=null, seed=2)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    # v_u + g (v_c - v_u) is v_c when the unconditional input is the condition itself
+    plain = flow.euler_sample(tr, cond, (2, 3), 12, steps=3, seed=1)
+    for i in range(2):  # one batched call (same length) ...
+        same = flow.euler_sample(tr, cond.index([i]), (2, 3), 12, steps=3, guidance_scale=4.0, null=cond.index([i]), seed=1)
+        assert torch.allclose(same[0], flow.euler_sample(tr, cond.index([i]), (2, 3), 12, steps=3, seed=1)[0], atol=1e-5)
+    short_null = Condition(torch.zeros(1, 4, 32), torch.zeros(1, 32))  # ... or two calls (another length)
+    e = flow.euler_sample(tr, cond, (2, 3), 12, steps=3, guidance_scale=2.0, null=short_null, seed=1)
+    assert e.shape == a.shape and torch.isfinite(e).all() and not torch.allclose(e, plain)
+
+
+# ---------------------------------------------------------------------------------------------
+def test_spg_condition_prefixes_the_size_and_a_dropped_size_is_the_empty_text():
+    enc = HashText()
+    c = flow.spg_condition(enc, ["a man", "a man"], [(32, 64), None])
+    k = flow.SIZE_TOKENS + flow.SEP_TOKENS
+    assert c.seq.shape == (2, k + 5, 32)
+    assert torch.equal(c.seq[0, :flow.SIZE_TOKENS], enc.encode(["32, 64"], flow.SIZE_TOKENS).seq[0])
+    assert torch.equal(c.seq[1, :flow.SIZE_TOKENS], enc.encode([""], flow.SIZE_TOKENS).seq[0])
+    assert torch.equal(c.seq[0, k:], c.seq[1, k:])  # the prompt part is untouched
+    assert torch.equal(c.pooled[0], enc.encode(["a man"]).pooled[0])
+    assert flow.size_text((48, 96)) == "48, 96" and flow.size_text(None) == ""
+    with pytest.raises(ValueError, match="positive width and height"):
+        flow.size_text((0, 10))
+    with pytest.raises(ValueError, match="2 prompts but 1 size"):
+        flow.spg_condition(enc, ["a", "b"], [None])
+
+
+def test_dual_condition_marks_each_panel():
+    enc = HashText()
+    c = flow.dual_condition(enc, ["red"], ["blue"])
+    a, b = flow.dual_prompts(["red"], ["blue"])
+    assert a == ["on the left: red"] and b == ["on the right: blue"]
+    assert c.seq.shape[1] == len(a[0]) + len(b[0])
+    fixed = flow.dual_condition(enc, [""], [""], lengths=(20, 21))
+    assert fixed.seq.shape[1] == 41
+
+
+# ---------------------------------------------------------------------------------------------
+def _proj(tr):
+    return tr.transformer_blocks[0].attn.to_q
+
+
+def test_lora_starts_at_the_base_model_and_scales_with_beta_and_gamma():
+    tr = tiny_transformer()
+    x = torch.randn(3, 32)
+    base = _proj(tr)(x).detach()
+    n = lora.add_lora(tr, "spg", rank=4)
+    assert n == 8 + 3  # a double block's 8 projections (image and text streams), a single block's q, k, v
+    trainable = [k for k, p in tr.named_parameters() if p.requires_grad]
+    assert trainable and all(".spg." in k and "lora_" in k for k in trainable)
+    assert torch.allclose(_proj(tr)(x), base)  # B = 0 at the start
+    with torch.no_grad():
+        _proj(tr).lora_B["spg"].weight.normal_()
+    d1 = _proj(tr)(x) - base
+    lora.set_beta(tr, "spg", 2.0)
+    assert torch.allclose(_proj(tr)(x) - base, 2 * d1, atol=1e-5)
+    lora.set_beta(tr, "spg", 0.0)
+    assert torch.allclose(_proj(tr)(x), base, atol=1e-6)
+    lora.set_beta(tr, "spg", 1.0)
+    with torch.no_grad():
+        _proj(tr).lora_B["spg"].lora_gamma.fill_(0.5)
+    assert torch.allclose(_proj(tr)(x) - base, 0.5 * d1, atol=1e-5)
+    assert lora.gammas(tr, "spg")["transformer_blocks.0.attn.to_q"] == 0.5
+    lora.use_adapter(tr, None)
+    assert torch.allclose(_proj(tr)(x), base, atol=1e-6)
+    with pytest.raises(KeyError, match="no adapter named 'idpg'"):
+        lora.use_adapter(tr, "idpg")
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        lora.add_lora(tr, "x", rank=0)
+    with pytest.raises(ValueError, match="already has an adapter named 'spg'"):
+        lora.add_lora(tr, "spg", rank=2)
+
+
+def test_gamma_learns():
+    tr = tiny_transformer()
+    lora.add_lora(tr, "spg", rank=2)
+    with torch.no_grad():
+        for m in tr.modules():
+            if hasattr(m, "lora_B") and "spg" in m.lora_B:
+                m.lora_B["spg"].weight.normal_()
+    x = torch.randn(4, 32)
+    _proj(tr)(x).pow(2).sum().backward()
+    assert _proj(tr).lora_B["spg"].lora_gamma.grad is not None and _proj(tr).lora_B["spg"].lora_gamma.grad != 0
+
+
+def test_lora_save_load_round_trip_and_mismatch_errors(tmp_path):
+    tr = tiny_transformer()
+    base_state = {k: v.clone() for k, v in tr.state_dict().items()}
+    lora.add_lora(tr, "idpg", rank=4)
+    with torch.no_grad():
+        for m in tr.modules():
+            if hasattr(m, "lora_B") and "idpg" in m.lora_B:
+                m.lora_B["idpg"].weight.normal_()
+                m.lora_B["idpg"].lora_gamma.fill_(0.7)
+    f = lora.save_lora(tr, "idpg", tmp_path / "idpg.safetensors")
+    fresh = tiny_transformer(seed=1)
+    fresh.load_state_dict(base_state)
+    lora.load_lora(fresh, f, "idpg")
+    x = torch.randn(2, 32)
+    assert torch.allclose(_proj(fresh)(x), _proj(tr)(x), atol=1e-6)
+    assert lora.gammas(fresh, "idpg") == pytest.approx(lora.gammas(tr, "idpg"))
+    # the same file under another name, beside it
+    lora.load_lora(fresh, f, "idpg2")
+    assert set(fresh.peft_config) == {"idpg", "idpg2"}
+    with pytest.raises(ValueError, match="does not fit this transformer"):
+        lora.load_lora(tiny_transformer(heads=4), f, "idpg")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a LoRA file written by save_lora"):
+        lora.load_lora(tiny_transformer(), tmp_path / "other.safetensors", "x")
+    with pytest.raises(FileNotFoundError, match="no LoRA file"):
+        lora.load_lora(tiny_transformer(), tmp_path / "missing.safetensors", "x")
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    from person_retrieval.generators import flux
+
+    d = tmp_path_factory.mktemp("flux")
+    flux.tiny_flux_pipeline().save_pretrained(str(d))
+    return d
+
+
+def test_flux_path_loads_trains_a_lora_step_and_samples(tiny_flux):
+    from person_retrieval.generators import flux
+
+    pipe = flux.load_flux(tiny_flux, dtype=torch.float32)
+    gen = flux.flux_generator(pipe, height=32, width=16, steps=2)
+    assert gen.flux_guidance == 3.5 and gen.guidance == 1.0  # FLUX.1-dev's distilled guidance, no CFG pass
+    for kind in ("spg", "idpg", "dual"):
+        lora.add_lora(pipe.transformer, kind, rank=flux.TIPS_DEFAULTS["rank"] // 8)
+    lora.use_adapter(pipe.transformer, "spg")
+    opt = flux.lora_optimizer(pipe.transformer, lr=1e-2)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    imgs = torch.randint(0, 256, (2, 3, 32, 16), dtype=torch.uint8)
+    loss = flux.lora_loss(gen, "spg", imgs, ["a man", "a woman"], sizes=[(16, 32), (8, 16)])
+    loss.backward()
+    opt.step()
+    changed = {k for k, v in pipe.transformer.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".spg." in k for k in changed)  # one step moved the SPG adapter, nothing else
+    x = gen.spg(["a man"], (16, 32), seed=0)
+    assert x.shape == (1, 3, 32, 16) and x.dtype == torch.uint8
+    assert torch.equal(x, gen.spg(["a man"], (16, 32), seed=0))
+    assert gen.idpg(x, ["seen from the back"]).shape == x.shape
+    left, right = gen.dual(["a"], ["b"], beta=[0.7])
+    assert left.shape == right.shape == (1, 3, 32, 16)
+    for kind, kw in (("idpg", {"references": imgs}), ("dual", {"right": (imgs, ["c", "d"])})):
+        assert torch.isfinite(flux.lora_loss(gen, kind, imgs, ["x", "y"], **kw))
+    # FluxPipeline's own sampler from a size-prefixed condition
+    z = flux.pipeline_sample(pipe, flow.spg_condition(gen.text, ["a man"], [(16, 32)]), height=32, width=16, steps=2)
+    assert z.shape == (1, 3, 32, 16) and z.dtype == torch.uint8
+
+
+def test_flux_lora_exports_to_diffusers_format_with_gamma_folded(tiny_flux, tmp_path):
+    from diffusers import FluxPipeline
+
+    from person_retrieval.generators import flux
+
+    pipe = flux.load_flux(tiny_flux, dtype=torch.float32)
+    lora.add_lora(pipe.transformer, "spg", rank=4)
+    with torch.no_grad():
+        for m in pipe.transformer.modules():
+            if hasattr(m, "lora_B") and "spg" in m.lora_B:
+                m.lora_B["spg"].weight.normal_(std=0.1)
+                m.lora_B["spg"].lora_gamma.fill_(0.3)
+    lora.use_adapter(pipe.transformer, "spg")
+    FluxPipeline.save_lora_weights(str(tmp_path), transformer_lora_layers=lora.diffusers_lora_state(pipe.transformer, "spg"))
+    other = flux.load_flux(tiny_flux, dtype=torch.float32)
+    other.load_lora_weights(str(tmp_path), adapter_name="spg")
+    x = torch.randn(2, 32)
+    ours, theirs = _proj(pipe.transformer)(x), _proj(other.transformer)(x)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert not torch.allclose(ours, _proj(flux.load_flux(tiny_flux, dtype=torch.float32).transformer)(x))
+
+
+def test_missing_flux_weights_say_where_to_put_them(tmp_path, monkeypatch):
+    from person_retrieval.generators import flux
+
+    monkeypatch.setenv("PR_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"put the diffusers-format FLUX.1-dev folder .* at .*FLUX.1-dev"):
+        flux.load_flux("FLUX.1-dev")
+
+
+# ---------------------------------------------------------------------------------------------
+def test_high_frequency_energy_falls_with_blur():
+    from person_retrieval.generators.quality import high_frequency_energy
+
+    checker = (torch.arange(16)[:, None] + torch.arange(8)[None, :]) % 2 * 255
+    flat = torch.full((16, 8), 128)
+    imgs = torch.stack([checker, flat]).to(torch.uint8)[:, None].expand(-1, 3, -1, -1)
+    e = high_frequency_energy(imgs)
+    assert e[0] == pytest.approx(1.0) and e[1] == 0.0
+    rng = np.random.default_rng(0)
+    sharp = torch.from_numpy(rng.integers(0, 256, (1, 3, 32, 16))).to(torch.uint8)
+    blurred = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(sharp.float(), 4), scale_factor=4, mode="bilinear")
+    assert high_frequency_energy(blurred.round().to(torch.uint8)) < 0.5 * high_frequency_energy(sharp)
+    with pytest.raises(ValueError, match="cutoff"):
+        high_frequency_energy(imgs, cutoff=0.6)
+
+
+def test_frechet_distance_known_answers():
+    from person_retrieval.metrics import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    assert frechet_distance(a, a + torch.tensor([1.0, 2.0, 0.0])) == pytest.approx(5.0, abs=1e-6)
+    # two 1-D Gaussians: (mu1 - mu2)^2 + (s1 - s2)^2
+    b = torch.randn(20000, 1, generator=g) * 3 + 1
+    c = torch.randn(20000, 1, generator=g)
+    assert frechet_distance(b, c) == pytest.approx(1 + 4, rel=0.05)
+    with pytest.raises(ValueError, match="one width"):
+        frechet_distance(a, torch.randn(5, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mini_gen():
+    from person_retrieval.generators.mini import mini_generators
+
+    return mini_generators("tiny", seed=0, progress=False)
+
+
+def test_mini_generator_trains_every_stage_and_samples_deterministically(mini_gen):
+    gen, report = mini_gen
+    assert set(gen.adapters) == {"spg", "idpg", "dual"}
+    assert all(report[k]["epochs"] >= 1 and np.isfinite(report[k]["val_loss"]) for k in ("base", "spg", "idpg", "dual"))
+    x = gen.spg(["a man in a red shirt"] * 2, [(32, 64), (8, 16)], seed=3)
+    assert x.shape == (2, 3, 64, 32) and x.dtype == torch.uint8
+    assert torch.equal(x, gen.spg(["a man in a red shirt"] * 2, [(32, 64), (8, 16)], seed=3))
+    assert not torch.equal(x, gen.spg(["a man in a red shirt"] * 2, [(32, 64), (8, 16)], seed=4))
+    y = gen.idpg(x, ["the same person, seen from the back"] * 2)
+    assert y.shape == x.shape
+    left, right = gen.dual(["a woman"] * 2, ["a woman walking"] * 2, beta=[0.5, 1.0])
+    assert left.shape == right.shape == (2, 3, 64, 32)
+    with pytest.raises(ValueError, match="must be 64x32"):
+        gen.idpg(torch.zeros(1, 3, 32, 16, dtype=torch.uint8), ["x"])
+    with pytest.raises(ValueError, match="2 left prompts but 1 right"):
+        gen.dual(["a", "b"], ["c"])
+
+
+def test_mini_generator_is_cached(mini_gen):
+    from person_retrieval.generators.mini import mini_generators
+
+    _, first = mini_gen
+    _, again = mini_generators("tiny", seed=0, progress=False)
+    assert again == first  # nothing retrained: the same report, same stage times
+
+
+def test_beta_zero_is_the_base_model(mini_gen):
+    gen, _ = mini_gen
+    a = gen.generate(["a man"], seed=1)
+    b = gen.generate(["a man"], seed=1, adapter="spg", beta=0.0)
+    c = gen.generate(["a man"], seed=1, adapter="spg", beta=1.0)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_target_set_sizes_and_difference_prompts(tiny_world):
+    from person_retrieval.generators.mini import MINI_FLUX, original_sizes, target_set
+    from person_retrieval.world.build import read_world_meta
+
+    cfg = MINI_FLUX["tiny"]
+    ts = target_set("cuhk_pedes", tiny_world["cuhk_pedes"], cfg, seed=0)
+    assert len(ts.images) == cfg.target_ids * cfg.images_per_id and ts.images.shape[-2:] == cfg.image_size
+    meta = {r["path"]: r["state"]["res_factor"] for r in read_world_meta(tiny_world["cuhk_pedes"])["images"]}
+    factors = [meta[p.split("/", 1)[1]] for p in ts.paths]  # the sidecar's paths are under imgs/
+    assert ts.sizes == [(32 // f, 64 // f) for f in factors]  # the size the camera saw
+    assert len(set(factors)) > 1
+    assert all(a != b and ts.pids[a] == ts.pids[b] for a, b in ts.pairs())
+    assert original_sizes(tiny_world["cuhk_pedes"], ts.paths[:1]) == ts.sizes[:1]
+    big = type(cfg)(**{**cfg.__dict__, "target_ids": 10**6})
+    with pytest.raises(ValueError, match="needs 1000000"):
+        target_set("cuhk_pedes", tiny_world["cuhk_pedes"], big, seed=0)
+
+
+def test_generator_task_rejects_an_unknown_stage():
+    from person_retrieval.generators.mini import GeneratorTask, mini_generators
+
+    with pytest.raises(ValueError, match="unknown generator stage 'spgg'"):
+        GeneratorTask("spgg", "tiny")
+    with pytest.raises(ValueError, match="stages must include 'base'"):
+        mini_generators("tiny", stages=("spg",))
+
+
+def test_flux_lora_training_loop_on_a_few_shot_set(tiny_flux, tiny_world, tmp_path):
+    from person_retrieval.generators import flux
+    from person_retrieval.generators.mini import MINI_FLUX, target_set
+
+    pipe = flux.load_flux(tiny_flux, dtype=torch.float32)
+    gen = flux.flux_generator(pipe, height=32, width=16, steps=2)
+    cfg = type(MINI_FLUX["tiny"])(**{**MINI_FLUX["tiny"].__dict__, "image_size": (32, 16)})
+    ts = target_set("cuhk_pedes", tiny_world["cuhk_pedes"], cfg, seed=0)
+    for kind in ("spg", "idpg", "dual"):
+        hist = flux.train_flux_lora(gen, kind, ts, steps=2, rank=2, lr=1e-3, out_file=tmp_path / f"{kind}.safetensors", progress=False)
+        assert len(hist) == 2 and all(np.isfinite(hist))
+        assert (tmp_path / f"{kind}.safetensors").is_file()
+    assert set(gen.adapters) == {"spg", "idpg", "dual"}
+
+
+def test_number_tokens_tell_sizes_apart_and_a_dropped_size_is_the_null():
+    null = torch.randn(1, flow.SIZE_TOKENS, 32)
+    t = flow.number_tokens([(64, 128), (16, 32), None], 32, null, scale=10.0)
+    assert t.shape == (3, flow.SIZE_TOKENS, 32)
+    assert torch.allclose(t[0, 0].norm(), torch.tensor(10.0)) and torch.allclose(t[0, 1].norm(), torch.tensor(10.0))
+    assert torch.equal(t[2], null[0]) and torch.equal(t[0, 2:], null[0, 2:])
+    cos = torch.nn.functional.cosine_similarity(t[0, :2].flatten(), t[1, :2].flatten(), 0)
+    assert cos < 0.9  # unlike the mini CLIP's own encodings of the digits (0.99)
+    with pytest.raises(ValueError, match="positive width"):
+        flow.number_tokens([(0, 5)], 32, null, 1.0)
+
+
+def test_spg_condition_uses_an_encoders_own_size_tokens(mini_gen):
+    gen, _ = mini_gen
+    c = flow.spg_condition(gen.text, ["a man", "a man"], [(32, 64), None])
+    k = flow.SIZE_TOKENS
+    assert torch.equal(c.seq[:, :k], gen.text.encode_sizes([(32, 64), None]))
+    assert torch.equal(c.seq[1, :k], gen.text.encode([""], k).seq[0])
+
+
+def test_falls_significantly_needs_a_real_drop_at_every_step():
+    from person_retrieval.generators.quality import falls_significantly
+
+    g = torch.Generator().manual_seed(0)
+    sharp = torch.randint(0, 256, (12, 3, 16, 8), generator=g).to(torch.uint8)
+
+    def blur(x, k):
+        y = torch.nn.functional.avg_pool2d(x.float(), k)
+        return torch.nn.functional.interpolate(y, scale_factor=k, mode="nearest").round().to(torch.uint8)
+
+    assert falls_significantly([sharp, blur(sharp, 2), blur(sharp, 4)])
+    assert not falls_significantly([sharp, sharp, blur(sharp, 4)])  # no drop at the first step
+    assert not falls_significantly([blur(sharp, 4), sharp])
