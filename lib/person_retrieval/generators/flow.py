@@ -49,8 +49,7 @@ class Condition:
 
     @staticmethod
     def cat(parts: list["Condition"]) -> "Condition":
-        """Stack conditions of several batches (their sequences padded to one length by repetition of
-        nothing: lengths must already agree)."""
+        """Stack the conditions of several batches (their sequence lengths must agree)."""
         return Condition(torch.cat([p.seq for p in parts]), torch.cat([p.pooled for p in parts]))
 
 
