@@ -328,6 +328,78 @@ def test_frechet_distance_known_answers():
         frechet_distance(a, torch.randn(5, 2))
 
 
+def _tiny_codec(seed=0):
+    from person_retrieval.generators.autoencoder import MiniAutoencoder, MiniLatentCodec
+
+    torch.manual_seed(seed)
+    return MiniLatentCodec(MiniAutoencoder(channels=4, width=8, factor=4, blocks=1), shift=0.3, scale=2.0)
+
+
+def test_latent_codec_packs_2x2_and_decodes_what_the_autoencoder_draws():
+    codec = _tiny_codec()
+    x = torch.randint(0, 256, (2, 3, 32, 16), dtype=torch.uint8)
+    tok = codec.encode(x)
+    assert codec.channels == 16 and tok.shape == (2, 4 * 2, 16)  # 8x4 latents, 2x2 packed: a 4x2 grid
+    z = codec.ae.encoder(x.float() / 255 * 2 - 1)
+    # token 1 is latent rows 0-1, columns 2-3, shifted and scaled
+    assert torch.allclose(tok[0, 1].reshape(4, 2, 2), (z[0, :, 0:2, 2:4] - 0.3) * 2.0, atol=1e-5)
+    # packing and normalisation are undone exactly: decoding is the autoencoder's own reconstruction
+    want = ((codec.ae(x.float() / 255 * 2 - 1) + 1) / 2).clamp(0, 1)
+    assert torch.allclose(codec.decode(tok, 32, 16), want, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        codec.encode(torch.zeros(1, 3, 36, 16, dtype=torch.uint8))
+
+
+def test_latent_codec_save_load_round_trip_and_normalisation(tmp_path):
+    from person_retrieval.generators.autoencoder import fitted_codec, load_codec, save_codec
+
+    codec = _tiny_codec()
+    x = torch.randint(0, 256, (64, 3, 32, 16), dtype=torch.uint8)
+    fit = fitted_codec(codec.ae, x)
+    tok = fit.encode(x)
+    assert abs(float(tok.mean())) < 1e-3 and abs(float(tok.std()) - 1) < 1e-2  # FLUX's shift and scale, fitted
+    back = load_codec(save_codec(fit, tmp_path / "ae.safetensors"))
+    assert (back.shift, back.scale) == (fit.shift, fit.scale)
+    assert torch.equal(back.encode(x), tok) and torch.equal(back.decode(tok, 32, 16), fit.decode(tok, 32, 16))
+    with pytest.raises(FileNotFoundError, match="no autoencoder file"):
+        load_codec(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an autoencoder"):
+        load_codec(tmp_path / "other.safetensors")
+
+
+def test_make_codec_needs_the_autoencoder_and_a_known_codec():
+    from person_retrieval.generators.mini import make_codec, mini_config
+
+    assert isinstance(make_codec(mini_config("tiny", {"codec": "pixel", "patch": 4})), PixelCodec)
+    with pytest.raises(ValueError, match="needs the trained autoencoder"):
+        make_codec(mini_config("tiny"))
+    with pytest.raises(ValueError, match="codec must be 'latent' or 'pixel'"):
+        make_codec(mini_config("tiny", {"codec": "vq"}))
+
+
+def test_autoencoder_task_learns_to_reconstruct():
+    from person_retrieval.generators.autoencoder import AutoencoderTask, MiniAutoencoder
+
+    task = AutoencoderTask.__new__(AutoencoderTask)  # the loss and evaluation, on a fixed image set
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.rand(32, 3, 4, 2, generator=g).repeat_interleave(8, 2).repeat_interleave(8, 3) * 2 - 1
+    task.val = blocks[:8]
+    torch.manual_seed(0)
+    model = MiniAutoencoder(channels=4, width=16, factor=4, blocks=1)
+    before = task.evaluate(model)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(150):
+        loss, logs = task.loss(model, {"x": blocks}, None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = task.evaluate(model)
+    assert after["psnr"] > before["psnr"] + 6 and after["neg_l1"] > before["neg_l1"]
+
+
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mini_gen():
@@ -340,6 +412,7 @@ def test_mini_generator_trains_every_stage_and_samples_deterministically(mini_ge
     gen, report = mini_gen
     assert set(gen.adapters) == {"spg", "idpg", "dual"}
     assert all(report[k]["epochs"] >= 1 and np.isfinite(report[k]["val_loss"]) for k in ("base", "spg", "idpg", "dual"))
+    assert report["autoencoder"]["epochs"] >= 1 and np.isfinite(report["autoencoder"]["val_psnr"])
     x = gen.spg(["a man in a red shirt"] * 2, [(32, 64), (8, 16)], seed=3)
     assert x.shape == (2, 3, 64, 32) and x.dtype == torch.uint8
     assert torch.equal(x, gen.spg(["a man in a red shirt"] * 2, [(32, 64), (8, 16)], seed=3))
@@ -445,3 +518,26 @@ def test_falls_significantly_needs_a_real_drop_at_every_step():
     assert falls_significantly([sharp, blur(sharp, 2), blur(sharp, 4)])
     assert not falls_significantly([sharp, sharp, blur(sharp, 4)])  # no drop at the first step
     assert not falls_significantly([blur(sharp, 4), sharp])
+
+
+def test_spg_guidance_drops_only_the_size(mini_gen, monkeypatch):
+    """SPG's training drops the size, never the prompt: guidance's other branch is the prompt alone."""
+    from person_retrieval.generators import sampling
+    from person_retrieval.generators.flow import spg_condition
+
+    gen, _ = mini_gen
+    seen = {}
+    real = sampling.euler_sample
+
+    def spy(transformer, cond, *a, null=None, **kw):
+        seen["cond"], seen["null"] = cond, null
+        return real(transformer, cond, *a, null=null, **kw)
+
+    monkeypatch.setattr(sampling, "euler_sample", spy)
+    gen.spg(["a man in a red shirt", "a woman"], (32, 64), seed=0)
+    want = spg_condition(gen.text, ["a man in a red shirt", "a woman"], [None, None])
+    assert torch.equal(seen["null"].seq, want.seq) and torch.equal(seen["null"].pooled, want.pooled)
+    monkeypatch.setattr(gen, "batch", 1)  # in batches, each sample keeps its own prompt on both branches
+    gen.spg(["a man in a red shirt", "a woman"], (32, 64), seed=0)
+    assert torch.equal(seen["null"].seq, want.seq[1:]) and torch.equal(seen["cond"].seq[:, 11:], want.seq[1:, 11:])
+    assert not torch.equal(seen["cond"].seq, seen["null"].seq)

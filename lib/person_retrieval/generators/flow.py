@@ -154,38 +154,64 @@ class PixelCodec:
         return ((x + 1) / 2).clamp(0, 1)
 
 
-class VaeCodec:
-    """Latent space, as FLUX.1-dev: the VAE's latents, shifted and scaled, packed 2x2 into tokens."""
+class PackedLatentCodec:
+    """Latent space, as FLUX.1-dev packs it: an autoencoder's latents, shifted and scaled, packed 2x2 into
+    tokens. Subclasses give the autoencoder: ``factor`` (its downsampling), ``latent_channels``, and
+    ``latents(x)`` / ``pixels(z)`` between images in [-1, 1] and raw latents."""
+
+    factor: int
+    latent_channels: int
+    shift: float = 0.0
+    scale: float = 1.0
+
+    @property
+    def channels(self) -> int:
+        return self.latent_channels * 4
+
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pixels(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        f = self.factor * 2
+        if height % f or width % f:
+            raise ValueError(f"image size {height}x{width} must be a multiple of {f} (autoencoder factor {self.factor} x packing 2)")
+        return height // f, width // f
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] float ``[B, 3, H, W]`` -> tokens ``[B, N, 4 c]``."""
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        self.grid(*x.shape[-2:])
+        z = (self.latents(x * 2 - 1).float() - self.shift) * self.scale
+        b, c, h, w = z.shape
+        return z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+    def decode(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Tokens -> images ``[B, 3, H, W]`` in [0, 1]."""
+        gh, gw = self.grid(height, width)
+        b, c = tokens.shape[0], self.latent_channels
+        z = tokens.float().reshape(b, gh, gw, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, gh * 2, gw * 2)
+        x = self.pixels(z / self.scale + self.shift)
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+class VaeCodec(PackedLatentCodec):
+    """FLUX.1-dev's latent space: its VAE (``AutoencoderKL``), with the shift and scale of its config."""
 
     def __init__(self, vae):
         self.vae = vae
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.latent_channels = int(vae.config.latent_channels)
-        self.channels = self.latent_channels * 4
         self.shift = float(getattr(vae.config, "shift_factor", 0.0) or 0.0)
         self.scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
 
-    def grid(self, height: int, width: int) -> tuple[int, int]:
-        f = self.factor * 2
-        if height % f or width % f:
-            raise ValueError(f"image size {height}x{width} must be a multiple of {f} (VAE factor {self.factor} x packing 2)")
-        return height // f, width // f
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist.mode()
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        x = (x * 2 - 1).to(self.vae.device, self.vae.dtype)
-        z = self.vae.encode(x).latent_dist.mode()
-        z = (z - self.shift) * self.scale
-        b, c, h, w = z.shape
-        return z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-
-    def decode(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        gh, gw = self.grid(height, width)
-        b, c = tokens.shape[0], self.latent_channels
-        z = tokens.reshape(b, gh, gw, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, gh * 2, gw * 2)
-        z = z.to(self.vae.device, self.vae.dtype) / self.scale + self.shift
-        x = self.vae.decode(z, return_dict=False)[0]
-        return ((x.float() + 1) / 2).clamp(0, 1)
+    def pixels(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z.to(self.vae.device, self.vae.dtype), return_dict=False)[0]
 
 
 def image_ids(grid: tuple[int, int], index: int = 0, device=None) -> torch.Tensor:

@@ -48,6 +48,8 @@ class FlowGenerator:
         betas = [float(beta)] * n if not isinstance(beta, Sequence) else [float(b) for b in beta]
         if len(betas) != n:
             raise ValueError(f"{len(betas)} beta values for {n} samples")
+        if null is not None and len(null) not in (1, n):
+            raise ValueError(f"{len(null)} unconditional inputs for {n} samples (give one, or one per sample)")
         out = torch.empty(n, 3, H, W, dtype=torch.uint8)
         ref_tokens = self.codec.encode(reference) if reference is not None else None
         for b_val in sorted(set(betas)):  # the LoRA strength is per adapter: one pass per value
@@ -56,7 +58,7 @@ class FlowGenerator:
                 for k in range(0, len(idx), self.batch):
                     part = idx[k: k + self.batch]
                     tok = euler_sample(self.transformer, cond.index(part), grid, self.codec.channels, steps=steps or self.steps,
-                                       guidance_scale=self.guidance, null=null, seed=seed * 100003 + part[0],
+                                       guidance_scale=self.guidance, null=null if null is None or len(null) == 1 else null.index(part), seed=seed * 100003 + part[0],
                                        reference=None if ref_tokens is None else ref_tokens[part], shift=self.shift,
                                        flux_guidance=self.flux_guidance, device=self.device, dtype=self.dtype,
                                        prediction=self.prediction)
@@ -80,7 +82,9 @@ class FlowGenerator:
         if sizes is None or (isinstance(sizes, tuple) and len(sizes) == 2 and all(isinstance(v, int) for v in sizes)):
             sizes = [sizes] * len(prompts)  # type: ignore[list-item]
         cond = spg_condition(self.text, prompts, list(sizes))
-        null = spg_condition(self.text, [""], [None])
+        # Guidance's other branch is the same prompt without its size, what SPG's training supports (it
+        # drops the size, never the prompt): the empty prompt is a condition the adapter never saw.
+        null = spg_condition(self.text, prompts, [None] * len(prompts))
         return self._run(cond, null, self.image_size, seed, adapter, beta)
 
     def idpg(self, references: torch.Tensor, prompts: list[str], seed: int = 0, beta: float = 1.0,
