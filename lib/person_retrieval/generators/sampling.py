@@ -57,8 +57,9 @@ class FlowGenerator:
             with adapter_ctx(self.transformer, name, b_val):
                 for k in range(0, len(idx), self.batch):
                     part = idx[k: k + self.batch]
+                    nl = null if null is None or len(null) == 1 else null.index(part)
                     tok = euler_sample(self.transformer, cond.index(part), grid, self.codec.channels, steps=steps or self.steps,
-                                       guidance_scale=self.guidance, null=null if null is None or len(null) == 1 else null.index(part), seed=seed * 100003 + part[0],
+                                       guidance_scale=self.guidance, null=nl, seed=seed * 100003 + part[0],
                                        reference=None if ref_tokens is None else ref_tokens[part], shift=self.shift,
                                        flux_guidance=self.flux_guidance, device=self.device, dtype=self.dtype,
                                        prediction=self.prediction)
