@@ -107,7 +107,7 @@ reports.save_figure(fig, "02_domains", scale)
 # * `dual`: two images of one person side by side on one canvas, each panel's caption marked.
 #
 # Everything is cached by scale and seed; the first run trains the autoencoder, the base and the three
-# adapters (about 14 minutes at `small` on 2 cores).
+# adapters (about 14 to 15 minutes at `small` on 2 cores).
 
 # %%
 if weights is None:
