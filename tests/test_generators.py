@@ -380,6 +380,63 @@ def test_make_codec_needs_the_autoencoder_and_a_known_codec():
         make_codec(mini_config("tiny", {"codec": "vq"}))
 
 
+def test_autoencoder_decoder_upsamples_smoothly_and_needs_a_power_of_two():
+    from person_retrieval.generators.autoencoder import MiniAutoencoder
+    from person_retrieval.generators.quality import high_frequency_energy, through_codec
+
+    for f in (2, 4, 8):
+        ae = MiniAutoencoder(channels=4, width=16, factor=f, blocks=1)
+        assert ae(torch.zeros(1, 3, 32, 16)).shape == (1, 3, 32, 16)
+        assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in ae.modules())
+    with pytest.raises(ValueError, match="power of two"):
+        MiniAutoencoder(factor=3)
+    # one latent pixel switched on: nearest upsampling and 3x3 convolutions spread it over its neighbours
+    ae = MiniAutoencoder(channels=4, width=16, factor=4, blocks=1)
+    z = torch.zeros(1, 4, 8, 4)
+    z[0, :, 4, 2] = 3.0
+    d = (ae.decoder(z) - ae.decoder(torch.zeros_like(z))).abs().sum(1)[0]
+    assert d[14:18, 6:10].sum() > 0 and d[:, 5].sum() > 0 and d[:, 10].sum() > 0  # reaches past its own 4x4 patch
+    x = torch.randint(0, 256, (3, 3, 16, 8), dtype=torch.uint8)
+    assert torch.equal(through_codec(PixelCodec(4), x), x)  # the pixel codec is lossless
+    assert high_frequency_energy(through_codec(PixelCodec(4), x)).shape == (3,)
+
+
+def test_studio_partners_pair_views_of_one_person():
+    from person_retrieval.generators.mini import mini_config, studio_partners
+
+    cfg = mini_config("tiny")
+    p = studio_partners(cfg)
+    i = torch.arange(len(p))
+    assert len(p) == cfg.studio_ids * cfg.studio_views and torch.all(p != i)
+    assert torch.all(p // cfg.studio_views == i // cfg.studio_views)  # the same person
+    assert torch.equal(p[p], i) if cfg.studio_views == 2 else True
+    three = studio_partners(mini_config("tiny", {"studio_views": 3}))
+    assert three[:6].tolist() == [1, 2, 0, 4, 5, 3]
+    with pytest.raises(ValueError, match="at least 2 views"):
+        studio_partners(mini_config("tiny", {"studio_views": 1}))
+
+
+def test_difference_text_says_what_changed_and_the_base_learns_it_beside_the_other_view(mini_gen, tiny_world):
+    from dataclasses import replace
+
+    from person_retrieval.generators.mini import GeneratorTask, difference_text, studio_partners, studio_set
+    from person_retrieval.world.render import STUDIO, State
+
+    a = State(pose="standing", view="front", facing=1, scene=STUDIO, brightness=1.0, cast=(1.0, 1.0, 1.0), res_factor=1)
+    assert difference_text(a, a) == "the same person again"
+    assert difference_text(a, replace(a, view="back", pose="walking")) == "the same person, seen from the back, walking"
+    assert difference_text(a, replace(a, scene="park")) == "the same person, in a park"
+    task = GeneratorTask("base", "tiny", 0, root=str(tiny_world["cuhk_pedes"]), autoencoder=mini_gen[1]["dir"] + "/autoencoder.safetensors")
+    task._prepare()
+    full = {k: torch.cat([task.val[k], task.train[k]]) for k in task.train}
+    assert {"ref", "dseq", "dpooled"} <= set(full)
+    assert full["dseq"].shape[1] == task.diff_null.seq.shape[1]
+    x = task.codec.encode(studio_set(task.cfg, 0)[0])
+    partner = studio_partners(task.cfg)
+    i = int(torch.nonzero((full["x"][0] == x).flatten(1).all(1))[0])  # where the first kept item came from
+    assert torch.equal(full["ref"][0], x[partner[i]])
+
+
 def test_autoencoder_task_learns_to_reconstruct():
     from person_retrieval.generators.autoencoder import AutoencoderTask, MiniAutoencoder
 
@@ -413,6 +470,7 @@ def test_mini_generator_trains_every_stage_and_samples_deterministically(mini_ge
     assert set(gen.adapters) == {"spg", "idpg", "dual"}
     assert all(report[k]["epochs"] >= 1 and np.isfinite(report[k]["val_loss"]) for k in ("base", "spg", "idpg", "dual"))
     assert report["autoencoder"]["epochs"] >= 1 and np.isfinite(report["autoencoder"]["val_psnr"])
+    assert np.isfinite(report["base"]["val_ref_loss"])  # the base also learned IDPG's reference layout
     x = gen.spg(["a man in a red shirt"] * 2, [(32, 64), (8, 16)], seed=3)
     assert x.shape == (2, 3, 64, 32) and x.dtype == torch.uint8
     assert torch.equal(x, gen.spg(["a man in a red shirt"] * 2, [(32, 64), (8, 16)], seed=3))
@@ -433,6 +491,35 @@ def test_mini_generator_is_cached(mini_gen):
     _, first = mini_gen
     _, again = mini_generators("tiny", seed=0, progress=False)
     assert again == first  # nothing retrained: the same report, same stage times
+    gen, other = mini_generators("tiny", seed=0, progress=False, guidance=2.0, size_guidance=1.5, steps=3)
+    assert other == first and (gen.guidance, gen.size_guidance, gen.steps) == (2.0, 1.5, 3)  # sampling settings retrain nothing
+
+
+def test_spg_size_guidance_adds_a_term_on_the_size_alone(mini_gen, monkeypatch):
+    from person_retrieval.generators import sampling
+
+    gen, _ = mini_gen
+    seen = {}
+    real = sampling.euler_sample
+
+    def spy(transformer, cond, *a, partial=None, partial_scale=0.0, **kw):
+        seen["partial"], seen["scale"], seen["g"] = partial, partial_scale, kw["guidance_scale"]
+        return real(transformer, cond, *a, partial=partial, partial_scale=partial_scale, **kw)
+
+    monkeypatch.setattr(sampling, "euler_sample", spy)
+    plain = gen.spg(["a man in a red shirt"] * 2, (8, 16), seed=1, size_guidance=0.0)
+    assert seen["partial"] is None and seen["g"] == gen.spg_guidance == 1.5  # SPG's own guidance scale
+    gen.idpg(plain, ["the same person again"] * 2)
+    assert seen["g"] == gen.guidance == 3.0
+    sharp = gen.spg(["a man in a red shirt"] * 2, (8, 16), seed=1, size_guidance=4.0)
+    want = flow.spg_condition(gen.text, ["a man in a red shirt"] * 2, [None, None])
+    assert seen["scale"] == 4.0 and torch.equal(seen["partial"].seq, want.seq)
+    assert not torch.equal(plain, sharp)
+    # the term is v_c - v_partial: with the full condition as the "partial" one it vanishes
+    c = flow.spg_condition(gen.text, ["a man"], [(8, 16)])
+    args = (gen.transformer, c, gen.codec.grid(*gen.image_size), gen.codec.channels)
+    kw = dict(steps=3, guidance_scale=2.0, null=flow.spg_condition(gen.text, [""], [None]), seed=0, prediction=gen.prediction)
+    assert torch.allclose(real(*args, **kw), real(*args, partial=c, partial_scale=5.0, **kw), atol=1e-5)
 
 
 def test_beta_zero_is_the_base_model(mini_gen):
@@ -490,9 +577,15 @@ def test_number_tokens_tell_sizes_apart_and_a_dropped_size_is_the_null():
     t = flow.number_tokens([(64, 128), (16, 32), None], 32, null, scale=10.0)
     assert t.shape == (3, flow.SIZE_TOKENS, 32)
     assert torch.allclose(t[0, 0].norm(), torch.tensor(10.0)) and torch.allclose(t[0, 1].norm(), torch.tensor(10.0))
-    assert torch.equal(t[2], null[0]) and torch.equal(t[0, 2:], null[0, 2:])
+    assert torch.equal(t[2], null[0]) and torch.equal(t[0, 2::2], t[0, 0:1].expand(3, -1))  # every slot: w, h, w, h, ...
+    assert not torch.equal(t[0, 0], t[0, 1])
     cos = torch.nn.functional.cosine_similarity(t[0, :2].flatten(), t[1, :2].flatten(), 0)
     assert cos < 0.9  # unlike the mini CLIP's own encodings of the digits (0.99)
+    # smooth in log-size: a size is closer to its neighbour than to a size four times smaller
+    null = torch.zeros(1, flow.SIZE_TOKENS, 128)
+    s = flow.number_tokens([(64, 128), (32, 64), (16, 32)], 128, null, scale=1.0)[:, 0]
+    near, far = float(s[0] @ s[1]), float(s[0] @ s[2])
+    assert near > 0.25 and near > far + 0.1
     with pytest.raises(ValueError, match="positive width"):
         flow.number_tokens([(0, 5)], 32, null, 1.0)
 
@@ -520,8 +613,8 @@ def test_falls_significantly_needs_a_real_drop_at_every_step():
     assert not falls_significantly([blur(sharp, 4), sharp])
 
 
-def test_spg_guidance_drops_only_the_size(mini_gen, monkeypatch):
-    """SPG's training drops the size, never the prompt: guidance's other branch is the prompt alone."""
+def test_spg_guidance_is_against_the_empty_prompt_and_a_per_sample_null_is_indexed(mini_gen, monkeypatch):
+    """SPG's training drops the whole prompt for 10%: guidance's other branch is the empty prompt, no size."""
     from person_retrieval.generators import sampling
     from person_retrieval.generators.flow import spg_condition
 
@@ -535,9 +628,38 @@ def test_spg_guidance_drops_only_the_size(mini_gen, monkeypatch):
 
     monkeypatch.setattr(sampling, "euler_sample", spy)
     gen.spg(["a man in a red shirt", "a woman"], (32, 64), seed=0)
-    want = spg_condition(gen.text, ["a man in a red shirt", "a woman"], [None, None])
+    want = spg_condition(gen.text, [""], [None])
     assert torch.equal(seen["null"].seq, want.seq) and torch.equal(seen["null"].pooled, want.pooled)
-    monkeypatch.setattr(gen, "batch", 1)  # in batches, each sample keeps its own prompt on both branches
-    gen.spg(["a man in a red shirt", "a woman"], (32, 64), seed=0)
-    assert torch.equal(seen["null"].seq, want.seq[1:]) and torch.equal(seen["cond"].seq[:, 11:], want.seq[1:, 11:])
-    assert not torch.equal(seen["cond"].seq, seen["null"].seq)
+    # a per-sample unconditional input follows its sample into each batch
+    cond = spg_condition(gen.text, ["a man in a red shirt", "a woman"], [(32, 64)] * 2)
+    null = spg_condition(gen.text, ["a man in a red shirt", "a woman"], [None] * 2)
+    monkeypatch.setattr(gen, "batch", 1)
+    gen._run(cond, null, gen.image_size, 0, "spg", 1.0)
+    assert torch.equal(seen["null"].seq, null.seq[1:]) and torch.equal(seen["cond"].seq, cond.seq[1:])
+    with pytest.raises(ValueError, match="3 unconditional inputs for 2 samples"):
+        gen._run(cond, Condition.cat([null, null.index([0])]), gen.image_size, 0, "spg", 1.0)
+
+
+def test_spg_training_drops_the_size_and_sometimes_the_whole_prompt(mini_gen, tiny_world):
+    from person_retrieval.generators.flow import SEP_TOKENS, SIZE_TOKENS
+    from person_retrieval.generators.mini import GeneratorTask, smaller_captures, target_set
+
+    task = GeneratorTask("spg", "tiny", 0, base="unused", root=str(tiny_world["cuhk_pedes"]),
+                         autoencoder=mini_gen[1]["dir"] + "/autoencoder.safetensors")
+    data = task.train_data()
+    ts = target_set("cuhk_pedes", tiny_world["cuhk_pedes"], task.cfg, 0)
+    extra, src, sizes = smaller_captures(tiny_world["cuhk_pedes"], ts, task.cfg.image_size)
+    assert len(extra) == len(src) == len(sizes) > 0 and extra.shape[1:] == ts.images.shape[1:]
+    assert all(s[0] < ts.sizes[i][0] for i, s in zip(src, sizes))  # only ever smaller than the source
+    batch = data.batch(range(len(data)))
+    k, k0 = SIZE_TOKENS, SIZE_TOKENS + SEP_TOKENS
+    g = torch.Generator().manual_seed(0)
+    no_size = no_prompt = n = 0
+    for _ in range(40):
+        c = task._condition(batch, drop=True, generator=g)
+        size_null = (c.seq[:, :k] == task.prefix_null).flatten(1).all(1)
+        prompt_null = (c.seq[:, k0:] == task.prompt_null.seq).flatten(1).all(1)
+        assert torch.all(size_null[prompt_null])  # a dropped prompt never keeps its size
+        assert torch.equal(c.seq[:, k:k0], batch["seq"][:, k:k0])  # the separator stays
+        no_size, no_prompt, n = no_size + int(size_null.sum()), no_prompt + int(prompt_null.sum()), n + len(size_null)
+    assert 0.22 < no_size / n < 0.34 and 0.06 < no_prompt / n < 0.14  # 20% size, plus 10% of everything

@@ -80,6 +80,18 @@ def test_low_camera_resolution_blurs(people):
     assert e[0] > e[1] > e[2]
 
 
+def test_camera_resolution_retakes_a_sharp_render_as_the_coarser_camera_would(people):
+    from person_retrieval.world.render import camera_resolution
+
+    p = people[1]
+    sharp, coarse = render(p, State(res_factor=1), 128), render(p, State(res_factor=2), 128)
+    again = np.clip(camera_resolution(sharp.astype(np.float32) / 255, 2), 0, 1) * 255
+    assert np.abs(again - coarse.astype(np.float32)).mean() < 2.0  # only rounding and clipping differ
+    assert np.array_equal(camera_resolution(sharp.astype(np.float32), 1), sharp.astype(np.float32))
+    with pytest.raises(ValueError, match="must divide"):
+        camera_resolution(sharp.astype(np.float32), 3)
+
+
 def test_captions_mention_a_subset_and_name_what_they_mention(people):
     rng = rng_for(0, "cap")
     for style in STYLES:

@@ -97,10 +97,18 @@ reports.save_figure(fig, "02_domains", scale)
 # $$W' = W + \Delta W,\qquad \Delta W = \beta\,\gamma\,B A,\quad B \in \mathbb{R}^{m\times r},\ A \in \mathbb{R}^{r\times n},$$
 #
 # where $\gamma$ is learned per layer and $\beta$ is the strength chosen when sampling. The adapters sit on
-# the attention projections of both streams (image and text) and share one frozen base model:
+# the attention projections of both streams (image and text) and share one frozen base model.
+#
+# IDPG rests on an ability FLUX.1-dev brings from pretraining at scale: drawing a person from image
+# tokens placed beside the noisy ones (what in-context LoRA and OminiControl, which TIPS builds on, tap).
+# A base of four million parameters trained for minutes lacks it, so on 40% of its batches the base
+# learns that layout on the studio: the other view of the same person as the reference, and as prompt
+# only what changed ("the same person, seen from the back"), so that the identity must come from the image.
 #
 # * `spg`: the prompt with a size prefix, $(C_{size}; C_{sep}; C_{txt})$, the size being the image's
-#   original capture size $(w_r, h_r)$, dropped for 20% of samples;
+#   original capture size $(w_r, h_r)$, dropped for 20% of samples (the whole prompt for 10% more, so that
+#   guidance runs against the empty prompt); each target image is also captured again at the set's smaller
+#   sizes, so that pairs of one scene at two sizes tie the size to clarity and to nothing else;
 # * `idpg`: the reference image's tokens beside the noisy target's, with their own positions; the loss
 #   on the target tokens only; a difference prompt written by the vision-language model (what it sees
 #   change between the two images), dropped for 10% of samples;
@@ -177,9 +185,14 @@ reports.save_figure(fig, "02_beta_sweep", scale)
 # ## SPG: the size condition sets the clarity
 #
 # Same prompts, same noise, four size conditions: the three capture sizes of the target domain and none.
+# SPG samples with guidance 1.5 against the empty prompt (IDPG and the dual panel with 3): chosen on
+# validation prompts by the Frechet distance below, since at 3 the adapter's samples wash out to white.
 # The physical resolution never changes; the claim is that a smaller $(w_r, h_r)$ gives a blurrier image.
-# We measure blur as the share of spectral energy above a quarter of the sampling rate
-# (**high-frequency energy**), averaged over `n_eval` prompts.
+# We measure clarity as the share of spectral energy above 1/8 cycle per pixel (**high-frequency
+# energy**), averaged over `n_eval` prompts. Why 1/8: it is the Nyquist frequency of the latent grid
+# (4x down), and a sample can only be as sharp as the codec draws. Beside the samples the table gives
+# the target images taken at each size, as they are and **through the codec** (encoded and decoded):
+# that is the clarity the generator could reach. The energy above a quarter cycle is listed too.
 
 # %%
 H, W = gen.image_size
@@ -189,8 +202,9 @@ size_images, size_table = quality.size_sweep(gen, prompts, sizes + [None], seed=
 size_table["source"] = source
 monotonic = quality.falls_significantly([size_images[s] for s in sizes])  # paired: each step's drop beyond 2 standard errors
 reports.save_table(size_table, "02_spg_size_condition", scale, "SPG: high-frequency energy of samples per size condition",
-                   notes=f"Energy share (%) above 0.25 cycles/pixel, mean and standard error over {len(prompts)} prompts, same noise per prompt; "
-                         "beside it the few-shot target images taken at that size. "
+                   notes=f"Energy share (%) above {quality.BLUR_CUTOFF} cycles/pixel, mean and standard error over {len(prompts)} prompts, "
+                         "same noise per prompt; beside it the few-shot target images taken at that size, as they are and through the "
+                         "generator's codec; then the shares above 0.25 cycles/pixel. "
                          f"Falls monotonically as the size falls (each paired drop beyond 2 standard errors): {monotonic}.")
 size_table
 
@@ -204,6 +218,7 @@ fig, ax = plt.subplots(figsize=(4, 3))
 t = size_table.dropna(subset=["w_r"])
 ax.errorbar(t["w_r"], t["hf_energy"], yerr=t["hf_energy_se"], marker="o", label="SPG samples")
 ax.plot(t["w_r"], t["real images hf_energy"], "s--", label="target images")
+ax.plot(t["w_r"], t["real through codec hf_energy"], "^:", label="target images through the codec")
 ax.legend(fontsize=7)
 ax.set_xscale("log", base=2)
 ax.set(xlabel="size condition w_r (h_r = 2 w_r)", ylabel="high-frequency energy (%)", title="SPG: clarity follows the size condition")

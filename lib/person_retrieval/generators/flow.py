@@ -90,18 +90,21 @@ def spg_condition(encoder: TextEncoder, prompts: list[str], sizes: list[tuple[in
 
 
 def number_tokens(sizes: list[tuple[int, int] | None], dim: int, null: torch.Tensor, scale: float) -> torch.Tensor:
-    """Size tokens ``[B, SIZE_TOKENS, dim]`` for a text encoder that never learned numbers: slot 0 holds
-    sinusoidal features of ``log2 w_r``, slot 1 of ``log2 h_r`` (the diffusion timestep's kind of embedding,
-    norm ``scale``), the rest stay as ``null`` (the empty text's slots), which a dropped size (``None``) keeps."""
+    """Size tokens ``[B, SIZE_TOKENS, dim]`` for a text encoder that never learned numbers: even slots hold
+    sinusoidal features of ``log2 w_r``, odd slots of ``log2 h_r`` (the diffusion timestep's kind of
+    embedding, norm ``scale``); a dropped size (``None``) keeps ``null`` (the empty text's slots). Every slot
+    carries the size: measured at small, with the code in two of the eight slots the frozen base's attention
+    gave them so little weight that the adapter's loss did not change when the size did."""
     out = null.expand(len(sizes), -1, -1).clone()
     half = dim // 2
-    freqs = 2.0 ** torch.arange(half, dtype=torch.float32) / half * 4.0  # smooth in log-size, from coarse to fine
+    # Angular frequencies per unit of log2 size, geometric from 1/8 (a monotone, coarse code) to 8 (fine).
+    freqs = 2.0 ** (torch.arange(half, dtype=torch.float32) / half * 6.0 - 3.0)
     for i, s in enumerate(sizes):
         if s is None:
             continue
         size_text(s)  # validates
-        for slot, v in enumerate(s):
-            x = torch.log2(torch.tensor(float(v))) * freqs
+        for slot in range(out.shape[1]):
+            x = torch.log2(torch.tensor(float(s[slot % 2]))) * freqs
             emb = torch.cat([torch.sin(x), torch.cos(x)])
             out[i, slot, : 2 * half] = emb / emb.norm() * scale
     return out
@@ -288,10 +291,15 @@ def timesteps(steps: int, shift: float = 1.0) -> torch.Tensor:
 def euler_sample(transformer, cond: Condition, grid: tuple[int, int], channels: int, *, steps: int = 28,
                  guidance_scale: float = 1.0, null: Condition | None = None, reference: torch.Tensor | None = None,
                  ref_grid: tuple[int, int] | None = None, seed: int = 0, shift: float = 1.0,
-                 flux_guidance: float | None = None, device=None, dtype=torch.float32, prediction: str = "velocity") -> torch.Tensor:
+                 flux_guidance: float | None = None, device=None, dtype=torch.float32, prediction: str = "velocity",
+                 partial: Condition | None = None, partial_scale: float = 0.0) -> torch.Tensor:
     """Integrate the flow from noise to tokens ``[B, N, channels]``. Deterministic given ``seed`` (the
     noise comes from a seeded generator on the CPU). ``guidance_scale > 1`` with ``null`` is
-    classifier-free guidance; ``flux_guidance`` is FLUX.1-dev's distilled guidance input instead."""
+    classifier-free guidance; ``flux_guidance`` is FLUX.1-dev's distilled guidance input instead.
+
+    ``partial`` (the condition with one part left out, e.g. SPG's prompt without its size) adds a second
+    guidance term for that part alone, as InstructPix2Pix guides its two conditions with two scales:
+    ``v = v_u + g (v_c - v_u) + partial_scale (v_c - v_partial)``."""
     device = device or next(transformer.parameters()).device
     b, n = len(cond), grid[0] * grid[1]
     g = torch.Generator().manual_seed(int(seed))
@@ -309,6 +317,7 @@ def euler_sample(transformer, cond: Condition, grid: tuple[int, int], channels: 
     joint = cfg and nl.seq.shape[1] == c.seq.shape[1]
     if joint:
         c = Condition.cat([c, nl])
+    part = None if partial is None else partial.to(device, dtype)
     ref = None
     if reference is not None:
         ref = reference.to(device, dtype)
@@ -330,6 +339,8 @@ def euler_sample(transformer, cond: Condition, grid: tuple[int, int], channels: 
             vc = v_of(x, c, t)
             vu = v_of(x, nl, t) if cfg else None
         v = vu + guidance_scale * (vc - vu) if cfg else vc
+        if partial is not None and partial_scale:
+            v = v + partial_scale * (vc - v_of(x, part, t))
         x = x + (t_next - t) * v
     return x
 

@@ -11,7 +11,8 @@ The recipe mirrors the papers' use of FLUX.1-dev:
    all weights trained; captions in the datasets' styles; 10% empty captions for guidance.
 2. **LoRA adapters** on the attention projections, trained on a few target-domain images (TIPS: 300
    images of 100 identities) read from a dataset folder in its real format:
-   * ``spg``: prompt plus size prefix ``(w_r, h_r)`` (the image's original capture size), dropped for 20%;
+   * ``spg``: prompt plus size prefix ``(w_r, h_r)`` (the image's original capture size), dropped for 20%
+     (the whole prompt for 10%), with every image also captured at the set's smaller sizes;
    * ``idpg``: reference tokens beside the target's, difference prompt (dropped for 10%) written by the
      vision-language model from what it sees in the two images;
    * ``dual``: two-panel canvases of one person in two states, each panel's caption marked.
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from ..config import cache_dir, get_scale, rng_for
-from .flow import SIZE_TOKENS, Condition, PixelCodec, dual_condition, dual_prompts, flow_matching_loss, size_text, spg_condition
+from .flow import SEP_TOKENS, SIZE_TOKENS, Condition, PixelCodec, dual_condition, dual_prompts, flow_matching_loss, size_text, spg_condition
 from .lora import add_lora, load_lora, save_lora
 
 
@@ -54,6 +55,9 @@ class MiniFluxConfig:
     studio_views: int = 2
     base_epochs: int = 5
     base_lr: float = 1e-3
+    #: Share of base batches drawn with the other studio view of the person as a reference image (IDPG's
+    #: layout): the in-context ability FLUX.1-dev brings from pretraining, which IDPG's LoRA builds on.
+    base_ref_share: float = 0.4
     batch_size: int = 32
     # LoRA adaptation on the target domain (TIPS: 100 identities x 3 images)
     target_ids: int = 100
@@ -61,11 +65,18 @@ class MiniFluxConfig:
     rank: int = 32
     lora_lr: float = 1e-3
     lora_epochs: int = 32  # measured at small: at 8 the SPG adapter's samples were mush, at 40 people in scenes
+    spg_epochs: int = 16  # SPG's set is twice the others' with the smaller captures
+    spg_aug_captions: int = 2  # captions of each smaller capture (its source image's first ones)
     dual_epochs: int = 16  # the dual canvas is twice the tokens: fewer epochs keep the 15-minute budget
     # sampling
     steps: int = 20
     guidance: float = 3.0
     shift: float = 1.0
+    size_guidance: float = 0.0  # SPG: a second guidance term on the size alone (FlowGenerator.spg)
+    #: SPG's guidance scale, chosen at small on validation prompts by the Frechet distance to validation
+    #: images (0.152 at 1.5 against 0.317 at 3, where samples wash out to white); IDPG keeps ``guidance``
+    #: (identity agreement 67.4% at 3 against 60.9% at 1.5, same prompts).
+    spg_guidance: float = 1.5
     #: The network predicts the clean image, and the velocity follows (see flow.predicted_velocity):
     #: measured at small, predicting the velocity directly left every sample covered in patch noise.
     prediction: str = "sample"
@@ -77,7 +88,7 @@ class MiniFluxConfig:
 
 MINI_FLUX = {
     "tiny": MiniFluxConfig(image_size=(64, 32), width=64, heads=2, double_layers=1, single_layers=1, studio_ids=48, base_epochs=2,
-                           target_ids=8, images_per_id=2, rank=4, lora_epochs=2, dual_epochs=2, batch_size=8, steps=4,
+                           target_ids=8, images_per_id=2, rank=4, lora_epochs=2, dual_epochs=2, spg_epochs=2, batch_size=8, steps=4,
                            ae_width=16, ae_world_images=32, ae_epochs=1),
     # 64x32 in 4x4 patches (48 values a token): measured at small, 128x64 in 8x8 patches (192 values)
     # trained to mosaics of blurred blocks in the same 15 minutes, and its LoRA adapters to noise.
@@ -162,20 +173,31 @@ def studio_state(rng: np.random.Generator):
                  scene=STUDIO, brightness=1.0, cast=(1.0, 1.0, 1.0), res_factor=1, dx=float(rng.uniform(-0.05, 0.05)))
 
 
-def studio_set(cfg: MiniFluxConfig, seed: int) -> tuple[torch.Tensor, list[str]]:
+def studio_set(cfg: MiniFluxConfig, seed: int, states: bool = False):
     """The base model's broad pretraining set: world people rendered in the studio, with captions in the
-    three datasets' styles."""
+    three datasets' styles: ``(images, captions)``, and each image's render state with ``states=True``."""
     from ..world import STYLES, caption, render, sample_person
 
     rng = rng_for(seed, "generator-studio")
-    imgs, caps = [], []
+    imgs, caps, sts = [], [], []
     for pid in range(cfg.studio_ids):
         person = sample_person(rng, pid)
         for _ in range(cfg.studio_views):
             st = studio_state(rng)
             imgs.append(render(person, st, cfg.image_size[0]))
             caps.append(caption(person, st, STYLES[int(rng.integers(len(STYLES)))], rng)[0])
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous(), caps
+            sts.append(st)
+    images = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+    return (images, caps, sts) if states else (images, caps)
+
+
+def studio_partners(cfg: MiniFluxConfig) -> torch.Tensor:
+    """For each studio image, the index of the next view of the same person (views are consecutive)."""
+    v = cfg.studio_views
+    if v < 2:
+        raise ValueError("the studio needs at least 2 views a person for reference pretraining")
+    i = torch.arange(cfg.studio_ids * v)
+    return i - i % v + (i % v + 1) % v
 
 
 def autoencoder_images(cfg: MiniFluxConfig, seed: int, dataset: str, root) -> torch.Tensor:
@@ -276,26 +298,68 @@ def target_set(dataset: str, root, cfg: MiniFluxConfig, seed: int) -> TargetSet:
                      captions=[caps.get(i, [""]) for i in idx], sizes=original_sizes(root, rel), paths=rel)
 
 
+def smaller_captures(root, ts: TargetSet, image_size: tuple[int, int]) -> tuple[torch.Tensor, list[int], list[tuple[int, int]]]:
+    """SPG's size augmentation: target images captured again at each smaller size of the set, brought to
+    the generator's resolution as the loader does (bicubic). Returns ``(images, source index, sizes)``.
+    Pairs of one scene at two sizes tell the adapter that the size means clarity and nothing else: the
+    300 images alone tie each size to whichever people and scenes happened to be taken at it.
+
+    In a world folder the world's own camera takes the smaller captures
+    (:func:`~person_retrieval.world.render.camera_resolution`, from the sharp images only, exactly as the
+    renderer degrades them); in a real folder the file is reduced with a box filter (a coarser sensor
+    averages its light)."""
+    from PIL import Image
+
+    H, W = image_size
+    world = (Path(root) / "world_meta.json").is_file()
+    levels = sorted(set(ts.sizes))
+    top = max(levels)
+    out, src, sizes = [], [], []
+    for i, (rel, (w, h)) in enumerate(zip(ts.paths, ts.sizes)):
+        smaller = [s for s in levels if s[0] < w and s[1] < h]
+        if not smaller or (world and (w, h) != top):
+            continue
+        with Image.open(Path(root) / rel) as im:
+            im = im.convert("RGB")
+            for s in smaller:
+                if world:
+                    from ..world.render import camera_resolution
+
+                    x = camera_resolution(np.asarray(im, np.float32) / 255.0, w // s[0])
+                    small = Image.fromarray((np.clip(x, 0, 1) * 255.0 + 0.5).astype(np.uint8))
+                else:
+                    small = im.resize(s, Image.BOX)
+                out.append(torch.from_numpy(np.array(small.resize((W, H), Image.BICUBIC))).permute(2, 0, 1))
+                src.append(i)
+                sizes.append(s)
+    images = torch.stack(out) if out else torch.empty(0, 3, H, W, dtype=torch.uint8)
+    return images, src, sizes
+
+
 def difference_prompts(vlm, references: torch.Tensor, targets: torch.Tensor) -> list[str]:
     """IDPG's difference captions, as TIPS has an MLLM write them: what the vision-language model sees
     change between a reference and a target image of one person (view, pose, place)."""
-    from ..world.language import _SCENE_PHRASES
 
     def np_images(x):
         return [im.permute(1, 2, 0).numpy() for im in x]
 
     seen_r, seen_t = vlm.perceive(np_images(references)), vlm.perceive(np_images(targets))
-    out = []
-    for (_, sr, _), (_, st, _) in zip(seen_r, seen_t):
-        parts = []
-        if st.view != sr.view:
-            parts.append({"front": "facing the camera", "back": "seen from the back", "side": "seen from the side"}[st.view])
-        if st.pose != sr.pose:
-            parts.append(st.pose)
-        if st.scene != sr.scene:
-            parts.append(_SCENE_PHRASES[st.scene])
-        out.append(("the same person, " + ", ".join(parts)) if parts else "the same person again")
-    return out
+    return [difference_text(sr, st) for (_, sr, _), (_, st, _) in zip(seen_r, seen_t)]
+
+
+def difference_text(ref_state, target_state) -> str:
+    """What changes from one render state to another, as IDPG's difference prompts say it."""
+    from ..world.language import _SCENE_PHRASES
+
+    sr, st = ref_state, target_state
+    parts = []
+    if st.view != sr.view:
+        parts.append({"front": "facing the camera", "back": "seen from the back", "side": "seen from the side"}[st.view])
+    if st.pose != sr.pose:
+        parts.append(st.pose)
+    if st.scene != sr.scene and st.scene in _SCENE_PHRASES:
+        parts.append(_SCENE_PHRASES[st.scene])
+    return ("the same person, " + ", ".join(parts)) if parts else "the same person again"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +384,10 @@ class GeneratorTask:
     (all weights, studio set) or an adapter (``"spg"``, ``"idpg"``, ``"dual"``) on the frozen base."""
 
     DROP = {"base": 0.1, "spg": 0.2, "idpg": 0.1, "dual": 0.1}  # TIPS: size 20%, difference prompt 10%
+    #: SPG also drops the whole prompt (and size) for 10%, so that guidance can be taken against the empty
+    #: prompt: measured at small, guiding only on the size (the prompt in both branches) left the adapter's
+    #: samples without a person, as unguided samples of a small flow model are.
+    PROMPT_DROP = 0.1
 
     def __init__(self, kind: str, scale: str = "small", seed: int = 0, base: str | None = None, dataset: str = "cuhk_pedes",
                  root: str | None = None, overrides: dict | None = None, autoencoder: str | None = None):
@@ -348,18 +416,30 @@ class GeneratorTask:
             return self._data
         text = mini_text_encoder(self.scale, self.seed)
         g = torch.Generator().manual_seed(self.seed)
-        if self.kind == "base":
-            images, caps = studio_set(self.cfg, self.seed)
+        if self.kind == "base":  # captions; and, beside the other view, what changed (IDPG's prompts)
+            images, caps, states = studio_set(self.cfg, self.seed, states=True)
             c = text.encode(caps, _longest(text, caps))
-            data = dict(x=self.codec.encode(images), seq=c.seq, pooled=c.pooled)
+            x = self.codec.encode(images)
+            partner = studio_partners(self.cfg).tolist()
+            diffs = [difference_text(states[j], states[i]) for i, j in enumerate(partner)]
+            d = text.encode(diffs, _longest(text, diffs))
+            self.diff_null = Condition(text.encode([""], d.seq.shape[1]).seq, text.encode([""]).pooled)
+            data = dict(x=x, ref=x[partner], seq=c.seq, pooled=c.pooled, dseq=d.seq, dpooled=d.pooled)
         else:
             ts = target_set(self.dataset, self.root, self.cfg, self.seed)
-            if self.kind == "spg":  # every caption of every image, with that image's capture size
-                rep = [i for i, cs in enumerate(ts.captions) for _ in cs]
-                caps = [c for cs in ts.captions for c in cs]
-                c = spg_condition(text, caps, [ts.sizes[i] for i in rep])
+            if self.kind == "spg":  # every caption of every image with its capture size, and smaller captures
+                extra, src, extra_sizes = smaller_captures(self.root, ts, self.cfg.image_size)
+                k = self.cfg.spg_aug_captions
+                images = torch.cat([ts.images, extra])
+                sizes = list(ts.sizes) + extra_sizes
+                captions = list(ts.captions) + [ts.captions[i][:k] for i in src]
+                rep = [i for i, cs in enumerate(captions) for _ in cs]
+                caps = [c for cs in captions for c in cs]
+                c = spg_condition(text, caps, [sizes[i] for i in rep])
                 self.prefix_null = text.encode([size_text(None)], SIZE_TOKENS).seq
-                data = dict(x=self.codec.encode(ts.images[rep]), seq=c.seq, pooled=c.pooled)
+                k0 = SIZE_TOKENS + SEP_TOKENS
+                self.prompt_null = Condition(text.encode([""], c.seq.shape[1] - k0).seq, text.encode([""]).pooled)
+                data = dict(x=self.codec.encode(images[rep]), seq=c.seq, pooled=c.pooled)
             elif self.kind == "idpg":
                 from ..assistants import mini as mini_assistants
 
@@ -397,24 +477,34 @@ class GeneratorTask:
         H, W = self.cfg.image_size
         return self.codec.grid(H, 2 * W if self.kind == "dual" else W)
 
-    def _condition(self, batch: dict, drop: bool, generator=None) -> Condition:
+    def _condition(self, batch: dict, drop: bool, generator=None, null: Condition | None = None) -> Condition:
         seq, pooled = batch["seq"], batch["pooled"]
         if not drop:
             return Condition(seq, pooled)
         b = seq.shape[0]
         m = torch.rand(b, generator=generator, device=seq.device) < self.DROP[self.kind]
-        if self.kind == "spg":  # drop the size prefix only: its slots become the empty text
-            k = SIZE_TOKENS
-            pre = torch.where(m[:, None, None], self.prefix_null.to(seq.device).expand(b, -1, -1), seq[:, :k])
-            return Condition(torch.cat([pre, seq[:, k:]], 1), pooled)
-        null = self.null.to(seq.device)
+        if self.kind == "spg":  # drop the size prefix (its slots become the empty text), or the whole prompt
+            k, k0 = SIZE_TOKENS, SIZE_TOKENS + SEP_TOKENS
+            every = torch.rand(b, generator=generator, device=seq.device) < self.PROMPT_DROP
+            pre = torch.where((m | every)[:, None, None], self.prefix_null.to(seq.device).expand(b, -1, -1), seq[:, :k])
+            pn = self.prompt_null.to(seq.device)
+            txt = torch.where(every[:, None, None], pn.seq.expand(b, -1, -1), seq[:, k0:])
+            pooled = torch.where(every[:, None], pn.pooled.expand(b, -1), pooled)
+            return Condition(torch.cat([pre, seq[:, k:k0], txt], 1), pooled)
+        null = (null or self.null).to(seq.device)
         seq = torch.where(m[:, None, None], null.seq.expand(b, -1, -1), seq)
         pooled = torch.where(m[:, None], null.pooled.expand(b, -1), pooled)
         return Condition(seq, pooled)
 
     def loss(self, model, batch, gather):
-        cond = self._condition(batch, drop=True)
         ref = batch.get("ref")
+        if self.kind == "base" and float(torch.rand(())) < self.cfg.base_ref_share:
+            # the other view as reference, prompted with what changed: the identity must come from the image
+            cond = self._condition({"seq": batch["dseq"], "pooled": batch["dpooled"]}, drop=True, null=self.diff_null)
+        else:
+            cond = self._condition(batch, drop=True)
+            if self.kind == "base":
+                ref = None  # most base batches are plain text-to-image
         loss = flow_matching_loss(model, batch["x"], cond, self.grid(), reference=ref, prediction=self.cfg.prediction)
         return loss, {}
 
@@ -422,10 +512,17 @@ class GeneratorTask:
         """Validation flow-matching loss on held-out items with fixed noise and times."""
         dev = next(model.parameters()).device
         v = {k: t.to(dev) for k, t in self.val.items()}
-        g = torch.Generator(device=dev).manual_seed(1234)
-        loss = flow_matching_loss(model, v["x"], Condition(v["seq"], v["pooled"]), self.grid(), reference=v.get("ref"), generator=g,
-                                  prediction=self.cfg.prediction)
-        return {"neg_loss": -float(loss), "loss": float(loss)}
+
+        def val_loss(ref, seq="seq", pooled="pooled"):
+            g = torch.Generator(device=dev).manual_seed(1234)
+            return float(flow_matching_loss(model, v["x"], Condition(v[seq], v[pooled]), self.grid(), reference=ref, generator=g,
+                                            prediction=self.cfg.prediction))
+
+        if self.kind == "base":  # selected on text-to-image; the loss beside the other view reported
+            loss = val_loss(None)
+            return {"neg_loss": -loss, "loss": loss, "ref_loss": val_loss(v["ref"], "dseq", "dpooled")}
+        loss = val_loss(v.get("ref"))
+        return {"neg_loss": -loss, "loss": loss}
 
 
 def _longest(text: MiniClipText, texts: list[str]) -> int:
@@ -456,7 +553,8 @@ def _fit_stage(kind: str, scale: str, seed: int, out: Path, gpus: int, progress:
 
     cfg = mini_config(scale, task_kw.get("overrides"))
     base = kind == "base"
-    tc = TrainConfig(epochs=cfg.base_epochs if base else cfg.dual_epochs if kind == "dual" else cfg.lora_epochs, batch_size=cfg.batch_size,
+    epochs = {"base": cfg.base_epochs, "dual": cfg.dual_epochs, "spg": cfg.spg_epochs}.get(kind, cfg.lora_epochs)
+    tc = TrainConfig(epochs=epochs, batch_size=cfg.batch_size,
                      lr=cfg.base_lr if base else cfg.lora_lr, weight_decay=0.01, warmup_epochs=0.3, select="neg_loss",
                      gpus=gpus, seed=seed, out_dir=str(out / f"run-{kind}"), progress=progress, clip_grad=1.0)
     return fit(TaskSpec("person_retrieval.generators.mini:GeneratorTask", {"kind": kind, "scale": scale, "seed": seed, **task_kw}), tc)
@@ -499,7 +597,8 @@ def mini_generators(scale: str = "small", seed: int = 0, dataset: str = "cuhk_pe
     root = str(dataset_root(dataset, data_root, scale, seed))
     import hashlib
 
-    tag = hashlib.blake2b(json.dumps([asdict(cfg), dataset, str(data_root), GENERATOR_VERSION], sort_keys=True).encode(), digest_size=4).hexdigest()
+    trained = {k: v for k, v in asdict(cfg).items() if k not in SAMPLING}  # sampling settings need no retraining
+    tag = hashlib.blake2b(json.dumps([trained, dataset, str(data_root), GENERATOR_VERSION], sort_keys=True).encode(), digest_size=4).hexdigest()
     out = cache_dir() / "models" / f"generators-{scale}-seed{seed}-{tag}"
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "report.json"
@@ -530,6 +629,8 @@ def mini_generators(scale: str = "small", seed: int = 0, dataset: str = "cuhk_pe
             save_lora(res.model, kind, target)
         report[kind] = {"seconds": round(time.time() - t0, 1), "val_loss": float(res.best.get("loss", float("nan"))),
                         "samples_per_s": round(res.train_pairs_per_s, 1), "epochs": len(res.history)}
+        if "ref_loss" in res.best:  # the base: its loss beside the other view (IDPG's layout)
+            report[kind]["val_ref_loss"] = float(res.best["ref_loss"])
         report_path.write_text(json.dumps(report, indent=1))
     model = mini_flux(cfg, TEXT_DIM[scale])
     load_weights(model, base_file)
@@ -537,9 +638,14 @@ def mini_generators(scale: str = "small", seed: int = 0, dataset: str = "cuhk_pe
         load_lora(model, out / f"{kind}.safetensors", kind)
     model.requires_grad_(False)
     gen = FlowGenerator(model, make_codec(cfg, ae), mini_text_encoder(scale, seed), cfg.image_size, steps=cfg.steps,
-                        guidance=cfg.guidance, shift=cfg.shift, prediction=cfg.prediction)
+                        guidance=cfg.guidance, shift=cfg.shift, prediction=cfg.prediction, size_guidance=cfg.size_guidance,
+                        spg_guidance=cfg.spg_guidance)
     return gen, {"dir": str(out), **report}
 
 
+#: The settings that only change sampling, left out of the cache key.
+SAMPLING = ("steps", "guidance", "shift", "size_guidance", "spg_guidance")
+
+
 #: Bump when the generator's data or training changes, so caches are rebuilt.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 6

@@ -25,7 +25,8 @@ from .lora import adapter as adapter_ctx
 class FlowGenerator:
     def __init__(self, transformer, codec, text, image_size: tuple[int, int], *, steps: int = 28, guidance: float = 3.0,
                  shift: float = 1.0, flux_guidance: float | None = None, batch: int = 64, device=None,
-                 dtype: torch.dtype = torch.float32, prediction: str = "velocity"):
+                 dtype: torch.dtype = torch.float32, prediction: str = "velocity", size_guidance: float = 0.0,
+                 spg_guidance: float | None = None):
         self.transformer = transformer.eval()
         self.codec, self.text = codec, text
         self.image_size = tuple(int(v) for v in image_size)
@@ -34,6 +35,8 @@ class FlowGenerator:
         self.device = device or next(transformer.parameters()).device
         self.dtype = dtype
         self.prediction = prediction  # what the transformer outputs: "velocity" (Flux) or "sample"
+        self.size_guidance = float(size_guidance)  # SPG: a second guidance term on the size alone
+        self.spg_guidance = None if spg_guidance is None else float(spg_guidance)  # SPG's own scale (None: ``guidance``)
 
     @property
     def adapters(self) -> list[str]:
@@ -41,7 +44,8 @@ class FlowGenerator:
 
     # -- the one loop ----------------------------------------------------------------------------
     def _run(self, cond: Condition, null: Condition | None, size: tuple[int, int], seed: int, name: str | None,
-             beta: float | Sequence[float], reference: torch.Tensor | None = None, steps: int | None = None) -> torch.Tensor:
+             beta: float | Sequence[float], reference: torch.Tensor | None = None, steps: int | None = None,
+             partial: Condition | None = None, partial_scale: float = 0.0, guidance: float | None = None) -> torch.Tensor:
         H, W = size
         grid = self.codec.grid(H, W)
         n = len(cond)
@@ -59,10 +63,11 @@ class FlowGenerator:
                     part = idx[k: k + self.batch]
                     nl = null if null is None or len(null) == 1 else null.index(part)
                     tok = euler_sample(self.transformer, cond.index(part), grid, self.codec.channels, steps=steps or self.steps,
-                                       guidance_scale=self.guidance, null=nl, seed=seed * 100003 + part[0],
+                                       guidance_scale=self.guidance if guidance is None else guidance, null=nl, seed=seed * 100003 + part[0],
                                        reference=None if ref_tokens is None else ref_tokens[part], shift=self.shift,
                                        flux_guidance=self.flux_guidance, device=self.device, dtype=self.dtype,
-                                       prediction=self.prediction)
+                                       prediction=self.prediction, partial=None if partial is None else partial.index(part),
+                                       partial_scale=partial_scale)
                     img = self.codec.decode(tok, H, W)
                     out[part] = (img * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu()
         return out
@@ -76,17 +81,22 @@ class FlowGenerator:
         return self._run(self.text.encode(list(prompts)), self._null(), self.image_size, seed, adapter, beta)
 
     def spg(self, prompts: list[str], sizes: Sequence[tuple[int, int] | None] | tuple[int, int] | None = None, seed: int = 0,
-            beta: float = 1.0, adapter: str = "spg") -> torch.Tensor:
+            beta: float = 1.0, adapter: str = "spg", size_guidance: float | None = None) -> torch.Tensor:
         """Seed person images at the fixed physical resolution, with clarity set by the size condition
-        ``(w_r, h_r)`` (one for all, one per prompt, or ``None``: the adapter's own default)."""
+        ``(w_r, h_r)`` (one for all, one per prompt, or ``None``: the adapter's own default).
+        ``size_guidance`` (default: the generator's) adds guidance on the size alone, against the same
+        prompt without it."""
         prompts = list(prompts)
         if sizes is None or (isinstance(sizes, tuple) and len(sizes) == 2 and all(isinstance(v, int) for v in sizes)):
             sizes = [sizes] * len(prompts)  # type: ignore[list-item]
         cond = spg_condition(self.text, prompts, list(sizes))
-        # Guidance's other branch is the same prompt without its size, what SPG's training supports (it
-        # drops the size, never the prompt): the empty prompt is a condition the adapter never saw.
-        null = spg_condition(self.text, prompts, [None] * len(prompts))
-        return self._run(cond, null, self.image_size, seed, adapter, beta)
+        # Guidance's other branch is the empty prompt without a size (SPG's training drops both for 10%):
+        # guiding on the size alone, with the prompt in both branches, left the samples without a person.
+        null = spg_condition(self.text, [""], [None])
+        g_size = self.size_guidance if size_guidance is None else float(size_guidance)
+        no_size = spg_condition(self.text, prompts, [None] * len(prompts)) if g_size else None
+        return self._run(cond, null, self.image_size, seed, adapter, beta, partial=no_size, partial_scale=g_size,
+                         guidance=self.spg_guidance)
 
     def idpg(self, references: torch.Tensor, prompts: list[str], seed: int = 0, beta: float = 1.0,
              adapter: str = "idpg") -> torch.Tensor:

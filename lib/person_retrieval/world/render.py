@@ -170,6 +170,31 @@ class _Canvas:
 _BUILD_HALF = {"slim": 0.070, "average": 0.085, "heavy": 0.105}
 
 
+def camera_resolution(img: np.ndarray, r: int) -> np.ndarray:
+    """A camera ``r`` times coarser: each ``r x r`` block of the float image ``(H, W, 3)`` averaged (the
+    sensor's pixel), stored back at full size with a 2-tap smoothing (the camera's upscaler). ``r = 1``
+    returns a copy."""
+    h, w = img.shape[:2]
+    if r < 1 or h % r or w % r:
+        raise ValueError(f"a camera factor must divide the image size {h}x{w}, got {r}")
+    img = np.asarray(img, np.float32)
+    if r == 1:
+        return img.copy()
+    # Block mean by strided adds (much faster than ndarray.mean over the small axes).
+    blocks = img.reshape(h // r, r, w // r, r, 3)
+    rows = blocks[:, 0].copy()
+    for k in range(1, r):
+        rows += blocks[:, k]
+    small = rows[:, :, 0].copy()
+    for k in range(1, r):
+        small += rows[:, :, k]
+    small *= np.float32(1.0 / (r * r))
+    out = np.repeat(np.repeat(small, r, axis=0), r, axis=1)
+    out[1:] = (out[1:] + out[:-1]) * 0.5
+    out[:, 1:] = (out[:, 1:] + out[:, :-1]) * 0.5
+    return out
+
+
 def render(person: Person, state: State, height: int = 128) -> np.ndarray:
     """Render one crop as uint8 ``(height, height // 2, 3)``."""
     h, w = height, height // 2
@@ -345,19 +370,7 @@ def render(person: Person, state: State, height: int = 128) -> np.ndarray:
     img *= gain
     if state.scene != STUDIO:  # the studio camera has no sensor noise
         img += nz[:, noff: noff + w]
-    r = state.res_factor
-    if r > 1:
-        # Block mean by strided adds (much faster than ndarray.mean over the small axes).
-        blocks = img.reshape(h // r, r, w // r, r, 3)
-        rows = blocks[:, 0].copy()
-        for k in range(1, r):
-            rows += blocks[:, k]
-        small = rows[:, :, 0].copy()
-        for k in range(1, r):
-            small += rows[:, :, k]
-        small *= np.float32(1.0 / (r * r))
-        img = np.repeat(np.repeat(small, r, axis=0), r, axis=1)
-        img[1:] = (img[1:] + img[:-1]) * 0.5
-        img[:, 1:] = (img[:, 1:] + img[:, :-1]) * 0.5
+    if state.res_factor > 1:
+        img = camera_resolution(img, state.res_factor)
     np.clip(img, 0.0, 1.0, out=img)
     return (img * 255.0 + 0.5).astype(np.uint8)
