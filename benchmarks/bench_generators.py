@@ -26,12 +26,12 @@ def _time(fn, repeat: int = 1) -> float:
 def mini(scale: str) -> None:
     from person_retrieval.generators.flow import Condition, flow_matching_loss
     from person_retrieval.generators.lora import add_lora
-    from person_retrieval.generators.mini import MINI_FLUX, TEXT_DIM, mini_flux, mini_generators
+    from person_retrieval.generators.mini import MINI_FLUX, TEXT_DIM, mini_flux, mini_generators, token_channels, token_grid
 
     gen, report = mini_generators(scale, 0, progress=False)
     n = 32
     dt = _time(lambda: gen.spg(["a man in a red shirt and blue jeans"] * n, (32, 64), seed=0))
-    print(f"mini generator ({scale}, {gen.steps} steps, guidance {gen.guidance}): sampling {n / dt:.1f} images/s on the CPU")
+    print(f"mini generator ({scale}, {gen.steps} steps, SPG guidance {gen.spg_guidance}): sampling {n / dt:.1f} images/s on the CPU")
     for k, v in report.items():
         if isinstance(v, dict):
             print(f"  trained {k}: {v['seconds']:.0f} s, {v['samples_per_s']:.0f} samples/s")
@@ -45,13 +45,13 @@ def mini(scale: str) -> None:
                 add_lora(model, "spg", cfg.rank)
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-4)
             b = cfg.batch_size
-            H, W = cfg.image_size
-            x = torch.randn(b, (H // cfg.patch) * (W // cfg.patch), 3 * cfg.patch ** 2, device=dev)
+            grid = token_grid(cfg)
+            x = torch.randn(b, grid[0] * grid[1], token_channels(cfg), device=dev)
             c = Condition(torch.randn(b, 60, TEXT_DIM[scale], device=dev), torch.randn(b, TEXT_DIM[scale], device=dev))
 
             def step():
                 with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-                    loss = flow_matching_loss(model, x, c, (H // cfg.patch, W // cfg.patch))
+                    loss = flow_matching_loss(model, x, c, grid)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -374,6 +374,10 @@ def test_make_codec_needs_the_autoencoder_and_a_known_codec():
     from person_retrieval.generators.mini import make_codec, mini_config
 
     assert isinstance(make_codec(mini_config("tiny", {"codec": "pixel", "patch": 4})), PixelCodec)
+    from person_retrieval.generators.mini import token_grid
+
+    assert token_grid(mini_config("tiny", {"codec": "pixel", "patch": 4})) == PixelCodec(4).grid(64, 32)
+    assert token_grid(mini_config("tiny")) == _tiny_codec().grid(64, 32) == (8, 4)
     with pytest.raises(ValueError, match="needs the trained autoencoder"):
         make_codec(mini_config("tiny"))
     with pytest.raises(ValueError, match="codec must be 'latent' or 'pixel'"):

@@ -107,6 +107,14 @@ def token_channels(cfg: MiniFluxConfig) -> int:
     raise ValueError(f"codec must be 'latent' or 'pixel', got {cfg.codec!r}")
 
 
+def token_grid(cfg: MiniFluxConfig) -> tuple[int, int]:
+    """The image token grid of one ``cfg.image_size`` image (no codec needed)."""
+    H, W = cfg.image_size
+    f = 2 * cfg.ae_factor if cfg.codec == "latent" else cfg.patch
+    token_channels(cfg)  # checks the codec's name
+    return H // f, W // f
+
+
 def mini_flux(cfg: MiniFluxConfig, text_dim: int):
     """A randomly initialised Flux transformer of the mini size (image tokens in, velocities out)."""
     from diffusers import FluxTransformer2DModel
