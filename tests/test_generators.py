@@ -413,7 +413,7 @@ def test_studio_partners_pair_views_of_one_person():
     i = torch.arange(len(p))
     assert len(p) == cfg.studio_ids * cfg.studio_views and torch.all(p != i)
     assert torch.all(p // cfg.studio_views == i // cfg.studio_views)  # the same person
-    assert torch.equal(p[p], i) if cfg.studio_views == 2 else True
+    assert cfg.studio_views == 2 and torch.equal(p[p], i)  # two views: each is the other's partner
     three = studio_partners(mini_config("tiny", {"studio_views": 3}))
     assert three[:6].tolist() == [1, 2, 0, 4, 5, 3]
     with pytest.raises(ValueError, match="at least 2 views"):
