@@ -667,3 +667,27 @@ def test_spg_training_drops_the_size_and_sometimes_the_whole_prompt(mini_gen, ti
         assert torch.equal(c.seq[:, k:k0], batch["seq"][:, k:k0])  # the separator stays
         no_size, no_prompt, n = no_size + int(size_null.sum()), no_prompt + int(prompt_null.sum()), n + len(size_null)
     assert 0.22 < no_size / n < 0.34 and 0.06 < no_prompt / n < 0.14  # 20% size, plus 10% of everything
+
+
+def test_training_batches_are_cut_to_their_longest_text_exactly(mini_gen, tiny_world):
+    from person_retrieval.generators.mini import GeneratorTask, _Batches, mini_text_encoder
+    from person_retrieval.train import epoch_order
+
+    toy = _Batches(trim={"s": (torch.tensor([2, 5, 1, 3]), 1)}, s=torch.arange(28).view(4, 7), y=torch.arange(4))
+    assert toy.batch([0, 2])["s"].shape == (2, 3) and toy.batch([1, 3])["s"].shape == (2, 6)
+    assert torch.equal(toy.batch([0, 2])["s"], torch.tensor([[0, 1, 2], [14, 15, 16]])) and torch.equal(toy.lengths, torch.tensor([2, 5, 1, 3]))
+    # cutting the padding is exact: the text encoder is causal
+    text = mini_text_encoder("tiny", 0)
+    caps = ["a man in a red coat", "a woman with a long blue skirt and a black bag on her shoulder"]
+    n = int((text.backbone.tokenize(caps) != 0).sum(1).max())
+    assert torch.allclose(text.encode(caps, n + 9).seq[:, :n], text.encode(caps, n).seq, atol=1e-5)
+    task = GeneratorTask("base", "tiny", 0, root=str(tiny_world["cuhk_pedes"]), autoencoder=mini_gen[1]["dir"] + "/autoencoder.safetensors")
+    data = task.train_data()
+    order = epoch_order(len(data), 0, 0, data.lengths, 8)
+    batch = data.batch(order[:8])
+    assert batch["seq"].shape[1] == int(data.lengths[order[:8]].max()) <= data.t["seq"].shape[1]
+    assert batch["dseq"].shape[1] == int(data.trim["dseq"][0][order[:8]].max())
+    c = task._condition(batch, drop=True, generator=torch.Generator().manual_seed(3))
+    assert c.seq.shape == batch["seq"].shape  # the empty prompt is cut with the batch
+    dropped = ~(c.seq == batch["seq"]).flatten(1).all(1)
+    assert torch.allclose(c.seq[dropped], text.encode([""], batch["seq"].shape[1]).seq.expand(int(dropped.sum()), -1, -1), atol=1e-5)
