@@ -691,3 +691,38 @@ def test_training_batches_are_cut_to_their_longest_text_exactly(mini_gen, tiny_w
     assert c.seq.shape == batch["seq"].shape  # the empty prompt is cut with the batch
     dropped = ~(c.seq == batch["seq"]).flatten(1).all(1)
     assert torch.allclose(c.seq[dropped], text.encode([""], batch["seq"].shape[1]).seq.expand(int(dropped.sum()), -1, -1), atol=1e-5)
+
+
+def test_reference_guidance_is_a_linear_term_on_the_reference_image(mini_gen):
+    gen, _ = mini_gen
+    grid, ch = gen.codec.grid(*gen.image_size), gen.codec.channels
+    ref = torch.randn(1, grid[0] * grid[1], ch, generator=torch.Generator().manual_seed(0))
+    kw = dict(steps=1, guidance_scale=3.0, null=gen.text.encode([""]), reference=ref, seed=0, prediction=gen.prediction)
+    out = {r: flow.euler_sample(gen.transformer, gen.text.encode(["the same person, seen from the back"]), grid, ch,
+                                reference_scale=r, **kw) for r in (0.0, 1.0, 2.0)}
+    # one Euler step: x1 = x0 + dt (v_u + g (v_c - v_u) + r (v_u - v_u without the reference)), affine in r
+    assert torch.allclose(out[0.0], flow.euler_sample(gen.transformer, gen.text.encode(["the same person, seen from the back"]),
+                                                      grid, ch, **kw))
+    step = out[1.0] - out[0.0]
+    assert step.abs().max() > 1e-4 and torch.allclose(out[2.0] - out[0.0], 2 * step, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a reference, a null condition"):
+        flow.euler_sample(gen.transformer, gen.text.encode(["x"]), grid, ch, **{**kw, "reference": None}, reference_scale=1.0)
+    # the generator passes its own scale, or the caller's
+    imgs = gen.spg(["a man in a red shirt"], (8, 16), seed=1)
+    assert gen.reference_guidance == 4.0
+    assert not torch.equal(gen.idpg(imgs, ["seen from the back"]), gen.idpg(imgs, ["seen from the back"], reference_guidance=0.0))
+
+
+def test_idpg_training_drops_the_reference_for_a_tenth_of_batches(mini_gen, tiny_world, monkeypatch):
+    from person_retrieval.generators import mini
+
+    task = mini.GeneratorTask("idpg", "tiny", 0, base="unused", root=str(tiny_world["cuhk_pedes"]),
+                              autoencoder=mini_gen[1]["dir"] + "/autoencoder.safetensors")
+    batch = task.train_data().batch(range(4))
+    refs = []
+    monkeypatch.setattr(mini, "flow_matching_loss", lambda model, x, cond, grid, reference=None, **kw: refs.append(reference))
+    torch.manual_seed(0)
+    for _ in range(400):
+        task.loss(None, batch, None)
+    kept = [r for r in refs if r is not None]
+    assert 0.06 < 1 - len(kept) / len(refs) < 0.14 and all(torch.equal(r, batch["ref"]) for r in kept)

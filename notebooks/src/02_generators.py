@@ -111,7 +111,8 @@ reports.save_figure(fig, "02_domains", scale)
 #   sizes, so that pairs of one scene at two sizes tie the size to clarity and to nothing else;
 # * `idpg`: the reference image's tokens beside the noisy target's, with their own positions; the loss
 #   on the target tokens only; a difference prompt written by the vision-language model (what it sees
-#   change between the two images), dropped for 10% of samples;
+#   change between the two images), dropped for 10% of samples; the reference is left out of 10% of
+#   batches too, so that the adapter also knows the prompt without the image (see guidance below);
 # * `dual`: two images of one person side by side on one canvas, each panel's caption marked.
 #
 # Everything is cached by scale and seed; the first run trains the autoencoder, the base and the three
@@ -232,6 +233,16 @@ reports.save_figure(fig, "02_spg_energy", scale)
 # We ask the mini MLLM's attribute recognizer (trained on other people) to read the **identity**
 # attributes (gender, age, build, skin, hair style and colour) of each image, and count how often it reads
 # the same value in an expansion as in its seed, against a second independent SPG sample of the prompt.
+#
+# A small model leans on the prompt more than on the image, so the mini IDPG is also guided on the
+# reference, as InstructPix2Pix guides on its input image. With $v(x \mid c, r)$ the velocity for prompt
+# $c$ and reference $r$, and $\varnothing$ the empty prompt or no reference:
+#
+# $$v = v(x\mid\varnothing, r) + g\,[v(x\mid c, r) - v(x\mid\varnothing, r)] + g_r\,[v(x\mid\varnothing, r) - v(x\mid\varnothing, \varnothing)]$$
+#
+# with $g = 3$ and $g_r$ = `gen.reference_guidance` (4 for the mini generator, chosen on validation
+# prompts; 0 for FLUX.1-dev, whose adapter is not trained without the reference). The last term pushes
+# the sample towards what the reference adds over the empty prompt: the person in it.
 
 # %%
 from person_retrieval.assistants import trained_recognizer
@@ -239,11 +250,12 @@ from person_retrieval.assistants import trained_recognizer
 differences = ["the same person, seen from the back", "the same person, walking, in a park",
                "the same person, seen from the side", "the same person, facing the camera, on the street"]
 recognizer = trained_recognizer(scale if scale != "paper" else "small", seed)
-n_id = max(2, len(prompts) // 4)
+n_id = len(prompts)  # every prompt: the gap between two agreement rates needs the numbers
 id_images, id_table = quality.identity_study(gen, recognizer, prompts[:n_id], differences, size=sizes[0], seed=seed)
 id_table["source"] = source
 reports.save_table(id_table, "02_idpg_identity", scale, "IDPG: identity attributes read the same as in the seed image (%)",
-                   notes=f"{n_id} seed prompts x {len(differences)} difference prompts; the mini MLLM's recognizer reads each image.")
+                   notes=f"{n_id} seed prompts x {len(differences)} difference prompts; reference guidance {gen.reference_guidance:g}; "
+                         "the mini MLLM's recognizer reads each image.")
 id_table
 
 # %%

@@ -292,14 +292,21 @@ def euler_sample(transformer, cond: Condition, grid: tuple[int, int], channels: 
                  guidance_scale: float = 1.0, null: Condition | None = None, reference: torch.Tensor | None = None,
                  ref_grid: tuple[int, int] | None = None, seed: int = 0, shift: float = 1.0,
                  flux_guidance: float | None = None, device=None, dtype=torch.float32, prediction: str = "velocity",
-                 partial: Condition | None = None, partial_scale: float = 0.0) -> torch.Tensor:
+                 partial: Condition | None = None, partial_scale: float = 0.0, reference_scale: float = 0.0) -> torch.Tensor:
     """Integrate the flow from noise to tokens ``[B, N, channels]``. Deterministic given ``seed`` (the
     noise comes from a seeded generator on the CPU). ``guidance_scale > 1`` with ``null`` is
     classifier-free guidance; ``flux_guidance`` is FLUX.1-dev's distilled guidance input instead.
 
     ``partial`` (the condition with one part left out, e.g. SPG's prompt without its size) adds a second
     guidance term for that part alone, as InstructPix2Pix guides its two conditions with two scales:
-    ``v = v_u + g (v_c - v_u) + partial_scale (v_c - v_partial)``."""
+    ``v = v_u + g (v_c - v_u) + partial_scale (v_c - v_partial)``.
+
+    ``reference_scale`` guides on the ``reference`` image as InstructPix2Pix guides on its input image:
+    ``v += reference_scale (v_u - v_u without the reference's tokens)``, i.e. image guidance
+    ``1 + reference_scale`` (it needs ``null``)."""
+    if reference_scale and (reference is None or null is None or guidance_scale == 1.0):
+        raise ValueError("reference_scale guides on the reference image against the empty prompt: "
+                         "it needs a reference, a null condition and guidance_scale != 1")
     device = device or next(transformer.parameters()).device
     b, n = len(cond), grid[0] * grid[1]
     g = torch.Generator().manual_seed(int(seed))
@@ -323,7 +330,10 @@ def euler_sample(transformer, cond: Condition, grid: tuple[int, int], channels: 
         ref = reference.to(device, dtype)
         ids = torch.cat([ids, image_ids(ref_grid or grid, 1, device)])
 
-    def v_of(x_in, cnd, t):
+    def v_of(x_in, cnd, t, with_ref=True):
+        if ref is not None and not with_ref:
+            out = velocity(transformer, x_in, cnd, t.expand(x_in.shape[0]), ids[:n], flux_guidance).to(dtype)
+            return predicted_velocity(out, x_in, t.expand(x_in.shape[0]), prediction)
         if ref is not None:
             r = ref if x_in.shape[0] == ref.shape[0] else torch.cat([ref] * (x_in.shape[0] // ref.shape[0]))
             x_in = torch.cat([x_in, r], 1)
@@ -341,6 +351,8 @@ def euler_sample(transformer, cond: Condition, grid: tuple[int, int], channels: 
         v = vu + guidance_scale * (vc - vu) if cfg else vc
         if partial is not None and partial_scale:
             v = v + partial_scale * (vc - v_of(x, part, t))
+        if reference_scale:
+            v = v + reference_scale * (vu - v_of(x, nl, t, with_ref=False))
         x = x + (t_next - t) * v
     return x
 

@@ -26,7 +26,7 @@ class FlowGenerator:
     def __init__(self, transformer, codec, text, image_size: tuple[int, int], *, steps: int = 28, guidance: float = 3.0,
                  shift: float = 1.0, flux_guidance: float | None = None, batch: int = 64, device=None,
                  dtype: torch.dtype = torch.float32, prediction: str = "velocity", size_guidance: float = 0.0,
-                 spg_guidance: float | None = None):
+                 spg_guidance: float | None = None, reference_guidance: float = 0.0):
         self.transformer = transformer.eval()
         self.codec, self.text = codec, text
         self.image_size = tuple(int(v) for v in image_size)
@@ -37,6 +37,7 @@ class FlowGenerator:
         self.prediction = prediction  # what the transformer outputs: "velocity" (Flux) or "sample"
         self.size_guidance = float(size_guidance)  # SPG: a second guidance term on the size alone
         self.spg_guidance = None if spg_guidance is None else float(spg_guidance)  # SPG's own scale (None: ``guidance``)
+        self.reference_guidance = float(reference_guidance)  # IDPG: extra guidance on the reference image
 
     @property
     def adapters(self) -> list[str]:
@@ -45,7 +46,8 @@ class FlowGenerator:
     # -- the one loop ----------------------------------------------------------------------------
     def _run(self, cond: Condition, null: Condition | None, size: tuple[int, int], seed: int, name: str | None,
              beta: float | Sequence[float], reference: torch.Tensor | None = None, steps: int | None = None,
-             partial: Condition | None = None, partial_scale: float = 0.0, guidance: float | None = None) -> torch.Tensor:
+             partial: Condition | None = None, partial_scale: float = 0.0, guidance: float | None = None,
+             reference_scale: float = 0.0) -> torch.Tensor:
         H, W = size
         grid = self.codec.grid(H, W)
         n = len(cond)
@@ -67,7 +69,7 @@ class FlowGenerator:
                                        reference=None if ref_tokens is None else ref_tokens[part], shift=self.shift,
                                        flux_guidance=self.flux_guidance, device=self.device, dtype=self.dtype,
                                        prediction=self.prediction, partial=None if partial is None else partial.index(part),
-                                       partial_scale=partial_scale)
+                                       partial_scale=partial_scale, reference_scale=reference_scale)
                     img = self.codec.decode(tok, H, W)
                     out[part] = (img * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu()
         return out
@@ -99,14 +101,18 @@ class FlowGenerator:
                          guidance=self.spg_guidance)
 
     def idpg(self, references: torch.Tensor, prompts: list[str], seed: int = 0, beta: float = 1.0,
-             adapter: str = "idpg") -> torch.Tensor:
-        """New images of each reference's person, changed as each difference prompt says."""
+             adapter: str = "idpg", reference_guidance: float | None = None) -> torch.Tensor:
+        """New images of each reference's person, changed as each difference prompt says.
+        ``reference_guidance`` (default: the generator's) adds guidance on the reference image, against
+        the same empty prompt without it (InstructPix2Pix's image guidance, minus one)."""
         if len(references) != len(prompts):
             raise ValueError(f"{len(references)} reference images but {len(prompts)} difference prompts")
         H, W = self.image_size
         if tuple(references.shape[-2:]) != (H, W):
             raise ValueError(f"reference images must be {H}x{W} (the generator's resolution), got {tuple(references.shape[-2:])}")
-        return self._run(self.text.encode(list(prompts)), self._null(), self.image_size, seed, adapter, beta, reference=references)
+        g_ref = self.reference_guidance if reference_guidance is None else float(reference_guidance)
+        return self._run(self.text.encode(list(prompts)), self._null(), self.image_size, seed, adapter, beta, reference=references,
+                         reference_scale=g_ref)
 
     def dual(self, left: list[str], right: list[str], seed: int = 0, beta: float | Sequence[float] = 1.0,
              adapter: str = "dual") -> tuple[torch.Tensor, torch.Tensor]:
