@@ -331,13 +331,11 @@ def euler_sample(transformer, cond: Condition, grid: tuple[int, int], channels: 
         ids = torch.cat([ids, image_ids(ref_grid or grid, 1, device)])
 
     def v_of(x_in, cnd, t, with_ref=True):
-        if ref is not None and not with_ref:
-            out = velocity(transformer, x_in, cnd, t.expand(x_in.shape[0]), ids[:n], flux_guidance).to(dtype)
-            return predicted_velocity(out, x_in, t.expand(x_in.shape[0]), prediction)
-        if ref is not None:
+        use_ref = ref is not None and with_ref  # without it: the target's tokens and positions alone
+        if use_ref:
             r = ref if x_in.shape[0] == ref.shape[0] else torch.cat([ref] * (x_in.shape[0] // ref.shape[0]))
             x_in = torch.cat([x_in, r], 1)
-        out = velocity(transformer, x_in, cnd, t.expand(x_in.shape[0]), ids, flux_guidance)[:, :n].to(dtype)
+        out = velocity(transformer, x_in, cnd, t.expand(x_in.shape[0]), ids if use_ref else ids[:n], flux_guidance)[:, :n].to(dtype)
         return predicted_velocity(out, x_in[:, :n], t.expand(x_in.shape[0]), prediction)
 
     ts = timesteps(steps, shift).to(device)
