@@ -420,6 +420,29 @@ def test_studio_partners_pair_views_of_one_person():
         studio_partners(mini_config("tiny", {"studio_views": 1}))
 
 
+def test_studio_backdrops_change_the_background_only():
+    from person_retrieval.generators.mini import mini_config, studio_backdrop, studio_set
+    from person_retrieval.world import render, sample_person
+    from person_retrieval.world.render import STUDIO, State
+
+    rng = np.random.default_rng(0)
+    bd = studio_backdrop(rng, 64, 32)
+    walls = {tuple(bd[0, 0]), tuple(bd[-1, 0])}
+    assert bd.shape == (64, 32, 3) and len(walls) == 2  # a wall and a floor, each one flat colour
+    assert np.all(bd[:, 0] == bd[:, -1]) and 0 <= bd.min() and bd.max() <= 1
+    person, st = sample_person(rng, 0), State(scene=STUDIO)
+    plain, on = render(person, st, 64), render(person, st, 64, backdrop=bd)
+    assert np.array_equal(on[0, 0], (bd[0, 0] * 255 + 0.5).astype(np.uint8))  # the corner is the backdrop
+    body = np.abs(plain.astype(int) - 219).sum(-1) > 30  # the person's pixels in the grey studio
+    assert body.sum() > 100 and np.array_equal(on[body], plain[body])  # the person is drawn as before
+    with pytest.raises(ValueError, match="backdrop must be"):
+        render(person, st, 64, backdrop=bd[:32])
+    (x0, c0, s0), (x1, c1, s1) = (studio_set(mini_config("tiny", {"studio_ids": 6, "studio_backdrop_share": share}), 0, states=True)
+                                  for share in (0.0, 1.0))
+    assert c0 == c1 and s0 == s1  # the same people, states and captions: backdrops draw from their own stream
+    corner = lambda x: x[:, :, 0, 0].float()
+    assert torch.all(corner(x0) == corner(x0)[0]) and len({tuple(v) for v in corner(x1).tolist()}) > len(x1) // 2
+
 def test_difference_text_says_what_changed_and_the_base_learns_it_beside_the_other_view(mini_gen, tiny_world):
     from dataclasses import replace
 

@@ -195,12 +195,18 @@ def camera_resolution(img: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-def render(person: Person, state: State, height: int = 128) -> np.ndarray:
-    """Render one crop as uint8 ``(height, height // 2, 3)``."""
+def render(person: Person, state: State, height: int = 128, backdrop: np.ndarray | None = None) -> np.ndarray:
+    """Render one crop as uint8 ``(height, height // 2, 3)``. ``backdrop`` (float ``(height, height // 2,
+    3)`` in [0, 1]) replaces the scene behind the person: the generators' studio uses plain ones."""
     h, w = height, height // 2
-    pano = _panorama(state.scene, h, w)
-    off = int(state.bg_offset * 2 * w)
-    img = pano[:, off: off + w].copy()
+    if backdrop is not None:
+        if backdrop.shape != (h, w, 3):
+            raise ValueError(f"a backdrop must be {(h, w, 3)} for height {height}, got {backdrop.shape}")
+        img = np.asarray(backdrop, np.float32).copy()
+    else:
+        pano = _panorama(state.scene, h, w)
+        off = int(state.bg_offset * 2 * w)
+        img = pano[:, off: off + w].copy()
     cv = _Canvas(img, cx=w / 2 + state.dx * w)
     view, walking = state.view, state.pose == "walking"
     side = view == "side"
