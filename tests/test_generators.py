@@ -443,6 +443,7 @@ def test_studio_backdrops_change_the_background_only():
     corner = lambda x: x[:, :, 0, 0].float()
     assert torch.all(corner(x0) == corner(x0)[0]) and len({tuple(v) for v in corner(x1).tolist()}) > len(x1) // 2
 
+
 def test_difference_text_says_what_changed_and_the_base_learns_it_beside_the_other_view(mini_gen, tiny_world):
     from dataclasses import replace
 
