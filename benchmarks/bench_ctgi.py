@@ -8,10 +8,11 @@ import time
 import torch
 
 from person_retrieval import assistants as A
-from person_retrieval import tasks
-from person_retrieval.datasets import dataset_root, load_split
+from person_retrieval import models
+from person_retrieval.datasets import load_split
+from person_retrieval.world import dataset_root
 from person_retrieval.models import build_backbone
-from person_retrieval.pipelines import ctgi
+from person_retrieval.papers import ctgi
 from person_retrieval.train import load_weights
 
 
@@ -27,9 +28,9 @@ def main(scale: str = "small") -> None:
     dt = time.perf_counter() - t
     print(f"MTG ({scale}, 6 rounds): {len(ims) / dt:,.0f} images/s, {vlm.usage.total_items() / len(ims):.1f} MLLM calls per image")
     bb = build_backbone(None, scale)
-    load_weights(bb, tasks.pretrained_mini_clip(scale, 0, progress=False))
-    model = tasks.DualEncoder(bb).eval()
-    test = tasks.split_data("rstpreid", root, "test", bb)
+    load_weights(bb, models.pretrained_mini_clip(scale, 0, progress=False))
+    model = models.DualEncoder(bb).eval()
+    test = models.split_data("rstpreid", root, "test", bb)
     sim, text_scores = ctgi.scores_and_scorer(model, test)
     gallery = test.images.permute(0, 2, 3, 1).contiguous().numpy()
     vlm2 = A.MiniVLM(vlm.recognizer)

@@ -12,9 +12,9 @@ from functools import cached_property
 
 import torch
 
-from person_retrieval.datasets.torch_data import PairDataset, RetrievalData
+from person_retrieval.datasets.torch_data import RetrievalData
 from person_retrieval.models import Backbone
-from person_retrieval.tasks import IRRATask
+from person_retrieval.papers.tpr import IRRATask
 from person_retrieval.train import TaskSpec, TrainConfig, _to_device, fit
 
 

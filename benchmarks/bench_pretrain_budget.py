@@ -10,7 +10,8 @@ import sys
 import time
 
 from person_retrieval.config import cache_dir
-from person_retrieval.tasks import evaluate_retrieval, fit_baseline, split_data
+from person_retrieval.models import evaluate_retrieval, split_data
+from person_retrieval.papers.tpr import fit_baseline
 from person_retrieval.train import TaskSpec, TrainConfig, fit
 from person_retrieval.world import world_dataset
 
@@ -35,7 +36,7 @@ def main(epochs: int, n_ids: int, temperature: str, ft_epochs: int, gpus: int = 
     train = {"batch_size": 64, "lr": 1e-3, **train}
     tag = f"probe-f{int(bbm_frozen())}-e{epochs}-n{n_ids}-t{temperature}-ft{ft_epochs}-" + "-".join(f"{k}{v}" for k, v in sorted(train.items()))
     out = cache_dir() / "models" / tag
-    spec = TaskSpec("person_retrieval.tasks:ClipPretrainTask", {"scale": "small", "seed": 0, "n_ids": n_ids, "temperature": temp})
+    spec = TaskSpec("person_retrieval.models.pretrain:ClipPretrainTask", {"scale": "small", "seed": 0, "n_ids": n_ids, "temperature": temp})
     res = fit(spec, TrainConfig(epochs=epochs, warmup_epochs=0.3 * max(1, epochs // 4), gpus=gpus, out_dir=str(out),
                                 progress=False, **train))
     init = out / "backbone.safetensors"

@@ -6,13 +6,13 @@ import time
 import torch
 
 from person_retrieval.datasets.torch_data import RetrievalData
-from person_retrieval.tasks import DualEncoder, evaluate_retrieval
+from person_retrieval.models import DualEncoder, evaluate_retrieval
 from person_retrieval.models import build_backbone
 from person_retrieval.train import TaskSpec, TrainConfig, fit
 
 
 def training(scale: str, n_ids: int, batch: int) -> None:
-    spec = TaskSpec("person_retrieval.tasks:ClipPretrainTask", {"scale": scale, "seed": 0, "n_ids": n_ids})
+    spec = TaskSpec("person_retrieval.models.pretrain:ClipPretrainTask", {"scale": scale, "seed": 0, "n_ids": n_ids})
     r = fit(spec, TrainConfig(epochs=2, batch_size=batch, lr=1e-3, progress=False))
     h = r.history[-1]  # the second epoch: caches warm
     print(f"train {scale:5s} (batch {batch}): {h['pairs_per_s']:,.0f} pairs/s ({h['seconds']:.1f} s for {h['step'] // 2 * batch} pairs)", flush=True)

@@ -4,7 +4,7 @@ import torch
 
 from person_retrieval import assistants as A
 from person_retrieval.assistants import grammar
-from person_retrieval.pipelines.ctgi import mti_rerank, mtg_captions
+from person_retrieval.papers.ctgi import mti_rerank, mtg_captions
 from person_retrieval.world import PROFILES, render, sample_person, sample_state
 
 
@@ -81,7 +81,7 @@ def test_batched_mti_matches_one_query_at_a_time(setup):
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(len(queries), len(ims), generator=g) * 0.8
     scorer = _gallery_scorer(vlm, ims)
-    from person_retrieval.pipelines.ctgi import mti_rerank_batch
+    from person_retrieval.papers.ctgi import mti_rerank_batch
 
     b = mti_rerank_batch(queries, scores, ims, vlm, A.MiniLM(seed=0), scorer, top_k=4)
     for q, text in enumerate(queries):
@@ -129,8 +129,9 @@ def test_mini_vlm_remembers_what_it_saw(setup):
 # ---------------------------------------------------------------------------------------------
 # Pseudo-caption files and training on them.
 def test_mtg_split_round_trip_and_caption_swap(tiny_world, tmp_path):
+    from person_retrieval import datasets
     from person_retrieval.datasets import load_split
-    from person_retrieval.pipelines import ctgi
+    from person_retrieval.papers import ctgi
 
     root = tiny_world["rstpreid"]
     splits = [load_split("rstpreid", root, s) for s in ("train", "val")]
@@ -141,44 +142,43 @@ def test_mtg_split_round_trip_and_caption_swap(tiny_world, tmp_path):
     assert all(not k.startswith("/") and k.startswith("imgs") for k in caps)
     before = vlm.usage.total_items()
     assert ctgi.mtg_split(splits, vlm, A.MiniLM(seed=0), f) == caps and vlm.usage.total_items() == before  # read back
-    swapped = ctgi.with_pseudo_captions(splits[0], caps, "initial")
+    swapped = datasets.with_pseudo_captions(splits[0], caps, "initial")
     assert len(swapped.captions) == len(splits[0].image_paths) and swapped.caption_image_ids == list(range(len(swapped.captions)))
     assert swapped.caption_pids == splits[0].image_pids and not set(swapped.captions) & set(splits[0].captions)
     with pytest.raises(ValueError, match="field must be"):
-        ctgi.with_pseudo_captions(splits[0], caps, "manual")
+        datasets.with_pseudo_captions(splits[0], caps, "manual")
     with pytest.raises(KeyError, match="no pseudo-caption for image"):
-        ctgi.with_pseudo_captions(splits[0], {}, "caption")
+        datasets.with_pseudo_captions(splits[0], {}, "caption")
     (tmp_path / "bad.json").write_text('{"imgs/a.jpg": "just a string"}')
     with pytest.raises(ValueError, match="expected an object mapping image paths"):
-        ctgi.read_pseudo_captions(tmp_path / "bad.json")
+        datasets.read_pseudo_captions(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError, match="mtg_split"):
-        ctgi.read_pseudo_captions(tmp_path / "missing.json")
+        datasets.read_pseudo_captions(tmp_path / "missing.json")
 
 
 def test_task_trains_on_pseudo_captions_with_stretched_text(tiny_world, tmp_path):
-    from person_retrieval import tasks
     from person_retrieval.datasets import load_split
-    from person_retrieval.pipelines import ctgi
+    from person_retrieval.papers import ctgi, tpr
 
     root = tiny_world["rstpreid"]
     splits = [load_split("rstpreid", root, s) for s in ("train", "val")]
     f = tmp_path / "caps.json"
     caps = ctgi.mtg_split(splits, A.mini_vlm("tiny", seed=0, progress=False), A.MiniLM(seed=0), f, rounds=2, progress=False)
-    t = tasks.IRRATask("rstpreid", str(root), scale="tiny", captions=str(f), caption_field="caption", context_length=248)
+    t = tpr.IRRATask("rstpreid", str(root), scale="tiny", captions=str(f), caption_field="caption", context_length=248)
     assert t.backbone.context_length == 248 and t.backbone.config["stretched_from"] == 77
     train = t.train_data().data
     assert set(train.captions) <= {r["caption"] for r in caps.values()} and train.tokens.shape[1] == 248
-    plain = tasks.IRRATask("rstpreid", str(root), scale="tiny")
+    plain = tpr.IRRATask("rstpreid", str(root), scale="tiny")
     assert plain.backbone.context_length == 77 and set(plain.train_data().data.captions) == set(splits[0].captions)
 
 
 def test_context_tokens_cut_long_captions_like_clip(tiny_world):
-    from person_retrieval import tasks
+    from person_retrieval import models
     from person_retrieval.models import build_backbone
-    from person_retrieval.pipelines.ctgi import context_tokens
+    from person_retrieval.papers.ctgi import context_tokens
 
     bb = build_backbone(None, "tiny")
-    data = tasks.split_data("rstpreid", tiny_world["rstpreid"], "test", bb)
+    data = models.split_data("rstpreid", tiny_world["rstpreid"], "test", bb)
     data.captions[0] = " ".join(["red"] * 120)
     long, short = context_tokens(data, bb, 248), context_tokens(data, bb, 77)
     assert long.tokens.shape[1] == 248 and short.tokens.shape[1] == 77
@@ -187,7 +187,7 @@ def test_context_tokens_cut_long_captions_like_clip(tiny_world):
 
 
 def test_settings_list_the_runs_of_tables_1_to_4():
-    from person_retrieval.pipelines.ctgi import CTGISettings
+    from person_retrieval.papers.ctgi import CTGISettings
 
     runs = CTGISettings().runs()
     assert len(runs) == len(set(runs)) == 10
@@ -203,7 +203,7 @@ def test_ctgi_stages_run_on_transformers_assistants(setup, tmp_path):
     so MTI leaves every ranking as it was, and MTG keeps no answer that claims nothing."""
     from person_retrieval.assistants import tiny
     from person_retrieval.assistants.hf import TransformersLM, TransformersVLM
-    from person_retrieval.pipelines.ctgi import mti_rerank_batch
+    from person_retrieval.papers.ctgi import mti_rerank_batch
 
     _, ims = setup
     model, proc = tiny.qwen2_vl()

@@ -466,7 +466,8 @@ def test_difference_text_says_what_changed_and_the_base_learns_it_beside_the_oth
 
 
 def test_autoencoder_task_learns_to_reconstruct():
-    from person_retrieval.generators.autoencoder import AutoencoderTask, MiniAutoencoder
+    from person_retrieval.generators.autoencoder import MiniAutoencoder
+    from person_retrieval.generators.mini import AutoencoderTask
 
     task = AutoencoderTask.__new__(AutoencoderTask)  # the loss and evaluation, on a fixed image set
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from person_retrieval import train
 from person_retrieval.train import TaskSpec, TrainConfig, fit, resolve_devices
 
-TINY = TaskSpec("person_retrieval.tasks:ClipPretrainTask", {"scale": "tiny", "seed": 0, "n_ids": 40})
+TINY = TaskSpec("person_retrieval.models.pretrain:ClipPretrainTask", {"scale": "tiny", "seed": 0, "n_ids": 40})
 
 
 def cfg(**kw):
@@ -133,7 +133,7 @@ def test_batches_travel_as_bytes_and_are_normalised_on_the_device():
 def test_fixed_pretraining_temperature_is_not_trained(tmp_path):
     import math
 
-    spec = TaskSpec("person_retrieval.tasks:ClipPretrainTask", {"scale": "tiny", "seed": 0, "n_ids": 40, "temperature": 0.03})
+    spec = TaskSpec("person_retrieval.models.pretrain:ClipPretrainTask", {"scale": "tiny", "seed": 0, "n_ids": 40, "temperature": 0.03})
     res = fit(spec, cfg(epochs=1, out_dir=str(tmp_path)))
     scale = res.model.backbone.logit_scale
     assert not scale.requires_grad and math.isclose(float(scale), math.log(1 / 0.03), rel_tol=1e-6)

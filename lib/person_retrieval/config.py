@@ -107,6 +107,14 @@ def stable_hash(*parts) -> int:
     return zlib.crc32("/".join(map(str, parts)).encode())
 
 
+def config_tag(*parts) -> str:
+    """A short, stable hash of a run's configuration (JSON-serialisable parts): the cache key of trained models."""
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def rng_for(seed: int, *purpose) -> np.random.Generator:
     """An independent random stream for one purpose: ``rng_for(seed, "cuhk_pedes", "people")``."""
     return np.random.default_rng([int(seed), stable_hash(*purpose)])

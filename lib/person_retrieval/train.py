@@ -1,6 +1,6 @@
 """The one training loop: ``gpus`` -> CPU, one GPU, or DistributedDataParallel over N processes.
 
-    result = fit(TaskSpec("person_retrieval.tasks:IRRATask", {...}), TrainConfig(epochs=5, gpus=0))
+    result = fit(TaskSpec("person_retrieval.papers.tpr:IRRATask", {...}), TrainConfig(epochs=5, gpus=0))
 
 * ``gpus=0`` trains on the CPU; ``gpus=1`` on one CUDA GPU; ``gpus=N`` spawns N processes from
   :func:`_worker` (a library function, so spawned processes can import it) with NCCL on GPUs. On a
@@ -233,6 +233,12 @@ def _load_checkpoint(out: Path, model: nn.Module, opt, sched, rank: int = 0) -> 
     return state
 
 
+def read_history(run_dir) -> list[dict]:
+    """The per-epoch records of a training run (its metrics.jsonl)."""
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load safetensors weights saved by :func:`fit` into ``model``."""
     from safetensors.torch import load_model
@@ -404,7 +410,7 @@ def fit(spec: TaskSpec, cfg: TrainConfig) -> FitResult:
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m person_retrieval.train", description="Train a task from a JSON config: "
-                                 '{"task": {"target": "person_retrieval.tasks:IRRATask", "kwargs": {...}}, "train": {...TrainConfig...}}')
+                                 '{"task": {"target": "person_retrieval.papers.tpr:IRRATask", "kwargs": {...}}, "train": {...TrainConfig...}}')
     ap.add_argument("--config", required=True, help="path to the JSON config")
     ap.add_argument("--gpus", type=int, help="override train.gpus")
     args = ap.parse_args(argv)

@@ -28,7 +28,6 @@ weights = None      # None: the mini backbone (trained in the second part)
 # %%
 import json
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -118,7 +117,7 @@ for style in world.STYLES:
 # later notebook finds them ready. With `data_root` set, the same call returns your real folders instead.
 
 # %%
-roots = {name: datasets.dataset_root(name, params["data_root"], scale, seed) for name in datasets.REAL_FOLDERS
+roots = {name: world.dataset_root(name, params["data_root"], scale, seed) for name in datasets.REAL_FOLDERS
          if params["data_root"] is None or (params["data_root"] / datasets.REAL_FOLDERS[name]).is_dir()}
 for name, root in roots.items():
     files = sorted(f.name for f in root.iterdir())
@@ -264,11 +263,11 @@ pd.DataFrame({k: v for k, v in dm.items() if k != "ranks"}, index=["round 0", "r
 # GPU, after 12 epochs: CUHK-style R1 24.6 against 20.1 once both are fine-tuned the IRRA way).
 
 # %%
-from person_retrieval import models, tasks
+from person_retrieval import models, train
 
 if weights is None:
-    clip_path = tasks.pretrained_mini_clip(scale, seed, gpus)
-    history = tasks.read_history(clip_path.parent)
+    clip_path = models.pretrained_mini_clip(scale, seed, gpus)
+    history = train.read_history(clip_path.parent)
     fig = viz.plot_history(history, ["loss"], ["val_R1", "val_mAP"], title="mini CLIP pretraining (held-out identities)")
     reports.save_figure(fig, "00_mini_clip_pretraining", scale)
     print(f"{clip_path}\n{history[-1]['pairs_per_s']:.0f} training pairs/s; best validation R1 "
@@ -286,11 +285,11 @@ backbone = models.build_backbone(weights, scale)
 if weights is None:
     from person_retrieval.train import load_weights
     load_weights(backbone, clip_path)
-zero_shot = tasks.DualEncoder(backbone).eval()
-test_sets = {name: tasks.split_data(name, roots[name], "test", backbone) for name in ("cuhk_pedes", "icfg_pedes", "rstpreid")
+zero_shot = models.DualEncoder(backbone).eval()
+test_sets = {name: models.split_data(name, roots[name], "test", backbone) for name in ("cuhk_pedes", "icfg_pedes", "rstpreid")
              if name in roots}
 rows = [{"method": "mini CLIP zero-shot" if weights is None else f"{weights} zero-shot", "dataset": name,
-         **tasks.evaluate_retrieval(zero_shot, data), "source": reports.run_source(scale, seed, "mini world" if data_root is None else "real data")}
+         **models.evaluate_retrieval(zero_shot, data), "source": reports.run_source(scale, seed, "mini world" if data_root is None else "real data")}
         for name, data in test_sets.items()]
 ref = reports.reported("tpr_baselines")
 ref = ref[ref.method == "CLIP zero-shot"].drop(columns=["note"]).assign(source="paper (TIPS Table 1, real data)")
@@ -305,7 +304,7 @@ zs.round(2)
 # %%
 name = next(iter(test_sets))
 data = test_sets[name]
-metrics_, sim = tasks.evaluate_retrieval(zero_shot, data, return_similarity=True)
+metrics_, sim = models.evaluate_retrieval(zero_shot, data, return_similarity=True)
 q = 0
 top = sim[q].topk(5).indices
 fig = viz.image_grid([data.images[i].permute(1, 2, 0).numpy() for i in top],

@@ -20,15 +20,17 @@ datasets = ["cuhk_pedes", "icfg_pedes", "rstpreid"]
 # %%
 import pandas as pd
 
-from person_retrieval import analysis, config, reports, tasks, viz
-from person_retrieval.datasets import TPR_FORMATS, dataset_root
+from person_retrieval import analysis, config, models, reports, viz
+from person_retrieval.papers import tpr
+from person_retrieval.datasets import TPR_FORMATS
+from person_retrieval.world import dataset_root
 from person_retrieval.models import build_backbone
 from person_retrieval.train import load_weights
 
 params = config.check_params(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights)
 for m in methods:
-    if m not in tasks.METHODS:
-        raise ValueError(f"parameter 'methods': unknown method {m!r}; expected some of {sorted(tasks.METHODS)}")
+    if m not in tpr.METHODS:
+        raise ValueError(f"parameter 'methods': unknown method {m!r}; expected some of {sorted(tpr.METHODS)}")
 for d in datasets:
     if d not in TPR_FORMATS:
         raise ValueError(f"parameter 'datasets': unknown dataset {d!r}; expected some of {sorted(TPR_FORMATS)}")
@@ -42,13 +44,13 @@ roots = {d: dataset_root(d, params["data_root"], scale, seed) for d in datasets}
 # cache, or trained now if it is missing); with real weights, from CLIP ViT-B/16.
 
 # %%
-init = None if weights else tasks.pretrained_mini_clip(scale, seed, gpus)
+init = None if weights else models.pretrained_mini_clip(scale, seed, gpus)
 backbone = build_backbone(weights, scale)
 if init:
     load_weights(backbone, init)
-test_sets = {d: tasks.split_data(d, roots[d], "test", backbone) for d in datasets}
-zero_shot = tasks.DualEncoder(backbone).eval()
-results = [{"method": "zero-shot backbone", "train": "-", "test": d, **tasks.evaluate_retrieval(zero_shot, t)}
+test_sets = {d: models.split_data(d, roots[d], "test", backbone) for d in datasets}
+zero_shot = models.DualEncoder(backbone).eval()
+results = [{"method": "zero-shot backbone", "train": "-", "test": d, **models.evaluate_retrieval(zero_shot, t)}
            for d, t in test_sets.items()]
 
 # %% [markdown]
@@ -86,7 +88,7 @@ runs = {}
 for d in datasets:
     for m in methods:
         print(f"--- {m} on {d}")
-        runs[m, d] = tasks.fit_baseline(m, d, roots[d], scale=scale, seed=seed, gpus=gpus, init=init, weights=weights)
+        runs[m, d] = tpr.fit_baseline(m, d, roots[d], scale=scale, seed=seed, gpus=gpus, init=init, weights=weights)
 
 # %% [markdown]
 # Every model is tested on its own dataset's test split; IRRA also on the other two (the cross-domain
@@ -98,7 +100,7 @@ for (m, d), r in runs.items():
     for t, data in test_sets.items():
         if m != "irra" and t != d:
             continue
-        metrics_, sims[m, d, t] = tasks.evaluate_retrieval(r.model, data, return_similarity=True)
+        metrics_, sims[m, d, t] = models.evaluate_retrieval(r.model, data, return_similarity=True)
         results.append({"method": m.upper(), "train": d, "test": t, **metrics_})
 res = pd.DataFrame(results)
 

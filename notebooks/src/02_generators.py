@@ -34,7 +34,8 @@ import pandas as pd
 import torch
 
 from person_retrieval import config, reports, viz
-from person_retrieval.datasets import dataset_root, load_split
+from person_retrieval.datasets import load_split
+from person_retrieval.world import dataset_root
 from person_retrieval.generators import quality
 from person_retrieval.generators.mini import STAGES, mini_config, mini_generators, studio_set, target_set
 
@@ -294,7 +295,7 @@ print(f"dual-panel pairs: identity attributes agree {100 * dual_agree:.1f}% of t
 # %%
 from person_retrieval.datasets.torch_data import load_images
 from person_retrieval.models import build_backbone
-from person_retrieval.tasks import pretrained_mini_clip
+from person_retrieval.models import pretrained_mini_clip
 from person_retrieval.train import load_weights
 
 clip = build_backbone(None, scale if scale != "paper" else "small")

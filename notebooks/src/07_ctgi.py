@@ -42,13 +42,13 @@ import time
 
 import numpy as np
 import pandas as pd
-import torch
 
 from person_retrieval import assistants as A
-from person_retrieval import config, reports, tasks, viz
-from person_retrieval.datasets import dataset_root, load_split
+from person_retrieval import config, models, reports, viz
+from person_retrieval.datasets import load_split
+from person_retrieval.world import dataset_root
 from person_retrieval.models import build_backbone, stretch_positional_embedding
-from person_retrieval.pipelines import ctgi
+from person_retrieval.papers import ctgi, tpr
 from person_retrieval.train import load_weights
 
 params = config.check_params(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights)
@@ -84,7 +84,7 @@ def assistants_for(s):
     return v, l
 
 
-init = None if weights else tasks.pretrained_mini_clip(scale, seed, gpus)
+init = None if weights else models.pretrained_mini_clip(scale, seed, gpus)
 backbone = build_backbone(weights, scale)
 if init:
     load_weights(backbone, init)
@@ -169,7 +169,7 @@ reports.save_figure(fig, "07_pes", scale)
 # the main seed.
 
 # %%
-test_sets = {d: ctgi.context_tokens(tasks.split_data(d, roots[d], "test", backbone), backbone, settings.context_length)
+test_sets = {d: ctgi.context_tokens(models.split_data(d, roots[d], "test", backbone), backbone, settings.context_length)
              for d in settings.datasets}
 rows, mti, pseudo = [], {}, {}
 for s in seeds:
@@ -186,14 +186,14 @@ res = pd.DataFrame(rows)
 from person_retrieval.metrics import retrieval_metrics
 
 reference = []
-zero_shot = tasks.DualEncoder(backbone).eval()
+zero_shot = models.DualEncoder(backbone).eval()
 for d in settings.datasets:
     data = ctgi.context_tokens(test_sets[d], backbone, backbone.context_length)
     reference.append({"seed": seed, "dataset": d, "method": "zero-shot backbone", "captions": "-", "PES": False, "MTI": False,
-                      **tasks.evaluate_retrieval(zero_shot, data)})
-    sup = tasks.fit_baseline("irra", d, roots[d], scale=scale, seed=seed, gpus=gpus, init=init, weights=weights)
+                      **models.evaluate_retrieval(zero_shot, data)})
+    sup = tpr.fit_baseline("irra", d, roots[d], scale=scale, seed=seed, gpus=gpus, init=init, weights=weights)
     reference.append({"seed": seed, "dataset": d, "method": "IRRA", "captions": "manual", "PES": False, "MTI": False,
-                      **tasks.evaluate_retrieval(sup.model, data)})
+                      **models.evaluate_retrieval(sup.model, data)})
 res_all = pd.concat([res, pd.DataFrame(reference)], ignore_index=True)
 
 # %% [markdown]

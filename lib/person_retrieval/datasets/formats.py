@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -176,10 +177,13 @@ def write_tpr_annotations(name: str, root: str | Path, entries: Iterable[dict]) 
     return path
 
 
+def tokenize(text: str) -> list[str]:
+    """CUHK-PEDES-style ``processed_tokens``: lower-cased words, punctuation dropped."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
 def split_statistics(split: TPRSplit) -> dict:
     """Dataset statistics in the papers' terms."""
-    from ..world.language import tokenize
-
     toks = [tokenize(c) for c in split.captions]
     vocab = {t for ts in toks for t in ts}
     return {
@@ -304,19 +308,3 @@ def write_chatpedes(root: str | Path, split: str, entries: list[dict]) -> None:
 #: Folder names under a ``data_root`` holding real datasets (IRRA's layout for the TPR three).
 REAL_FOLDERS = {"cuhk_pedes": "CUHK-PEDES", "icfg_pedes": "ICFG-PEDES", "rstpreid": "RSTPReid",
                 "itcpr": "ITCPR", "syncpr": "SynCPR", "chatpedes": "ChatPedes"}
-
-
-def dataset_root(name: str, data_root: str | Path | None = None, scale: str = "small", seed: int = 0,
-                 progress: bool = True) -> Path:
-    """The folder of dataset ``name``: ``data_root/<real folder name>`` when ``data_root`` is given
-    (e.g. ``data_root/CUHK-PEDES``), else the mini world's folder for ``(scale, seed)``, built if missing."""
-    if name not in REAL_FOLDERS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(REAL_FOLDERS)}")
-    if data_root is not None:
-        p = Path(data_root) / REAL_FOLDERS[name]
-        if not p.is_dir():
-            raise DatasetFormatError(f"{p}: folder not found; put the {REAL_FOLDERS[name]} dataset there (data_root={data_root})")
-        return p
-    from ..world.build import world_dataset
-
-    return world_dataset(name, scale, seed, progress)

@@ -113,54 +113,6 @@ def load_codec(path: str | Path) -> MiniLatentCodec:
     return MiniLatentCodec(ae, float(meta["shift"]), float(meta["scale"]))
 
 
-class AutoencoderTask:
-    """The autoencoder for :func:`person_retrieval.train.fit`: L1 reconstruction of a broad image set,
-    plus ``1e-4 |z|^2`` and latent noise of std ``0.05`` during training; validation on held-out images
-    (``neg_l1`` for model selection, and the PSNR)."""
-
-    LATENT_NOISE, LATENT_PENALTY = 0.05, 1e-4
-
-    def __init__(self, scale: str = "small", seed: int = 0, root: str | None = None, dataset: str = "cuhk_pedes",
-                 overrides: dict | None = None):
-        from .mini import mini_config
-
-        self.scale, self.seed, self.root, self.dataset = scale, seed, root, dataset
-        self.cfg = mini_config(scale, overrides)
-        self._data = None
-
-    def build(self) -> MiniAutoencoder:
-        return MiniAutoencoder(self.cfg.ae_channels, self.cfg.ae_width, self.cfg.ae_factor)
-
-    def _prepare(self):
-        if self._data is None:
-            from .mini import autoencoder_images
-
-            x = autoencoder_images(self.cfg, self.seed, self.dataset, self.root)
-            x = x.float() / 127.5 - 1
-            n_val = max(2, len(x) // 50)
-            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
-            self.val, self._data = x[perm[:n_val]], x[perm[n_val:]]
-        return self._data
-
-    def train_data(self):
-        from .mini import _Batches
-
-        return _Batches(x=self._prepare())
-
-    def loss(self, model, batch, gather):
-        x = batch["x"]
-        z = model.encoder(x)
-        y = model.decoder(z + self.LATENT_NOISE * torch.randn_like(z))
-        l1 = (y - x).abs().mean()
-        return l1 + self.LATENT_PENALTY * (z.float() ** 2).mean(), {"l1": float(l1.detach())}
-
-    @torch.no_grad()
-    def evaluate(self, model) -> dict:
-        dev = next(model.parameters()).device
-        x = self.val.to(dev)
-        y = model(x).clamp(-1, 1)
-        mse = float(((y - x) ** 2).mean())
-        return {"neg_l1": -float((y - x).abs().mean()), "psnr": 10 * float(torch.log10(torch.tensor(4.0 / max(mse, 1e-12))))}
 
 
 def fitted_codec(ae: MiniAutoencoder, images: torch.Tensor) -> MiniLatentCodec:

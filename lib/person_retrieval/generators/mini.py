@@ -30,6 +30,7 @@ import torch
 
 from ..config import cache_dir, get_scale, rng_for
 from .flow import SEP_TOKENS, SIZE_TOKENS, Condition, PixelCodec, dual_condition, dual_prompts, flow_matching_loss, size_text, spg_condition
+from .autoencoder import MiniAutoencoder
 from .lora import add_lora, load_lora, save_lora
 
 
@@ -187,7 +188,7 @@ class MiniClipText:
 def mini_text_encoder(scale: str, seed: int, gpus: int = 0, progress: bool = False) -> MiniClipText:
     """The pretrained mini CLIP of ``(scale, seed)`` (trained and cached when missing) as a text encoder."""
     from ..models import build_backbone
-    from ..tasks import pretrained_mini_clip
+    from ..models.pretrain import pretrained_mini_clip
     from ..train import load_weights
 
     bb = build_backbone(None, scale)
@@ -439,6 +440,50 @@ class _Batches:
         return out
 
 
+class AutoencoderTask:
+    """The autoencoder for :func:`person_retrieval.train.fit`: L1 reconstruction of a broad image set,
+    plus ``1e-4 |z|^2`` and latent noise of std ``0.05`` during training; validation on held-out images
+    (``neg_l1`` for model selection, and the PSNR)."""
+
+    LATENT_NOISE, LATENT_PENALTY = 0.05, 1e-4
+
+    def __init__(self, scale: str = "small", seed: int = 0, root: str | None = None, dataset: str = "cuhk_pedes",
+                 overrides: dict | None = None):
+        self.scale, self.seed, self.root, self.dataset = scale, seed, root, dataset
+        self.cfg = mini_config(scale, overrides)
+        self._data = None
+
+    def build(self) -> MiniAutoencoder:
+        return MiniAutoencoder(self.cfg.ae_channels, self.cfg.ae_width, self.cfg.ae_factor)
+
+    def _prepare(self):
+        if self._data is None:
+            x = autoencoder_images(self.cfg, self.seed, self.dataset, self.root)
+            x = x.float() / 127.5 - 1
+            n_val = max(2, len(x) // 50)
+            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
+            self.val, self._data = x[perm[:n_val]], x[perm[n_val:]]
+        return self._data
+
+    def train_data(self):
+        return _Batches(x=self._prepare())
+
+    def loss(self, model, batch, gather):
+        x = batch["x"]
+        z = model.encoder(x)
+        y = model.decoder(z + self.LATENT_NOISE * torch.randn_like(z))
+        l1 = (y - x).abs().mean()
+        return l1 + self.LATENT_PENALTY * (z.float() ** 2).mean(), {"l1": float(l1.detach())}
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        dev = next(model.parameters()).device
+        x = self.val.to(dev)
+        y = model(x).clamp(-1, 1)
+        mse = float(((y - x) ** 2).mean())
+        return {"neg_l1": -float((y - x).abs().mean()), "psnr": 10 * float(torch.log10(torch.tensor(4.0 / max(mse, 1e-12))))}
+
+
 class GeneratorTask:
     """One stage of the mini generator for :func:`person_retrieval.train.fit`: ``kind`` is ``"base"``
     (all weights, studio set) or an adapter (``"spg"``, ``"idpg"``, ``"dual"``) on the frozen base."""
@@ -637,7 +682,7 @@ def _fit_autoencoder(scale: str, seed: int, out: Path, gpus: int, progress: bool
     from .autoencoder import fitted_codec, save_codec
 
     cfg = mini_config(scale, task_kw.get("overrides"))
-    spec = TaskSpec("person_retrieval.generators.autoencoder:AutoencoderTask", {"scale": scale, "seed": seed, **task_kw})
+    spec = TaskSpec("person_retrieval.generators.mini:AutoencoderTask", {"scale": scale, "seed": seed, **task_kw})
     tc = TrainConfig(epochs=cfg.ae_epochs, batch_size=64 if scale != "tiny" else 16, lr=cfg.ae_lr, weight_decay=0.0, warmup_epochs=0.1,
                      select="neg_l1", gpus=gpus, seed=seed, out_dir=str(out / "run-autoencoder"), progress=progress, clip_grad=1.0)
     res = fit(spec, tc)
@@ -654,7 +699,7 @@ def mini_generators(scale: str = "small", seed: int = 0, dataset: str = "cuhk_pe
 
     Returns ``(FlowGenerator, report)``; the report gives each stage's training seconds and final
     validation loss (as trained, or as cached)."""
-    from ..datasets import dataset_root
+    from ..world import dataset_root
     from ..train import load_weights
     from .sampling import FlowGenerator
 

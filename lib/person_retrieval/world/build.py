@@ -237,3 +237,17 @@ def caption_coverage(root: str | Path, split: str | None = None) -> float:
     meta = read_world_meta(root)
     cov = [c["coverage"] for im in meta["images"] if split is None or im.get("split") == split for c in im["captions"]]
     return float(np.mean(cov)) if cov else float("nan")
+
+
+def dataset_root(name: str, data_root: str | Path | None = None, scale: str = "small", seed: int = 0,
+                 progress: bool = True) -> Path:
+    """The folder of dataset ``name``: ``data_root/<real folder name>`` when ``data_root`` is given
+    (e.g. ``data_root/CUHK-PEDES``), else the mini world's folder for ``(scale, seed)``, built if missing."""
+    if name not in formats.REAL_FOLDERS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(formats.REAL_FOLDERS)}")
+    if data_root is not None:
+        p = Path(data_root) / formats.REAL_FOLDERS[name]
+        if not p.is_dir():
+            raise formats.DatasetFormatError(f"{p}: folder not found; put the {formats.REAL_FOLDERS[name]} dataset there (data_root={data_root})")
+        return p
+    return world_dataset(name, scale, seed, progress)

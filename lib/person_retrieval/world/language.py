@@ -8,11 +8,11 @@ and the set of slots it mentions, so coverage can be measured.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..datasets.formats import tokenize  # noqa: F401  (the world's captions are tokenized as the formats are)
 from .attributes import Person, visible_slots
 from .render import State
 
@@ -86,11 +86,6 @@ def _join(items: list[str]) -> str:
     if len(items) <= 1:
         return "".join(items)
     return ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def tokenize(text: str) -> list[str]:
-    """CUHK-PEDES-style ``processed_tokens``: lower-cased words, punctuation dropped."""
-    return re.findall(r"[a-z0-9]+", text.lower())
 
 
 # ---------------------------------------------------------------------------------------------

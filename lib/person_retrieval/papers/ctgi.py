@@ -1,4 +1,7 @@
-"""CTGI's two assistant-driven stages.
+"""CTGI (notebook 07): "Chat-driven Text Generation and Interaction for Person Retrieval", EMNLP 2025.
+
+Everything the notebook trains and calls: the two assistant-driven stages, and the experiment's repeat
+(:func:`run_repeat`, which fine-tunes through :func:`person_retrieval.papers.tpr.fit_baseline`).
 
 * :func:`mtg_captions` (training time, eqs. 1-3): an initial caption ``T_s = MLLM(I, P_init)``, then
   ``rounds`` question-answer rounds from the attribute question pool, skipping questions about what is
@@ -20,6 +23,10 @@ import numpy as np
 import torch
 
 from ..assistants import LanguageModel, VisionLanguageModel, grammar, prompts
+from ..datasets import TPR_FORMATS, load_split, read_pseudo_captions, write_pseudo_captions
+from ..metrics import retrieval_metrics
+from ..models.retrieval import encode
+from .tpr import fit_baseline
 
 
 @dataclass
@@ -72,18 +79,6 @@ def mtg_captions(images, vlm: VisionLanguageModel, lm: LanguageModel, rounds: in
     return out
 
 
-def read_pseudo_captions(path) -> dict:
-    """A pseudo-caption file: ``{image path relative to its dataset root: {"initial", "caption", "qa"}}``."""
-    import json
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"pseudo-caption file {p} does not exist (write it with person_retrieval.pipelines.ctgi.mtg_split)")
-    data = json.loads(p.read_text())
-    if not isinstance(data, dict) or any(not isinstance(v, dict) or "caption" not in v or "initial" not in v for v in data.values()):
-        raise ValueError(f"{p}: expected an object mapping image paths to {{'initial', 'caption', 'qa'}} records")
-    return data
 
 
 def mtg_split(splits, vlm: VisionLanguageModel, lm: LanguageModel, out_file, rounds: int = 6, seed: int = 0,
@@ -95,8 +90,6 @@ def mtg_split(splits, vlm: VisionLanguageModel, lm: LanguageModel, out_file, rou
     from pathlib import Path
 
     from PIL import Image
-
-    from ..datasets.formats import write_json_atomic
 
     out = Path(out_file)
     if out.is_file():
@@ -110,27 +103,10 @@ def mtg_split(splits, vlm: VisionLanguageModel, lm: LanguageModel, out_file, rou
                 images.append(np.asarray(im.convert("RGB")))
     res = mtg_captions(images, vlm, lm, rounds=rounds, seed=seed, batch=batch, progress=progress)
     data = {k: {"initial": r.initial, "caption": r.caption, "qa": [list(x) for x in r.qa]} for k, r in zip(keys, res)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, data)
+    write_pseudo_captions(out, data)
     return data
 
 
-def with_pseudo_captions(split, captions: dict, field: str = "caption"):
-    """A copy of ``split`` whose captions are the pseudo-captions (one per image, ``field`` "caption" for
-    MTG's T_e or "initial" for the single-turn T_s) instead of the manual ones."""
-    import os
-    from dataclasses import replace
-
-    if field not in ("caption", "initial"):
-        raise ValueError(f"field must be 'caption' (MTG) or 'initial' (single-turn), got {field!r}")
-    texts = []
-    for p in split.image_paths:
-        key = os.path.relpath(p, split.root)
-        if key not in captions:
-            raise KeyError(f"no pseudo-caption for image {key!r} of {split.name}/{split.split}; regenerate the caption file")
-        texts.append(captions[key][field])
-    n = len(split.image_paths)
-    return replace(split, captions=texts, caption_pids=list(split.image_pids), caption_image_ids=list(range(n)))
 
 
 @dataclass
@@ -307,8 +283,6 @@ def context_tokens(data, backbone, length: int):
 def scores_and_scorer(model, data, batch: int = 256):
     """The query-gallery similarities of ``model`` on ``data``, and ``text_scores(texts)`` that scores
     new texts (MTI's refined queries) against the same, already encoded, gallery."""
-    from ..tasks import encode
-
     img, txt = encode(model, data)
     sim = model.similarity(txt, img)
     bb = model.backbone
@@ -335,11 +309,6 @@ def run_repeat(seed: int, roots: dict, test_sets: dict, vlm: VisionLanguageModel
     the users' queries). Returns ``(rows, mti, captions)``: result rows, the :class:`MTIBatch` of each
     (method, dataset, captions, PES), and the pseudo-captions per dataset."""
     from pathlib import Path
-
-    from ..datasets import load_split
-    from ..datasets.formats import TPR_FORMATS
-    from ..metrics import retrieval_metrics
-    from ..tasks import fit_baseline
 
     s = settings
     rows, mti, captions, files = [], {}, {}, {}

@@ -1,0 +1,9 @@
+"""One home per paper: each module holds everything its notebook trains and calls (heads, tasks for
+:func:`person_retrieval.train.fit`, pipeline stages, the experiment's drivers).
+
+* :mod:`.tpr`: the IRRA- and RDE-style baselines (notebook 01);
+* :mod:`.ctgi`: CTGI's MTG, PES and MTI (notebook 07).
+
+Shared infrastructure (world, datasets, models, train, losses, metrics, assistants, generators, reports)
+never imports from here; a paper module may build on another (CTGI fine-tunes with ``tpr``).
+"""

@@ -1,1 +1,0 @@
-"""The papers' pipelines, built on the assistants and the retrieval models (one module per paper)."""
