@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +230,32 @@ def trained_recognizer(scale: str = "small", seed: int = 0, progress: bool = Tru
 
 
 # =============================================================================================
+def item_rng(seed: int, *parts) -> np.random.Generator:
+    """The random stream of one assistant item: a function of the assistant's seed and the item's input
+    (image hashes as bytes, texts) alone. A sampling assistant answers one input the same way whenever it
+    is asked (as a seeded sampler does), whatever it was asked before: results then depend only on the
+    seed and the inputs, and not on call order, batch composition or which calls a cache skipped."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        b = part if isinstance(part, bytes) else str(part).encode()
+        h.update(len(b).to_bytes(8, "little") + b)
+    d = h.digest()
+    return np.random.default_rng([int(seed), int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")])
+
+
+def item_rngs(seed: int, items: list[tuple]) -> list[np.random.Generator]:
+    """:func:`item_rng` for each item of one call; the k-th repeat of an identical item within the call
+    draws its own stream (k is part of its input), as rows of one sampled batch do."""
+    seen: dict = {}
+    out = []
+    for it in items:
+        k = seen[it] = seen.get(it, -1) + 1
+        out.append(item_rng(seed, *it, k))
+    return out
+
+
 @dataclass(frozen=True)
 class Noise:
     """Error injection for answers: each answer independently contradicts the image (a wrong value),
@@ -260,8 +286,8 @@ class MiniVLM(VisionLanguageModel):
 
     def __init__(self, recognizer: AttributeRecognizer, noise: Noise = Noise(), seed: int = 0, judge_threshold: float = 0.5):
         super().__init__()
-        self.recognizer, self.noise = recognizer, noise
-        self.rng = np.random.default_rng(seed)
+        self.recognizer, self.noise, self.seed = recognizer, noise, seed
+        self.rng = np.random.default_rng(seed)  # replaced per item: see item_rng
         self.judge_threshold = judge_threshold
         self._last_answer: str | None = None
         self._memo: dict[bytes, tuple[Person, State, dict]] = {}
@@ -272,15 +298,20 @@ class MiniVLM(VisionLanguageModel):
     #: encoding the same way; the answers are the same with or without the memo.
     memo_size = 50_000
 
-    def perceive(self, images) -> list[tuple[Person, State, dict]]:
-        """For each image: the person and viewpoint it believes it sees, and the head probabilities."""
+    @staticmethod
+    def _keys(ims: list[np.ndarray]) -> list[bytes]:
+        """A content hash of each image: the memo's key and part of each answer's random stream."""
         import hashlib
 
+        return [hashlib.blake2b(im if im.flags.c_contiguous else np.ascontiguousarray(im), digest_size=16,
+                                person=str(im.shape).encode()[:16]).digest() for im in ims]
+
+    def perceive(self, images) -> list[tuple[Person, State, dict]]:
+        """For each image: the person and viewpoint it believes it sees, and the head probabilities."""
         from .base import _images
 
         ims = _images(images)
-        keys = [hashlib.blake2b(im if im.flags.c_contiguous else np.ascontiguousarray(im), digest_size=16,
-                                person=str(im.shape).encode()[:16]).digest() for im in ims]
+        keys = self._keys(ims)
         todo = {k: im for k, im in zip(keys, ims) if k not in self._memo}
         if todo:
             if len(self._memo) + len(todo) > self.memo_size:
@@ -298,13 +329,22 @@ class MiniVLM(VisionLanguageModel):
         ps = [float(probs[s][HEADS[s].index(v)]) for s, v in claims.items() if s in HEADS and v in HEADS[s]]
         return float(np.mean(ps)) if ps else 1.0
 
+    def _item_rngs(self, images, texts) -> list[np.random.Generator]:
+        """One random stream per (image, text) item of a call: :func:`item_rng` of the seed, the image's
+        content and the text, so an answer depends on nothing else (not on earlier calls, a cache that
+        skipped them, or the other items of the batch)."""
+        from .base import _images
+
+        return item_rngs(self.seed, list(zip(self._keys(_images(images)), texts)))
+
     # -- the interface -------------------------------------------------------------------------
     def _answer(self, images, questions):
         from ..world import language
 
         seen = self.perceive(images)
         out = []
-        for (person, state, probs), q in zip(seen, questions):
+        for (person, state, probs), q, rng in zip(seen, questions, self._item_rngs(images, questions)):
+            self.rng = rng
             groups = grammar.question_groups(q)
             if groups == ["describe"]:
                 out.append(self._describe_one(person, state, 4))
@@ -314,6 +354,8 @@ class MiniVLM(VisionLanguageModel):
                 continue
             r = self.rng.random()
             n = self.noise
+            # The one memory across calls, on purpose: a repeating assistant repeats what it said last
+            # (off unless Noise.repetition > 0).
             if r < n.repetition and self._last_answer is not None:
                 out.append(self._last_answer)
                 continue
@@ -378,7 +420,8 @@ class MiniVLM(VisionLanguageModel):
     def _describe(self, images, instructions):
         seen = self.perceive(images)
         out = []
-        for (person, state, _), ins in zip(seen, instructions):
+        for (person, state, _), ins, rng in zip(seen, instructions, self._item_rngs(images, instructions)):
+            self.rng = rng
             thorough = bool(re.search(r"detail|all |every|thorough|template", ins.lower()))
             out.append(self._describe_one(person, state, 6 if thorough else 3))
         return out
@@ -445,12 +488,15 @@ class MiniLM(LanguageModel):
 
     def __init__(self, seed: int = 0):
         super().__init__()
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)  # replaced per prompt: see item_rng
 
     def _generate(self, batch, max_new_tokens):
         out = []
-        for item in batch:
-            text = item if isinstance(item, str) else next(m["content"] for m in reversed(item) if m.get("role") == "user")
+        texts = [item if isinstance(item, str) else next(m["content"] for m in reversed(item) if m.get("role") == "user")
+                 for item in batch]
+        for text, rng in zip(texts, item_rngs(self.seed, [(t,) for t in texts])):
+            self.rng = rng
             p = prompts.identify(text)
             if p is None:
                 raise ValueError("the mini language model only does the jobs of the project's prompts "
