@@ -43,18 +43,41 @@ def test_notebook_runs_at_tiny(nb, tmp_path):
                         progress_bar=False)
 
 
-def test_bad_parameter_type_through_papermill_names_it(tmp_path):
+def test_every_parameter_is_typed_and_checked_in_the_first_cell():
+    """papermill --help-notebook shows a type for every parameter, and the first code cell after the
+    parameters calls the one check (params.check) with every one of them."""
+    import nbformat
     import papermill as pm
 
-    with pytest.raises(pm.PapermillExecutionError, match="parameter 'gpus' must be a non-negative integer"):
-        pm.execute_notebook(str(NOTEBOOKS[0]), str(tmp_path / "bad.ipynb"), parameters={"scale": "tiny", "gpus": "two"},
-                            kernel_name="python3", progress_bar=False)
+    for p in NOTEBOOKS:
+        inferred = pm.inspect_notebook(str(p))
+        assert inferred and all(v["inferred_type_name"] not in ("None", None) for v in inferred.values()), (p.name, inferred)
+        cells = [c for c in nbformat.read(p, as_version=4).cells if c.cell_type == "code"]
+        first = next(i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
+        check = cells[first + 1].source
+        assert "params.check(" in check, p.name
+        assert all(f"{name}={name}" in check for name in inferred), (p.name, [n for n in inferred if f"{n}={n}" not in check])
 
 
-def test_bad_seeds_through_papermill_names_it(tmp_path):
+# One bad value per notebook, each a case a user met: it fails in the first code cell (papermill's
+# execution count 3: the parameters cell, the injected parameters, then the check), naming the parameter.
+BAD = {
+    "00_world_and_backbone": ({"gpus": 64}, "parameter 'gpus'"),
+    "01_tpr_baselines": ({"weights": "ViT-B-16"}, "parameter 'weights': no local weights for 'ViT-B-16'"),
+    "02_generators": ({"data_root": "EMPTY"}, "parameter 'data_root': .* lacks datasets this notebook needs: cuhk_pedes"),
+    "07_ctgi": ({"ablation_methods": '["irra", "clip"]'}, "parameter 'ablation_methods'"),
+}
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_a_bad_parameter_fails_in_the_first_cell(nb, tmp_path, monkeypatch):
     import papermill as pm
 
-    nb = next(p for p in NOTEBOOKS if p.stem == "07_ctgi")
-    with pytest.raises(pm.PapermillExecutionError, match="parameter 'seeds' must be a list"):
-        pm.execute_notebook(str(nb), str(tmp_path / "bad.ipynb"), parameters={"scale": "tiny", "seeds": "zero"},
-                            kernel_name="python3", progress_bar=False)
+    assert nb.stem in BAD, f"add a bad-parameter case for {nb.stem}"
+    change, msg = BAD[nb.stem]
+    change = {k: (str(tmp_path) if v == "EMPTY" else v) for k, v in change.items()}
+    monkeypatch.setenv("PR_WEIGHTS_DIR", str(tmp_path / "weights"))
+    with pytest.raises(pm.PapermillExecutionError, match=msg) as e:
+        pm.execute_notebook(str(nb), str(tmp_path / "bad.ipynb"), parameters={"scale": "tiny", **change},
+                            kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    assert e.value.exec_count == 3, f"failed in cell {e.value.exec_count}, not the first code cell"

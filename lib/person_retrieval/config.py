@@ -1,4 +1,4 @@
-"""Scales, paths, seeding and the validation of notebook parameters.
+"""Scales, paths and seeding (a notebook's parameters are checked by :mod:`person_retrieval.params`).
 
 Scales (see DESIGN.md): ``tiny`` runs every code path in seconds (CI), ``small`` is the classroom scale
 (a CUHK-PEDES-shaped test split of 1,000 identities, each notebook at most 10 minutes on 2 CPU cores),
@@ -129,74 +129,3 @@ def seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
     except ImportError:  # pragma: no cover
         pass
-
-
-# ---------------------------------------------------------------------------------------------
-def check_params(**params) -> dict:
-    """Validate a notebook's common parameters; raise ``ValueError`` naming the bad one.
-
-    Known names: ``scale``, ``gpus``, ``seed``, ``data_root``, ``weights``. Others are passed through
-    (check them with :func:`check_number`). Returns the parameters, ``data_root`` as a ``Path``.
-    """
-    out = dict(params)
-    if "scale" in params:
-        s = params["scale"]
-        if s not in SCALE_NAMES:
-            raise ValueError(f"parameter 'scale' must be one of {SCALE_NAMES}, got {s!r} ({type(s).__name__})")
-    if "gpus" in params:
-        g = params["gpus"]
-        if isinstance(g, bool) or not isinstance(g, int) or g < 0:
-            raise ValueError(f"parameter 'gpus' must be a non-negative integer (0 = CPU), got {g!r} ({type(g).__name__})")
-    if "seed" in params:
-        s = params["seed"]
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise ValueError(f"parameter 'seed' must be a non-negative integer, got {s!r} ({type(s).__name__})")
-    if "data_root" in params and params["data_root"] is not None:
-        d = params["data_root"]
-        if not isinstance(d, (str, os.PathLike)):
-            raise ValueError(f"parameter 'data_root' must be None (the mini world) or a folder path, got {d!r}")
-        p = Path(d).expanduser()
-        if not p.is_dir():
-            raise ValueError(f"parameter 'data_root': folder {str(p)!r} does not exist (None uses the mini world)")
-        out["data_root"] = p
-    if "weights" in params and params["weights"] is not None and not isinstance(params["weights"], str):
-        raise ValueError(f"parameter 'weights' must be None (the mini backbone) or a model name or path, got {params['weights']!r}")
-    if params.get("scale") == "paper" and params.get("data_root") is None and "data_root" in params:
-        raise ValueError("scale='paper' needs real data: set parameter 'data_root' to the dataset folder")
-    return out
-
-
-def check_number(name: str, value, lo=None, hi=None, integer: bool = False):
-    """Validate one numeric knob (e.g. ``lambda1``), naming it in the error."""
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok:
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"parameter {name!r} must be {kind}, got {value!r} ({type(value).__name__})")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"parameter {name!r} must lie in [{lo}, {hi}], got {value!r}")
-    return value
-
-
-def check_seeds(name: str, value) -> list[int]:
-    """Validate a list of repeat seeds (``seeds = [0, 1, 2]``), naming the parameter in the error.
-
-    papermill's ``-p seeds "[0, 1]"`` passes a string: "[0, 1]", "0,1" and "0 1" are read as lists."""
-    import re
-
-    if isinstance(value, str) and re.fullmatch(r"\s*\[?\s*\d+(\s*[, ]\s*\d+)*\s*\]?\s*", value):
-        value = [int(v) for v in re.findall(r"\d+", value)]
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise ValueError(f"parameter {name!r} must be a list of non-negative integers, got {value!r} ({type(value).__name__})")
-    out = list(value)
-    if not out or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in out):
-        raise ValueError(f"parameter {name!r} must be a non-empty list of non-negative integers, got {value!r}")
-    if len(set(out)) != len(out):
-        raise ValueError(f"parameter {name!r} repeats a seed: {value!r}")
-    return out
-
-
-def check_model_name(name: str, value) -> str | None:
-    """``None`` (the mini model) or a model name or folder (a transformers model), naming the parameter."""
-    if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value).strip()):
-        raise ValueError(f"parameter {name!r} must be None (the mini model) or a model name or folder, got {value!r}")
-    return None if value is None else str(value)

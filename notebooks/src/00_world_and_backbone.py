@@ -19,11 +19,13 @@
 # 5. the retrieval metrics (Rank-k, mAP, mINP, and the dialogue metrics) on a case small enough to check by hand.
 
 # %% tags=["parameters"]
-scale = "small"     # "tiny" (seconds, for tests), "small" (classroom), "paper" (real data)
-gpus = 0            # 0: CPU; 1: one GPU (the mini CLIP's pretraining); N: DDP over N processes
-seed = 0
-data_root = None    # None: the mini world; a folder holding CUHK-PEDES/, ICFG-PEDES/, RSTPReid/ ...: real data
-weights = None      # None: the mini backbone (trained in the second part)
+from typing import Optional  # the types papermill --help-notebook shows
+
+scale: str = "small"           # "tiny" (seconds, for tests), "small" (classroom), "paper" (real data)
+gpus: int = 0                  # 0: CPU; 1: one GPU (the mini CLIP's pretraining); N: DDP over N processes
+seed: int = 0
+data_root: Optional[str] = None   # None: the mini world; a folder holding all six datasets (CUHK-PEDES/, ... ChatPedes/)
+weights: Optional[str] = None     # None: the mini backbone (trained in the second part); "ViT-B-16" or a file: real CLIP
 
 # %%
 import json
@@ -31,9 +33,9 @@ import json
 import pandas as pd
 import torch
 
-from person_retrieval import config, datasets, metrics, reports, viz, world
+from person_retrieval import config, datasets, metrics, params, reports, viz, world
 
-params = config.check_params(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights)
+P = params.check(dict(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights), needs=datasets.REAL_FOLDERS)
 sc = config.get_scale(scale)
 H = sc.image_height if scale != "paper" else 128
 print(f"scale={scale}: images {H}x{H // 2}; results go to {config.results_dirs(scale)[0]}")
@@ -117,8 +119,8 @@ for style in world.STYLES:
 # later notebook finds them ready. With `data_root` set, the same call returns your real folders instead.
 
 # %%
-roots = {name: world.dataset_root(name, params["data_root"], scale, seed) for name in datasets.REAL_FOLDERS
-         if params["data_root"] is None or (params["data_root"] / datasets.REAL_FOLDERS[name]).is_dir()}
+roots = {name: world.dataset_root(name, P["data_root"], scale, seed) for name in datasets.REAL_FOLDERS
+         if P["data_root"] is None or (P["data_root"] / datasets.REAL_FOLDERS[name]).is_dir()}
 for name, root in roots.items():
     files = sorted(f.name for f in root.iterdir())
     print(f"{name:11s} {root}\n            {files}")
@@ -157,10 +159,10 @@ for name in ("cuhk_pedes", "icfg_pedes", "rstpreid"):
     if name not in roots:
         continue
     fmt = datasets.TPR_FORMATS[name]
-    source = reports.run_source(scale, seed, "mini world" if params["data_root"] is None else f"real data at {params['data_root']}")
+    source = reports.run_source(scale, seed, "mini world" if P["data_root"] is None else f"real data at {P['data_root']}")
     for sp in fmt.splits:
         st = datasets.split_statistics(datasets.load_split(name, roots[name], sp))
-        if params["data_root"] is None:
+        if P["data_root"] is None:
             st["caption coverage"] = world.caption_coverage(roots[name], sp)
         rows.append({"dataset": name, "split": sp, **st, "source": source})
 ref = reports.reported("dataset_statistics")

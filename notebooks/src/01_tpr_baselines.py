@@ -9,33 +9,31 @@
 # tests how they transfer between the three styles, and looks at why they fail.
 
 # %% tags=["parameters"]
-scale = "small"     # "tiny", "small" or "paper"
-gpus = 0            # 0: CPU; 1: one GPU; N: DistributedDataParallel over N processes
-seed = 0
-data_root = None    # None: the mini world; a folder holding CUHK-PEDES/, ICFG-PEDES/, RSTPReid/: real data
-weights = None      # None: the mini CLIP of notebook 00; "ViT-B-16" or a checkpoint path: real CLIP
-methods = ["irra", "rde"]
-datasets = ["cuhk_pedes", "icfg_pedes", "rstpreid"]
+from typing import Optional  # the types papermill --help-notebook shows
+
+scale: str = "small"            # "tiny", "small" or "paper"
+gpus: int = 0                   # 0: CPU; 1: one GPU; N: DistributedDataParallel over N processes
+seed: int = 0
+data_root: Optional[str] = None    # None: the mini world; a folder holding CUHK-PEDES/, ICFG-PEDES/, RSTPReid/: real data
+weights: Optional[str] = None      # None: the mini CLIP of notebook 00; "ViT-B-16" or a checkpoint path: real CLIP
+methods: list = ["irra", "rde"]                            # with papermill: -p methods '["irra"]'
+datasets: list = ["cuhk_pedes", "icfg_pedes", "rstpreid"]  # the first is the cross-domain source
 
 # %%
 import pandas as pd
 
-from person_retrieval import analysis, config, models, reports, viz
-from person_retrieval.papers import tpr
+from person_retrieval import analysis, models, params, reports, viz
 from person_retrieval.datasets import TPR_FORMATS
-from person_retrieval.world import dataset_root
 from person_retrieval.models import build_backbone
+from person_retrieval.papers import tpr
 from person_retrieval.train import load_weights
+from person_retrieval.world import dataset_root
 
-params = config.check_params(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights)
-for m in methods:
-    if m not in tpr.METHODS:
-        raise ValueError(f"parameter 'methods': unknown method {m!r}; expected some of {sorted(tpr.METHODS)}")
-for d in datasets:
-    if d not in TPR_FORMATS:
-        raise ValueError(f"parameter 'datasets': unknown dataset {d!r}; expected some of {sorted(TPR_FORMATS)}")
+P = params.check(dict(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights, methods=methods, datasets=datasets),
+                 needs="datasets", methods=params.choices(tpr.METHODS), datasets=params.choices(TPR_FORMATS))
+methods, datasets = P["methods"], P["datasets"]
 source = reports.run_source(scale, seed, "mini world" if data_root is None else f"real data at {data_root}")
-roots = {d: dataset_root(d, params["data_root"], scale, seed) for d in datasets}
+roots = {d: dataset_root(d, P["data_root"], scale, seed) for d in datasets}
 
 # %% [markdown]
 # ## The starting point
@@ -132,8 +130,8 @@ for d in datasets:
 # **Target for the classroom scale: IRRA's R1 on the CUHK-PEDES style between 30 and 75**, hard enough to
 # leave the later papers room, easy enough to learn. Checked here; where it misses, the oracle below says
 # whether the world or the model is to blame. (At scale small on a 2-core CPU the mini CLIP is short of
-# training: the same code with 24 pretraining epochs on a GPU instead of 6 reached R1 26.1. The
-# retrieval-core issue's closing note has the measurements.)
+# training: the same code with 24 pretraining epochs on a GPU instead of 6 reached R1 26.1, measured once
+# on a GPU with `benchmarks/bench_pretrain_budget.py`, which re-runs that comparison.)
 
 # %%
 if "irra" in methods and "cuhk_pedes" in datasets:

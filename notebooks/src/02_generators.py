@@ -18,36 +18,38 @@
 # `weights="FLUX.1-dev"` the same code runs on FLUX.1-dev.
 
 # %% tags=["parameters"]
-scale = "small"       # "tiny", "small" or "paper"
-gpus = 0              # 0: CPU; 1: one GPU; N: DistributedDataParallel over N processes
-seed = 0              # the world, the mini CLIP, the generator's training
-data_root = None      # None: the mini world; a folder holding CUHK-PEDES/ (the few-shot target images)
-weights = None        # None: the mini generator; "FLUX.1-dev" or a folder: FLUX.1-dev (diffusers layout)
-dataset = "cuhk_pedes"  # the target domain the LoRA adapters learn
-rank = None           # LoRA rank; None: by scale (32 as TIPS; 4 at tiny)
-flux_steps = 20000    # FLUX.1-dev only: LoRA training steps per adapter (TIPS: 20,000)
-n_eval = None         # prompts per measurement; None: by scale (96, or 8 at tiny)
+from typing import Optional  # the types papermill --help-notebook shows
+
+scale: str = "small"           # "tiny", "small" or "paper"
+gpus: int = 0                  # 0: CPU; 1: one GPU; N: DistributedDataParallel over N processes
+seed: int = 0                  # the world, the mini CLIP, the generator's training
+data_root: Optional[str] = None   # None: the mini world; a folder holding the target dataset (e.g. CUHK-PEDES/)
+weights: Optional[str] = None     # None: the mini generator; "FLUX.1-dev" or a folder: FLUX.1-dev (diffusers layout)
+dataset: str = "cuhk_pedes"    # the target domain the LoRA adapters learn
+rank: Optional[int] = None        # LoRA rank; None: by scale (32 as TIPS; 4 at tiny)
+flux_steps: int = 20000        # FLUX.1-dev only: LoRA training steps per adapter (TIPS: 20,000)
+n_eval: Optional[int] = None      # prompts per measurement; None: by scale (96, or 8 at tiny)
 
 # %%
 import numpy as np
 import pandas as pd
 import torch
 
-from person_retrieval import config, reports, viz
-from person_retrieval.datasets import load_split
-from person_retrieval.world import dataset_root
+from person_retrieval import config, params, reports, viz
+from person_retrieval.datasets import TPR_FORMATS, load_split
 from person_retrieval.generators import quality
 from person_retrieval.generators.mini import STAGES, mini_config, mini_generators, studio_set, target_set
+from person_retrieval.world import dataset_root
 
-params = config.check_params(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights)
-rank = config.check_number("rank", rank, 1, 1024, integer=True) if rank is not None else (4 if scale == "tiny" else 32)
-config.check_number("flux_steps", flux_steps, 1, None, integer=True)
-n_eval = config.check_number("n_eval", n_eval if n_eval is not None else {"tiny": 8}.get(scale, 96), 2, None, integer=True)
-if dataset not in ("cuhk_pedes", "icfg_pedes", "rstpreid"):
-    raise ValueError(f"parameter 'dataset' must be one of cuhk_pedes, icfg_pedes, rstpreid, got {dataset!r}")
+P = params.check(dict(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights, dataset=dataset, rank=rank,
+                      flux_steps=flux_steps, n_eval=n_eval), needs="dataset", weights=params.flux_weights,
+                 dataset=params.choice(TPR_FORMATS),
+                 rank=params.integer(1, 1024, allow_none=True), flux_steps=params.integer(1), n_eval=params.integer(2, allow_none=True))
 if weights is None and scale == "paper":
     raise ValueError("scale='paper' needs weights='FLUX.1-dev' (the mini generator has tiny and small scales)")
-root = dataset_root(dataset, params["data_root"], scale, seed)
+rank = rank if rank is not None else (4 if scale == "tiny" else 32)
+n_eval = n_eval if n_eval is not None else {"tiny": 8}.get(scale, 96)
+root = dataset_root(dataset, P["data_root"], scale, seed)
 source = reports.run_source(scale, seed, "mini world" if data_root is None else f"real data at {data_root}")
 cfg = mini_config(scale if scale != "paper" else "small", {"rank": rank})
 print(source)
@@ -121,7 +123,7 @@ reports.save_figure(fig, "02_domains", scale)
 
 # %%
 if weights is None:
-    gen, report = mini_generators(scale, seed, dataset, params["data_root"], gpus, rank=rank)
+    gen, report = mini_generators(scale, seed, dataset, P["data_root"], gpus, rank=rank)
 else:
     from person_retrieval.generators import flux
 
@@ -139,9 +141,11 @@ else:
             report[kind] = {"loss": flux.train_flux_lora(gen, kind, flux_target, flux_steps, rank=rank, seed=seed, out_file=lora_file)[-1]}
 train_table = pd.DataFrame([{"stage": k, **{c: v for c, v in report[k].items()}} for k in ("autoencoder", *STAGES) if k in report])
 train_table["source"] = source
-reports.save_table(train_table, "02_generator_training", scale, "Generator training: time and final validation loss per stage",
-                   notes="Seconds are wall-clock on the machine that ran the regeneration (at small: a 2-core CPU). "
-                         "The autoencoder's validation figure is its reconstruction PSNR (dB); the others' the flow-matching loss.")
+wall = reports.timing_columns(train_table)
+reports.save_table(train_table.drop(columns=wall), "02_generator_training", scale, "Generator training: final validation figures per stage",
+                   notes="The autoencoder's validation figure is its reconstruction PSNR (dB); the others' the flow-matching loss.")
+reports.save_table(train_table[["stage", *wall, "source"]], "02_generator_training", scale, "Generator training: time per stage",
+                   notes="Wall-clock on the machine that ran the regeneration (at small: a 2-core CPU).", timing=True)
 train_table
 
 # %% [markdown]

@@ -142,7 +142,7 @@ def build_backbone(weights: str | None = None, scale: str = "small", image_size:
     return load_real_clip(weights, image_size)
 
 
-def _resolve_weights(weights: str) -> tuple[str, Path]:
+def resolve_weights(weights: str) -> tuple[str, Path]:
     """(open_clip architecture, checkpoint file) for a name like "ViT-B-16" or a path."""
     p = Path(weights).expanduser()
     if p.suffix in (".safetensors", ".bin", ".pt", ".pth") or p.exists():
@@ -168,7 +168,7 @@ def load_real_clip(weights: str, image_size: tuple[int, int] = (384, 128)) -> Ba
     """Real CLIP weights from disk, at ``image_size`` (height, width), position grid resized (bicubic)."""
     import open_clip
 
-    arch, path = _resolve_weights(weights)
+    arch, path = resolve_weights(weights)
     model = open_clip.create_model(arch, pretrained=str(path), force_image_size=tuple(image_size), load_weights=True)
     return Backbone(model, _tokenizer(), f"{arch}@{path.name}", {"arch": arch, "image_size": list(image_size)})
 

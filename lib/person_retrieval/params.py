@@ -1,0 +1,271 @@
+"""The one check of a notebook's parameters, called by every notebook's first code cell.
+
+    P = params.check(dict(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights, lam=lam),
+                     needs=["cuhk_pedes"], lam=params.number(0, 1))
+
+Every bad value fails there, before any work, with a ``ValueError`` that names the parameter, what it
+accepts and, for files, where to put them:
+
+* the common parameters are known by name: ``scale``, ``gpus`` (against the GPUs present, or for CPU
+  processes against the cores), ``seed``, ``seeds``, ``data_root`` (each dataset the notebook needs must be
+  there: every missing one is named), ``weights`` (real CLIP weights resolved to a file on disk), ``vlm``
+  and ``llm`` (model folders on disk);
+* a notebook's own knobs get a rule each: :func:`number`, :func:`integer`, :func:`choice`, :func:`choices`;
+* lists and numbers given as text, as ``papermill -p methods '["irra"]'`` passes them, are read as JSON.
+
+:func:`check` returns the checked values (lists as lists, ``data_root`` as a ``Path``) in a dict.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .config import SCALE_NAMES
+
+Rule = Callable[[str, Any], Any]
+
+
+def _kind(v) -> str:
+    return f"{v!r} ({type(v).__name__})"
+
+
+def _from_text(value):
+    """``papermill -p name '[1, 2]'`` hands the notebook a string: read JSON text as the value it spells."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules for a notebook's own knobs: each takes (name, value) and returns the checked value.
+def number(lo: float | None = None, hi: float | None = None) -> Rule:
+    """A real number in ``[lo, hi]`` (either bound may be open-ended: None)."""
+    def rule(name, value):
+        value = _from_text(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"parameter {name!r} must be a number, got {_kind(value)}")
+        _bounds(name, value, lo, hi)
+        return value
+    return rule
+
+
+def integer(lo: int | None = None, hi: int | None = None, allow_none: bool = False) -> Rule:
+    """A whole number in ``[lo, hi]`` (or None, with ``allow_none``: "chosen by scale")."""
+    def rule(name, value):
+        value = _from_text(value)
+        if value is None and allow_none:
+            return None
+        if not _is_int(value):
+            raise ValueError(f"parameter {name!r} must be an integer, got {_kind(value)}")
+        _bounds(name, value, lo, hi)
+        return value
+    return rule
+
+
+def _bounds(name, value, lo, hi):
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        span = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ValueError(f"parameter {name!r} must lie in {span}, got {value!r}")
+
+
+def choice(options: Iterable, allow_none: bool = False) -> Rule:
+    """One of ``options`` (or None, with ``allow_none``)."""
+    options = list(options)
+
+    def rule(name, value):
+        if value is None and allow_none:
+            return None
+        if value not in options:
+            raise ValueError(f"parameter {name!r} must be one of {options}, got {_kind(value)}")
+        return value
+    return rule
+
+
+def choices(options: Iterable, unique: bool = True) -> Rule:
+    """A non-empty list of items from ``options`` (a JSON list given as text is read as a list)."""
+    options = list(options)
+
+    def rule(name, value):
+        value = _from_text(value)
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ValueError(f"parameter {name!r} must be a non-empty list from {options} "
+                             f"(with papermill: -p {name} '[\"{options[0]}\"]'), got {_kind(value)}")
+        bad = [v for v in value if v not in options]
+        if not value or bad:
+            raise ValueError(f"parameter {name!r} must be a non-empty list from {options}, got {value!r}"
+                             + (f" (unknown: {bad})" if bad else ""))
+        if unique and len(set(value)) != len(value):
+            raise ValueError(f"parameter {name!r} repeats an item: {value!r}")
+        return list(value)
+    return rule
+
+
+def seeds(name, value) -> list[int]:
+    """A non-empty list of distinct non-negative integers; "[0, 1]", "0,1" and "0 1" are read as lists."""
+    import re
+
+    if isinstance(value, str) and re.fullmatch(r"\s*\[?\s*\d+(\s*[, ]\s*\d+)*\s*\]?\s*", value):
+        value = [int(v) for v in re.findall(r"\d+", value)]
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"parameter {name!r} must be a list of non-negative integers, got {_kind(value)}")
+    out = list(value)
+    if not out or any(not _is_int(v) or v < 0 for v in out):
+        raise ValueError(f"parameter {name!r} must be a non-empty list of non-negative integers, got {value!r}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"parameter {name!r} repeats a seed: {value!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The common parameters.
+def _scale(name, value):
+    if value not in SCALE_NAMES:
+        raise ValueError(f"parameter {name!r} must be one of {SCALE_NAMES}, got {_kind(value)}")
+    return value
+
+
+def _seed(name, value):
+    value = _from_text(value)
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"parameter {name!r} must be a non-negative integer, got {_kind(value)}")
+    return value
+
+
+def check_gpus(value, name: str = "gpus", cuda: int | None = None, cores: int | None = None) -> int:
+    """``gpus`` against this machine: 0 is the CPU; N GPUs must be present; with no GPU, N >= 2 means N CPU
+    processes over gloo (DistributedDataParallel's CPU path), at most one per core. ``cuda`` and ``cores``
+    default to what torch and the OS report."""
+    value = _from_text(value)
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"parameter {name!r} must be a non-negative integer (0 = CPU), got {_kind(value)}")
+    if value == 0:
+        return 0
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cuda:
+        if value > cuda:
+            raise ValueError(f"parameter {name!r} asks for {value} GPUs, but this machine has {cuda}: use at most {cuda}, or 0 for the CPU")
+        return value
+    if value == 1:
+        raise ValueError(f"parameter {name!r}=1 asks for a GPU, but this machine has none: use 0 (the CPU), "
+                         f"or 2 to {max(2, cores)} for that many CPU processes (DistributedDataParallel over gloo)")
+    if value > cores:
+        raise ValueError(f"parameter {name!r}={value} would start {value} CPU processes (this machine has no GPU), "
+                         f"but it has {cores} cores: use 0 (the CPU) or at most {cores}")
+    return value
+
+
+def check_weights(value, name: str = "weights"):
+    """``None`` (the mini CLIP) or real CLIP weights, resolved to a checkpoint on disk now."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ValueError(f"parameter {name!r} must be None (the mini backbone) or a model name or checkpoint path, got {_kind(value)}")
+    from .models.backbone import resolve_weights
+
+    try:
+        resolve_weights(str(value))
+    except FileNotFoundError as e:
+        raise ValueError(f"parameter {name!r}: {e}") from None
+    return str(value)
+
+
+def flux_weights(name, value):
+    """A rule: ``None`` (the mini generator) or a FLUX.1-dev folder in diffusers' layout, found on disk now."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ValueError(f"parameter {name!r} must be None (the mini generator) or a FLUX.1-dev name or folder, got {_kind(value)}")
+    from .generators.flux import resolve_flux
+
+    try:
+        resolve_flux(value)
+    except FileNotFoundError as e:
+        raise ValueError(f"parameter {name!r}: {e}") from None
+    return str(value)
+
+
+def check_model(value, name: str):
+    """``None`` (the mini assistant) or a transformers model (name or folder), found on disk now."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ValueError(f"parameter {name!r} must be None (the mini model) or a model name or folder, got {_kind(value)}")
+    from .assistants.hf import resolve_model
+
+    try:
+        resolve_model(value)
+    except FileNotFoundError as e:
+        raise ValueError(f"parameter {name!r}: {e}") from None
+    return str(value)
+
+
+def check_data_root(value, datasets: Iterable[str] = (), name: str = "data_root"):
+    """``None`` (the mini world) or a folder holding every dataset in ``datasets`` in its real layout
+    (``CUHK-PEDES/reid_raw.json``, ...); every missing one is named."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"parameter {name!r} must be None (the mini world) or a folder path, got {_kind(value)}")
+    root = Path(value).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"parameter {name!r}: folder {str(root)!r} does not exist (None uses the mini world)")
+    from .datasets.formats import REAL_FOLDERS, TPR_FORMATS
+
+    missing = []
+    for d in datasets:
+        if d not in REAL_FOLDERS:
+            raise ValueError(f"unknown dataset {d!r}; expected one of {sorted(REAL_FOLDERS)}")
+        folder = root / REAL_FOLDERS[d]
+        need = folder / TPR_FORMATS[d].annotation if d in TPR_FORMATS else folder
+        if not need.exists():
+            missing.append(f"{d} (expected {need})")
+    if missing:
+        raise ValueError(f"parameter {name!r}: {root} lacks datasets this notebook needs: " + "; ".join(missing)
+                         + ". Put them there in their released layout, or use data_root=None for the mini world.")
+    return root
+
+
+def check(values: dict, needs: Iterable[str] | str = (), **rules: Rule) -> dict:
+    """Check a notebook's parameters (``values``: name -> value) and return them checked.
+
+    Common names are known; every other name needs a rule in ``rules`` (an unknown one is an error, so
+    no parameter goes unchecked). ``needs``: the datasets read from ``data_root`` when it is set, or
+    the name of the parameter that lists them (or names one), checked first.
+
+    Order: the cheap checks (scale, seeds, gpus, the notebook's own knobs) before those that look at
+    files (data_root, weights, vlm, llm)."""
+    known: dict[str, Rule] = {
+        "scale": _scale, "seed": _seed, "seeds": seeds,
+        "gpus": lambda n, v: check_gpus(v, n),
+        "weights": lambda n, v: check_weights(v, n),
+        "vlm": lambda n, v: check_model(v, n), "llm": lambda n, v: check_model(v, n),
+    }
+    files = ["data_root", "weights", "vlm", "llm"]
+    names = sorted(values, key=lambda n: (n in files and n not in rules, files.index(n) if n in files else 0))
+    out = {}
+    for n in names:
+        if n == "data_root" and n not in rules:
+            need = out.get(needs, values.get(needs)) if isinstance(needs, str) else needs
+            out[n] = check_data_root(values[n], [need] if isinstance(need, str) else list(need), n)
+            continue
+        rule = rules.get(n) or known.get(n)
+        if rule is None:
+            raise TypeError(f"no rule for parameter {n!r}: pass one (params.number(...), params.choice(...), ...)")
+        out[n] = rule(n, values[n])
+    if out.get("scale") == "paper" and "data_root" in out and out["data_root"] is None:
+        raise ValueError("scale='paper' needs real data: set parameter 'data_root' to the dataset folder")
+    return {n: out[n] for n in values}
