@@ -42,3 +42,22 @@ def test_ctgi_reported_numbers():
     assert (ours.R1, ours.mAP) == (66.35, 51.51) and ours.MTI and ours.PES
     t4 = df[(df.table == 4) & (df.method == "IRRA")]
     assert len(t4) == 4 and t4.R1.max() == 64.20
+
+
+def test_wall_clock_columns_go_to_timing_tables_only(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from person_retrieval import reports
+
+    monkeypatch.setenv("PR_RESULTS_DIR", str(tmp_path))
+    df = pd.DataFrame({"stage": ["base"], "seconds": [12.5], "val_loss": [0.4], "source": ["this run"]})
+    assert reports.timing_columns(df) == ["seconds"]
+    for cols in (["ms / query"], ["samples_per_s"], ["images/s"], ["train s"], ["time (s)"]):
+        assert reports.timing_columns(pd.DataFrame(columns=cols)) == cols
+    assert reports.timing_columns(pd.DataFrame(columns=["R1", "mAP", "MLLM calls / query", "refined %", "hf_energy_se", "seeds"])) == []
+    with pytest.raises(ValueError, match=r"table 'train' has wall-clock columns \['seconds'\]: save them in a timing table"):
+        reports.save_table(df, "train", "tiny")
+    path = reports.save_table(df, "train", "tiny", timing=True)
+    assert path == tmp_path / "tables" / "tiny" / "timing" / "train.csv" and path.is_file()
+    result = reports.save_table(df.drop(columns="seconds"), "train", "tiny")
+    assert result.parent == tmp_path / "tables" / "tiny" and "seconds" not in result.read_text()

@@ -6,6 +6,7 @@ CSV (for machines) and Markdown (for people); figures as PNG.
 """
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -29,11 +30,32 @@ def run_source(scale: str, seed: int, data: str) -> str:
     return f"this run: {data}, scale={scale}, seed={seed}"
 
 
-def save_table(df: pd.DataFrame, name: str, scale: str, title: str = "", notes: str = "") -> Path:
-    """Write ``tables/<name>.csv`` and ``.md`` (under ``tables/<scale>/`` for scales other than small)."""
+#: Column names that hold wall-clock figures (seconds, ms per query, samples per second). They change from
+#: run to run on the same seed, so they live in timing tables (``timing=True``) and never in a result table:
+#: a result table changes only when a result changes.
+TIMING_COLUMN = re.compile(r"(^|[\s_(])(seconds?|secs?|s|ms|minutes?|min|wall|elapsed|time)([\s_)/]|$)|per[ _]s(ec)?$|/ ?s$|_per_s$", re.I)
+
+
+def timing_columns(df: pd.DataFrame) -> list[str]:
+    """The columns of ``df`` that hold wall-clock figures (:data:`TIMING_COLUMN`)."""
+    return [c for c in df.columns if TIMING_COLUMN.search(str(c))]
+
+
+def save_table(df: pd.DataFrame, name: str, scale: str, title: str = "", notes: str = "", timing: bool = False) -> Path:
+    """Write ``tables/<name>.csv`` and ``.md`` (under ``tables/<scale>/`` for scales other than small).
+
+    ``timing=True`` writes a timing table to ``tables/timing/`` instead: wall-clock figures go there, and a
+    result table with a wall-clock column is refused (same seed, same result tables)."""
     if "source" not in df.columns:
         raise ValueError(f"table {name!r} needs a 'source' column saying which scale, seed and data produced each row")
+    wall = timing_columns(df)
+    if wall and not timing:
+        raise ValueError(f"table {name!r} has wall-clock columns {wall}: save them in a timing table "
+                         "(save_table(..., timing=True)), so that result tables change only when a result does")
     tdir, _ = results_dirs(scale)
+    if timing:
+        tdir = tdir / "timing"
+        tdir.mkdir(parents=True, exist_ok=True)
     csv = tdir / f"{name}.csv"
     df.to_csv(csv, index=False, float_format="%.2f")
     md = [f"# {title or name}", ""]
