@@ -86,6 +86,17 @@ def test_fixture_known_statistics(cuhk_fixture):
     assert st["vocabulary"] == len({"a", "man", "in", "red", "coat", "black", "shoes", "woman", "with", "bag"})
 
 
+def test_cuhk_pedes_without_processed_tokens_reads(cuhk_fixture):
+    """IRRA's loader reads split, captions, file_path and id only; a file without processed_tokens is valid."""
+    root, entries = cuhk_fixture
+    write_tpr_annotations("cuhk_pedes", root, [{k: v for k, v in e.items() if k != "processed_tokens"} for e in entries])
+    s = load_split("cuhk_pedes", root, "test")
+    assert s.captions == ["A man in a red coat.", "Red coat, black shoes.", "A woman with a bag."] and s.image_pids == [4, 5]
+    write_tpr_annotations("cuhk_pedes", root, [{k: v for k, v in e.items() if k != "captions"} for e in entries])
+    with pytest.raises(DatasetFormatError, match="reid_raw.json.*captions"):
+        load_split("cuhk_pedes", root, "test")
+
+
 def test_round_trip(cuhk_fixture):
     root, entries = cuhk_fixture
     assert read_tpr_annotations("cuhk_pedes", root) == entries

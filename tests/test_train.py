@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -159,3 +160,50 @@ def test_a_failed_checkpoint_write_leaves_nothing_and_names_a_full_disk(tmp_path
     with pytest.raises(OSError, match="only 1 MiB free.*PR_CACHE_DIR"):
         train._write_atomic(target, failing)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line checks its config before it spawns anything.
+def _cli(tmp_path, conf, *extra):
+    import json
+
+    from person_retrieval.train import main
+
+    p = tmp_path / "run.json"
+    p.write_text(json.dumps(conf))
+    return main(["--config", str(p), *extra])
+
+
+def test_cli_says_what_it_will_run(tiny_world, tmp_path, capsys):
+    conf = {"task": {"target": "person_retrieval.papers.tpr:IRRATask",
+                     "kwargs": {"dataset": "rstpreid", "root": str(tiny_world["rstpreid"]), "scale": "tiny"}},
+            "train": {"epochs": 3, "batch_size": 8, "out_dir": str(tmp_path / "run")}}
+    assert _cli(tmp_path, conf, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "will train person_retrieval.papers.tpr:IRRATask(dataset='rstpreid'" in out and "for 3 epochs, batch 8" in out
+    assert "on the CPU" in out and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("change, msg", [
+    ({"train": {"gpus": 64}}, "parameter 'train.gpus'=64 would start 64 CPU processes"),
+    ({"train": {"gpus": 1}}, "parameter 'train.gpus'=1 asks for a GPU, but this machine has none"),
+    ({"kwargs": {"root": "/no/such/CUHK-PEDES"}}, "task kwargs 'root': folder /no/such/CUHK-PEDES does not exist"),
+    ({"kwargs": {"root": "EMPTY"}}, "has no data_captions.json"),
+    ({"kwargs": {"weights": "ViT-B-16"}}, "task kwargs 'weights'.*no local weights for 'ViT-B-16': put the open_clip checkpoint"),
+    ({"kwargs": {"init": "/no/such.safetensors"}}, "task kwargs 'init': file /no/such.safetensors does not exist"),
+    ({"kwargs": {"learning_rate": 1}}, "does not take these kwargs"),
+    ({"target": "person_retrieval.papers.tpr:NoSuchTask"}, "cannot be imported"),
+])
+def test_cli_refuses_a_bad_config_before_spawning(tiny_world, tmp_path, change, msg, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    kwargs = {"dataset": "rstpreid", "root": str(tiny_world["rstpreid"]), "scale": "tiny", **change.get("kwargs", {})}
+    if kwargs["root"] == "EMPTY":
+        kwargs["root"] = str(tmp_path)
+    conf = {"task": {"target": change.get("target", "person_retrieval.papers.tpr:IRRATask"), "kwargs": kwargs},
+            "train": {"epochs": 1, **change.get("train", {})}}
+    with pytest.raises(SystemExit) as e:
+        _cli(tmp_path, conf)
+    assert e.value.code == 2
+    assert re.search(msg, capsys.readouterr().err)

@@ -408,11 +408,58 @@ def fit(spec: TaskSpec, cfg: TrainConfig) -> FitResult:
 
 
 # ---------------------------------------------------------------------------------------------
+def check_run(spec: TaskSpec, cfg: TrainConfig) -> str:
+    """Check a run before anything starts (no process is spawned, no data read): the task can be imported
+    and takes its keyword arguments, ``gpus`` fits this machine, the folders and files it names exist, real
+    weights are on disk. Returns a line saying what will run; raises with the first problem found."""
+    import inspect
+
+    from . import params
+
+    params.check_gpus(cfg.gpus, "train.gpus")
+    mod, _, name = spec.target.partition(":")
+    if not name:
+        raise ValueError(f"task target {spec.target!r} must be 'package.module:Name'")
+    try:
+        factory = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise ImportError(f"task target {spec.target!r} cannot be imported: {e}") from None
+    try:
+        inspect.signature(factory).bind(**spec.kwargs)
+    except TypeError as e:
+        raise TypeError(f"task {spec.target} does not take these kwargs: {e}") from None
+    kw = spec.kwargs
+    if kw.get("root") is not None:
+        root = Path(kw["root"]).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"task kwargs 'root': folder {root} does not exist")
+        from .datasets.formats import TPR_FORMATS
+
+        fmt = TPR_FORMATS.get(kw.get("dataset"))
+        if fmt is not None and not (root / fmt.annotation).is_file():
+            raise FileNotFoundError(f"task kwargs 'root': {root} has no {fmt.annotation} ({fmt.title}'s annotation file)")
+    for key in ("init", "captions"):
+        if kw.get(key) is not None and not Path(kw[key]).expanduser().is_file():
+            raise FileNotFoundError(f"task kwargs {key!r}: file {kw[key]} does not exist")
+    if kw.get("weights") is not None:
+        params.check_weights(kw["weights"], "task kwargs 'weights'")
+    n = max(1, cfg.gpus)
+    dev = "the CPU" if cfg.gpus == 0 else (f"{n} GPU(s)" if torch.cuda.is_available() else f"{n} CPU processes (gloo, DDP)")
+    out = "no checkpoints (out_dir not set)"
+    if cfg.out_dir:
+        last = Path(cfg.out_dir) / "checkpoints" / "last_state.json"
+        out = f"checkpoints in {cfg.out_dir}" + (" (resuming)" if cfg.resume and last.is_file() else "")
+    args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
+    return (f"will train {spec.target}({args}) for {cfg.epochs} epochs, batch {cfg.batch_size} per process, lr {cfg.lr:g}, "
+            f"on {dev}; {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m person_retrieval.train", description="Train a task from a JSON config: "
                                  '{"task": {"target": "person_retrieval.papers.tpr:IRRATask", "kwargs": {...}}, "train": {...TrainConfig...}}')
     ap.add_argument("--config", required=True, help="path to the JSON config")
     ap.add_argument("--gpus", type=int, help="override train.gpus")
+    ap.add_argument("--dry-run", action="store_true", help="check the config and say what would run, then stop")
     args = ap.parse_args(argv)
     p = Path(args.config)
     if not p.is_file():
@@ -430,7 +477,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(**conf.get("train", {}))
     if args.gpus is not None:
         cfg.gpus = args.gpus
-    res = fit(TaskSpec(conf["task"]["target"], conf["task"].get("kwargs", {})), cfg)
+    spec = TaskSpec(conf["task"]["target"], conf["task"].get("kwargs", {}))
+    try:
+        plan = check_run(spec, cfg)
+    except (ValueError, FileNotFoundError, ImportError, TypeError) as e:
+        ap.error(f"{p}: {e}")
+    print(plan, flush=True)
+    if args.dry_run:
+        return 0
+    res = fit(spec, cfg)
     print(json.dumps({"best": res.best, "seconds": round(res.seconds, 1), "out_dir": res.out_dir}))
     return 0
 

@@ -2,7 +2,7 @@
 
 | dataset    | annotation file                    | image folder | fields |
 |------------|------------------------------------|--------------|--------|
-| CUHK-PEDES | ``reid_raw.json``                  | ``imgs/``    | split, captions, file_path, processed_tokens, id (from 1) |
+| CUHK-PEDES | ``reid_raw.json``                  | ``imgs/``    | split, captions, file_path, id (from 1); processed_tokens (not read) |
 | ICFG-PEDES | ``ICFG-PEDES.json``                | ``imgs/``    | split (train/test), captions, file_path, id |
 | RSTPReid   | ``data_captions.json``             | ``imgs/``    | split (train/val/test), captions, img_path, id |
 | ITCPR      | ``query.json``, ``gallery.json``   | root         | file_path, datasets, person_id, instance_id, caption (query only) |
@@ -45,8 +45,9 @@ class TPRFormat:
 
 
 TPR_FORMATS: dict[str, TPRFormat] = {
-    "cuhk_pedes": TPRFormat("CUHK-PEDES", "reid_raw.json", "file_path", ("train", "val", "test"), pid_offset=-1,
-                            required=("id", "captions", "split", "processed_tokens")),
+    # The release also carries processed_tokens; IRRA's loader never reads it, so neither do we (a file
+    # without it is accepted, and the world writes it).
+    "cuhk_pedes": TPRFormat("CUHK-PEDES", "reid_raw.json", "file_path", ("train", "val", "test"), pid_offset=-1),
     "icfg_pedes": TPRFormat("ICFG-PEDES", "ICFG-PEDES.json", "file_path", ("train", "test")),
     "rstpreid": TPRFormat("RSTPReid", "data_captions.json", "img_path", ("train", "val", "test")),
 }
