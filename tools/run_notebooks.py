@@ -1,9 +1,12 @@
-"""Regenerate every table and figure: run each notebook through papermill.
+"""Regenerate every table and figure: run each notebook through papermill (what `make tables` runs).
 
-    python tools/run_notebooks.py --scale small --seed 0 [--only 00 01]
+    python tools/run_notebooks.py --scale small --seed 0 [--only 00 07] [--force] [--log-output]
 
-Executed copies go to .cache/executed/<scale>/ (the committed notebooks stay output-free); tables and
-figures go where the notebooks write them (tables/ and figures/ at scale small).
+Each notebook shows "[N/M] name", a progress bar of its cells and the elapsed time. A notebook whose inputs
+(its source, the library, the parameters) are those of its last successful run is skipped as up to date,
+unless --force. At the end: seconds per notebook and the total, also written to tables/timing/make_tables.md
+(at scale small; tables/<scale>/timing/ otherwise). A failed notebook names its cell and keeps its executed
+copy under .cache/executed/<scale>/; the committed notebooks stay output-free.
 """
 from __future__ import annotations
 
@@ -12,7 +15,25 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nbrun import ROOT, fmt_seconds, notebooks, run  # noqa: E402
+
+
+def write_summary(outcomes, scale: str, seed: int) -> Path:
+    """The last successful run's seconds of each notebook, and their total, as a timing table."""
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT / "lib"))
+    from person_retrieval import reports
+
+    rows = [{"notebook": o.notebook, "seconds": o.last_seconds} for o in outcomes]
+    known = [r["seconds"] for r in rows if r["seconds"] is not None]
+    rows.append({"notebook": "all (make tables, cold caches where a notebook built them)", "seconds": round(sum(known), 1)})
+    df = pd.DataFrame(rows).assign(source=reports.run_source(scale, seed, "mini world") + ", this machine")
+    return reports.save_table(df, "make_tables", scale, title="make tables: seconds per notebook (its last successful run)",
+                              notes="Wall-clock of each notebook's last successful run through papermill on the machine "
+                                    "that regenerated the tables. A notebook that built a shared model (backbone, "
+                                    "generators) includes that build; with the caches warm it takes less.", timing=True)
 
 
 def main() -> int:
@@ -20,29 +41,41 @@ def main() -> int:
     ap.add_argument("--scale", default="small", choices=["tiny", "small", "paper"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", help="notebook number prefixes to run, e.g. 00 07")
+    ap.add_argument("--force", action="store_true", help="run even the notebooks that are up to date")
+    ap.add_argument("--log-output", action="store_true", help="stream each cell's output (training progress) to the log")
     args = ap.parse_args()
 
-    import papermill as pm
-
-    out_dir = ROOT / ".cache" / "executed" / args.scale
-    out_dir.mkdir(parents=True, exist_ok=True)
-    nbs = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    if args.only:
-        nbs = [p for p in nbs if any(p.name.startswith(o) for o in args.only)]
+    nbs = notebooks(args.only)
     if not nbs:
         print("no notebooks matched", file=sys.stderr)
         return 2
-    for nb in nbs:
-        out = out_dir / nb.name
-        t = time.time()
-        print(f"== {nb.name} (scale={args.scale}, seed={args.seed})", flush=True)
-        try:
-            pm.execute_notebook(str(nb), str(out), parameters={"scale": args.scale, "seed": args.seed},
-                                kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
-        except pm.PapermillExecutionError as e:
-            print(f"!! {nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n   executed copy: {out}", file=sys.stderr)
-            return 1
-        print(f"   done in {time.time() - t:.0f} s -> {out.relative_to(ROOT)}", flush=True)
+    out_dir = ROOT / ".cache" / "executed" / args.scale
+    params = {"scale": args.scale, "seed": args.seed}
+    t0, outcomes = time.time(), []
+    for i, nb in enumerate(nbs, 1):
+        label = f"[{i}/{len(nbs)}] {nb.stem}"
+        print(f"== {label} (scale={args.scale}, seed={args.seed}) at {time.strftime('%H:%M:%S')}, "
+              f"{fmt_seconds(time.time() - t0)} elapsed", flush=True)
+        o = run(nb, out_dir, params, label=label, force=args.force, log_output=args.log_output)
+        outcomes.append(o)
+        if o.status == "up to date":
+            print(f"   up to date (inputs unchanged since its last run, {fmt_seconds(o.last_seconds)}); --force reruns it", flush=True)
+        elif o.status == "failed":
+            print(f"!! {nb.name} failed in {o.error}\n   executed copy: {o.executed}", file=sys.stderr, flush=True)
+            break
+        else:
+            print(f"   done in {fmt_seconds(o.seconds)} -> {o.executed.relative_to(ROOT)}", flush=True)
+    print("\n| notebook | this run | last successful run |\n|---|---|---|")
+    for o in outcomes:
+        now = {"ran": fmt_seconds(o.seconds), "up to date": "up to date", "failed": f"FAILED after {fmt_seconds(o.seconds)}"}[o.status]
+        print(f"| {o.notebook} | {now} | {fmt_seconds(o.last_seconds)} |")
+    print(f"| total | {fmt_seconds(time.time() - t0)} | |", flush=True)
+    if any(o.status == "failed" for o in outcomes):
+        return 1
+    if all(o.status == "up to date" for o in outcomes):
+        print("every notebook is up to date")
+    if not args.only:
+        print("summary:", write_summary(outcomes, args.scale, args.seed).relative_to(ROOT))
     return 0
 
 
