@@ -22,11 +22,13 @@ def test_device_resolution(monkeypatch):
     assert resolve_devices(0) == ("cpu", None)
     if not torch.cuda.is_available():
         assert resolve_devices(2) == ("cpu", "gloo")
-        with pytest.raises(RuntimeError, match="gpus=1 asks for a CUDA GPU"):
+        with pytest.raises(ValueError, match="'gpus'=1 asks for a GPU, but this machine has none"):
             resolve_devices(1)
+        with pytest.raises(ValueError, match="'gpus'=64 would start 64 CPU processes"):
+            resolve_devices(64)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(RuntimeError, match="more GPUs than this machine has"):
+    with pytest.raises(ValueError, match="asks for 2 GPUs, but this machine has 1"):
         resolve_devices(2)
     with pytest.raises(ValueError, match="non-negative integer"):
         resolve_devices("2")

@@ -168,49 +168,39 @@ def check_gpus(value, name: str = "gpus", cuda: int | None = None, cores: int | 
     return value
 
 
-def check_weights(value, name: str = "weights"):
-    """``None`` (the mini CLIP) or real CLIP weights, resolved to a checkpoint on disk now."""
+def _on_disk(name: str, value, none_means: str, what: str, resolve: Callable):
+    """``None`` or a name or path that ``resolve`` finds on disk; its FileNotFoundError (which says where
+    to put the files) becomes the parameter's error."""
     if value is None:
         return None
     if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
-        raise ValueError(f"parameter {name!r} must be None (the mini backbone) or a model name or checkpoint path, got {_kind(value)}")
-    from .models.backbone import resolve_weights
-
+        raise ValueError(f"parameter {name!r} must be None ({none_means}) or {what}, got {_kind(value)}")
     try:
-        resolve_weights(str(value))
+        resolve(str(value))
     except FileNotFoundError as e:
         raise ValueError(f"parameter {name!r}: {e}") from None
     return str(value)
+
+
+def check_weights(value, name: str = "weights"):
+    """``None`` (the mini CLIP) or real CLIP weights, resolved to a checkpoint on disk now."""
+    from .models.backbone import resolve_weights
+
+    return _on_disk(name, value, "the mini backbone", "a model name or checkpoint path", resolve_weights)
 
 
 def flux_weights(name, value):
     """A rule: ``None`` (the mini generator) or a FLUX.1-dev folder in diffusers' layout, found on disk now."""
-    if value is None:
-        return None
-    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
-        raise ValueError(f"parameter {name!r} must be None (the mini generator) or a FLUX.1-dev name or folder, got {_kind(value)}")
     from .generators.flux import resolve_flux
 
-    try:
-        resolve_flux(value)
-    except FileNotFoundError as e:
-        raise ValueError(f"parameter {name!r}: {e}") from None
-    return str(value)
+    return _on_disk(name, value, "the mini generator", "a FLUX.1-dev name or folder", resolve_flux)
 
 
 def check_model(value, name: str):
     """``None`` (the mini assistant) or a transformers model (name or folder), found on disk now."""
-    if value is None:
-        return None
-    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
-        raise ValueError(f"parameter {name!r} must be None (the mini model) or a model name or folder, got {_kind(value)}")
     from .assistants.hf import resolve_model
 
-    try:
-        resolve_model(value)
-    except FileNotFoundError as e:
-        raise ValueError(f"parameter {name!r}: {e}") from None
-    return str(value)
+    return _on_disk(name, value, "the mini model", "a model name or folder", resolve_model)
 
 
 def check_data_root(value, datasets: Iterable[str] = (), name: str = "data_root"):

@@ -99,18 +99,17 @@ class FitResult:
 
 # ---------------------------------------------------------------------------------------------
 def resolve_devices(gpus: int) -> tuple[str, str | None]:
-    """``(device type, DDP backend)`` for a ``gpus`` request, or a clear error."""
+    """``(device type, DDP backend)`` for a ``gpus`` request, or a clear error (the checks of
+    :func:`person_retrieval.params.check_gpus`: GPUs present, or CPU processes at most one per core)."""
+    from .params import check_gpus
+
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
         raise ValueError(f"gpus must be a non-negative integer, got {gpus!r}")
-    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    check_gpus(gpus)
     if gpus == 0:
         return "cpu", None
-    if have == 0:
-        if gpus == 1:
-            raise RuntimeError("gpus=1 asks for a CUDA GPU, but none is available; use gpus=0 for the CPU")
+    if not torch.cuda.is_available():
         return "cpu", "gloo"  # the DDP path, as CPU processes (tests, laptops)
-    if gpus > have:
-        raise RuntimeError(f"gpus={gpus} asks for more GPUs than this machine has ({have} visible)")
     return "cuda", ("nccl" if gpus > 1 else None)
 
 
