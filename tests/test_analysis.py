@@ -43,3 +43,33 @@ def test_oracle_is_a_probability_and_beats_chance(tiny_world):
     r1 = attribute_oracle_r1(data, tiny_world["cuhk_pedes"])
     chance = 100.0 * 3 / len(data.image_pids)  # about three images per person
     assert chance < r1 <= 100.0
+
+
+
+def test_rerendering_reproduces_the_stored_images_and_only_changes_the_camera(tiny_world):
+    from person_retrieval.analysis import rerendered
+
+    root = tiny_world["cuhk_pedes"]
+    data = _data(root)
+    by_path = {r["path"]: r for r in read_world_meta(root)["images"]}
+    res = torch.tensor([by_path[p.split("imgs/")[1]]["state"]["res_factor"] for p in data.image_paths])
+    sharp = rerendered(data, root, 1)
+    assert sharp.captions == data.captions and torch.equal(sharp.tokens, data.tokens)
+    assert torch.equal(sharp.images[res == 1], data.images[res == 1])  # the world's own image, byte for byte
+    coarse = rerendered(data, root, 4)
+    assert torch.equal(coarse.images[res == 4], data.images[res == 4])
+
+    def detail(x):  # energy of horizontal pixel differences
+        return (x.float()[..., 1:] - x.float()[..., :-1]).abs().mean()
+
+    assert detail(coarse.images) < 0.8 * detail(sharp.images)
+
+
+def test_r1_by_resolution_has_a_row_per_camera(tiny_world):
+    from person_retrieval.analysis import r1_by_resolution
+    from person_retrieval.models import DualEncoder, build_backbone, split_data
+
+    root = tiny_world["cuhk_pedes"]
+    bb = build_backbone(None, "tiny")
+    table = r1_by_resolution(DualEncoder(bb).eval(), split_data("cuhk_pedes", root, "test", bb), root)
+    assert list(table.capture) == ["full", "half", "quarter"] and table.R1.between(0, 100).all()

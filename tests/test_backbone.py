@@ -15,7 +15,7 @@ def tiny():
 def test_outputs_pooled_and_tokens(tiny):
     h, w = tiny.image_size
     pooled, tokens = tiny.encode_image(torch.randn(2, 3, h, w))
-    assert pooled.shape == (2, tiny.embed_dim) and tokens.shape == (2, (h // 8) * (w // 8), tiny.embed_dim)
+    assert pooled.shape == (2, tiny.embed_dim) and tokens.shape == (2, (h // 16) * (w // 16), tiny.embed_dim)
     ids = tiny.tokenize(["a man in a red coat", "a woman"])
     tp, tt = tiny.encode_text(ids)
     assert tp.shape == (2, tiny.embed_dim) and tt.shape[0] == 2
@@ -101,3 +101,70 @@ def test_token_table_can_be_frozen():
     assert build_backbone(None, "tiny").clip.token_embedding.weight.requires_grad
     frozen = mini_clip(replace(MINI_CONFIGS["tiny"], freeze_token_embedding=True))
     assert not frozen.clip.token_embedding.weight.requires_grad
+
+
+def test_conv_tower_tokens_are_its_map_cells(tiny):
+    from person_retrieval.models.conv_tower import ConvTower
+
+    visual = tiny.clip.visual
+    assert isinstance(visual, ConvTower)
+    h, w = tiny.image_size
+    x = torch.randn(2, 3, h, w)
+    pooled, tokens = tiny.encode_image(x)
+    assert tokens.shape == (2, (h // 16) * (w // 16), tiny.embed_dim)
+    fmap = visual.features(x)  # the tokens are the map's cells, row by row, projected
+    assert torch.allclose(tokens[:, 1], visual.token_proj(fmap)[:, :, 0, 1], atol=1e-5)
+
+
+def test_a_locked_tower_keeps_its_trunk_and_statistics():
+    torch.manual_seed(0)
+    bb = build_backbone(None, "tiny")
+    tower = bb.clip.visual.lock()
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    bb.train()
+    assert not tower.features.training and not tower.trunk.training and tower.head.training
+    h, w = bb.image_size
+    pooled, tokens = bb.encode_image(torch.randn(4, 3, h, w))
+    (pooled.sum() + tokens.sum()).backward()
+    assert all(p.grad is None for p in tower.features.parameters()) and all(p.grad is None for p in tower.trunk.parameters())
+    assert tower.head[0].weight.grad is not None and tower.token_proj.weight.grad is not None
+    after = tower.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("features", "trunk")))  # BN stats too
+    tower.lock(False)
+    assert tower.features.training and all(p.requires_grad for p in tower.features.parameters())
+
+
+def test_the_vit_tower_is_still_there():
+    from dataclasses import replace
+
+    from person_retrieval.models import MINI_CONFIGS, mini_clip
+
+    vit = mini_clip(replace(MINI_CONFIGS["tiny"], vision="vit"))
+    h, w = vit.image_size
+    assert vit.encode_image(torch.randn(1, 3, h, w))[1].shape == (1, (h // 8) * (w // 8), vit.embed_dim)
+    with pytest.raises(ValueError, match="'conv' or 'vit'"):
+        mini_clip(replace(MINI_CONFIGS["tiny"], vision="resnet"))
+
+
+def test_a_locked_trunk_remembers_its_output_exactly():
+    from person_retrieval.models import conv_tower
+
+    torch.manual_seed(0)
+    bb = build_backbone(None, "tiny")
+    h, w = bb.image_size
+    x = torch.randn(5, 3, h, w)
+    tower = bb.clip.visual.eval()
+    want = tower(x)  # unlocked: computed
+    tower.lock()
+    conv_tower._TRUNK_MEMO.clear()
+    first = tower(x[:3])
+    assert len(conv_tower._TRUNK_MEMO) == 3
+    again = tower(x[[4, 2, 0, 1, 3]])  # two new images, three remembered, in another order
+    assert len(conv_tower._TRUNK_MEMO) == 5
+    for got, ref in ((first, [0, 1, 2]), (again, [4, 2, 0, 1, 3])):
+        assert all(torch.allclose(g, r[ref], atol=1e-5) for g, r in zip(got, want))
+    z_first, z_again = tower._locked_trunk(x[:3])[0], tower._locked_trunk(x[[4, 2, 0, 1, 3]])[0]
+    assert torch.equal(z_again[1:4], z_first[[2, 0, 1]])  # a remembered image: the very same trunk output
+    other = build_backbone(None, "tiny").clip.visual.eval().lock()  # other weights: its own entries
+    other(x[:1])
+    assert len(conv_tower._TRUNK_MEMO) == 6

@@ -209,3 +209,30 @@ def test_cli_refuses_a_bad_config_before_spawning(tiny_world, tmp_path, change, 
         _cli(tmp_path, conf)
     assert e.value.code == 2
     assert re.search(msg, capsys.readouterr().err)
+
+
+def test_lit_pretraining_keeps_the_attribute_trained_trunk(tmp_path, monkeypatch):
+    from person_retrieval.models import pretrain
+
+    monkeypatch.setitem(pretrain.TOWER_IDS, "tiny", {"train": 40, "val": 12})
+    monkeypatch.setitem(pretrain.TOWER_CONFIG, "tiny", dict(epochs=1, batch_size=16, lr=3e-3, warmup_epochs=0.3))
+    tower = pretrain.pretrained_image_tower("tiny", 0, progress=False)
+    assert tower.is_file() and pretrain.pretrained_image_tower("tiny", 0, progress=False) == tower  # cached
+    trunk = {k: v for k, v in load_file(str(tower)).items() if k.startswith(("features", "trunk"))}
+    spec = TaskSpec("person_retrieval.models.pretrain:ClipPretrainTask",
+                    {"scale": "tiny", "seed": 0, "n_ids": 40, "temperature": 0.03, "tower": str(tower)})
+    res = fit(spec, cfg(epochs=1, out_dir=str(tmp_path / "lit")))
+    after = res.model.backbone.clip.visual.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in trunk.items())  # weights and batch-norm statistics
+    head = load_file(str(tower))["head.0.weight"]
+    assert not torch.equal(after["head.0.weight"], head)  # the projection did learn
+
+
+def test_cache_keys_name_cached_files_relative_to_the_cache(tmp_path, monkeypatch):
+    from person_retrieval.papers.tpr import _path_key
+
+    monkeypatch.setenv("PR_CACHE_DIR", str(tmp_path / "a"))
+    inside_a = _path_key(str(tmp_path / "a" / "models" / "m" / "backbone.safetensors"))
+    monkeypatch.setenv("PR_CACHE_DIR", str(tmp_path / "b"))
+    assert _path_key(str(tmp_path / "b" / "models" / "m" / "backbone.safetensors")) == inside_a == "cache:models/m/backbone.safetensors"
+    assert _path_key(str(tmp_path / "elsewhere")) == str((tmp_path / "elsewhere").resolve())

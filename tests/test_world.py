@@ -137,3 +137,24 @@ def test_edits_change_what_they_say(people):
         if "upper_color" in changed:
             assert q.upper_color in text
         assert q.pid == p.pid and q.gender == p.gender
+
+
+def test_web_alt_text_names_a_few_things_and_nothing_it_does_not_show(people):
+    from person_retrieval.world.language import GROUP_SLOTS, web_caption
+
+    rng = rng_for(0, "web")
+    covs, cuhk, lengths, named = [], [], [], []
+    for p in people[:300]:
+        s = sample_state(rng)
+        text, slots = web_caption(p, s, rng)
+        assert slots <= set(visible_slots(p, s.view)) | {"gender"} and "." not in text and text == text.lower()
+        groups = {g for g, ss in GROUP_SLOTS.items() if set(ss) & slots}
+        assert len(groups) <= 3
+        named.append(len(groups))
+        if "upper_color" in slots:
+            assert any(w in text for w in COLOR_WORDS[p.upper_color])
+        covs.append(coverage(slots, p, s.view))
+        cuhk.append(coverage(caption(p, s, "cuhk_pedes", rng)[1], p, s.view))
+        lengths.append(len(text.split()))
+    assert np.mean(covs) < 0.6 * np.mean(cuhk) and np.mean(lengths) < 12
+    assert np.mean(np.array(named) >= 1) > 0.8  # some name only who and where ("a woman in a park"), as web text does

@@ -288,7 +288,9 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
         st = _load_checkpoint(out, model, opt, sched, rank)
         if st is not None:
             start_epoch, history, best = st["epoch"] + 1, st["history"], st["best"]
-    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # Some parameters may take no part in a task's loss (the image tokens' projection when only pooled
+    # features are aligned, a stage-1 tower's projection heads): DDP must look for them each step.
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     if cfg.compile:
         ddp = torch.compile(ddp)
 

@@ -57,6 +57,22 @@ def plot_history(history: list[dict], left: Sequence[str] = ("loss",), right: Se
     return fig
 
 
+def bar_chart(values: dict, title: str = "", ylabel: str = "", sort: bool = True):
+    """One bar per key (sorted by value when ``sort``), its value written above it."""
+    import matplotlib.pyplot as plt
+
+    items = sorted(values.items(), key=lambda kv: kv[1]) if sort else list(values.items())
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.32 * len(items) + 1), 3))
+    bars = ax.bar(range(len(items)), [v for _, v in items], color="tab:blue")
+    ax.set_xticks(range(len(items)), [k for k, _ in items], rotation=60, ha="right", fontsize=7)
+    ax.bar_label(bars, fmt="%.0f", fontsize=6)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def heatmaps(tables: dict, fmt: str = "{:.1f}", cmap: str = "viridis"):
     """Side-by-side annotated heatmaps of equally shaped DataFrames (e.g. train x test R1)."""
     import matplotlib.pyplot as plt

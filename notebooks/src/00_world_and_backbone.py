@@ -254,23 +254,46 @@ pd.DataFrame({k: v for k, v in dm.items() if k != "ranks"}, index=["round 0", "r
 #   + \log \frac{e^{s_{ii}/\tau}}{\sum_j e^{s_{ji}/\tau}}\Big].$$
 #
 # (In person retrieval two rows of a batch can show the same person; our version treats every such pair as
-# a positive.) CLIP learns $\tau$, starting from 0.07. CLIP's weights cannot be downloaded here, so we build a **mini CLIP**, the same open_clip
-# architecture (a vision transformer and a text transformer, CLIP's own BPE vocabulary) at a small size,
-# and pretrain it on a "web" of the world: many identities with generic captions in mixed styles, none of
-# them from the retrieval datasets. It plays the role OpenAI's CLIP plays in the papers. The trained
-# weights are cached by scale and seed; with `weights` set, the real model is loaded instead.
+# a positive.) CLIP learns $\tau$, starting from 0.07. CLIP's weights cannot be downloaded here, so we build a
+# **mini CLIP**: open_clip's CLIP class with its text transformer and CLIP's own BPE vocabulary at a small
+# size, and a small **convolutional image tower** (open_clip lets a CLIP hold any image tower, as its ResNet
+# and timm towers do). It plays the role OpenAI's CLIP plays in the papers; with `weights` set, the real
+# model is loaded instead. It is built the way LiT (Zhai et al., CVPR 2022) builds a CLIP, in two stages:
+#
+# 1. **An image tower that knows people.** The tower first learns to recognise every attribute (gender, age,
+#    build, hair, each garment's type, colour and pattern, bag, hat, what is held, accessories, and view,
+#    pose and scene) of rendered people who are in no dataset: the mini world's ImageNet, labels and no
+#    captions. Its feature map of $H/16 \times W/16$ cells is kept: each cell, projected, is an **image
+#    token** (as a ViT's patch tokens are), and the pooled feature reads the whole map in place, since *where*
+#    a colour is tells a top from trousers.
+# 2. **A text tower that meets it.** Contrastive learning on the world's "web": other people again, each
+#    picture with one line of **alt-text** ("a woman in a red coat in a park", "black jeans, white sneakers,
+#    guy"), as the web captions CLIP learned from name a few things in passing. The tower's trunk stays
+#    **locked**; its projections and the whole text tower learn. The datasets' annotators write something
+#    else: long sentences naming many details, in each dataset's own habits. Bridging that gap is what
+#    fine-tuning (notebook 01) is for, as it is for real CLIP.
 #
 # One departure from CLIP's recipe: the mini CLIP trains for minutes, not weeks, and with so few steps a
-# fixed, sharper temperature ($\tau = 0.03$) learns faster than a learned one that starts at 0.07 (on a
-# GPU, after 12 epochs: CUHK-style R1 24.6 against 20.1 once both are fine-tuned the IRRA way).
+# fixed, sharper temperature ($\tau = 0.03$) learns faster than a learned one that starts at 0.07. Both stages
+# are cached by scale, seed and configuration.
 
 # %%
 from person_retrieval import models, train
 
 if weights is None:
+    tower_path = models.pretrained_image_tower(scale, seed, gpus)
+    tower_history = train.read_history(tower_path.parent)
+    heads = {k[8:]: v for k, v in max(tower_history, key=lambda h: h["val_acc"]).items() if k.startswith("val_acc_")}
+    fig = viz.bar_chart(heads, title="image tower, stage 1: attribute accuracy on held-out people (%)", ylabel="accuracy (%)")
+    reports.save_figure(fig, "00_image_tower_attributes", scale)
+    print(f"stage 1: {tower_history[-1]['pairs_per_s']:.0f} images/s; mean accuracy over {len(heads)} heads "
+          f"{max(h['val_acc'] for h in tower_history):.1f}%")
+
+# %%
+if weights is None:
     clip_path = models.pretrained_mini_clip(scale, seed, gpus)
     history = train.read_history(clip_path.parent)
-    fig = viz.plot_history(history, ["loss"], ["val_R1", "val_mAP"], title="mini CLIP pretraining (held-out identities)")
+    fig = viz.plot_history(history, ["loss"], ["val_R1", "val_mAP"], title="mini CLIP, stage 2: alt-text pretraining (held-out identities)")
     reports.save_figure(fig, "00_mini_clip_pretraining", scale)
     print(f"{clip_path}\n{history[-1]['pairs_per_s']:.0f} training pairs/s; best validation R1 "
           f"{max(h['val_R1'] for h in history):.1f}")

@@ -4,7 +4,8 @@
 # Four of the five papers build on two CLIP-based dual encoders for text-based person retrieval (TPR):
 # **IRRA** (Jiang & Ye, CVPR 2023) and **RDE** (Qin et al., CVPR 2024). Both fine-tune CLIP's two
 # encoders so that a caption lands next to the images of the person it describes; they differ in the loss.
-# This notebook fine-tunes both, from the mini CLIP of notebook 00, on the world's CUHK-PEDES,
+# This notebook fine-tunes both, from the mini CLIP of notebook 00 (its image tower's trunk locked, as in
+# LiT; its projections, the text tower and each method's heads learning), on the world's CUHK-PEDES,
 # ICFG-PEDES and RSTPReid styles, compares them with the zero-shot backbone and with the papers' numbers,
 # tests how they transfer between the three styles, and looks at why they fail.
 
@@ -117,26 +118,28 @@ reports.save_table(table, "01_tpr_baselines", scale, title="TPR baselines: R1/R5
 table.round(2)
 
 # %% [markdown]
-# **Claim: fine-tuning beats the zero-shot backbone on every style.** Checked below with the numbers.
+# **Claim: fine-tuning beats the zero-shot backbone on every style**, as IRRA's 73.38 beats CLIP's 12.65
+# zero-shot on CUHK-PEDES: the backbone has learned what people look like and what words mean from
+# alt-text, never the annotators' long descriptions. Checked below, with the margin the classroom scale aims
+# for (at least 15 R1 points).
 
 # %%
 for d in datasets:
     z = res[(res.method == "zero-shot backbone") & (res.test == d)].R1.item()
     for m in methods:
         f = res[(res.method == m.upper()) & (res.train == d) & (res.test == d)].R1.item()
-        print(f"{d:11s} {m.upper():4s}: R1 {f:5.1f} vs zero-shot {z:5.1f} -> {'holds' if f > z else 'DOES NOT HOLD'}")
+        verdict = "holds" + (" (by at least 15)" if f - z >= 15 else " (by less than 15)") if f > z else "DOES NOT HOLD"
+        print(f"{d:11s} {m.upper():4s}: R1 {f:5.1f} vs zero-shot {z:5.1f} ({f - z:+5.1f}) -> {verdict}")
 
 # %% [markdown]
-# **Target for the classroom scale: IRRA's R1 on the CUHK-PEDES style between 30 and 75**, hard enough to
+# **Target for the classroom scale: IRRA's R1 on the CUHK-PEDES style between 35 and 80**, hard enough to
 # leave the later papers room, easy enough to learn. Checked here; where it misses, the oracle below says
-# whether the world or the model is to blame. (At scale small on a 2-core CPU the mini CLIP is short of
-# training: the same code with 24 pretraining epochs on a GPU instead of 6 reached R1 26.1, measured once
-# on a GPU with `benchmarks/bench_pretrain_budget.py`, which re-runs that comparison.)
+# whether the world or the model is to blame.
 
 # %%
 if "irra" in methods and "cuhk_pedes" in datasets:
     r1 = res[(res.method == "IRRA") & (res.train == "cuhk_pedes") & (res.test == "cuhk_pedes")].R1.item()
-    print(f"IRRA on cuhk_pedes at scale={scale}: R1 {r1:.1f} -> {'inside' if 30 <= r1 <= 75 else 'OUTSIDE'} [30, 75]")
+    print(f"IRRA on cuhk_pedes at scale={scale}: R1 {r1:.1f} -> {'inside' if 35 <= r1 <= 80 else 'OUTSIDE'} [35, 80]")
 
 # %% [markdown]
 # ## Across domains (TIPS Table 3, "Raw" rows)
@@ -175,6 +178,27 @@ if data_root is None and "irra" in methods and "cuhk_pedes" in datasets:
     fig = viz.image_grid(imgs, [t for _ in range(len(show)) for t in ("described", "retrieved")], cols=2 * len(show), scale=1.2,
                          title="failures: the described person beside the one ranked first")
     reports.save_figure(fig, "01_failures", scale)
+
+# %% [markdown]
+# ### Does the model read detail? R1 by capture resolution
+#
+# The world can render every test image again, the same person in the same pose, view, scene and light,
+# with only the camera changed: sharp, or two or four times coarser (each block of pixels averaged, then
+# blown back up). The queries stay the same. A caption names what the annotator saw, stripes, a logo,
+# glasses or a watch included, and a coarse camera blurs exactly those. A model that reads only the coarse
+# colours scores the same at every resolution; one that reads detail does best on sharp galleries.
+
+# %%
+if data_root is None and "irra" in methods and "cuhk_pedes" in datasets:
+    by_res = pd.concat([analysis.r1_by_resolution(zero_shot, test_sets["cuhk_pedes"], roots["cuhk_pedes"]).assign(method="zero-shot backbone"),
+                        analysis.r1_by_resolution(runs["irra", "cuhk_pedes"].model, test_sets["cuhk_pedes"],
+                                                  roots["cuhk_pedes"]).assign(method="IRRA")], ignore_index=True)
+    reports.save_table(by_res.assign(dataset="cuhk_pedes", source=source), "01_r1_by_resolution", scale,
+                       title="R1 and mAP with the whole test gallery re-rendered at each camera resolution (CUHK-PEDES style)")
+    print(by_res.pivot(index="method", columns="capture", values="R1")[["full", "half", "quarter"]].round(1).to_string())
+    r1 = by_res[by_res.method == "IRRA"].set_index("capture").R1
+    gap = r1["full"] - r1["quarter"]
+    print(f"IRRA: full resolution ahead of quarter by {gap:.1f} R1 -> {'reads detail' if gap >= 5 else 'does NOT read detail enough (gap < 5)'}")
 
 # %% [markdown]
 # ### How much room does the world leave?

@@ -27,36 +27,15 @@ import torch.nn.functional as F
 
 from ..config import cache_dir, get_scale, rng_for
 from ..world.attributes import SLOT_VALUES, Person, attribute_vector, sample_person
+from ..world.labels import HEADS, labelled_images, labels  # noqa: F401 (labels: re-exported)
 from ..world.render import POSES, SCENES, VIEWS, State, render, sample_state
 from . import grammar, prompts
 from .base import LanguageModel, VisionLanguageModel
 
-#: What the recognizer predicts: every attribute slot, the pattern's colour, and how the image was taken.
-HEADS: dict[str, list[str]] = {**SLOT_VALUES, "pattern_color": SLOT_VALUES["upper_color"], "view": VIEWS, "pose": POSES,
-                               "scene": SCENES}
 IDENTITY = ["gender", "age", "build", "skin", "hair_style", "hair_color"]
 OUTFIT = ["upper_type", "upper_color", "upper_pattern", "lower_type", "lower_color", "shoes_type", "shoes_color", "hat", "bag",
           "held", "accessory"]
 
-
-def labels(person: Person, state: State) -> dict[str, int]:
-    """Training targets for one image: head -> class index, or -1 where the image cannot show it."""
-    v = {**attribute_vector(person), "pattern_color": person.pattern_color, "view": state.view, "pose": state.pose,
-         "scene": state.scene, "hat_color": person.hat_color, "bag_color": person.bag_color}
-    hidden = set()
-    if person.hat == "none":
-        hidden.add("hat_color")
-    if person.bag == "none":
-        hidden.add("bag_color")
-    if person.hair_style == "bald":
-        hidden.add("hair_color")
-    if state.view == "back" and person.accessory in ("glasses", "face mask", "none"):
-        hidden.add("accessory")
-    if state.view != "front" and person.upper_pattern in ("plain", "logo"):
-        hidden.add("upper_pattern")
-    if person.upper_pattern not in ("striped", "logo") or "upper_pattern" in hidden:
-        hidden.add("pattern_color")
-    return {h: (-1 if h in hidden else HEADS[h].index(v[h])) for h in HEADS}
 
 
 class RecognizerNet(nn.Module):
@@ -96,22 +75,7 @@ RECOGNIZER_CONFIGS = {"tiny": RecognizerConfig(n_train=600, n_val=100, epochs=4,
 
 
 def _render_set(n: int, seed: int, purpose: str, height: int):
-    from ..world.build import PROFILES
-
-    rng = rng_for(seed, "recognizer", purpose)
-    styles = ["cuhk_pedes", "icfg_pedes", "rstpreid"]
-    imgs, labs, people, states = [], [], [], []
-    for i in range(n):
-        p = sample_person(rng, i)
-        for _ in range(2):
-            st = sample_state(rng, PROFILES[styles[int(rng.integers(3))]])
-            imgs.append(render(p, st, height))
-            labs.append(labels(p, st))
-            people.append(p)
-            states.append(st)
-    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
-    y = {h: torch.tensor([lab[h] for lab in labs]) for h in HEADS}
-    return x, y, people, states
+    return labelled_images(rng_for(seed, "recognizer", purpose), n, height)
 
 
 def _to_input(images_u8: torch.Tensor, size) -> torch.Tensor:

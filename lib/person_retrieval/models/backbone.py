@@ -1,7 +1,9 @@
 """The CLIP backbone over open_clip: a mini CLIP trained here, or real weights, with token outputs.
 
-* ``build_backbone(weights=None, scale=...)``: a small CLIP-architecture model (open_clip's
-  ``VisionTransformer`` + text transformer, CLIP's own BPE vocabulary) for the mini world.
+* ``build_backbone(weights=None, scale=...)``: a small CLIP-architecture model for the mini world: open_clip's
+  CLIP with its text transformer and CLIP's own BPE vocabulary, and a convolutional image tower
+  (:class:`.conv_tower.ConvTower`, whose map cells are the image tokens; ``vision="vit"`` gives open_clip's
+  ``VisionTransformer`` instead). It is trained by :mod:`.pretrain`.
 * ``build_backbone(weights="ViT-B-16")`` (or a local checkpoint path): the real model at 384x128, its
   position grid resized for the non-square input as IRRA does. Nothing is downloaded: a missing file
   raises an error saying which file and where to put it.
@@ -40,11 +42,18 @@ class MiniClipConfig:
     #: Off by default: measured at small, it trains 7-13% faster on the CPU but learns much less
     #: (validation R1 6.8 against 11.7 after three pretraining epochs).
     freeze_token_embedding: bool = False
+    #: The image tower: "conv" (:class:`.conv_tower.ConvTower`, trained on attributes first, then locked
+    #: while the text tower learns to meet it) or "vit" (open_clip's VisionTransformer, trained with the
+    #: text tower from scratch: the first mini CLIP, which read only the coarse colours).
+    vision: str = "conv"
+    conv_width: int = 32
+    conv_depth: int = 2
+    conv_hidden: int = 256
 
 
 MINI_CONFIGS = {
     "tiny": MiniClipConfig(embed_dim=64, image_size=(64, 32), patch_size=8, vision_width=64, vision_layers=2,
-                           text_width=64, text_layers=2, head_width=32),
+                           text_width=64, text_layers=2, head_width=32, conv_width=8, conv_depth=1, conv_hidden=64),
     "small": MiniClipConfig(),
 }
 
@@ -129,6 +138,12 @@ def mini_clip(cfg: MiniClipConfig) -> Backbone:
     text = dict(context_length=cfg.context_length, vocab_size=49408, width=cfg.text_width,
                 heads=max(1, cfg.text_width // cfg.head_width), layers=cfg.text_layers)
     model = open_clip.CLIP(embed_dim=cfg.embed_dim, vision_cfg=vision, text_cfg=text)
+    if cfg.vision == "conv":
+        from .conv_tower import ConvTower
+
+        model.visual = ConvTower(cfg.image_size, cfg.embed_dim, cfg.conv_width, cfg.conv_depth, cfg.conv_hidden)
+    elif cfg.vision != "vit":
+        raise ValueError(f"MiniClipConfig.vision must be 'conv' or 'vit', got {cfg.vision!r}")
     model.token_embedding.weight.requires_grad_(not cfg.freeze_token_embedding)
     return Backbone(model, _tokenizer(), "mini-clip", asdict(cfg))
 

@@ -238,6 +238,8 @@ def mti_rerank(query: str, scores: torch.Tensor, gallery_images, vlm: VisionLang
 # =============================================================================================
 # The notebook's experiment (notebook 07): one repeat per seed, every run cached.
 METHOD_LABEL = {"irra": "IRRA", "rde": "RDE"}
+#: CTGISettings.epochs per scale (see there).
+EPOCHS = {"tiny": None, "small": 3}
 
 
 @dataclass
@@ -258,6 +260,12 @@ class CTGISettings:
     xi: float = 0.85
     context_length: int = 248  # PES; the ablation keeps the backbone's own (77)
     lams: tuple = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the sweep figure
+    #: Fine-tuning epochs of every run here, the fully supervised reference included (None: notebook 01's
+    #: schedule). One repeat trains 10 models; at small, 3 epochs keep a repeat near 10 minutes.
+    epochs: int | None = None
+
+    def fit_overrides(self) -> dict:
+        return {} if self.epochs is None else {"epochs": int(self.epochs)}
 
     def runs(self) -> list[tuple[str, str, str, bool]]:
         """(method, dataset, captions, PES) of every fine-tuning run of one repeat."""
@@ -322,7 +330,7 @@ def run_repeat(seed: int, roots: dict, test_sets: dict, vlm: VisionLanguageModel
             print(f"--- seed {seed}: {tag}", flush=True)
         run = fit_baseline(method, d, roots[d], scale=scale, seed=seed, gpus=gpus, init=init, weights=weights, progress=progress,
                            captions=str(files[d]), caption_field="caption" if caps == "MTG" else "initial",
-                           context_length=s.context_length if pes else None)
+                           context_length=s.context_length if pes else None, **s.fit_overrides())
         model = run.model.eval()
         data = test_sets[d] if pes else context_tokens(test_sets[d], model.backbone, model.backbone.context_length)
         sim, text_scores = scores_and_scorer(model, data)

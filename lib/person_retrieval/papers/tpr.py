@@ -96,7 +96,7 @@ class _TPRTask:
 
     def __init__(self, dataset: str, root: str, scale: str = "small", seed: int = 0, weights: str | None = None,
                  init: str | None = None, val_holdout: float = 0.1, captions: str | None = None,
-                 caption_field: str = "caption", context_length: int | None = None):
+                 caption_field: str = "caption", context_length: int | None = None, lock_image: bool = False):
         if dataset not in TPR_FORMATS:
             raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(TPR_FORMATS)}")
         self.dataset, self.root, self.scale, self.seed = dataset, str(root), scale, seed
@@ -104,6 +104,7 @@ class _TPRTask:
         # CTGI: train (and select) on pseudo-captions instead of the manual ones; a longer text context
         # stretches the positional embedding (PES) before fine-tuning.
         self.captions, self.caption_field, self.context_length = captions, caption_field, context_length
+        self.lock_image = lock_image
 
     @cached_property
     def backbone(self) -> Backbone:
@@ -114,6 +115,10 @@ class _TPRTask:
             from ..train import load_weights
 
             load_weights(bb, self.init)
+        if self.lock_image:  # LiT: the image tower's trunk stays as pretrained (a mini CLIP's conv tower only)
+            if not hasattr(bb.clip.visual, "lock"):
+                raise ValueError(f"lock_image=True needs the mini CLIP's convolutional tower; {bb.name} has none")
+            bb.clip.visual.lock()
         if self.context_length and self.context_length > bb.context_length:
             from ..models import stretch_text_encoder
 
@@ -187,21 +192,35 @@ class RDETask(_TPRTask):
 
 
 # ---------------------------------------------------------------------------------------------
-#: Fine-tuning settings per scale. The mini CLIP learns from scratch-level rates; real CLIP weights
-#: take IRRA's (1e-5, new layers x5, 60 epochs).
+#: Fine-tuning settings per scale. The mini CLIP learns at scratch-level rates; real CLIP weights take
+#: IRRA's (1e-5, new layers x5, 60 epochs). The mini CLIP's image trunk stays locked (LiT): measured at
+#: small on the CUHK-PEDES style's validation split, in the same wall time (145 s), 8 locked epochs gave
+#: R1 61.9 against 59.6 for 4 epochs training every layer; 6 locked epochs gave 59.2, 12 gave 62.3.
 BASELINE_CONFIG = {
     "tiny": dict(epochs=2, batch_size=16, lr=5e-4, warmup_epochs=0.3),
-    "small": dict(epochs=2, batch_size=32, lr=3e-4, warmup_epochs=0.3),
+    "small": dict(epochs=8, batch_size=32, lr=3e-4, warmup_epochs=0.3),
     "paper": dict(epochs=60, batch_size=64, lr=1e-5, warmup_epochs=5, min_lr_ratio=0.0),
 }
+#: Task settings of the mini CLIP's fine-tuning per scale (real weights train every layer).
+BASELINE_TASK: dict = {"tiny": {"lock_image": True}, "small": {"lock_image": True}}
 METHODS = {"irra": "person_retrieval.papers.tpr:IRRATask", "rde": "person_retrieval.papers.tpr:RDETask"}
 NEW_LAYERS = {"irra": ["classifier"], "rde": ["tse_img", "tse_txt"]}
+
+
+def _path_key(path: str) -> str:
+    """A path as it enters a cache key: relative to the cache when inside it (a cache that moves with its
+    checkout, or is copied to another machine, stays valid), absolute otherwise."""
+    p = Path(path).resolve()
+    try:
+        return "cache:" + p.relative_to(cache_dir().resolve()).as_posix()
+    except ValueError:
+        return str(p)
 
 
 def fit_baseline(method: str, dataset: str, root, scale: str = "small", seed: int = 0, gpus: int = 0,
                  init: str | None = None, weights: str | None = None, progress: bool = True,
                  captions: str | None = None, caption_field: str = "caption", context_length: int | None = None,
-                 **overrides):
+                 task_kw: dict | None = None, **overrides):
     """Fine-tune an IRRA- or RDE-style model on one dataset; runs are cached (and resumed) by method,
     dataset, scale, seed and configuration under ``.cache/runs/``.
 
@@ -211,9 +230,11 @@ def fit_baseline(method: str, dataset: str, root, scale: str = "small", seed: in
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
-    conf = {**BASELINE_CONFIG["paper" if weights else scale], **overrides}
-    conf["lr_mult"] = {name: 5.0 for name in NEW_LAYERS[method]}
-    kwargs = dict(dataset=dataset, root=str(root), scale=scale, seed=seed, weights=weights, init=init and str(init))
+    base = BASELINE_CONFIG["paper" if weights else scale]
+    conf = {**base, **overrides}
+    conf["lr_mult"] = {**{name: 5.0 for name in NEW_LAYERS[method]}, **base.get("lr_mult", {}), **overrides.get("lr_mult", {})}
+    task_kw = {**(BASELINE_TASK.get(scale, {}) if weights is None else {}), **(task_kw or {})}
+    kwargs = dict(dataset=dataset, root=str(root), scale=scale, seed=seed, weights=weights, init=init and str(init), **task_kw)
     tag_extra = []
     if captions is not None:
         import hashlib
@@ -222,6 +243,7 @@ def fit_baseline(method: str, dataset: str, root, scale: str = "small", seed: in
         tag_extra.append(hashlib.sha1(Path(captions).read_bytes()).hexdigest()[:12])
     if context_length is not None:
         kwargs["context_length"] = int(context_length)
-    out = cache_dir() / "runs" / f"{method}-{dataset}-{scale}-seed{seed}-{config_tag(conf, kwargs, *tag_extra)}"
+    key = {**kwargs, **{k: _path_key(kwargs[k]) for k in ("root", "init", "captions") if kwargs.get(k)}}
+    out = cache_dir() / "runs" / f"{method}-{dataset}-{scale}-seed{seed}-{config_tag(conf, key, *tag_extra)}"
     cfg = TrainConfig(**conf, gpus=gpus, seed=seed, out_dir=str(out), progress=progress)
     return fit(TaskSpec(METHODS[method], kwargs), cfg)

@@ -61,6 +61,10 @@ SALIENCE = {
     "rstpreid": {"upper": 0.90, "lower": 0.70, "shoes": 0.35, "hair": 0.35, "hat": 0.65, "bag": 0.70, "held": 0.45, "accessory": 0.25},
 }
 #: Within a mentioned group, probability of each detail.
+#: The "web" of the world (the mini CLIP's pretraining corpus) is alt-text, not annotation: a line naming
+#: one to three salient things, as the captions CLIP was trained on describe a picture in passing.
+WEB_SALIENCE = {"upper": 0.6, "lower": 0.35, "shoes": 0.1, "hair": 0.2, "hat": 0.3, "bag": 0.25, "held": 0.25, "accessory": 0.1}
+
 DETAIL = {"color": 0.92, "type": 0.85, "pattern": 0.65, "hair_style": 0.75, "hair_color": 0.75, "bag_color": 0.5}
 
 GROUP_SLOTS = {
@@ -131,7 +135,7 @@ def _hair_np(p: Person, rng, style: bool, color: bool) -> str:
 
 def _mentions(p: Person, state: State, style: str, rng) -> tuple[set, dict]:
     vis = set(visible_slots(p, state.view))
-    sal = SALIENCE[style]
+    sal = WEB_SALIENCE if style == "web" else SALIENCE[style]
     slots: set = set()
     ph: dict = {}
     if rng.random() < sal["upper"]:
@@ -398,3 +402,33 @@ def edit_person(person: Person, rng: np.random.Generator, n_edits: int | None = 
             p = p.replace(accessory=new)
             parts.append("no accessories" if new == "none" else f"wearing {new if new == 'glasses' else _a(new)}")
     return p, _cap(_join(parts)) + "."
+
+
+def web_caption(person: Person, state: State, rng: np.random.Generator) -> tuple[str, set]:
+    """An alt-text line for a picture of ``person`` (the pretraining "web"): lower case, no sentence, one to
+    three salient things named in passing; returns ``(text, mentioned slots)``. Unlike the datasets'
+    annotators, the web names few details and never in the annotators' sentences."""
+    p = person
+    slots, ph = _mentions(p, state, "web", rng)
+    if len(ph) > 3:  # alt-text names a few things, the first ones that catch the eye
+        keep = [g for g in ph][:3]
+        ph = {g: ph[g] for g in keep}
+        slots = {"gender"} | {s for g in keep for s in GROUP_SLOTS.get(g, [g])} & slots
+    if rng.random() < 0.3:
+        noun, slots = "person", slots - {"gender"}
+    else:
+        noun = _pick(rng, GENDER_WORDS[p.gender])
+    wear = [ph[g] for g in ("upper", "lower", "shoes") if g in ph]
+    extra = [_carry_clause(g, ph[g], p, rng) for g in ("hair", "hat", "bag", "held", "accessory") if g in ph]
+    form = int(rng.integers(3))
+    if form == 0 or not (wear or extra):
+        extra = ["with " + x[4:] if x.startswith("has ") else x for x in extra]
+        text = _a(noun) + (f" in {_join(wear)}" if wear else "") + (" " + _join(extra) if extra else "")
+    elif form == 1:
+        text = f"{_pick(rng, ['photo of', 'picture of', 'image of'])} {_a(noun)} " + _join(
+            [f"wearing {_join(wear)}"] * bool(wear) + extra)
+    else:
+        text = ", ".join(wear + [x.split(" ", 1)[1] for x in extra] + [noun])
+    if rng.random() < 0.4:
+        text += " " + _SCENE_PHRASES[state.scene]
+    return text.strip(), slots
