@@ -161,7 +161,7 @@ reports.save_figure(fig, "07_pes", scale)
 # - writes MTG pseudo-captions for every training and validation image (about a minute at small);
 # - fine-tunes 10 models from the same starting point (Tables 1-3: the single-turn baseline, and MTG
 #   with IRRA and with RDE, per style; Table 4 adds IRRA without PES on RSTPReid), at small for 3 epochs
-#   each (notebook 01 trains 8) to keep a repeat near 10 minutes;
+#   each (notebook 01 trains 5) to keep a repeat near 10 minutes;
 # - tests each on the **manual** test captions, the users' queries, without and with MTI.
 #
 # Model selection uses the validation split's pseudo-captions, so nothing human-written is read before

@@ -96,7 +96,8 @@ class _TPRTask:
 
     def __init__(self, dataset: str, root: str, scale: str = "small", seed: int = 0, weights: str | None = None,
                  init: str | None = None, val_holdout: float = 0.1, captions: str | None = None,
-                 caption_field: str = "caption", context_length: int | None = None, lock_image: bool = False):
+                 caption_field: str = "caption", context_length: int | None = None, lock_image: bool = False,
+                 freeze_token_table: bool = False):
         if dataset not in TPR_FORMATS:
             raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(TPR_FORMATS)}")
         self.dataset, self.root, self.scale, self.seed = dataset, str(root), scale, seed
@@ -104,7 +105,7 @@ class _TPRTask:
         # CTGI: train (and select) on pseudo-captions instead of the manual ones; a longer text context
         # stretches the positional embedding (PES) before fine-tuning.
         self.captions, self.caption_field, self.context_length = captions, caption_field, context_length
-        self.lock_image = lock_image
+        self.lock_image, self.freeze_token_table = lock_image, freeze_token_table
 
     @cached_property
     def backbone(self) -> Backbone:
@@ -119,6 +120,8 @@ class _TPRTask:
             if not hasattr(bb.clip.visual, "lock"):
                 raise ValueError(f"lock_image=True needs the mini CLIP's convolutional tower; {bb.name} has none")
             bb.clip.visual.lock()
+        if self.freeze_token_table:  # the word table stays as pretrained; the text transformer still learns
+            bb.clip.token_embedding.weight.requires_grad_(False)
         if self.context_length and self.context_length > bb.context_length:
             from ..models import stretch_text_encoder
 
@@ -195,10 +198,12 @@ class RDETask(_TPRTask):
 #: Fine-tuning settings per scale. The mini CLIP learns at scratch-level rates; real CLIP weights take
 #: IRRA's (1e-5, new layers x5, 60 epochs). The mini CLIP's image trunk stays locked (LiT): measured at
 #: small on the CUHK-PEDES style's validation split, in the same wall time (145 s), 8 locked epochs gave
-#: R1 61.9 against 59.6 for 4 epochs training every layer; 6 locked epochs gave 59.2, 12 gave 62.3.
+#: R1 61.9 against 59.6 for 4 epochs training every layer (first tower). With the final tower: batch 32 for
+#: 8 epochs 73.1 (123 s); batch 64 (IRRA's), lr 5e-4, for 6 epochs 72.3 (79 s); the word table frozen,
+#: batch 32, 6 epochs 69.4 (78 s). Five epochs at batch 64 keep notebook 01 near its 10 minutes.
 BASELINE_CONFIG = {
     "tiny": dict(epochs=2, batch_size=16, lr=5e-4, warmup_epochs=0.3),
-    "small": dict(epochs=8, batch_size=32, lr=3e-4, warmup_epochs=0.3),
+    "small": dict(epochs=5, batch_size=64, lr=5e-4, warmup_epochs=0.3),
     "paper": dict(epochs=60, batch_size=64, lr=1e-5, warmup_epochs=5, min_lr_ratio=0.0),
 }
 #: Task settings of the mini CLIP's fine-tuning per scale (real weights train every layer).
