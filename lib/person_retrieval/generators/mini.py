@@ -713,8 +713,14 @@ def mini_generators(scale: str = "small", seed: int = 0, dataset: str = "cuhk_pe
     root = str(dataset_root(dataset, data_root, scale, seed))
     import hashlib
 
+    from ..models.pretrain import pretrained_mini_clip
+
     trained = {k: v for k, v in asdict(cfg).items() if k not in SAMPLING}  # sampling settings need no retraining
-    tag = hashlib.blake2b(json.dumps([trained, dataset, str(data_root), GENERATOR_VERSION], sort_keys=True).encode(), digest_size=4).hexdigest()
+    # The generators read text through the pretrained mini CLIP: its own cache key is part of theirs, so a
+    # new backbone trains new generators (its folder's name, not its path: caches can move).
+    text_key = pretrained_mini_clip(scale, seed, gpus, progress=progress).parent.name
+    tag = hashlib.blake2b(json.dumps([trained, dataset, str(data_root), GENERATOR_VERSION, text_key], sort_keys=True).encode(),
+                          digest_size=4).hexdigest()
     out = cache_dir() / "models" / f"generators-{scale}-seed{seed}-{tag}"
     out.mkdir(parents=True, exist_ok=True)
     report_path = out / "report.json"
