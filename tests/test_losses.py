@@ -66,3 +66,15 @@ def test_tal_tends_to_the_hardest_negative_triplet_loss_as_tau_shrinks():
     off = s.masked_fill(torch.eye(5, dtype=torch.bool), -9)
     hard = sum(F.relu(0.1 - m.diag() + o.max(1).values).mean() for m, o in ((s, off), (s.T, off.T)))
     assert losses.tal_loss(img, txt, pids, tau=1e-4, margin=0.1).item() == pytest.approx(hard.item(), abs=1e-3)
+
+
+def test_attribute_loss_ignores_hidden_targets_and_heads_hidden_everywhere():
+    import torch.nn.functional as F
+
+    from person_retrieval.losses import attribute_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = {"a": torch.randn(4, 3, generator=g), "b": torch.randn(4, 2, generator=g)}
+    targets = {"a": torch.tensor([0, -1, 2, 1]), "b": torch.tensor([-1, -1, -1, -1])}
+    want = F.cross_entropy(logits["a"][[0, 2, 3]], targets["a"][[0, 2, 3]])
+    assert torch.allclose(attribute_loss(logits, targets), want)

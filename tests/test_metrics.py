@@ -115,3 +115,11 @@ def test_counting_ranks_equal_a_stable_sort_even_with_many_ties():
     qp, gp = torch.from_numpy(rng.integers(0, 8, 50)), torch.arange(40) % 8
     order = torch.sort(sim, dim=1, descending=True, stable=True).indices
     assert retrieval_metrics(sim, qp, gp, chunk=7) == pytest.approx(rank_metrics(order, qp, gp), abs=1e-9)
+
+
+def test_head_accuracy_counts_visible_images_only():
+    from person_retrieval.metrics import head_accuracy
+
+    acc = head_accuracy({"a": torch.tensor([0, 1, 1, 2]), "b": torch.tensor([0, 0])},
+                        {"a": torch.tensor([0, 1, -1, 0]), "b": torch.tensor([-1, -1])})
+    assert list(acc) == ["a"] and math.isclose(acc["a"], 100 * 2 / 3, rel_tol=1e-6)

@@ -10,6 +10,13 @@ import torch
 import torch.nn.functional as F
 
 
+def attribute_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Attribute recognition (the mini MLLM's recognizer, the mini CLIP's image tower, stage 1): one
+    cross-entropy per head over the images where it is visible (target -1: hidden),
+    L = sum_h CE(logits_h, y_h)."""
+    return sum(F.cross_entropy(logits[k], targets[k], ignore_index=-1) for k in logits if (targets[k] >= 0).any())
+
+
 def positive_mask(pids: torch.Tensor) -> torch.Tensor:
     """(B, B) float matrix: 1 where two rows show the same person."""
     return (pids.view(-1, 1) == pids.view(1, -1)).float()

@@ -261,3 +261,14 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     ra = _sqrtm_psd(sa)
     cross = _sqrtm_psd(ra @ sb @ ra)
     return float(((mu_a - mu_b) ** 2).sum() + torch.trace(sa) + torch.trace(sb) - 2 * torch.trace(cross))
+
+
+def head_accuracy(predictions: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per-head accuracy (%) of predicted class indices over the images where the head is visible
+    (target -1: hidden; a head visible nowhere is left out)."""
+    acc = {}
+    for h, t in targets.items():
+        ok = t >= 0
+        if ok.any():
+            acc[h] = float((predictions[h][ok] == t[ok]).float().mean() * 100)
+    return acc

@@ -26,9 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import cache_dir, get_scale, rng_for
-from ..world.attributes import SLOT_VALUES, Person, attribute_vector, sample_person
-from ..world.labels import HEADS, labelled_images, labels  # noqa: F401 (labels: re-exported)
-from ..world.render import POSES, SCENES, VIEWS, State, render, sample_state
+from ..losses import attribute_loss
+from ..metrics import head_accuracy
+from ..world.attributes import SLOT_VALUES, Person, sample_person
+from ..world.labels import HEADS, labelled_images
+from ..world.render import State
 from . import grammar, prompts
 from .base import LanguageModel, VisionLanguageModel
 
@@ -131,8 +133,7 @@ class AttributeRecognizer:
                 flip = torch.rand(len(idx), generator=g) < 0.5
                 xb[flip] = xb[flip].flip(-1)
                 out = net(_to_input(xb, size))
-                loss = sum(F.cross_entropy(out[k], y[k][idx], ignore_index=-1) for k in HEADS
-                           if (y[k][idx] >= 0).any())
+                loss = attribute_loss(out, {k: y[k][idx] for k in HEADS})
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -144,12 +145,7 @@ class AttributeRecognizer:
     def evaluate(self, x: torch.Tensor, y: dict[str, torch.Tensor]) -> dict[str, float]:
         """Per-head accuracy (%) over the images where the head's label is visible."""
         probs = self.predict(x)
-        acc = {}
-        for h in HEADS:
-            ok = y[h] >= 0
-            if ok.any():
-                acc[h] = float((probs[h][ok].argmax(-1) == y[h][ok]).float().mean() * 100)
-        return acc
+        return head_accuracy({h: p.argmax(-1) for h, p in probs.items()}, {h: y[h] for h in HEADS})
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: Path) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 #: The locked trunks' outputs, per (trunk weights, image): at most ``MEMO_LIMIT`` images (about 17 kB each
@@ -128,8 +127,3 @@ class AttributeHeads(nn.Module):
 
     def forward(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         return {k: h(z) for k, h in self.heads.items()}
-
-
-def attribute_loss(logits: dict, targets: dict) -> torch.Tensor:
-    """Sum over heads of the cross-entropy on the images where the head is visible (target -1: hidden)."""
-    return sum(F.cross_entropy(logits[k], targets[k], ignore_index=-1) for k in logits if (targets[k] >= 0).any())

@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import losses
+from ..metrics import head_accuracy
 from ..config import cache_dir, config_tag, get_scale, rng_for
 from ..datasets.torch_data import PairDataset, RetrievalData
 from .backbone import MINI_CONFIGS, Backbone, build_backbone
-from .conv_tower import AttributeHeads, attribute_loss
+from ..world.labels import HEADS, labelled_images
+from .conv_tower import AttributeHeads
 from .retrieval import DualEncoder, evaluate_retrieval, fixed_temperature
 
 
@@ -102,8 +104,6 @@ class TowerAttributeTask:
 
     @cached_property
     def _data(self):
-        from ..world.labels import labelled_images
-
         h = get_scale(self.scale).image_height
         return {part: labelled_images(rng_for(self.seed, "image-tower", part), n, h)[:2] for part, n in self.n_ids.items()}
 
@@ -112,7 +112,7 @@ class TowerAttributeTask:
 
     def loss(self, model, batch, gather):
         logits = model(batch["image"])
-        loss = attribute_loss(logits, {k[2:]: v for k, v in batch.items() if k.startswith("y:")})
+        loss = losses.attribute_loss(logits, {k[2:]: v for k, v in batch.items() if k.startswith("y:")})
         return loss, {}
 
     def evaluate(self, model) -> dict:
@@ -125,11 +125,7 @@ class TowerAttributeTask:
             out = model(to_float(x[s: s + 256].to(dev)))
             for h in preds:
                 preds[h].append(out[h].argmax(-1).cpu())
-        acc = {}
-        for h, t in y.items():
-            ok = t >= 0
-            if ok.any():
-                acc[h] = float((torch.cat(preds[h])[ok] == t[ok]).float().mean() * 100)
+        acc = head_accuracy({h: torch.cat(p) for h, p in preds.items()}, y)
         return {"acc": float(np.mean(list(acc.values()))), **{f"acc_{h}": v for h, v in acc.items()}}
 
 
@@ -138,7 +134,7 @@ def pretrained_image_tower(scale: str = "small", seed: int = 0, gpus: int = 0, p
     from ..train import TaskSpec, TrainConfig, fit
 
     sc = get_scale(scale).name
-    tag = config_tag(TOWER_CONFIG[sc], MINI_CONFIGS[sc], TOWER_IDS[sc], sorted(_heads()))
+    tag = config_tag(TOWER_CONFIG[sc], MINI_CONFIGS[sc], TOWER_IDS[sc], sorted(HEADS))
     out = cache_dir() / "models" / f"image_tower-{scale}-seed{seed}-{tag}"
     done = out / "tower.safetensors"
     if done.is_file():
@@ -151,12 +147,6 @@ def pretrained_image_tower(scale: str = "small", seed: int = 0, gpus: int = 0, p
     save_model(res.model.tower, str(tmp))
     tmp.replace(done)
     return done
-
-
-def _heads():
-    from ..world.labels import HEADS
-
-    return HEADS
 
 
 class _PretrainEncoder(DualEncoder):

@@ -60,11 +60,10 @@ SALIENCE = {
     "icfg_pedes": {"upper": 1.00, "lower": 0.95, "shoes": 0.85, "hair": 0.80, "hat": 0.90, "bag": 0.85, "held": 0.70, "accessory": 0.60},
     "rstpreid": {"upper": 0.90, "lower": 0.70, "shoes": 0.35, "hair": 0.35, "hat": 0.65, "bag": 0.70, "held": 0.45, "accessory": 0.25},
 }
-#: Within a mentioned group, probability of each detail.
 #: The "web" of the world (the mini CLIP's pretraining corpus) is alt-text, not annotation: a line naming
 #: one to three salient things, as the captions CLIP was trained on describe a picture in passing.
 WEB_SALIENCE = {"upper": 0.6, "lower": 0.35, "shoes": 0.1, "hair": 0.2, "hat": 0.3, "bag": 0.25, "held": 0.25, "accessory": 0.1}
-
+#: Within a mentioned group, probability of each detail.
 DETAIL = {"color": 0.92, "type": 0.85, "pattern": 0.65, "hair_style": 0.75, "hair_color": 0.75, "bag_color": 0.5}
 
 GROUP_SLOTS = {
