@@ -30,8 +30,9 @@ def test_notebooks_have_no_outputs_and_a_parameters_cell():
 
 # Extra parameters per notebook: notebook 01 runs its training through DistributedDataParallel over two
 # gloo processes, as `papermill notebooks/01_tpr_baselines.ipynb out.ipynb -p scale tiny -p gpus 2` does.
-# Notebook 07 repeats its experiment over two seeds (the spread needs more than one).
-EXTRA = {"01_tpr_baselines": {"gpus": 2}, "07_ctgi": {"seeds": [0, 1]}}
+# Notebook 03 splits its synthesis's shards over two processes. Notebook 07 repeats its experiment over two
+# seeds (the spread needs more than one).
+EXTRA = {"01_tpr_baselines": {"gpus": 2}, "03_syncpr_itcpr": {"gpus": 2}, "07_ctgi": {"seeds": [0, 1]}}
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -65,6 +66,7 @@ BAD = {
     "00_world_and_backbone": ({"gpus": 64}, "parameter 'gpus'"),
     "01_tpr_baselines": ({"weights": "ViT-B-16"}, "parameter 'weights': no local weights for 'ViT-B-16'"),
     "02_generators": ({"data_root": "EMPTY"}, "parameter 'data_root': .* lacks datasets this notebook needs: cuhk_pedes"),
+    "03_syncpr_itcpr": ({"beta_range": "[1.0, 0.5]"}, "parameter 'beta_range' must be \\[low, high\\] with low <= high"),
     "07_ctgi": ({"ablation_methods": '["irra", "clip"]'}, "parameter 'ablation_methods'"),
 }
 

@@ -71,6 +71,22 @@ def integer(lo: int | None = None, hi: int | None = None, allow_none: bool = Fal
     return rule
 
 
+def number_range(lo: float | None = None, hi: float | None = None) -> Rule:
+    """A pair ``[low, high]`` of numbers with ``lo <= low <= high <= hi`` (a range to draw from)."""
+    def rule(name, value):
+        value = _from_text(value)
+        if isinstance(value, str) or not isinstance(value, (list, tuple)) or len(value) != 2 or \
+                any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+            raise ValueError(f"parameter {name!r} must be a pair of numbers [low, high] (with papermill: -p {name} '[0.5, 1.0]'), "
+                             f"got {_kind(value)}")
+        for v in value:
+            _bounds(name, v, lo, hi)
+        if value[0] > value[1]:
+            raise ValueError(f"parameter {name!r} must be [low, high] with low <= high, got {list(value)!r}")
+        return [float(v) for v in value]
+    return rule
+
+
 def _bounds(name, value, lo, hi):
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         span = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"

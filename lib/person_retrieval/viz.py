@@ -114,9 +114,10 @@ def captioned_images(images: Sequence, texts: Sequence[str], width: int = 70, ti
     return fig
 
 
-def ranking_rows(rows: Sequence[dict], k: int = 10, scale: float = 0.9, width: int = 120):
+def ranking_rows(rows: Sequence[dict], k: int = 10, scale: float = 0.9, width: int = 120, first: str = "target"):
     """Top-``k`` rankings, one row each: ``{"label", "query", "true" (image), "ranked" (images),
-    "correct" (bools)}``; the true image first, correct matches framed green, others red."""
+    "correct" (bools)}``; the ``true`` image first (titled ``first``: the target, or a composed query's
+    reference image), correct matches framed green, others red."""
     import textwrap
 
     import matplotlib.pyplot as plt
@@ -133,7 +134,7 @@ def ranking_rows(rows: Sequence[dict], k: int = 10, scale: float = 0.9, width: i
             for s in ax.spines.values():
                 s.set_edgecolor(color)
                 s.set_linewidth(2.5 if j else 1)
-        r[0].set_title("target", fontsize=7)
+        r[0].set_title(first, fontsize=7)
         r[1].set_title(textwrap.fill(f"{row['label']}: {row['query']}", width), fontsize=6.5, loc="left")
     fig.tight_layout()
     return fig

@@ -155,6 +155,14 @@ The first image is a reference person and the second a target person. The relati
 
 #: SynCPR keeps a triplet when the mean of its four scores reaches this value.
 SYNCPR_KEEP_MEAN = 8.5
+#: The filter's four dimensions one at a time (ours, the same four as :data:`SYNCPR_FILTER`), for
+#: assistants scored one criterion per call (``VisionLanguageModel.score``: the mini MLLM).
+SYNCPR_CRITERIA = {
+    "naturalness": "naturalness: the image looks like a real photograph of a person, with a plausible body and no artifacts",
+    "identity": "identity consistency: the two images show the same person (face, hair, body), whatever they wear",
+    "alignment": "text-image alignment: the image shows what the description says",
+    "relevance": "relevance of the relative caption: it states what changes from the first image to the second",
+}
 
 # =============================================================================================
 # CECA (conversational attribute mining, supplement C)

@@ -224,11 +224,41 @@ def _check_images_exist(ann: Path, root: Path, entries: list[dict], keys: Iterab
                 raise DatasetFormatError(f"{ann}: entry {i} names image {e[k]!r} in {k!r}, but {root / e[k]} does not exist")
 
 
-def read_itcpr(root: str | Path, check_images: bool = True) -> ITCPR:
+def _numeric_ints(entry: dict, names: Iterable[str]) -> dict:
+    """``entry`` with integer fields given as numeric strings ("17", "-1") turned into ints, as the public
+    code reads them; anything else is left for :func:`_check_entry` to reject."""
+    if not isinstance(entry, dict):
+        return entry
+    out = dict(entry)
+    for n in names:
+        v = out.get(n)
+        if isinstance(v, str) and re.fullmatch(r"\s*-?\d+\s*", v):
+            out[n] = int(v)
+    return out
+
+
+def itcpr_folder(root: str | Path) -> Path:
+    """Where an ITCPR folder keeps ``query.json`` and ``gallery.json``: ``root`` itself, or ``root/datasets``
+    (the layout the authors' loader reads). Image paths are relative to that folder."""
     root = Path(root)
+    for d in (root, root / "datasets"):
+        if (d / "query.json").is_file():
+            return d
+    raise DatasetFormatError(f"{root}: no query.json here or in {root / 'datasets'}; expected ITCPR's query.json and gallery.json "
+                             "(lists of objects with fields file_path, datasets, person_id, instance_id and, for queries, caption)")
+
+
+def read_itcpr(root: str | Path, check_images: bool = True) -> ITCPR:
+    """ITCPR's ``query.json`` and ``gallery.json`` (in ``root`` or ``root/datasets``). Integer ids may be
+    numeric strings; a gallery may list one file twice (the release does); a query may have several
+    ground truths (gallery rows with its ``instance_id``)."""
+    root = itcpr_folder(root)
     qp, gp = root / "query.json", root / "gallery.json"
+    ints = ("person_id", "instance_id")
     queries = _read_json_list(qp, "ITCPR query", f"objects with fields {sorted(ITCPR_QUERY_FIELDS)}")
     gallery = _read_json_list(gp, "ITCPR gallery", f"objects with fields {sorted(ITCPR_GALLERY_FIELDS)}")
+    queries = [_numeric_ints(e, ints) for e in queries]
+    gallery = [_numeric_ints(e, ints) for e in gallery]
     for i, e in enumerate(queries):
         _check_entry(qp, i, e, ITCPR_QUERY_FIELDS)
         if e["instance_id"] < 0:

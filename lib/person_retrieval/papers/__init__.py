@@ -2,6 +2,7 @@
 :func:`person_retrieval.train.fit`, pipeline stages, the experiment's drivers).
 
 * :mod:`.tpr`: the IRRA- and RDE-style baselines (notebook 01);
+* :mod:`.syncpr`: SynCPR's triplet synthesis and ITCPR's evaluation (notebook 03);
 * :mod:`.ctgi`: CTGI's MTG, PES and MTI (notebook 07).
 
 Shared infrastructure (world, datasets, models, train, losses, metrics, assistants, generators, reports)

@@ -21,10 +21,12 @@ from PIL import Image
 from ..config import Scale, cache_dir, get_scale, rng_for
 from ..datasets import formats
 from .attributes import Person, sample_person
-from .language import caption, coverage, dialogue, edit_person, tokenize
+from .language import caption, coverage, dialogue, edit_person, relative_caption, tokenize
 from .render import CameraProfile, State, render, sample_state
 
 BUILD_VERSION = 4  # bump when the world changes, so caches are rebuilt
+#: Datasets changed since: bumping one rebuilds it alone (and leaves the others, and what was trained on them).
+DATASET_VERSIONS = {"itcpr": 5, "syncpr": 5}
 
 ALL_SCENES = ("street", "campus", "mall", "park", "station", "parking")
 #: Each dataset style is its own domain: different people, cameras, places and light.
@@ -114,26 +116,40 @@ def _build_tpr(style: str, root: Path, scale: Scale, seed: int, progress: bool) 
 
 
 def _build_syncpr(root: Path, scale: Scale, seed: int, progress: bool) -> dict:
+    """The world's own triplets, SynCPR-shaped: per quadruple (a person in two outfits) two renders of each
+    state, each a triplet both ways (reference -> target and back); ``cpr_id`` groups one direction's
+    triplets, whose targets all show the person in the same outfit. What a perfect generator would give."""
     w = _Writer(root, scale.image_height)
     triplets = []
-    for i in _progress(range(scale.cpr_train_triplets), scale.cpr_train_triplets, "world syncpr", progress):
+    nq = scale.cpr_train_triplets // 4
+    for i in _progress(range(nq), nq, "world syncpr", progress):
         rng = rng_for(seed, "syncpr", i)
         ref = sample_person(rng, i, RARE_BOOST["syncpr"])
-        tgt, edit = edit_person(ref, rng)
-        s_ref, s_tgt = sample_state(rng, PROFILES["syncpr"]), sample_state(rng, PROFILES["syncpr"])
-        rc, rrec = _caption_record(ref, s_ref, "cuhk_pedes", rng)
-        tc, trec = _caption_record(tgt, s_tgt, "cuhk_pedes", rng)
-        a = w.image(f"images/{i:06d}_ref.jpg", ref, s_ref, 2 * i, [rrec])
-        b = w.image(f"images/{i:06d}_tgt.jpg", tgt, s_tgt, 2 * i + 1, [trec])
-        triplets.append({"reference_caption": rc, "target_caption": tc, "reference_image_path": a,
-                         "target_image_path": b, "edit_caption": edit, "cpr_id": i})
+        tgt, _ = edit_person(ref, rng)
+        fwd, rev = relative_caption(ref, tgt, rng), relative_caption(tgt, ref, rng)
+        for k in range(2):
+            s_ref, s_tgt = sample_state(rng, PROFILES["syncpr"]), sample_state(rng, PROFILES["syncpr"])
+            rc, rrec = _caption_record(ref, s_ref, "cuhk_pedes", rng)
+            tc, trec = _caption_record(tgt, s_tgt, "cuhk_pedes", rng)
+            a = w.image(f"images/{i:06d}_{k}_ref.jpg", ref, s_ref, 2 * i, [rrec])
+            b = w.image(f"images/{i:06d}_{k}_tgt.jpg", tgt, s_tgt, 2 * i + 1, [trec])
+            triplets.append({"reference_caption": rc, "target_caption": tc, "reference_image_path": a,
+                             "target_image_path": b, "edit_caption": fwd, "cpr_id": 2 * i + 1})
+            triplets.append({"reference_caption": tc, "target_caption": rc, "reference_image_path": b,
+                             "target_image_path": a, "edit_caption": rev, "cpr_id": 2 * i + 2})
     formats.write_syncpr(root, triplets)
-    return {"w": w, "counts": {"triplets": len(triplets)}}
+    return {"w": w, "counts": {"triplets": len(triplets), "quadruples": nq}}
+
+
+#: ITCPR: 2,225 ground truths for 2,202 queries: about one query in 96 has a second one.
+TWO_TRUTHS_EVERY = 96
 
 
 def _build_itcpr(root: Path, scale: Scale, seed: int, progress: bool) -> dict:
     """Queries: a reference image and a relative caption; the ground truth is the same person after the
-    edit. The gallery also holds that person in the original outfit (a hard distractor) and others."""
+    edit (for one query in :data:`TWO_TRUTHS_EVERY`, two images of it). The gallery also holds that person in
+    the original outfit (a hard distractor: the same person, but not the target, is a miss) and others.
+    Ids count from 1, as in the release."""
     w = _Writer(root, scale.image_height)
     prof = PROFILES["itcpr"]
     queries, gallery = [], []
@@ -141,22 +157,26 @@ def _build_itcpr(root: Path, scale: Scale, seed: int, progress: bool) -> dict:
     for i in _progress(range(nq), nq, "world itcpr", progress):
         rng = rng_for(seed, "itcpr", "query", i)
         ref = sample_person(rng, i, RARE_BOOST["itcpr"])
-        tgt, edit = edit_person(ref, rng)
-        q = w.image(f"query/{i:05d}.jpg", ref, sample_state(rng, prof), 2 * i)
-        queries.append({"file_path": q, "datasets": "world", "person_id": i, "instance_id": i, "caption": edit})
-        t = w.image(f"gallery/{i:05d}_target.jpg", tgt, sample_state(rng, prof), 2 * i + 1)
-        gallery.append({"file_path": t, "datasets": "world", "person_id": i, "instance_id": i})
-        d = w.image(f"gallery/{i:05d}_orig.jpg", ref, sample_state(rng, prof), 2 * i)
-        gallery.append({"file_path": d, "datasets": "world", "person_id": i, "instance_id": -1})
+        tgt, _ = edit_person(ref, rng)
+        edit = relative_caption(ref, tgt, rng)
+        pid = iid = i + 1
+        q = w.image(f"query/{pid:05d}.jpg", ref, sample_state(rng, prof), 2 * i)
+        queries.append({"file_path": q, "datasets": "world", "person_id": pid, "instance_id": iid, "caption": edit})
+        for k in range(2 if i % TWO_TRUTHS_EVERY == 0 else 1):
+            t = w.image(f"gallery/{pid:05d}_target{k}.jpg", tgt, sample_state(rng, prof), 2 * i + 1)
+            gallery.append({"file_path": t, "datasets": "world", "person_id": pid, "instance_id": iid})
+        d = w.image(f"gallery/{pid:05d}_orig.jpg", ref, sample_state(rng, prof), 2 * i)
+        gallery.append({"file_path": d, "datasets": "world", "person_id": pid, "instance_id": -1})
     n_extra = max(0, scale.cpr_gallery - len(gallery))
     for j in _progress(range(n_extra), n_extra, "world itcpr distractors", progress):
         rng = rng_for(seed, "itcpr", "distractor", j)
-        pid = nq + j
+        pid = nq + j + 1
         p = sample_person(rng, pid, RARE_BOOST["itcpr"])
         g = w.image(f"gallery/d{j:06d}.jpg", p, sample_state(rng, prof), 2 * nq + j)
         gallery.append({"file_path": g, "datasets": "world", "person_id": pid, "instance_id": -1})
     formats.write_itcpr(root, queries, gallery)
-    return {"w": w, "counts": {"queries": len(queries), "gallery": len(gallery)}}
+    return {"w": w, "counts": {"queries": len(queries), "gallery": len(gallery),
+                               "ground_truths": sum(g["instance_id"] > 0 for g in gallery)}}
 
 
 def _build_chatpedes(root: Path, scale: Scale, seed: int, progress: bool) -> dict:
@@ -200,7 +220,7 @@ def build_dataset(name: str, root: str | Path, scale: str | Scale = "small", see
         res = _build_tpr(name, part, sc, seed, progress)
     else:
         res = _BUILDERS[name](part, sc, seed, progress)
-    manifest = {"dataset": name, "scale": sc.name, "seed": seed, "version": BUILD_VERSION,
+    manifest = {"dataset": name, "scale": sc.name, "seed": seed, "version": DATASET_VERSIONS.get(name, BUILD_VERSION),
                 "image_size": [sc.image_height, sc.image_height // 2], "counts": res["counts"],
                 "config": json.loads(json.dumps(asdict(sc), default=str))}
     res["w"].finish(part, manifest)
@@ -217,7 +237,7 @@ def world_dataset(name: str, scale: str | Scale = "small", seed: int = 0, progre
     if man.is_file():
         try:
             m = json.loads(man.read_text())
-            if m.get("version") == BUILD_VERSION and m.get("seed") == seed and m.get("scale") == sc.name:
+            if m.get("version") == DATASET_VERSIONS.get(name, BUILD_VERSION) and m.get("seed") == seed and m.get("scale") == sc.name:
                 return root
         except json.JSONDecodeError:
             pass

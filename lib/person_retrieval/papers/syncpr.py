@@ -1,0 +1,575 @@
+"""SynCPR and ITCPR (notebook 03): "Automatic Synthetic Data and Fine-grained Adaptive Feature Alignment for
+Composed Person Retrieval" (Liu et al.; arXiv:2311.16515), part 1: the data.
+
+SynCPR's pipeline, one function per stage, each called by a cell of the notebook:
+
+1. :func:`make_quadruples`: a language model writes (reference text, target text, forward difference,
+   reverse difference) from :data:`~person_retrieval.assistants.prompts.SYNCPR_QUADRUPLE`, one hint per
+   quadruple (:func:`quadruple_hints`) so that identities vary;
+2. :func:`dual_pairs`: one two-panel image per quadruple and panel from the generators' dual adapter,
+   cropped into (reference, target), the LoRA strength ``beta`` drawn per sample (dynamic beta);
+3. :func:`filter_scores`: the MLLM's four 1-10 scores (naturalness, identity, alignment, relevance);
+   :func:`kept` keeps a triplet when their mean reaches 8.5; :func:`rejection_table` says why the others went;
+4. :func:`synthesize` writes it all in shards (``shard=i, num_shards=n``: n processes split one run), each
+   finished shard atomically, so that a killed run resumes where it stopped; :func:`assemble` writes the
+   manifest and ``SynCPR.json`` in the released format; :func:`statistics` counts it as the slides do.
+
+Each quadruple gives ``panels`` image pairs and each pair two triplets, reference -> target with the forward
+caption and target -> reference with the reverse one. ``cpr_id`` groups one direction of one quadruple: its
+targets all show one person in one outfit, so FAFA (notebook 04) treats equal ``cpr_id`` as positives.
+
+ITCPR's evaluation is here too (:func:`evaluate_itcpr`): a gallery row matches a query when its
+``instance_id`` equals the query's; the same person in another image is a miss.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..assistants import LanguageModel, VisionLanguageModel, grammar, parse_scores, prompts
+from ..config import cache_dir, rng_for
+from ..datasets import ITCPR, write_json_atomic, write_syncpr
+from ..metrics import retrieval_metrics
+
+#: The filter's four dimensions, in the order of every score array here.
+DIMENSIONS = ("naturalness", "identity", "alignment", "relevance")
+KEEP_MEAN = prompts.SYNCPR_KEEP_MEAN  # 8.5, the paper's
+
+#: SynCPR as the slides give it: 1.15 M triplets from 140.5 K quadruples, 177.5 K group ids, relative
+#: captions of 13.3 words on average, a vocabulary of 4,370 words, 51.2% male.
+REPORTED = {"triplets": 1_150_000, "quadruples": 140_500, "group ids": 177_500, "mean caption words": 13.3,
+            "vocabulary": 4_370, "male (%)": 51.2}
+
+
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """What one synthesis is; a folder holds one, and resuming checks it is the same."""
+
+    n_quadruples: int
+    panels: int = 4  # image pairs per quadruple (SynCPR: 1.15 M triplets / 140.5 K quadruples, about 8 = 4 pairs x 2)
+    beta_range: tuple = (0.5, 1.0)  # dynamic beta: the LoRA strength, uniform in this range per pair (ours: the slides give none)
+    shard_size: int = 32  # quadruples per shard
+    seed: int = 0
+    models: tuple = ()  # names (and cache keys) of the language model, generator and MLLM
+
+    def __post_init__(self):
+        lo, hi = self.beta_range
+        if not (self.n_quadruples >= 1 and self.panels >= 1 and self.shard_size >= 1 and 0 <= lo <= hi):
+            raise ValueError(f"bad synthesis configuration {self}: counts must be >= 1 and beta_range a (low, high) pair, 0 <= low <= high")
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_quadruples // self.shard_size)
+
+    def as_json(self) -> dict:
+        d = asdict(self)
+        d["beta_range"], d["models"] = list(self.beta_range), list(self.models)
+        return d
+
+
+#: Defaults per scale: at small, 1,024 quadruples (8,192 candidate triplets) for at least 3,000 kept.
+SCALE_QUADRUPLES = {"tiny": 8, "small": 1024}
+SCALE_PANELS = {"tiny": 2, "small": 4}
+SCALE_SHARD = {"tiny": 4, "small": 32}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Quadruples
+@dataclass(frozen=True)
+class Quadruple:
+    reference: str
+    target: str
+    forward: str
+    reverse: str
+
+
+_LINE = {k: re.compile(rf"^\s*\**{k}\**\s*[:：]\s*(.+?)\s*$", re.I | re.M) for k in ("Reference", "Target", "Forward", "Reverse")}
+
+
+def parse_quadruple(text: str) -> Quadruple | None:
+    """The four lines of a quadruple answer, or None when any is missing or empty."""
+    got = {}
+    for k, rx in _LINE.items():
+        m = rx.search(text or "")
+        if not m or not m.group(1).strip("<> "):
+            return None
+        got[k.lower()] = m.group(1).strip()
+    return Quadruple(**got)
+
+
+def quadruple_hints(indices: Sequence[int], seed: int = 0) -> list[str]:
+    """One hint per quadruple index (who to invent), so that identities vary over the set: gender, age and
+    hair drawn per index (a real LLM left alone repeats itself)."""
+    from ..world.attributes import sample_person
+
+    out = []
+    for i in indices:
+        p = sample_person(rng_for(seed, "syncpr-hint", int(i)), int(i))
+        hair = "bald" if p.hair_style == "bald" else f"{p.hair_style} {p.hair_color} hair" if p.hair_style != "ponytail" else f"{p.hair_color} hair in a ponytail"
+        age = {"adult": "middle-aged"}.get(p.age, p.age)
+        out.append(f"The person: {'an' if age[0] in 'aeiou' else 'a'} {age} {p.gender}" + (", bald." if hair == "bald" else f" with {hair}."))
+    return out
+
+
+def make_quadruples(lm: LanguageModel, indices: Sequence[int], seed: int = 0) -> list[Quadruple | None]:
+    """Ask ``lm`` for one quadruple per index (None where its answer does not parse)."""
+    asks = [prompts.SYNCPR_QUADRUPLE.format(hint=h) for h in quadruple_hints(indices, seed)]
+    return [parse_quadruple(t) for t in lm.generate(asks, max_new_tokens=160)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Identity-consistent pairs from one canvas
+def draw_betas(n: int, beta_range: Sequence[float], rng: np.random.Generator) -> list[float]:
+    """Dynamic beta: one LoRA strength per pair, uniform in ``beta_range``, rounded to 0.05 (so that
+    pairs share adapter passes: the generator runs one pass per distinct value)."""
+    lo, hi = float(beta_range[0]), float(beta_range[1])
+    return [round(round(float(b) / 0.05) * 0.05, 2) for b in rng.uniform(lo, hi, n)]
+
+
+def dual_pairs(gen, left: Sequence[str], right: Sequence[str], betas: Sequence[float], seed: int = 0):
+    """``(references, targets)``, uint8 ``[N, 3, H, W]`` each: the left and right halves of one two-panel
+    canvas per pair, prompted with the reference and the target text."""
+    return gen.dual(list(left), list(right), seed=seed, beta=list(betas))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The MLLM filter
+def filter_scores(vlm: VisionLanguageModel, references, targets, target_texts: Sequence[str], edits: Sequence[str]) -> np.ndarray:
+    """``[N, 4]`` scores (naturalness, identity, alignment, relevance) of each triplet: the reference and
+    the target image, the target's text and the relative caption. A transformers MLLM gets the slides'
+    four-dimension prompt with both images (an answer that does not parse scores 0 on all four, a
+    rejection); the mini MLLM scores one dimension per call. Naturalness is the lower of the two images'."""
+    n = len(target_texts)
+    if len(references) != n or len(targets) != n or len(edits) != n:
+        raise ValueError(f"filter_scores: {len(references)} references, {len(targets)} targets, {n} texts and {len(edits)} edits")
+    if hasattr(vlm, "ask"):  # a transformers MLLM: the one prompt of the slides
+        from ..assistants.base import _images
+
+        refs, tgts = _images(references), _images(targets)
+        asks = [prompts.SYNCPR_FILTER.format(edit=e, target=t) for e, t in zip(edits, target_texts)]
+        out = np.zeros((n, 4), dtype=np.int64)
+        for i, r in enumerate(vlm.ask([[a, b] for a, b in zip(refs, tgts)], asks, max_new_tokens=40)):
+            got = parse_scores(r, DIMENSIONS)
+            if got is None:
+                vlm.usage.unparsed["syncpr_filter"] += 1
+            else:
+                out[i] = [got[d] for d in DIMENSIONS]
+        return out
+    c = prompts.SYNCPR_CRITERIA
+    nat = np.minimum(vlm.score(targets, c["naturalness"]), vlm.score(references, c["naturalness"]))
+    ide = np.asarray(vlm.score(targets, c["identity"], references=references))
+    ali = np.asarray(vlm.score(targets, c["alignment"], texts=list(target_texts)))
+    rel = np.asarray(vlm.score(targets, c["relevance"], texts=list(edits), references=references))
+    return np.stack([nat, ide, ali, rel], 1).astype(np.int64)
+
+
+def kept(scores: np.ndarray, keep_mean: float = KEEP_MEAN) -> np.ndarray:
+    """SynCPR's rule: keep a triplet when the mean of its four scores is at least ``keep_mean``."""
+    return np.asarray(scores, dtype=float).reshape(-1, 4).mean(1) >= keep_mean
+
+
+def rejection_table(scores: np.ndarray, keep_mean: float = KEEP_MEAN) -> pd.DataFrame:
+    """Why triplets were rejected: per dimension, the share of all triplets rejected with that dimension
+    below ``keep_mean`` (a rejected triplet may count under several), and the share whose lowest dimension
+    it is (ties: the first)."""
+    s = np.asarray(scores, dtype=float).reshape(-1, 4)
+    rej = ~kept(s, keep_mean)
+    n = max(len(s), 1)
+    rows = []
+    for j, d in enumerate(DIMENSIONS):
+        low = rej & (s[:, j] < keep_mean)
+        rows.append({"reason": d, "rejected with it below the bar (%)": 100 * low.sum() / n,
+                     "rejected, lowest score (%)": 100 * (rej & (s.argmin(1) == j)).sum() / n,
+                     "mean score": float(s[:, j].mean()) if len(s) else float("nan")})
+    rows.append({"reason": "any (rejected)", "rejected with it below the bar (%)": 100 * rej.sum() / n,
+                 "rejected, lowest score (%)": 100 * rej.sum() / n, "mean score": float(s.mean()) if len(s) else float("nan")})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Shards, resume, assembly
+def _shard_file(root: Path, u: int) -> Path:
+    return root / "shards" / f"shard_{u:05d}.json"
+
+
+def _check_config(root: Path, cfg: SynthesisConfig) -> None:
+    p = root / "synthesis.json"
+    want = cfg.as_json()
+    if p.is_file():
+        have = json.loads(p.read_text())
+        if have != want:
+            diff = {k: (have.get(k), want.get(k)) for k in set(have) | set(want) if have.get(k) != want.get(k)}
+            raise ValueError(f"{p}: this folder holds a synthesis with another configuration ({diff}, as (folder, asked)); "
+                             "use another folder, or delete this one to start again")
+    else:
+        write_json_atomic(p, want)
+
+
+def synthesize_shard(root: Path, u: int, cfg: SynthesisConfig, lm: LanguageModel, gen, vlm: VisionLanguageModel) -> dict:
+    """Quadruples, pairs and scores of shard ``u``, its images and its record written atomically (the
+    images under a temporary name, renamed, then the record: a record on disk means a finished shard).
+    Everything in it depends on ``(cfg, u)`` alone, so a shard redone gives the same result."""
+    from PIL import Image
+
+    t0 = time.time()
+    idx = list(range(u * cfg.shard_size, min((u + 1) * cfg.shard_size, cfg.n_quadruples)))
+    quads = make_quadruples(lm, idx, cfg.seed)
+    good = [(i, q) for i, q in zip(idx, quads) if q is not None]
+    pairs = [(i, q, k) for i, q in good for k in range(cfg.panels)]
+    rng = rng_for(cfg.seed, "syncpr-beta", u)
+    betas = draw_betas(len(pairs), cfg.beta_range, rng)
+    records = []
+    img_dir = root / "images" / f"shard_{u:05d}"
+    tmp = img_dir.with_name(img_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if pairs:
+        refs, tgts = dual_pairs(gen, [q.reference for _, q, _ in pairs], [q.target for _, q, _ in pairs], betas, seed=cfg.seed * 7919 + u)
+        # both directions of each pair: reference -> target (forward caption) and back (reverse caption)
+        a_img, b_img = torch.cat([refs, tgts]), torch.cat([tgts, refs])
+        b_text = [q.target for _, q, _ in pairs] + [q.reference for _, q, _ in pairs]
+        edits = [q.forward for _, q, _ in pairs] + [q.reverse for _, q, _ in pairs]
+        scores = filter_scores(vlm, a_img, b_img, b_text, edits)
+        for j, (i, q, k) in enumerate(pairs):
+            for side, im in (("ref", refs[j]), ("tgt", tgts[j])):
+                Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp / f"q{i:06d}_{k}_{side}.jpg", quality=95)
+        rel = f"images/shard_{u:05d}"
+        npairs = len(pairs)
+        for d in range(2):
+            for j, (i, q, k) in enumerate(pairs):
+                src, dst = ("ref", "tgt") if d == 0 else ("tgt", "ref")
+                records.append({
+                    "reference_caption": q.reference if d == 0 else q.target, "target_caption": q.target if d == 0 else q.reference,
+                    "reference_image_path": f"{rel}/q{i:06d}_{k}_{src}.jpg", "target_image_path": f"{rel}/q{i:06d}_{k}_{dst}.jpg",
+                    "edit_caption": q.forward if d == 0 else q.reverse, "cpr_id": 2 * i + 1 + d,
+                    "quadruple": i, "panel": k, "beta": betas[j], "scores": [int(v) for v in scores[d * npairs + j]]})
+    shutil.rmtree(img_dir, ignore_errors=True)
+    tmp.rename(img_dir)
+    rec = {"shard": u, "quadruples": len(idx), "parsed": len(good), "triplets": records,
+           "unparsed_quadruples": [i for i, q in zip(idx, quads) if q is None]}
+    write_json_atomic(_shard_file(root, u), rec)
+    return {"shard": u, "seconds": time.time() - t0, "triplets": len(records)}
+
+
+def synthesize(root: str | Path, cfg: SynthesisConfig, lm: LanguageModel, gen, vlm: VisionLanguageModel, shard: int = 0,
+               num_shards: int = 1, progress: bool = True) -> list[dict]:
+    """Synthesize this process's share of ``cfg`` into ``root``: shards ``u`` with ``u % num_shards == shard``
+    (torchrun rank and world size, or n processes by hand). Finished shards are skipped, so a killed run
+    resumes; a folder holding another configuration is refused. Returns what was done now (shard, seconds,
+    triplets)."""
+    if not (isinstance(num_shards, int) and num_shards >= 1 and isinstance(shard, int) and 0 <= shard < num_shards):
+        raise ValueError(f"shard={shard!r}, num_shards={num_shards!r}: need integers with 0 <= shard < num_shards")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _check_config(root, cfg)
+    todo = [u for u in range(cfg.n_shards) if u % num_shards == shard and not _shard_file(root, u).is_file()]
+    it = todo
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        it = tqdm(todo, desc=f"SynCPR shards ({cfg.shard_size} quadruples each)", leave=False)
+    return [synthesize_shard(root, u, cfg, lm, gen, vlm) for u in it]
+
+
+def missing_shards(root: str | Path) -> list[int]:
+    root = Path(root)
+    cfg = json.loads((root / "synthesis.json").read_text())
+    n = -(-cfg["n_quadruples"] // cfg["shard_size"])
+    return [u for u in range(n) if not _shard_file(root, u).is_file()]
+
+
+def read_shards(root: str | Path) -> list[dict]:
+    """Every finished shard's record, in shard order."""
+    root = Path(root)
+    return [json.loads(p.read_text()) for p in sorted((root / "shards").glob("shard_*.json"))]
+
+
+def assemble(root: str | Path, keep_mean: float = KEEP_MEAN) -> dict:
+    """Once every shard is done: ``manifest.json`` (the configuration, and per shard its counts and a hash of
+    its record; no timings, so an interrupted and resumed run writes the same manifest as an unbroken one),
+    ``SynCPR.json`` (the kept triplets, in SynCPR's released fields, paths relative to ``root``) and
+    ``scores.json`` (every triplet's four scores). Returns the manifest."""
+    root = Path(root)
+    missing = missing_shards(root)
+    if missing:
+        raise RuntimeError(f"{root}: shards {missing[:10]}{' ...' if len(missing) > 10 else ''} are not synthesized yet; "
+                           "run synthesize() for them (every shard's process) before assembling")
+    shards = read_shards(root)
+    triplets = [t for s in shards for t in s["triplets"]]
+    scores = np.array([t["scores"] for t in triplets], dtype=float).reshape(-1, 4)
+    keep = kept(scores, keep_mean)
+    fields = ("reference_caption", "target_caption", "reference_image_path", "target_image_path", "edit_caption", "cpr_id")
+    write_syncpr(root, [{f: t[f] for f in fields} for t, k in zip(triplets, keep) if k])
+    write_json_atomic(root / "scores.json", [{"reference_image_path": t["reference_image_path"], "target_image_path": t["target_image_path"],
+                                              "scores": dict(zip(DIMENSIONS, t["scores"])), "kept": bool(k)} for t, k in zip(triplets, keep)])
+    manifest = {"config": json.loads((root / "synthesis.json").read_text()), "keep_mean": keep_mean,
+                "shards": [{"shard": s["shard"], "quadruples": s["quadruples"], "parsed": s["parsed"], "triplets": len(s["triplets"]),
+                            "sha1": hashlib.sha1(_shard_file(root, s["shard"]).read_bytes()).hexdigest()} for s in shards],
+                "triplets": len(triplets), "kept": int(keep.sum())}
+    write_json_atomic(root / "manifest.json", manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+def statistics(triplets: list[dict], quadruples: int | None = None) -> dict:
+    """SynCPR's summary numbers of a set of triplets (released fields): triplets, quadruples (given, or
+    counted as distinct reference-target caption pairs), group ids, mean relative-caption length in words,
+    vocabulary of the relative captions, and the share of men (read from the reference captions)."""
+    from ..datasets.formats import tokenize
+
+    edits = [t["edit_caption"] for t in triplets]
+    words = [tokenize(e) for e in edits]
+    genders = [grammar.parse_claims(t["reference_caption"]).get("gender") for t in triplets]
+    known = [g for g in genders if g is not None]
+    if quadruples is None:
+        quadruples = len({frozenset((t["reference_caption"], t["target_caption"])) for t in triplets})
+    return {"triplets": len(triplets), "quadruples": quadruples, "group ids": len({t["cpr_id"] for t in triplets}),
+            "mean caption words": float(np.mean([len(w) for w in words])) if words else float("nan"),
+            "vocabulary": len({x for w in words for x in w}),
+            "male (%)": 100 * sum(g == "man" for g in known) / len(known) if known else float("nan")}
+
+
+def statistics_table(sets: dict[str, dict]) -> pd.DataFrame:
+    """The statistics of several sets side by side with SynCPR's reported figures."""
+    rows = {"SynCPR (reported)": REPORTED, **sets}
+    return pd.DataFrame(rows).T.reset_index(names="set")
+
+
+# ---------------------------------------------------------------------------------------------
+def _cache_key(scale: str, cfg: SynthesisConfig) -> str:
+    return hashlib.blake2b(json.dumps([scale, cfg.as_json(), SYNCPR_VERSION], sort_keys=True).encode(), digest_size=4).hexdigest()
+
+
+#: Bump when the pipeline changes, so cached syntheses are rebuilt.
+SYNCPR_VERSION = 1
+
+
+def _worker(rank: int, world: int, root: str, cfg_json: dict, scale: str, seed: int, threads: int):
+    """One process of a sharded synthesis (spawned processes import this, not notebook code)."""
+    torch.set_num_threads(max(1, threads))
+    cfg = SynthesisConfig(**{**cfg_json, "beta_range": tuple(cfg_json["beta_range"]), "models": tuple(cfg_json["models"])})
+    lm, gen, vlm = mini_models(scale, seed, progress=False)[:3]
+    synthesize(root, cfg, lm, gen, vlm, shard=rank, num_shards=world, progress=rank == 0)
+
+
+def mini_models(scale: str, seed: int = 0, gpus: int = 0, progress: bool = True):
+    """``(lm, gen, vlm, names)``: the mini LM, the mini generator (its dual adapter) and the mini MLLM for
+    ``(scale, seed)``, and their names with cache keys (part of a synthesis's configuration)."""
+    from ..assistants import MiniLM, mini_vlm
+    from ..generators.mini import mini_generators
+
+    gen, report = mini_generators(scale, seed, gpus=gpus, progress=progress)
+    vlm = mini_vlm(scale, seed, progress=progress)
+    return MiniLM(seed), gen, vlm, ("mini-lm", f"mini-generator:{Path(report['dir']).name}", f"mini-vlm:{scale}-seed{seed}")
+
+
+def load_models(scale: str, seed: int = 0, gpus: int = 0, weights=None, llm=None, vlm=None, rank: int = 32,
+                dataset: str = "cuhk_pedes", progress: bool = True):
+    """``(lm, gen, vlm, names)`` for a synthesis: each the mini one unless named. ``weights``: FLUX.1-dev
+    (a name or a diffusers folder) with the dual-panel LoRA notebook 02 trained on ``dataset`` (its file is
+    looked for where notebook 02 saves it; a missing one says so); ``llm`` / ``vlm``: transformers models
+    (names or folders). Nothing is downloaded."""
+    mini = mini_models(scale if scale != "paper" else "small", seed, gpus, progress) if None in (weights, llm, vlm) else (None,) * 4
+    dev = "cuda" if gpus else "cpu"
+    names = list(mini[3] or ("", "", ""))
+    lm_, gen, vlm_ = mini[0], mini[1], mini[2]
+    if llm is not None:
+        from ..assistants.hf import TransformersLM
+
+        lm_, names[0] = TransformersLM.load(llm, device=dev, seed=seed), f"llm:{llm}"
+    if vlm is not None:
+        from ..assistants.hf import TransformersVLM
+
+        vlm_, names[2] = TransformersVLM.load(vlm, device=dev, seed=seed), f"vlm:{vlm}"
+    if weights is not None:
+        from ..generators import flux
+        from ..generators.lora import load_lora
+
+        lora_file = cache_dir() / "models" / f"flux-{dataset}-seed{seed}-r{rank}" / "dual.safetensors"
+        if not lora_file.is_file():
+            raise FileNotFoundError(f"{lora_file}: no dual-panel LoRA for FLUX.1-dev; run notebook 02 with weights={weights!r} "
+                                    f"(it trains and saves it there), or put a LoRA file there")
+        pipe = flux.load_flux(weights, device=dev if gpus else None)
+        load_lora(pipe.transformer, lora_file, "dual")
+        gen, names[1] = flux.flux_generator(pipe), f"flux:{weights}:{lora_file.parent.name}"
+    return lm_, gen, vlm_, tuple(names)
+
+
+def syncpr_dataset(scale: str = "small", seed: int = 0, gpus: int = 0, n_quadruples: int | None = None, panels: int | None = None,
+                   beta_range: Sequence[float] = (0.5, 1.0), keep_mean: float = KEEP_MEAN, shard_size: int | None = None,
+                   progress: bool = True) -> tuple[Path, dict]:
+    """The mini pipeline's SynCPR for ``(scale, seed)``, synthesized once and cached (with a progress bar);
+    ``gpus`` > 1 splits the shards over that many processes. Returns ``(folder, manifest)``; the folder
+    reads with :func:`person_retrieval.datasets.read_syncpr`. ``keep_mean`` only re-assembles."""
+    names = mini_models(scale, seed, gpus, progress)[3]
+    cfg = SynthesisConfig(n_quadruples=n_quadruples or SCALE_QUADRUPLES[scale], panels=panels or SCALE_PANELS[scale],
+                          beta_range=tuple(float(b) for b in beta_range), shard_size=shard_size or SCALE_SHARD[scale], seed=seed,
+                          models=names)
+    root = synthesis_folder(scale, cfg)
+    t0 = time.time()
+    if not (root / "manifest.json").is_file() or missing_shards(root):
+        if gpus > 1:
+            import os
+
+            import torch.multiprocessing as mp
+
+            root.mkdir(parents=True, exist_ok=True)
+            _check_config(root, cfg)
+            threads = max(1, (os.cpu_count() or 1) // gpus)
+            mp.start_processes(_worker, args=(gpus, str(root), cfg.as_json(), scale, seed, threads), nprocs=gpus, start_method="spawn")
+        else:
+            lm, gen, vlm, _ = mini_models(scale, seed, gpus, progress=False)
+            synthesize(root, cfg, lm, gen, vlm, progress=progress)
+        seconds = time.time() - t0
+        n = sum(len(r["triplets"]) for r in read_shards(root))
+        write_json_atomic(root / "timing.json", {"seconds": round(seconds, 1), "processes": max(1, gpus), "candidate_triplets": n,
+                                                 "triplets_per_s": round(n / max(seconds, 1e-9), 2)})
+    manifest = assemble(root, keep_mean)
+    return root, manifest
+
+
+def synthesis_folder(scale: str, cfg: SynthesisConfig) -> Path:
+    """Where a synthesis of ``cfg`` is cached: by scale, seed, and a hash of its configuration."""
+    return cache_dir() / "syncpr" / f"{scale}-seed{cfg.seed}-{_cache_key(scale, cfg)}"
+
+
+def read_timing(root: str | Path) -> dict:
+    """How long the synthesis in ``root`` took when it ran (``timing.json``; empty when not recorded)."""
+    p = Path(root) / "timing.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def read_scores(root: str | Path) -> np.ndarray:
+    """Every candidate triplet's four filter scores, ``[N, 4]`` (``scores.json`` of an assembled folder)."""
+    rows = json.loads((Path(root) / "scores.json").read_text())
+    return np.array([[r["scores"][d] for d in DIMENSIONS] for r in rows], dtype=np.int64).reshape(-1, 4)
+
+
+def _load(root: Path, rel: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(root / rel) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def score_triplets(vlm: VisionLanguageModel, triplets: list[dict], root: str | Path, limit: int | None = None, seed: int = 0) -> np.ndarray:
+    """The filter's scores of triplets in the released format (images under ``root``), for ``limit`` of them
+    drawn at random (all when None)."""
+    root = Path(root)
+    idx = np.arange(len(triplets))
+    if limit is not None and limit < len(triplets):
+        idx = np.sort(rng_for(seed, "syncpr-score-sample").choice(len(triplets), limit, replace=False))
+    ts = [triplets[i] for i in idx]
+    return filter_scores(vlm, [_load(root, t["reference_image_path"]) for t in ts], [_load(root, t["target_image_path"]) for t in ts],
+                         [t["target_caption"] for t in ts], [t["edit_caption"] for t in ts])
+
+
+#: The purpose-made faults of :func:`fault_examples`, each with the dimension it should fail.
+FAULTS = {"noise image": "naturalness", "another person": "identity", "wrong target text": "alignment", "wrong relative caption": "relevance"}
+
+
+def fault_examples(triplets: list[dict], root: str | Path, n: int = 4, seed: int = 0) -> dict:
+    """Good triplets from a world folder and purpose-made bad copies of them, one fault each
+    (:data:`FAULTS`): the target replaced by noise; the target drawn again as another person (other
+    gender, age, skin and hair) in the same outfit and state; another triplet's target text; another
+    triplet's relative caption. Returns lists ``labels, references, targets, target_texts, edits``."""
+    from ..world.attributes import AGES, GENDERS, HAIR_STYLES, Person
+    from ..world.build import read_world_meta
+    from ..world.render import State, render
+
+    root = Path(root)
+    rng = rng_for(seed, "syncpr-faults")
+    pick = rng.choice(len(triplets), 2 * n, replace=False)
+    good, other = [triplets[i] for i in pick[:n]], [triplets[i] for i in pick[n:]]
+    meta = read_world_meta(root)
+    by_path = {im["path"]: im for im in meta["images"]}
+    out = {k: [] for k in ("labels", "references", "targets", "target_texts", "edits")}
+
+    def add(label, t, ref, tgt, text, edit):
+        for k, v in zip(out, (label, ref, tgt, text, edit)):
+            out[k].append(v)
+
+    for t, o in zip(good, other):
+        ref, tgt = _load(root, t["reference_image_path"]), _load(root, t["target_image_path"])
+        add("good", t, ref, tgt, t["target_caption"], t["edit_caption"])
+        add("noise image", t, ref, rng.integers(0, 256, tgt.shape, dtype=np.uint8), t["target_caption"], t["edit_caption"])
+        im = by_path[t["target_image_path"]]
+        p = Person(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["people"][str(im["person"])].items()})
+        swap = p.replace(gender=str(rng.choice([g for g in GENDERS if g != p.gender])), age=str(rng.choice([a for a in AGES if a != p.age])),
+                         skin={"light": "dark", "medium": "light", "dark": "medium"}.get(p.skin, p.skin),
+                         hair_style=str(rng.choice([h for h in HAIR_STYLES if h not in (p.hair_style, "bald")])),
+                         lower_type="trousers" if p.lower_type == "skirt" else p.lower_type)
+        state = State(**{k: tuple(v) if isinstance(v, list) else v for k, v in im["state"].items()})
+        add("another person", t, ref, render(swap, state, tgt.shape[0]), t["target_caption"], t["edit_caption"])
+        add("wrong target text", t, ref, tgt, o["target_caption"], t["edit_caption"])
+        add("wrong relative caption", t, ref, tgt, t["target_caption"], o["edit_caption"])
+    return out
+
+
+def fault_check(table: pd.DataFrame, keep_mean: float = KEEP_MEAN) -> pd.DataFrame:
+    """For each fault of :data:`FAULTS` in a scored :func:`fault_examples` table (columns ``example``, the
+    four dimensions, ``kept``): the mean score of its dimension on good and faulty triplets, and how many
+    faulty ones were rejected with that dimension below the bar."""
+    good = table[table["example"] == "good"]
+    rows = []
+    for fault, dim in FAULTS.items():
+        bad = table[table["example"] == fault]
+        rows.append({"fault": fault, "dimension": dim, "good mean": float(good[dim].mean()), "faulty mean": float(bad[dim].mean()),
+                     "faulty rejected for it": int(((~bad["kept"]) & (bad[dim] < keep_mean)).sum()), "faulty": len(bad)})
+    return pd.DataFrame(rows)
+
+
+def ranking_rows(similarity: torch.Tensor, bench: ITCPR, queries: Sequence[int], k: int = 5) -> list[dict]:
+    """Rows for :func:`person_retrieval.viz.ranking_rows`: each query's reference image, its top ``k``
+    gallery images, and which of them are ground truths."""
+    q_ids, g_ids = itcpr_ids(bench)
+    rows = []
+    for i in queries:
+        top = torch.topk(similarity[i], k).indices.tolist()
+        rows.append({"label": f"query {i}", "query": bench.queries[i]["caption"], "true": bench.query_paths()[i],
+                     "ranked": [bench.gallery_paths()[j] for j in top], "correct": [bool(g_ids[j] == q_ids[i]) for j in top]})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+def itcpr_ids(bench: ITCPR) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(query ids, gallery ids)`` for ITCPR's matching rule: a gallery row is a ground truth of a query
+    when their ``instance_id`` agree (distractors carry -1, which no query has)."""
+    return (torch.tensor([q["instance_id"] for q in bench.queries]), torch.tensor([g["instance_id"] for g in bench.gallery]))
+
+
+def evaluate_itcpr(similarity, bench: ITCPR) -> dict[str, float]:
+    """R1/R5/R10/mAP/mINP of a ``(queries, gallery)`` similarity on ITCPR."""
+    q, g = itcpr_ids(bench)
+    return retrieval_metrics(similarity, q, g)
+
+
+
+@torch.no_grad()
+def zero_shot_composition(backbone, bench: ITCPR, batch: int = 256) -> torch.Tensor:
+    """A composition with no CPR training: the query is the sum of the normalised image feature of the
+    reference and text feature of the relative caption, the gallery the image features; cosine
+    similarities ``[queries, gallery]``."""
+    from ..datasets.torch_data import load_images, to_float
+
+    backbone.eval()
+    norm = torch.nn.functional.normalize
+
+    def images(paths):
+        x = load_images(paths, backbone.image_size)
+        return torch.cat([norm(backbone.encode_image(to_float(x[s: s + batch]))[0].float(), dim=-1) for s in range(0, len(x), batch)])
+
+    caps = [q["caption"] for q in bench.queries]
+    txt = torch.cat([norm(backbone.encode_text(backbone.tokenize(caps[s: s + batch]))[0].float(), dim=-1) for s in range(0, len(caps), batch)])
+    query = norm(images(bench.query_paths()) + txt, dim=-1)
+    return query @ images(bench.gallery_paths()).T
