@@ -78,3 +78,50 @@ def test_attribute_loss_ignores_hidden_targets_and_heads_hidden_everywhere():
     targets = {"a": torch.tensor([0, -1, 2, 1]), "b": torch.tensor([-1, -1, -1, -1])}
     want = F.cross_entropy(logits["a"][[0, 2, 3]], targets["a"][[0, 2, 3]])
     assert torch.allclose(attribute_loss(logits, targets), want)
+
+
+# ---------------------------------------------------------------------------------------------- FAFA
+def test_fda_scores_mean_the_top_k_token_cosines():
+    q = torch.tensor([[1.0, 0.0]])
+    # target tokens at angles with cosines 1, 0.6, 0, -1 to the query (raw lengths: normalised inside)
+    toks = torch.tensor([[[2.0, 0.0], [0.6, 0.8], [0.0, 3.0], [-1.0, 0.0]]])
+    assert losses.fda_scores(q, toks, k=2).item() == pytest.approx((1 + 0.6) / 2)
+    assert losses.fda_scores(q, toks, k=6).item() == pytest.approx((1 + 0.6 + 0 - 1) / 4)  # k beyond T: all tokens
+
+
+def test_fda_known_value_and_group_positives():
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    toks = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # one token each; s = identity
+    # distinct ids: p_i = softmax(scale * [1, 0]) = (a, 1 - a), q_i one-hot: the eps term prices the stray mass,
+    # sum_j p log(p / (q + eps)) = a log(a / (1 + eps)) + (1 - a) log((1 - a) / eps), twice (both directions)
+    scale = 2.0
+    a = 1 / (1 + math.exp(-scale))
+    expect = 2 * (a * math.log(a / (1 + 1e-8)) + (1 - a) * math.log((1 - a) / 1e-8))
+    assert losses.fda_loss(q, toks, torch.tensor([0, 1]), k=1, logit_scale=scale).item() == pytest.approx(expect, rel=1e-5)
+    # one group: q_i = (1/2, 1/2) -> KL(p || q) = sum p log(2 p)
+    p = torch.softmax(torch.tensor([scale, 0.0]), 0)
+    expect = 2 * float((p * torch.log(2 * p)).sum())
+    assert losses.fda_loss(q, toks, torch.tensor([5, 5]), k=1, logit_scale=scale).item() == pytest.approx(expect, rel=1e-5)
+
+
+def test_fd_known_value():
+    f = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 5.0]])
+    # cosines: (1,2) 0.8, (1,3) 0, (2,3) 0.6; over margin 0.5: 0.3 and 0.1, each counted twice, over 3 * 2 pairs
+    assert losses.fd_loss(f, margin=0.5).item() == pytest.approx(2 * (0.3 + 0.1) / 6)
+    assert losses.fd_loss(f, margin=0.9).item() == 0
+    assert losses.fd_loss(f[:1]).item() == 0
+
+
+def test_mfr_known_value_on_the_masked_dimensions():
+    fq = torch.tensor([[3.0, 4.0]])  # normalised: (0.6, 0.8)
+    ft = torch.tensor([[0.0, 2.0]])  # normalised: (0, 1)
+    phi = lambda x: x[:, :2]  # noqa: E731  Phi([a, b]) = a: "rebuild each from the other" as a plain copy
+    mq, mt = torch.tensor([[True, False]]), torch.tensor([[False, True]])
+    # rebuilt q = f_t = (0, 1): error on q's masked dim 0: (0 - 0.6)^2; rebuilt t = f_q = (0.6, 0.8): on dim 1: (0.8 - 1)^2
+    v = losses.mfr_loss(fq, ft, phi, masks=(mq, mt)).item()
+    assert v == pytest.approx(0.36 + 0.04)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    g = torch.Generator().manual_seed(0)
+    x = losses.mfr_loss(torch.randn(16, 2), torch.randn(16, 2), net, mask_ratio=0.3, generator=g)
+    x.backward()
+    assert x.item() > 0 and net[0].weight.grad is not None

@@ -30,9 +30,10 @@ def test_notebooks_have_no_outputs_and_a_parameters_cell():
 
 # Extra parameters per notebook: notebook 01 runs its training through DistributedDataParallel over two
 # gloo processes, as `papermill notebooks/01_tpr_baselines.ipynb out.ipynb -p scale tiny -p gpus 2` does.
-# Notebook 03 splits its synthesis's shards over two processes. Notebook 07 repeats its experiment over two
-# seeds (the spread needs more than one).
-EXTRA = {"01_tpr_baselines": {"gpus": 2}, "03_syncpr_itcpr": {"gpus": 2}, "07_ctgi": {"seeds": [0, 1]}}
+# Notebook 03 splits its synthesis's shards over two processes; notebook 04 trains FAFA over two gloo processes,
+# as the user's `papermill notebooks/04_fafa.ipynb out.ipynb -p gpus 2` does. Notebooks 04 and 07 repeat over
+# two seeds (the spread needs more than one).
+EXTRA = {"01_tpr_baselines": {"gpus": 2}, "03_syncpr_itcpr": {"gpus": 2}, "04_fafa": {"gpus": 2, "seeds": [0, 1]}, "07_ctgi": {"seeds": [0, 1]}}
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -67,6 +68,7 @@ BAD = {
     "01_tpr_baselines": ({"weights": "ViT-B-16"}, "parameter 'weights': no local weights for 'ViT-B-16'"),
     "02_generators": ({"data_root": "EMPTY"}, "parameter 'data_root': .* lacks datasets this notebook needs: cuhk_pedes"),
     "03_syncpr_itcpr": ({"beta_range": "[1.0, 0.5]"}, "parameter 'beta_range' must be \\[low, high\\] with low <= high"),
+    "04_fafa": ({"weights": "EMPTY"}, "parameter 'weights': .* holds no Blip2ForImageTextRetrieval weights"),
     "07_ctgi": ({"ablation_methods": '["irra", "clip"]'}, "parameter 'ablation_methods'"),
 }
 

@@ -280,3 +280,8 @@ def test_malformed_itcpr_names_file_and_entry(tmp_path):
     shutil.rmtree(root / "datasets")
     with pytest.raises(DatasetFormatError, match="no query.json here or in"):
         read_itcpr(root)
+
+
+def test_quadruples_are_counted_from_group_ids():
+    t = [{"cpr_id": c} for c in (1, 2, 1, 5, 6)]
+    assert syncpr.quadruple_count(t) == 2

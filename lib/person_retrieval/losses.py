@@ -24,7 +24,13 @@ def positive_mask(pids: torch.Tensor) -> torch.Tensor:
 
 def itc_loss(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
     """CLIP's symmetric InfoNCE, with every same-person column a positive (targets spread evenly over them)."""
-    logits = img @ txt.T * logit_scale
+    return itc_from_scores(img @ txt.T, pids, logit_scale)
+
+
+def itc_from_scores(scores: torch.Tensor, pids: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """The same InfoNCE from a ``(B, B)`` score matrix (row i and column i a matching pair), for scores that
+    are not a plain dot product (BLIP-2's best-matching query token)."""
+    logits = scores * logit_scale
     target = positive_mask(pids)
     target = target / target.sum(1, keepdim=True)
     i2t = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
@@ -69,3 +75,64 @@ def tal_loss(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor, tau: floa
         n = tau * torch.logsumexp(s.masked_fill(pos, big) / tau, dim=1)  # smooth max over negatives
         loss = loss + F.relu(margin - p + n).mean()
     return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# FAFA (composed person retrieval, notebook 04). A composed query is one feature; a target image is T
+# token features. Each loss normalises its inputs itself: the formulas are written in cosines.
+def fda_scores(query: torch.Tensor, target_tokens: torch.Tensor, k: int = 6) -> torch.Tensor:
+    """FAFA's query-target score: s[i, j] = the mean of the k largest cosines between query i and the
+    tokens of target j. ``query`` [B, D], ``target_tokens`` [N, T, D] -> [B, N]."""
+    q = F.normalize(query.float(), dim=-1)
+    t = F.normalize(target_tokens.float(), dim=-1)
+    cos = torch.einsum("bd,ntd->bnt", q, t)
+    return cos.topk(min(k, cos.shape[-1]), dim=-1).values.mean(-1)
+
+
+def fda_loss(query: torch.Tensor, target_tokens: torch.Tensor, pids: torch.Tensor, k: int = 6,
+             logit_scale: torch.Tensor | float = 1 / 0.07, eps: float = 1e-8) -> torch.Tensor:
+    """FAFA's fine-grained dynamic alignment. ``query`` [B, D] composed features, ``target_tokens`` [B, T, D]
+    the targets' tokens, ``pids`` [B] group ids (equal ``cpr_id``: the same person in the same outfit).
+    L_q2t = 1/B sum_i KL(p_i || q_i) = 1/B sum_i sum_j p_ij log(p_ij / (q_ij + eps)),  p_i = softmax_j(scale * s_ij),
+    q_i = the row of equal ids, normalised; L_fda = L_q2t + L_t2q (the same over the transposed scores)."""
+    s = fda_scores(query, target_tokens, k) * logit_scale
+    q = positive_mask(pids)
+    q = q / q.sum(1, keepdim=True)
+    loss = 0.0
+    for m in (s, s.T):  # q is symmetric: the same true distribution both ways
+        p = F.softmax(m, dim=1)
+        loss = loss + (p * (F.log_softmax(m, dim=1) - torch.log(q + eps))).sum(1).mean()  # sum_j p log(p / (q + eps))
+    return loss
+
+
+def fd_loss(features: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
+    """FAFA's feature diversity: L_fd = 1 / (N (N - 1)) sum_{i != j} max(cos(f_i, f_j) - m, 0) over ``features``
+    [N, D] (the batch's projected target tokens): tokens more alike than the margin are pushed apart."""
+    f = F.normalize(features.float(), dim=-1)
+    n = f.shape[0]
+    if n < 2:
+        return f.sum() * 0.0
+    cos = f @ f.T
+    off = ~torch.eye(n, dtype=torch.bool, device=f.device)
+    return F.relu(cos[off] - margin).sum() / (n * (n - 1))  # 1/(N(N-1)) sum_{i!=j} max(cos - m, 0)
+
+
+def mfr_loss(query: torch.Tensor, target_mean: torch.Tensor, phi, mask_ratio: float = 0.3, masks=None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """FAFA's masked feature reasoning. ``query`` [B, D] composed features, ``target_mean`` [B, D] the mean
+    target token features (both normalised here), ``phi`` one shared network from [2D] to [D]. A random
+    ``mask_ratio`` of each one's dimensions is zeroed (tilde), and each is rebuilt from the other:
+    L_mfr = E[ ||f_q - Phi([f_t, f~_q])||^2 + ||f_t - Phi([f_q, f~_t])||^2 ], the squared error taken over
+    the masked dimensions (their mean). ``masks`` = (mask_q, mask_t), bool [B, D] with True = masked, to
+    fix them (tests); else drawn with ``generator``."""
+    fq, ft = F.normalize(query.float(), dim=-1), F.normalize(target_mean.float(), dim=-1)
+    if masks is None:
+        mq = torch.rand(fq.shape, generator=generator).to(fq.device) < mask_ratio
+        mt = torch.rand(ft.shape, generator=generator).to(ft.device) < mask_ratio
+    else:
+        mq, mt = (m.to(fq.device).bool() for m in masks)
+    rq = phi(torch.cat([ft, fq.masked_fill(mq, 0.0)], dim=-1))  # Phi([f_t, f~_q]) -> f_q
+    rt = phi(torch.cat([fq, ft.masked_fill(mt, 0.0)], dim=-1))  # Phi([f_q, f~_t]) -> f_t
+    err_q = ((rq - fq) ** 2)[mq]
+    err_t = ((rt - ft) ** 2)[mt]
+    return (err_q.mean() if err_q.numel() else rq.sum() * 0.0) + (err_t.mean() if err_t.numel() else rt.sum() * 0.0)

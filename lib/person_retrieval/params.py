@@ -212,6 +212,19 @@ def flux_weights(name, value):
     return _on_disk(name, value, "the mini generator", "a FLUX.1-dev name or folder", resolve_flux)
 
 
+def blip2_weights(name, value):
+    """A rule: ``None`` (the mini Q-Former) or a local folder holding ``Blip2ForImageTextRetrieval`` weights."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"parameter {name!r} must be None (the mini Q-Former) or a folder path, got {_kind(value)}")
+    p = Path(value).expanduser()
+    if not (p / "config.json").is_file():
+        raise ValueError(f"parameter {name!r}: {str(p)!r} holds no Blip2ForImageTextRetrieval weights (no config.json); copy a "
+                         "local BLIP-2 ITM checkpoint there (e.g. Salesforce/blip2-itm-vit-g), or use None for the mini Q-Former")
+    return p
+
+
 def check_model(value, name: str):
     """``None`` (the mini assistant) or a transformers model (name or folder), found on disk now."""
     from .assistants.hf import resolve_model

@@ -216,7 +216,7 @@ def _save_checkpoint(out: Path, model: nn.Module, opt, sched, state: dict, best:
     _write_atomic(ck / "last_state.json", lambda p: p.write_text(json.dumps(state)))
 
 
-def _load_checkpoint(out: Path, model: nn.Module, opt, sched, rank: int = 0) -> dict | None:
+def _load_checkpoint(out: Path, model: nn.Module, opt, sched, rank: int = 0, epochs: int | None = None) -> dict | None:
     from safetensors.torch import load_model
 
     ck = out / "checkpoints"
@@ -227,7 +227,12 @@ def _load_checkpoint(out: Path, model: nn.Module, opt, sched, rank: int = 0) -> 
     extra = torch.load(ck / "last_optim.pt", weights_only=True)
     opt.load_state_dict(extra["optimizer"])
     sched.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"][rank])  # one state per process
+    states = extra["torch_rng"]
+    if rank < len(states):
+        torch.set_rng_state(states[rank])  # one state per process
+    elif epochs is None or state["epoch"] + 1 < epochs:  # a finished run needs no random state: it only loads
+        raise ValueError(f"{out}: this run was checkpointed by {len(states)} process(es) and cannot resume exactly with "
+                         f"process {rank}; resume it with gpus={len(states) if len(states) > 1 else 0}, or delete the folder to start again")
     random.setstate((state["py_rng"][0], tuple(state["py_rng"][1]), state["py_rng"][2]))
     return state
 
@@ -285,7 +290,7 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
     if world > 1:
         dist.barrier()
     if out is not None and cfg.resume:
-        st = _load_checkpoint(out, model, opt, sched, rank)
+        st = _load_checkpoint(out, model, opt, sched, rank, cfg.epochs)
         if st is not None:
             start_epoch, history, best = st["epoch"] + 1, st["history"], st["best"]
     # Some parameters may take no part in a task's loss (the image tokens' projection when only pooled

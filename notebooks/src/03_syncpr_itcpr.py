@@ -183,8 +183,8 @@ reports.save_figure(fig, "03_filter_scores", scale)
 # relative captions' mean length and vocabulary, and the share of men.
 
 # %%
-sets = {f"pipeline, kept ({models})": syncpr.statistics(synthesized, len({t["cpr_id"] // 2 for t in synthesized})),
-        "world's rendered triplets": syncpr.statistics(world_triplets)}
+sets = {f"pipeline, kept ({models})": syncpr.statistics(synthesized, syncpr.quadruple_count(synthesized)),
+        "world's rendered triplets": syncpr.statistics(world_triplets, syncpr.quadruple_count(world_triplets))}
 if data_root is not None and (P["data_root"] / "SynCPR" / "SynCPR.json").is_file():
     sets["SynCPR (the release, read here)"] = syncpr.statistics(read_syncpr(P["data_root"] / "SynCPR", check_images=False))
 stats = syncpr.statistics_table(sets)

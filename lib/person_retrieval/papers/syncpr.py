@@ -339,6 +339,12 @@ def statistics(triplets: list[dict], quadruples: int | None = None) -> dict:
             "male (%)": 100 * sum(g == "man" for g in known) / len(known) if known else float("nan")}
 
 
+def quadruple_count(triplets: list[dict]) -> int:
+    """Distinct quadruples behind triplets whose ``cpr_id`` is ``2 q + 1`` (forward) or ``2 q + 2`` (reverse),
+    as this pipeline and the world number them."""
+    return len({(int(t["cpr_id"]) - 1) // 2 for t in triplets})
+
+
 def statistics_table(sets: dict[str, dict]) -> pd.DataFrame:
     """The statistics of several sets side by side with SynCPR's reported figures."""
     rows = {"SynCPR (reported)": REPORTED, **sets}

@@ -1,0 +1,565 @@
+"""FAFA (notebook 04): "Automatic Synthetic Data and Fine-grained Adaptive Feature Alignment for Composed
+Person Retrieval" (Liu et al.; arXiv:2311.16515), part 2: the retrieval model, trained on SynCPR and tested
+zero-shot on ITCPR (part 1, the data, is :mod:`.syncpr`).
+
+The model is BLIP-2's Q-Former over a frozen image encoder (transformers' ``Blip2QFormerModel``):
+
+* a **target** image is the Q-Former's ``Q`` query tokens after cross-attending to the image's tokens,
+  each projected: ``[Q, D]``;
+* a **composed query** is the Q-Former run on the *reference* image's tokens with the relative text after
+  its query tokens, read at the text's first token and projected: ``[D]``;
+* a query scores a target by the mean of its ``k = 6`` largest token cosines (:func:`..losses.fda_scores`).
+
+Training is :func:`..losses.fda_loss` + lambda1 :func:`..losses.fd_loss` + lambda2 :func:`..losses.mfr_loss`
+(lambda1 = 1.0, lambda2 = 0.5), through the one loop (:func:`person_retrieval.train.fit`), with every batch
+made of whole ``cpr_id`` groups so that it holds positives (as the release's sampler does). The checkpoint is
+selected on a held-out part of SynCPR, never on ITCPR (the release selects on ITCPR, its test set).
+
+Mini path: a small Q-Former trained here, over the mini CLIP's locked image tower (its map cells are the
+image tokens) and its text tower's token features (frozen: the text side of "a frozen encoder"). Real path:
+:func:`load_blip2` reads ``Blip2ForImageTextRetrieval`` weights (e.g. ``blip2-itm-vit-g``) from a local folder.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import losses
+from ..config import cache_dir, config_tag, rng_for
+from ..datasets import ITCPR, read_syncpr
+from ..metrics import retrieval_metrics
+from .syncpr import evaluate_itcpr
+from .tpr import _path_key
+
+#: The paper's weights of the two auxiliary losses, the mask ratio and the top-k of the token score.
+LAMBDA1, LAMBDA2, MASK_RATIO, TOP_K = 1.0, 0.5, 0.3, 6
+LOSS_SETS = {"ITC": ("itc",), "FDA": ("fda",), "FDA + FD": ("fda", "fd"), "FDA + MFR": ("fda", "mfr"), "FDA + FD + MFR": ("fda", "fd", "mfr")}
+
+
+@dataclass(frozen=True)
+class QFormerSize:
+    hidden: int
+    layers: int  # at least 2: the text reads the image through the queries, which see it after a layer's cross-attention
+    heads: int
+    queries: int  # BLIP-2: 32
+    proj: int  # BLIP-2: 256
+    intermediate: int
+
+
+QFORMER = {"tiny": QFormerSize(32, 2, 2, 8, 32, 64), "small": QFormerSize(128, 2, 4, 16, 128, 256)}
+#: Training per scale (the paper: AdamW, 10 epochs over 1.15 M triplets).
+FAFA_CONFIG = {"tiny": dict(epochs=2, batch_size=4, lr=1e-3, weight_decay=0.05, warmup_epochs=0.2),
+               "small": dict(epochs=4, batch_size=32, lr=5e-4, weight_decay=0.05, warmup_epochs=0.5)}
+PER_GROUP = 2  # triplets of one cpr_id group in a batch: its positives
+
+
+def qformer(size: QFormerSize, image_dim: int):
+    """A randomly initialised Q-Former of transformers' BLIP-2 classes, cross-attending every layer."""
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+    cfg = Blip2QFormerConfig(hidden_size=size.hidden, num_hidden_layers=size.layers, num_attention_heads=size.heads,
+                             intermediate_size=size.intermediate, encoder_hidden_size=image_dim, cross_attention_frequency=1,
+                             max_position_embeddings=64, vocab_size=2, use_qformer_text_input=True)
+    return Blip2QFormerModel(cfg)
+
+
+class FAFAModel(nn.Module):
+    """The Q-Former's two readings (targets and composed queries) and MFR's reconstruction network Phi.
+    ``text_in`` turns the text's input features ``[B, L, ?]`` into the Q-Former's width."""
+
+    def __init__(self, qformer: nn.Module, queries: int, text_in: nn.Module, proj: int, temperature: float = 0.07):
+        super().__init__()
+        h = qformer.config.hidden_size
+        self.qformer, self.text_in = qformer, text_in
+        self.query_tokens = nn.Parameter(torch.randn(1, queries, h) * 0.02)
+        self.vision_proj, self.text_proj = nn.Linear(h, proj), nn.Linear(h, proj)
+        self.phi = nn.Sequential(nn.Linear(2 * proj, proj), nn.GELU(), nn.Linear(proj, proj))  # MFR's shared Phi
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
+
+    @property
+    def n_queries(self) -> int:
+        return self.query_tokens.shape[1]
+
+    def targets(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, Q, D]``: the query tokens after cross-attending to each target image's tokens, projected."""
+        q = self.query_tokens.expand(image_tokens.shape[0], -1, -1)
+        out = self.qformer(query_embeds=q, encoder_hidden_states=image_tokens).last_hidden_state
+        return self.vision_proj(out[:, : self.n_queries])
+
+    def compose(self, image_tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, D]``: the Q-Former on the reference image's tokens with the relative text after its query
+        tokens (which alone cross-attend to the image), read at the text's first token, projected."""
+        b, n = image_tokens.shape[0], self.n_queries
+        x = torch.cat([self.query_tokens.expand(b, -1, -1), self.text_in(text)], dim=1)
+        mask = torch.cat([torch.ones(b, n, dtype=text_mask.dtype, device=text_mask.device), text_mask], dim=1)
+        out = self.qformer(query_embeds=x, query_length=n, attention_mask=mask, encoder_hidden_states=image_tokens).last_hidden_state
+        return self.text_proj(out[:, n])
+
+    def text_features(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, D]``: the Q-Former on the text alone (no queries, no image), read at its first token:
+        BLIP-2's text reading, which its first pretraining stage aligns with the image's queries."""
+        out = self.qformer(query_embeds=self.text_in(text), query_length=0, attention_mask=text_mask).last_hidden_state
+        return self.text_proj(out[:, 0])
+
+    def forward(self, ref_tokens, text, text_mask, tgt_tokens):
+        return self.compose(ref_tokens, text, text_mask), self.targets(tgt_tokens), self.logit_scale.exp().clamp(max=100)
+
+
+def fafa_loss(composed: torch.Tensor, targets: torch.Tensor, gids: torch.Tensor, scale: torch.Tensor, phi: nn.Module,
+              parts=("fda", "fd", "mfr"), lambda1: float = LAMBDA1, lambda2: float = LAMBDA2, mask_ratio: float = MASK_RATIO,
+              top_k: int = TOP_K) -> tuple[torch.Tensor, dict]:
+    """L = L_fda + lambda1 L_fd + lambda2 L_mfr (or any subset; ``"itc"``: plain ITC against the mean target
+    feature, the CIR baseline). Returns ``(loss, logs)``."""
+    logs, total = {}, 0.0
+    if "itc" in parts:
+        logs["itc"] = losses.itc_loss(F.normalize(composed, dim=-1), F.normalize(targets.mean(1), dim=-1), gids, scale)
+        total = total + logs["itc"]
+    if "fda" in parts:
+        logs["fda"] = losses.fda_loss(composed, targets, gids, k=top_k, logit_scale=scale)
+        total = total + logs["fda"]
+    if "fd" in parts:
+        logs["fd"] = losses.fd_loss(targets.reshape(-1, targets.shape[-1]))
+        total = total + lambda1 * logs["fd"]
+    if "mfr" in parts:
+        logs["mfr"] = losses.mfr_loss(composed, targets.mean(1), phi, mask_ratio=mask_ratio)
+        total = total + lambda2 * logs["mfr"]
+    return total, {k: v.detach() for k, v in logs.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen features of the mini backbone, computed once per process
+_MEMO: dict = {}
+
+
+def mini_backbone(scale: str, init: str | None):
+    """The frozen mini CLIP (loaded from ``init``) whose image and text tokens FAFA's mini path reads."""
+    return _backbone(scale, init)
+
+
+def _backbone(scale: str, init: str | None):
+    from ..models import build_backbone
+    from ..train import load_weights
+
+    key = ("backbone", scale, init)
+    if key not in _MEMO:
+        with torch.random.fork_rng(devices=[]):  # a memo miss must not move the training's random stream
+            bb = build_backbone(None, scale)
+        if init:
+            load_weights(bb, init)
+        bb.eval().requires_grad_(False)
+        _MEMO[key] = bb
+    return _MEMO[key]
+
+
+@torch.no_grad()
+def image_tokens(backbone, paths: list[str], batch: int = 256) -> torch.Tensor:
+    """``[N, T, D]`` image tokens (the mini CLIP's map cells, projected) of the images at ``paths``."""
+    from ..datasets.torch_data import load_images, to_float
+
+    x = load_images(paths, backbone.image_size)
+    return torch.cat([backbone.encode_image(to_float(x[s: s + batch]))[1].float() for s in range(0, len(x), batch)])
+
+
+@torch.no_grad()
+def text_tokens(backbone, texts: list[str], max_len: int = 32, batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([N, L, D], [N, L] mask)``: the text tower's token features of ``texts``, up to ``max_len`` tokens."""
+    ids = backbone.tokenize(list(texts))[:, :max_len]
+    eot = ids.argmax(-1)
+    ids[torch.arange(len(ids)), eot.clamp(max=max_len - 1)] = ids.max()  # a cut text keeps an end token
+    feats = torch.cat([backbone.encode_text(ids[s: s + batch], trim=False)[1].float() for s in range(0, len(ids), batch)])
+    return feats, (ids != 0).long()
+
+
+def _features(scale: str, init: str | None, paths: tuple, texts: tuple):
+    key = ("features", scale, init, hash(paths), hash(texts))
+    if key not in _MEMO:
+        bb = _backbone(scale, init)
+        _MEMO[key] = (image_tokens(bb, list(paths)), *text_tokens(bb, list(texts)))
+    return _MEMO[key]
+
+
+class _GroupBatches:
+    """The training set as ``cpr_id`` groups: item ``g`` is group ``g``, and a batch of groups holds
+    :data:`PER_GROUP` triplets of each (repeated where a group has fewer), so every batch has positives
+    and every process's batch the same size."""
+
+    def __init__(self, groups: list[list[int]], ref: torch.Tensor, tgt: torch.Tensor, text: torch.Tensor,
+                 img_feats: torch.Tensor, txt_feats: torch.Tensor, txt_mask: torch.Tensor):
+        self.groups = groups
+        self.ref, self.tgt, self.text = ref, tgt, text
+        self.img, self.txt, self.txt_mask = img_feats, txt_feats, txt_mask
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def batch(self, idx) -> dict:
+        rows, gids = [], []
+        for g in (int(i) for i in idx):
+            members = self.groups[g]
+            rows += [members[k % len(members)] for k in range(PER_GROUP)]
+            gids += [g] * PER_GROUP
+        r = torch.tensor(rows)
+        L = int(self.txt_mask[self.text[r]].sum(1).max())
+        return {"ref": self.img[self.ref[r]], "tgt": self.img[self.tgt[r]], "text": self.txt[self.text[r], :L],
+                "text_mask": self.txt_mask[self.text[r], :L], "gid": torch.tensor(gids)}
+
+
+class FAFATask:
+    """FAFA (or one of its ablations: ``parts``) trained on a folder in SynCPR's format, for
+    :func:`person_retrieval.train.fit`. A held-out ``val_fraction`` of the groups selects the checkpoint."""
+
+    def __init__(self, root: str, scale: str = "small", seed: int = 0, init: str | None = None, parts=("fda", "fd", "mfr"),
+                 lambda1: float = LAMBDA1, lambda2: float = LAMBDA2, mask_ratio: float = MASK_RATIO, top_k: int = TOP_K,
+                 val_fraction: float = 0.05, qformer_init: str | None = None):
+        bad = sorted(set(parts) - {"itc", "fda", "fd", "mfr"})
+        if bad or not parts:
+            raise ValueError(f"unknown FAFA loss parts {bad}; expected a non-empty subset of itc, fda, fd, mfr")
+        self.root, self.scale, self.seed, self.init = str(root), scale, seed, init
+        self.parts, self.lambda1, self.lambda2, self.mask_ratio, self.top_k = tuple(parts), lambda1, lambda2, mask_ratio, top_k
+        self.val_fraction, self.qformer_init = val_fraction, qformer_init
+        self._prepared = None
+
+    def _prepare(self):
+        if self._prepared is not None:
+            return self._prepared
+        trip = read_syncpr(self.root)
+        paths = sorted({t[k] for t in trip for k in ("reference_image_path", "target_image_path")})
+        texts = sorted({t["edit_caption"] for t in trip})
+        pi, ti = {p: i for i, p in enumerate(paths)}, {t: i for i, t in enumerate(texts)}
+        img, txt, txt_mask = _features(self.scale, self.init, tuple(str(Path(self.root) / p) for p in paths), tuple(texts))
+        ref = torch.tensor([pi[t["reference_image_path"]] for t in trip])
+        tgt = torch.tensor([pi[t["target_image_path"]] for t in trip])
+        text = torch.tensor([ti[t["edit_caption"]] for t in trip])
+        by: dict = {}
+        for i, t in enumerate(trip):
+            by.setdefault(str(t["cpr_id"]), []).append(i)
+        groups = [by[k] for k in sorted(by)]
+        rng = rng_for(self.seed, "fafa-holdout")
+        n_val = max(8, int(len(groups) * self.val_fraction)) if len(groups) > 16 else max(1, len(groups) // 4)
+        val = set(rng.choice(len(groups), n_val, replace=False).tolist())
+        train_groups = [g for i, g in enumerate(groups) if i not in val]
+        val_rows = [r for i, g in enumerate(groups) if i in val for r in g]
+        feats = (img, txt, txt_mask)
+        self._prepared = (_GroupBatches(train_groups, ref, tgt, text, *feats), (ref, tgt, text, val_rows, trip), feats)
+        return self._prepared
+
+    def build(self) -> FAFAModel:
+        img, txt, _ = self._prepare()[2]
+        size = QFORMER[self.scale if self.scale in QFORMER else "small"]
+        with torch.random.fork_rng(devices=[]):  # the initialisation depends on the seed alone
+            torch.manual_seed(self.seed)
+            model = FAFAModel(qformer(size, img.shape[-1]), size.queries, nn.Linear(txt.shape[-1], size.hidden), size.proj)
+        if self.qformer_init:  # BLIP-2's first stage: a Q-Former whose queries already meet the text (pretrained_qformer)
+            from ..train import load_weights
+
+            load_weights(model, self.qformer_init)
+        return model
+
+    def train_data(self) -> _GroupBatches:
+        return self._prepare()[0]
+
+    def loss(self, model, batch, gather):
+        comp, tgt, scale = model(batch["ref"], batch["text"], batch["text_mask"], batch["tgt"])
+        phi = model.module.phi if hasattr(model, "module") else model.phi
+        gid = gather(batch["gid"].float()).long()
+        return fafa_loss(gather(comp), gather(tgt), gid, scale, phi, self.parts, self.lambda1, self.lambda2, self.mask_ratio, self.top_k)
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        """R1/R5/R10/mAP on the held-out groups: each held-out triplet a query, their distinct target
+        images the gallery; a target of the same ``cpr_id`` group is a match."""
+        ref, tgt, text, rows, trip = self._prepare()[1]
+        img, txt, txt_mask = self._prepare()[2]
+        model.eval()
+        r = torch.tensor(rows)
+        comp = model.compose(img[ref[r]], txt[text[r]], txt_mask[text[r]])
+        gal = sorted({int(tgt[i]) for i in rows})
+        gal_gid = {}
+        for i in rows:
+            gal_gid.setdefault(int(tgt[i]), str(trip[i]["cpr_id"]))
+        names = {g: k for k, g in enumerate(sorted(set(gal_gid.values())))}
+        sim = losses.fda_scores(comp, model.targets(img[torch.tensor(gal)]), self.top_k)
+        q_ids = torch.tensor([names[str(trip[i]["cpr_id"])] for i in rows])
+        g_ids = torch.tensor([names[gal_gid[g]] for g in gal])
+        return retrieval_metrics(sim, q_ids, g_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# BLIP-2's first stage, on the mini world's "web"
+class _PairBatches:
+    def __init__(self, rows: torch.Tensor, img, txt, txt_mask, pids):
+        self.rows, self.img, self.txt, self.txt_mask, self.pids = rows, img, txt, txt_mask, pids
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, idx) -> dict:
+        r = self.rows[torch.as_tensor(idx)]
+        L = int(self.txt_mask[r].sum(1).max())
+        return {"img": self.img[r], "text": self.txt[r, :L], "text_mask": self.txt_mask[r, :L], "pid": self.pids[r]}
+
+
+class QFormerPretrainTask:
+    """The Q-Former's pretraining, as BLIP-2's first stage pretrains its own before any composed training:
+    image-text contrast (InfoNCE) between the query tokens (read over the frozen image tokens) and the
+    text's first token (read by the Q-Former alone), the score being the best-matching query (BLIP-2's max
+    over queries), on the mini CLIP's alt-text corpus (people in no dataset); held-out identities select
+    the checkpoint."""
+
+    def __init__(self, scale: str = "small", seed: int = 0, init: str | None = None):
+        self.scale, self.seed, self.init = scale, seed, init
+        self._prepared = None
+
+    def _prepare(self):
+        if self._prepared is None:
+            from ..models.pretrain import pretrain_corpus
+
+            key = ("corpus", self.scale, self.seed, self.init)
+            if key not in _MEMO:
+                images, caps, pids = pretrain_corpus(self.scale, self.seed)
+                bb = _backbone(self.scale, self.init)
+                from ..datasets.torch_data import to_float
+
+                with torch.no_grad():
+                    img = torch.cat([bb.encode_image(to_float(images[s: s + 256]))[1].float() for s in range(0, len(images), 256)])
+                _MEMO[key] = (img, *text_tokens(bb, caps), pids)
+            img, txt, mask, pids = _MEMO[key]
+            n_val = max(8, int(0.05 * int(pids.max() + 1)))
+            val = pids < n_val
+            self._prepared = (_PairBatches(torch.nonzero(~val).squeeze(1), img, txt, mask, pids), torch.nonzero(val).squeeze(1))
+        return self._prepared
+
+    def build(self) -> FAFAModel:
+        img, txt = self._prepare()[0].img, self._prepare()[0].txt
+        size = QFORMER[self.scale if self.scale in QFORMER else "small"]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return FAFAModel(qformer(size, img.shape[-1]), size.queries, nn.Linear(txt.shape[-1], size.hidden), size.proj)
+
+    def train_data(self) -> _PairBatches:
+        return self._prepare()[0]
+
+    def loss(self, model, batch, gather):
+        m = model.module if hasattr(model, "module") else model
+        t = m.text_features(batch["text"], batch["text_mask"])
+        v = m.targets(batch["img"])
+        scale = m.logit_scale.exp().clamp(max=100)
+        loss = losses.itc_from_scores(losses.fda_scores(gather(t), gather(v), 1), gather(batch["pid"].float()).long(), scale)
+        return loss, {"temperature": (1 / scale).detach()}
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        d, val = self._prepare()
+        model.eval()
+        t = model.text_features(d.txt[val], d.txt_mask[val])
+        return retrieval_metrics(losses.fda_scores(t, model.targets(d.img[val]), 1), d.pids[val], d.pids[val])
+
+
+QFORMER_PRETRAIN = {"tiny": dict(epochs=1, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_epochs=0.2),
+                    "small": dict(epochs=6, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_epochs=0.3)}
+
+
+def pretrained_qformer(scale: str = "small", seed: int = 0, init: str | None = None, gpus: int = 0, progress: bool = True) -> Path:
+    """The mini Q-Former after its first stage (:class:`QFormerPretrainTask`), trained once and cached."""
+    from ..train import TaskSpec, TrainConfig, fit
+
+    conf = QFORMER_PRETRAIN[scale if scale in QFORMER_PRETRAIN else "small"]
+    out = cache_dir() / "models" / f"qformer-{scale}-seed{seed}-{config_tag(conf, QFORMER[scale], _key(init), FAFA_VERSION)}"
+    done = out / "qformer.safetensors"
+    if done.is_file():
+        return done
+    res = fit(TaskSpec("person_retrieval.papers.fafa:QFormerPretrainTask", {"scale": scale, "seed": seed, "init": init and str(init)}),
+              TrainConfig(**conf, gpus=gpus, seed=seed, out_dir=str(out), progress=progress, select="R1", clip_grad=1.0))
+    from safetensors.torch import save_model
+
+    tmp = done.with_name(done.name + ".tmp")
+    save_model(res.model, str(tmp))
+    tmp.replace(done)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+def fit_fafa(root, scale: str = "small", seed: int = 0, gpus: int = 0, init: str | None = None, parts=("fda", "fd", "mfr"),
+             lambda1: float = LAMBDA1, lambda2: float = LAMBDA2, mask_ratio: float = MASK_RATIO, top_k: int = TOP_K,
+             epochs: int | None = None, progress: bool = True, pretrained: bool = True, **overrides):
+    """Train FAFA (or an ablation) on a SynCPR-format folder, from the pretrained Q-Former
+    (:func:`pretrained_qformer`; ``pretrained=False``: from scratch); runs are cached (and resumed) under
+    ``.cache/runs/`` by everything that makes them."""
+    from ..train import TaskSpec, TrainConfig, fit
+
+    conf = {**FAFA_CONFIG[scale if scale in FAFA_CONFIG else "small"], **overrides}
+    if epochs is not None:
+        conf["epochs"] = int(epochs)
+    q_init = str(pretrained_qformer(scale, 0, init, gpus, progress)) if pretrained else None  # one Q-Former for every seed
+    kwargs = dict(root=str(root), scale=scale, seed=seed, init=init and str(init), parts=list(parts), lambda1=float(lambda1),
+                  lambda2=float(lambda2), mask_ratio=float(mask_ratio), top_k=int(top_k), qformer_init=q_init)
+    key = {**kwargs, "root": _path_key(str(root)), "init": _key(init), "syncpr": _content_key(root), "qformer_init": _key(q_init)}
+    out = cache_dir() / "runs" / f"fafa-{scale}-seed{seed}-{config_tag(conf, key, FAFA_VERSION)}"
+    cfg = TrainConfig(**conf, gpus=gpus, seed=seed, out_dir=str(out), progress=progress, select="R1", clip_grad=1.0)
+    return fit(TaskSpec("person_retrieval.papers.fafa:FAFATask", kwargs), cfg)
+
+
+FAFA_VERSION = 2
+
+
+def _key(path) -> str | None:
+    return _path_key(str(path)) if path else None
+
+
+def can_train(root, scale: str = "small", batches: int = 4) -> bool:
+    """Whether a SynCPR-format folder has enough ``cpr_id`` groups to train on: ``batches`` batches of
+    groups beside the held-out ones (the mini pipeline's filter may keep too few)."""
+    groups = len({str(t["cpr_id"]) for t in read_syncpr(root, check_images=False)})
+    need = batches * FAFA_CONFIG[scale if scale in FAFA_CONFIG else "small"]["batch_size"]
+    return groups * 0.95 >= need
+
+
+def _holds(a: pd.DataFrame, b: pd.DataFrame, metric: str = "R1") -> tuple[bool, str]:
+    """Whether rows ``a`` beat rows ``b`` on ``metric`` in the mean and in every seed (paired by seed)."""
+    m = a.set_index("seed")[metric].sub(b.set_index("seed")[metric]).dropna()
+    if m.empty:
+        return False, "no paired seeds"
+    return bool(m.mean() > 0 and (m > 0).all()), f"{a[metric].mean():.2f} vs {b[metric].mean():.2f} (per seed {', '.join(f'{v:+.2f}' for v in m)})"
+
+
+def claims(ablation: pd.DataFrame, table1: pd.DataFrame) -> pd.DataFrame:
+    """The paper's claims, each with a verdict: from the ablation (columns ``seed``, ``components``, R1)
+    and Table 1 (columns ``method``, ``trained on``, R1)."""
+    c = {k: ablation[ablation["components"] == k] for k in LOSS_SETS}
+    rows = []
+    for claim, a, b in (("FDA beats ITC", "FDA", "ITC"), ("FD adds to FDA", "FDA + FD", "FDA"), ("MFR adds to FDA", "FDA + MFR", "FDA"),
+                        ("all three beat FDA + FD", "FDA + FD + MFR", "FDA + FD"), ("all three beat FDA + MFR", "FDA + FD + MFR", "FDA + MFR")):
+        ok, ev = _holds(c[a], c[b])
+        rows.append({"claim": claim, "holds": ok, "evidence": ev})
+    t = table1.set_index("method")
+    fafa_rows = table1[table1["method"] == "FAFA"]
+    if len(fafa_rows):
+        best = fafa_rows.iloc[0]
+        for other in ("image only", "text only", "late fusion"):
+            if other in t.index:
+                rows.append({"claim": f"FAFA (trained on {best['trained on']}) beats {other} on ITCPR R1",
+                             "holds": bool(best["R1"] > t.loc[other, "R1"]), "evidence": f"{best['R1']:.2f} vs {t.loc[other, 'R1']:.2f}"})
+    return pd.DataFrame(rows)
+
+
+def _content_key(root) -> str:
+    import hashlib
+
+    return hashlib.sha1((Path(root) / "SynCPR.json").read_bytes()).hexdigest()[:12]
+
+
+@torch.no_grad()
+def itcpr_similarity(model: FAFAModel, bench: ITCPR, scale: str, init: str | None, top_k: int = TOP_K, chunk: int = 256) -> torch.Tensor:
+    """``[queries, gallery]`` FAFA scores on ITCPR (top-k token cosines)."""
+    key = ("itcpr", scale, init, str(bench.root), len(bench.queries), len(bench.gallery))
+    if key not in _MEMO:  # the frozen encoders' tokens of the benchmark, once per process
+        bb = _backbone(scale, init)
+        _MEMO[key] = (image_tokens(bb, bench.gallery_paths()), image_tokens(bb, bench.query_paths()),
+                      *text_tokens(bb, [q["caption"] for q in bench.queries]))
+    gal_tok, ref, txt, mask = _MEMO[key]
+    model.eval()
+    gal = torch.cat([model.targets(gal_tok[s: s + chunk]) for s in range(0, len(gal_tok), chunk)])
+    comp = torch.cat([model.compose(ref[s: s + chunk], txt[s: s + chunk], mask[s: s + chunk]) for s in range(0, len(ref), chunk)])
+    return torch.cat([losses.fda_scores(comp[s: s + chunk], gal, top_k) for s in range(0, len(comp), chunk)])
+
+
+def evaluate_on_itcpr(model: FAFAModel, bench: ITCPR, scale: str, init: str | None, top_k: int = TOP_K) -> dict:
+    return evaluate_itcpr(itcpr_similarity(model, bench, scale, init, top_k), bench)
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 1's baselines without CPR training
+@torch.no_grad()
+def baseline_similarities(backbone, tpr_model, bench: ITCPR, batch: int = 256) -> dict[str, torch.Tensor]:
+    """Image-only (the reference image's feature against the gallery's, the mini CLIP), text-only (the TPR
+    model of notebook 01 on the relative caption), their late fusion (the mean of the two similarities),
+    and a zero-shot composition (the sum of the mini CLIP's normalised image and text features)."""
+    from ..datasets.torch_data import load_images, to_float
+    from .syncpr import zero_shot_composition
+
+    def pooled_images(bb, paths):
+        x = load_images(paths, bb.image_size)
+        return torch.cat([F.normalize(bb.encode_image(to_float(x[s: s + batch]))[0].float(), dim=-1) for s in range(0, len(x), batch)])
+
+    backbone.eval()
+    image_only = pooled_images(backbone, bench.query_paths()) @ pooled_images(backbone, bench.gallery_paths()).T
+    tb = tpr_model.backbone.eval()
+    caps = [q["caption"] for q in bench.queries]
+    t = torch.cat([F.normalize(tb.encode_text(tb.tokenize(caps[s: s + batch]))[0].float(), dim=-1) for s in range(0, len(caps), batch)])
+    text_only = t @ pooled_images(tb, bench.gallery_paths()).T
+    return {"image only": image_only, "text only": text_only, "late fusion": (image_only + text_only) / 2,
+            "zero-shot composition": zero_shot_composition(backbone, bench)}
+
+
+def load_blip2(folder, device: str = "cpu"):
+    """The real path: ``Blip2ForImageTextRetrieval`` and its processor from a local folder (e.g. a copy of
+    ``Salesforce/blip2-itm-vit-g``), nothing downloaded; returns ``(model, processor)``. A folder that
+    is not there says where to put it."""
+    from transformers import AutoProcessor, Blip2ForImageTextRetrieval
+
+    p = Path(folder).expanduser()
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p}: no Blip2ForImageTextRetrieval weights here; copy a local BLIP-2 ITM checkpoint "
+                                f"(e.g. Salesforce/blip2-itm-vit-g, with config.json and the processor files) into {p}")
+    model = Blip2ForImageTextRetrieval.from_pretrained(str(p), local_files_only=True).to(device)
+    return model, AutoProcessor.from_pretrained(str(p), local_files_only=True)
+
+
+class Blip2Composer(nn.Module):
+    """The real path's FAFA model: ``Blip2ForImageTextRetrieval``'s own Q-Former, query tokens, text
+    embeddings and projections, read as FAFA reads them (targets: projected query outputs; composed query:
+    the text's first token after the queries, over the reference image's ViT tokens)."""
+
+    def __init__(self, itr, temperature: float = 0.07):
+        super().__init__()
+        self.itr = itr
+        d = itr.config.image_text_hidden_size
+        self.phi = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, d))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
+
+    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # the frozen image encoder
+            return self.itr.vision_model(pixel_values=pixel_values).last_hidden_state
+
+    def targets(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        q = self.itr.query_tokens.expand(image_tokens.shape[0], -1, -1)
+        out = self.itr.qformer(query_embeds=q, encoder_hidden_states=image_tokens).last_hidden_state
+        return self.itr.vision_projection(out)
+
+    def compose(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        q = self.itr.query_tokens.expand(image_tokens.shape[0], -1, -1)
+        n = q.shape[1]
+        x = self.itr.embeddings(input_ids=input_ids, query_embeds=q)
+        mask = torch.cat([torch.ones(q.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], 1)
+        out = self.itr.qformer(query_embeds=x, query_length=n, attention_mask=mask, encoder_hidden_states=image_tokens).last_hidden_state
+        return self.itr.text_projection(out[:, n])
+
+
+
+@torch.no_grad()
+def blip2_itcpr_similarity(composer: Blip2Composer, processor, bench: ITCPR, top_k: int = TOP_K, batch: int = 64) -> torch.Tensor:
+    """The real path's ``[queries, gallery]`` scores on ITCPR: BLIP-2's images through its processor and
+    frozen ViT, read as FAFA reads them (top-k token cosines)."""
+    from PIL import Image
+
+    dev = next(composer.parameters()).device
+
+    def pixels(paths):
+        ims = [Image.open(p).convert("RGB") for p in paths]
+        return processor(images=ims, return_tensors="pt")["pixel_values"].to(dev)
+
+    gal = torch.cat([composer.targets(composer.image_tokens(pixels(bench.gallery_paths()[s: s + batch])))
+                     for s in range(0, len(bench.gallery), batch)])
+    out = []
+    for s in range(0, len(bench.queries), batch):
+        q = bench.queries[s: s + batch]
+        enc = processor.tokenizer([x["caption"] for x in q], padding=True, return_tensors="pt").to(dev)
+        comp = composer.compose(composer.image_tokens(pixels(bench.query_paths()[s: s + batch])), enc["input_ids"], enc["attention_mask"])
+        out.append(losses.fda_scores(comp, gal, top_k))
+    return torch.cat(out)

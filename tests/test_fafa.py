@@ -1,0 +1,91 @@
+"""FAFA (notebook 04): the Q-Former's two readings, group batches, training through the loop with exact
+resume, the claims' verdicts, and the real path's BLIP-2 classes at a tiny size."""
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from person_retrieval.papers import fafa
+from person_retrieval.train import TaskSpec, TrainConfig, fit
+
+
+def _tiny_model(image_dim=16, text_dim=12):
+    size = fafa.QFORMER["tiny"]
+    torch.manual_seed(0)
+    return fafa.FAFAModel(fafa.qformer(size, image_dim), size.queries, torch.nn.Linear(text_dim, size.hidden), size.proj).eval()
+
+
+def test_the_two_readings_and_the_text_mask():
+    m = _tiny_model()
+    img, txt = torch.randn(3, 5, 16), torch.randn(3, 4, 12)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    t = m.targets(img)
+    assert t.shape == (3, fafa.QFORMER["tiny"].queries, fafa.QFORMER["tiny"].proj)
+    c = m.compose(img, txt, mask)
+    assert c.shape == (3, fafa.QFORMER["tiny"].proj)
+    # padding is ignored: the second query, cut to its two real tokens, reads the same
+    assert torch.allclose(m.compose(img[1:2], txt[1:2, :2], mask[1:2, :2]), c[1:2], atol=1e-5)
+    # the composed query depends on the reference image (only the queries see it) and on the text
+    assert not torch.allclose(m.compose(img.flip(0), txt, mask), c)
+    assert not torch.allclose(m.compose(img, txt.flip(1), mask.flip(1).sort(1, descending=True).values), c)
+
+
+def test_batches_are_whole_groups():
+    groups = [[0, 1], [2], [3, 4, 5]]
+    n = 6
+    d = fafa._GroupBatches(groups, torch.arange(n), torch.arange(n), torch.arange(n), torch.randn(n, 3, 4), torch.randn(n, 5, 4),
+                           torch.tensor([[1, 1, 0, 0, 0]] * n))
+    b = d.batch([2, 1])
+    assert b["gid"].tolist() == [2, 2, 1, 1] and b["ref"].shape == (4, 3, 4)
+    assert b["text"].shape[1] == 2  # trimmed to the longest caption of the batch
+    assert len(d) == 3
+
+
+def test_fafa_trains_through_the_loop_and_resumes_exactly(tiny_world, tmp_path):
+    from person_retrieval.models import pretrained_mini_clip
+
+    init = str(pretrained_mini_clip("tiny", 0, progress=False))
+    spec = TaskSpec("person_retrieval.papers.fafa:FAFATask", {"root": str(tiny_world["syncpr"]), "scale": "tiny", "init": init})
+    conf = dict(epochs=3, batch_size=4, lr=1e-3, gpus=0, seed=0, progress=False, warmup_epochs=0.3)
+    full = fit(spec, TrainConfig(**conf, out_dir=str(tmp_path / "a")))
+    fit(spec, TrainConfig(**conf, out_dir=str(tmp_path / "b"), stop_after_epochs=1))  # interrupted after one epoch
+    fit(spec, TrainConfig(**conf, out_dir=str(tmp_path / "b")))  # resumed: MFR's masks come from the restored RNG
+    wa, wb = (load_file(tmp_path / x / "checkpoints" / "last.safetensors") for x in ("a", "b"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert {"fda", "fd", "mfr"} <= set(full.history[0]) and 0 <= full.best["R1"] <= 100
+    with pytest.raises(ValueError, match="unknown FAFA loss parts"):
+        fafa.FAFATask(str(tiny_world["syncpr"]), parts=("fda", "triplet"))
+
+
+def test_claims_need_every_seed():
+    abl = pd.DataFrame([{"seed": s, "components": k, "R1": r} for s in (0, 1, 2) for k, r in
+                        (("ITC", 10), ("FDA", 12 + s), ("FDA + FD", 13 + s), ("FDA + MFR", 11 + 2 * s), ("FDA + FD + MFR", 14 + s))])
+    t1 = pd.DataFrame([{"method": "image only", "R1": 5.0, "trained on": "-"}, {"method": "text only", "R1": 20.0, "trained on": "-"},
+                       {"method": "late fusion", "R1": 9.0, "trained on": "-"}, {"method": "FAFA", "R1": 15.0, "trained on": "x"}])
+    c = fafa.claims(abl, t1).set_index("claim")["holds"]
+    assert c["FDA beats ITC"] and c["FD adds to FDA"]
+    assert not c["MFR adds to FDA"]  # behind at seed 0, level at seed 1, ahead at seed 2: not in every seed
+    assert c["FAFA (trained on x) beats image only on ITCPR R1"] and not c["FAFA (trained on x) beats text only on ITCPR R1"]
+
+
+def test_blip2_real_path_at_a_tiny_size(tmp_path):
+    from transformers import Blip2Config, Blip2ForImageTextRetrieval
+
+    with pytest.raises(FileNotFoundError, match="copy a local BLIP-2 ITM checkpoint"):
+        fafa.load_blip2(tmp_path / "nothing")
+    cfg = Blip2Config(vision_config=dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                         num_attention_heads=2),
+                      qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                                          encoder_hidden_size=32, vocab_size=99, use_qformer_text_input=True, max_position_embeddings=32),
+                      num_query_tokens=4, image_text_hidden_size=16)
+    torch.manual_seed(0)
+    itr = Blip2ForImageTextRetrieval(cfg).eval()
+    itr.save_pretrained(tmp_path / "blip2")
+    again = Blip2ForImageTextRetrieval.from_pretrained(str(tmp_path / "blip2"), local_files_only=True).eval()
+    comp = fafa.Blip2Composer(again)
+    tok = comp.image_tokens(torch.randn(2, 3, 16, 16))
+    assert comp.targets(tok).shape == (2, 4, 16)
+    ids, mask = torch.randint(1, 99, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    q = comp.compose(tok, ids, mask)
+    assert q.shape == (2, 16) and torch.isfinite(q).all()
+    assert fafa.losses.fda_scores(q, comp.targets(tok)).shape == (2, 2)
