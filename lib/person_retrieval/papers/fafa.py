@@ -107,8 +107,13 @@ class FAFAModel(nn.Module):
         out = self.qformer(query_embeds=self.text_in(text), query_length=0, attention_mask=text_mask).last_hidden_state
         return self.text_proj(out[:, 0])
 
-    def forward(self, ref_tokens, text, text_mask, tgt_tokens):
-        return self.compose(ref_tokens, text, text_mask), self.targets(tgt_tokens), self.logit_scale.exp().clamp(max=100)
+    def forward(self, ref_tokens, text, text_mask, tgt_tokens, loss_fn=None):
+        """The training forward: the composed queries (or, with ``ref_tokens=None``, the text alone: the
+        Q-Former's pretraining), the targets and the temperature; with ``loss_fn(query, targets, scale,
+        phi)`` its result, so that everything DDP must see (MFR's Phi too) runs inside one forward."""
+        q = self.compose(ref_tokens, text, text_mask) if ref_tokens is not None else self.text_features(text, text_mask)
+        out = (q, self.targets(tgt_tokens), self.logit_scale.exp().clamp(max=100))
+        return loss_fn(*out, self.phi) if loss_fn is not None else out
 
 
 def fafa_loss(composed: torch.Tensor, targets: torch.Tensor, gids: torch.Tensor, scale: torch.Tensor, phi: nn.Module,
@@ -265,10 +270,12 @@ class FAFATask:
         return self._prepare()[0]
 
     def loss(self, model, batch, gather):
-        comp, tgt, scale = model(batch["ref"], batch["text"], batch["text_mask"], batch["tgt"])
-        phi = model.module.phi if hasattr(model, "module") else model.phi
         gid = gather(batch["gid"].float()).long()
-        return fafa_loss(gather(comp), gather(tgt), gid, scale, phi, self.parts, self.lambda1, self.lambda2, self.mask_ratio, self.top_k)
+
+        def fn(comp, tgt, scale, phi):
+            return fafa_loss(gather(comp), gather(tgt), gid, scale, phi, self.parts, self.lambda1, self.lambda2, self.mask_ratio, self.top_k)
+
+        return model(batch["ref"], batch["text"], batch["text_mask"], batch["tgt"], loss_fn=fn)
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
@@ -346,12 +353,13 @@ class QFormerPretrainTask:
         return self._prepare()[0]
 
     def loss(self, model, batch, gather):
-        m = model.module if hasattr(model, "module") else model
-        t = m.text_features(batch["text"], batch["text_mask"])
-        v = m.targets(batch["img"])
-        scale = m.logit_scale.exp().clamp(max=100)
-        loss = losses.itc_from_scores(losses.fda_scores(gather(t), gather(v), 1), gather(batch["pid"].float()).long(), scale)
-        return loss, {"temperature": (1 / scale).detach()}
+        pid = gather(batch["pid"].float()).long()
+
+        def fn(t, v, scale, phi):
+            loss = losses.itc_from_scores(losses.fda_scores(gather(t), gather(v), 1), pid, scale)
+            return loss, {"temperature": (1 / scale).detach()}
+
+        return model(None, batch["text"], batch["text_mask"], batch["img"], loss_fn=fn)
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
