@@ -3,8 +3,10 @@
 
 * :mod:`.tpr`: the IRRA- and RDE-style baselines (notebook 01);
 * :mod:`.syncpr`: SynCPR's triplet synthesis and ITCPR's evaluation (notebook 03);
+* :mod:`.fafa`: FAFA's Q-Former, its losses' combination and its experiment (notebook 04);
 * :mod:`.ctgi`: CTGI's MTG, PES and MTI (notebook 07).
 
 Shared infrastructure (world, datasets, models, train, losses, metrics, assistants, generators, reports)
-never imports from here; a paper module may build on another (CTGI fine-tunes with ``tpr``).
+never imports from here; a paper module may build on another (CTGI fine-tunes with ``tpr``; FAFA reads
+``syncpr``'s data).
 """
