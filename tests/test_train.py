@@ -236,3 +236,17 @@ def test_cache_keys_name_cached_files_relative_to_the_cache(tmp_path, monkeypatc
     monkeypatch.setenv("PR_CACHE_DIR", str(tmp_path / "b"))
     assert _path_key(str(tmp_path / "b" / "models" / "m" / "backbone.safetensors")) == inside_a == "cache:models/m/backbone.safetensors"
     assert _path_key(str(tmp_path / "elsewhere")) == str((tmp_path / "elsewhere").resolve())
+
+
+def test_a_finished_run_loads_under_another_process_count(tmp_path):
+    """A run cached by one process is only loaded when another process count asks for it (notebook 04 asks
+    with gpus=2 for notebook 01's run); an unfinished one refuses to resume inexactly, saying how."""
+    fit(TINY, cfg(out_dir=str(tmp_path), epochs=1))
+    task = TINY.build()
+    model = task.build()
+    c = cfg(epochs=1)
+    opt = train.build_optimizer(model, c)
+    sched = train.cosine_schedule(opt, 10, 1, 0.0)
+    assert train._load_checkpoint(tmp_path, model, opt, sched, rank=1, epochs=1)["epoch"] == 0
+    with pytest.raises(ValueError, match="checkpointed by 1 process"):
+        train._load_checkpoint(tmp_path, model, opt, sched, rank=1, epochs=3)
