@@ -404,7 +404,10 @@ def fit_fafa(root, scale: str = "small", seed: int = 0, gpus: int = 0, init: str
     conf = {**FAFA_CONFIG[scale if scale in FAFA_CONFIG else "small"], **overrides}
     if epochs is not None:
         conf["epochs"] = int(epochs)
-    q_init = str(pretrained_qformer(scale, 0, init, gpus, progress)) if pretrained else None  # one Q-Former for every seed
+    # One Q-Former for every seed, built once like the other shared models: in one process (on a GPU where there
+    # is one). Under two gloo processes at tiny its fit once ended with a SIGABRT in the second process (not
+    # reproduced in isolation); the FAFA runs themselves train over `gpus` processes.
+    q_init = str(pretrained_qformer(scale, 0, init, min(gpus, 1) if torch.cuda.is_available() else 0, progress)) if pretrained else None
     kwargs = dict(root=str(root), scale=scale, seed=seed, init=init and str(init), parts=list(parts), lambda1=float(lambda1),
                   lambda2=float(lambda2), mask_ratio=float(mask_ratio), top_k=int(top_k), qformer_init=q_init)
     key = {**kwargs, "root": _path_key(str(root)), "init": _key(init), "syncpr": _content_key(root), "qformer_init": _key(q_init)}
