@@ -491,12 +491,7 @@ def baseline_similarities(backbone, tpr_model, bench: ITCPR, batch: int = 256) -
     """Image-only (the reference image's feature against the gallery's, the mini CLIP), text-only (the TPR
     model of notebook 01 on the relative caption), their late fusion (the mean of the two similarities),
     and a zero-shot composition (the sum of the mini CLIP's normalised image and text features)."""
-    from ..datasets.torch_data import load_images, to_float
-    from .syncpr import zero_shot_composition
-
-    def pooled_images(bb, paths):
-        x = load_images(paths, bb.image_size)
-        return torch.cat([F.normalize(bb.encode_image(to_float(x[s: s + batch]))[0].float(), dim=-1) for s in range(0, len(x), batch)])
+    from .syncpr import pooled_image_features as pooled_images, zero_shot_composition
 
     backbone.eval()
     image_only = pooled_images(backbone, bench.query_paths()) @ pooled_images(backbone, bench.gallery_paths()).T

@@ -462,10 +462,9 @@ def read_scores(root: str | Path) -> np.ndarray:
 
 
 def _load(root: Path, rel: str) -> np.ndarray:
-    from PIL import Image
+    from ..viz import load_image
 
-    with Image.open(root / rel) as im:
-        return np.asarray(im.convert("RGB"))
+    return load_image(root / rel)
 
 
 def score_triplets(vlm: VisionLanguageModel, triplets: list[dict], root: str | Path, limit: int | None = None, seed: int = 0) -> np.ndarray:
@@ -562,20 +561,23 @@ def evaluate_itcpr(similarity, bench: ITCPR) -> dict[str, float]:
 
 
 @torch.no_grad()
+def pooled_image_features(backbone, paths: list[str], batch: int = 256) -> torch.Tensor:
+    """``[N, D]``: the normalised pooled image features of the images at ``paths``."""
+    from ..datasets.torch_data import load_images, to_float
+
+    x = load_images(paths, backbone.image_size)
+    return torch.cat([torch.nn.functional.normalize(backbone.encode_image(to_float(x[s: s + batch]))[0].float(), dim=-1)
+                      for s in range(0, len(x), batch)])
+
+
+@torch.no_grad()
 def zero_shot_composition(backbone, bench: ITCPR, batch: int = 256) -> torch.Tensor:
     """A composition with no CPR training: the query is the sum of the normalised image feature of the
     reference and text feature of the relative caption, the gallery the image features; cosine
     similarities ``[queries, gallery]``."""
-    from ..datasets.torch_data import load_images, to_float
-
     backbone.eval()
     norm = torch.nn.functional.normalize
-
-    def images(paths):
-        x = load_images(paths, backbone.image_size)
-        return torch.cat([norm(backbone.encode_image(to_float(x[s: s + batch]))[0].float(), dim=-1) for s in range(0, len(x), batch)])
-
     caps = [q["caption"] for q in bench.queries]
     txt = torch.cat([norm(backbone.encode_text(backbone.tokenize(caps[s: s + batch]))[0].float(), dim=-1) for s in range(0, len(caps), batch)])
-    query = norm(images(bench.query_paths()) + txt, dim=-1)
-    return query @ images(bench.gallery_paths()).T
+    query = norm(pooled_image_features(backbone, bench.query_paths(), batch) + txt, dim=-1)
+    return query @ pooled_image_features(backbone, bench.gallery_paths(), batch).T
