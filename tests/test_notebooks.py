@@ -32,8 +32,9 @@ def test_notebooks_have_no_outputs_and_a_parameters_cell():
 # gloo processes, as `papermill notebooks/01_tpr_baselines.ipynb out.ipynb -p scale tiny -p gpus 2` does.
 # Notebook 03 splits its synthesis's shards over two processes. Notebook 04 runs in one process here: with
 # `-p gpus 2` a gloo worker sometimes ends with a SIGABRT inside the full test run (it passed alone three times;
-# open, issue 21). Notebooks 04 and 07 repeat over two seeds (the spread needs more than one).
-EXTRA = {"01_tpr_baselines": {"gpus": 2}, "03_syncpr_itcpr": {"gpus": 2}, "04_fafa": {"seeds": [0, 1]}, "07_ctgi": {"seeds": [0, 1]}}
+# open, issue 21). Notebook 05 trains over two gloo processes. Notebooks 04, 05 and 07 repeat over two seeds (the spread needs more than one).
+EXTRA = {"01_tpr_baselines": {"gpus": 2}, "03_syncpr_itcpr": {"gpus": 2}, "04_fafa": {"seeds": [0, 1]}, "05_ceca": {"gpus": 2, "seeds": [0, 1]},
+         "07_ctgi": {"seeds": [0, 1]}}
 
 
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -69,6 +70,7 @@ BAD = {
     "02_generators": ({"data_root": "EMPTY"}, "parameter 'data_root': .* lacks datasets this notebook needs: cuhk_pedes"),
     "03_syncpr_itcpr": ({"beta_range": "[1.0, 0.5]"}, "parameter 'beta_range' must be \\[low, high\\] with low <= high"),
     "04_fafa": ({"weights": "EMPTY"}, "parameter 'weights': .* holds no Blip2ForImageTextRetrieval weights"),
+    "05_ceca": ({"omega": 1.5}, "parameter 'omega'"),
     "07_ctgi": ({"ablation_methods": '["irra", "clip"]'}, "parameter 'ablation_methods'"),
 }
 

@@ -128,3 +128,18 @@ def r1_by_resolution(model, data: RetrievalData, world_root: str | Path) -> pd.D
         m = evaluate_retrieval(model, rerendered(data, world_root, r))
         rows.append({"capture": name, "res_factor": r, "R1": m["R1"], "mAP": m["mAP"]})
     return pd.DataFrame(rows)
+
+
+def ranking_rows(sim: torch.Tensor, data: RetrievalData, queries, k: int = 5, label: str = "") -> list[dict]:
+    """Rows for :func:`person_retrieval.viz.ranking_rows`: for each query (a caption index), the image it
+    was written from, the top ``k`` gallery images of ``sim`` and which of them show the same person."""
+    def im(i):
+        return data.images[int(i)].permute(1, 2, 0).numpy()
+
+    rows = []
+    for j in queries:
+        top = torch.topk(sim[j].float(), k).indices.tolist()
+        rows.append({"label": f"{label} query {j}".strip(), "query": data.captions[j], "true": im(data.caption_image_ids[j]),
+                     "ranked": [im(i) for i in top],
+                     "correct": [bool(data.image_pids[i] == data.caption_pids[j]) for i in top]})
+    return rows

@@ -136,3 +136,41 @@ def mfr_loss(query: torch.Tensor, target_mean: torch.Tensor, phi, mask_ratio: fl
     err_q = ((rq - fq) ** 2)[mq]
     err_t = ((rt - ft) ** 2)[mt]
     return (err_q.mean() if err_q.numel() else rq.sum() * 0.0) + (err_t.mean() if err_t.numel() else rt.sum() * 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# CECA (notebook 05): the MLLM's summary of each image as a third view.
+def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy against a target distribution (rows of ``target`` sum to 1)."""
+    return -(target * F.log_softmax(logits, dim=1)).sum(1)
+
+
+def cawl_weights(summary: torch.Tensor, txt: torch.Tensor, img: torch.Tensor, pids: torch.Tensor,
+                 logit_scale: float = 50.0, clip: tuple[float, float] = (0.2, 5.0)) -> torch.Tensor:
+    """CECA's confidence per sample (no gradient): w_i = p_ct(i) * p_ci(i), the softmax mass that summary i
+    puts on its positive captions and on its positive images, divided by the batch mean, clipped to ``clip``."""
+    with torch.no_grad():
+        pos = positive_mask(pids)
+        p_ct = (F.softmax(summary @ txt.T * logit_scale, dim=1) * pos).sum(1)
+        p_ci = (F.softmax(summary @ img.T * logit_scale, dim=1) * pos).sum(1)
+        w = p_ct * p_ci
+        return (w / w.mean().clamp_min(1e-12)).clamp(*clip)  # w / mean(w), clipped to [0.2, 5]
+
+
+def cawl_loss(summary: torch.Tensor, txt: torch.Tensor, img: torch.Tensor, pids: torch.Tensor, logit_scale: float = 50.0,
+              clip: tuple[float, float] = (0.2, 5.0), released: bool = False) -> torch.Tensor:
+    """CECA's confidence-aware weighting loss over normalised summary ``C``, caption ``T`` and image ``I``
+    features (row i one sample; positives by person id):
+    L = 1/B sum_i [ w_i (CE_c->t + CE_c->i) + (1 - w_i) (CE_i->t + CE_t->i) / 2 ],  w = :func:`cawl_weights`.
+    A confident summary teaches the caption and the image; an unsure one hands the sample back to plain
+    image-text alignment. ``released=False`` (ours) uses max(1 - w, 0): w is divided by its batch mean, so
+    about half the batch has w > 1, and the released code's negative 1 - w would then *raise* those
+    samples' image-text loss (push an image away from its own caption). ``released=True`` keeps it."""
+    w = cawl_weights(summary, txt, img, pids, logit_scale, clip)
+    pos = positive_mask(pids)
+    q = pos / pos.sum(1, keepdim=True)  # uniform over the positives
+    ce_c = _soft_ce(summary @ txt.T * logit_scale, q) + _soft_ce(summary @ img.T * logit_scale, q)  # CE_c->t + CE_c->i
+    it = img @ txt.T * logit_scale
+    ce_it = (_soft_ce(it, q) + _soft_ce(it.T, q)) / 2  # (CE_i->t + CE_t->i) / 2; row i of it.T is caption i
+    rest = (1 - w) if released else (1 - w).clamp_min(0)
+    return (w * ce_c + rest * ce_it).mean()

@@ -96,3 +96,24 @@ def seed_summary(df: pd.DataFrame, by: list[str], metrics=("R1", "R5", "R10", "m
     sd = g[list(metrics)].std(ddof=1).add_suffix("_sd")
     cols = [c for m in metrics for c in (m, f"{m}_sd")]
     return out.join(sd)[cols].assign(seeds=g.seed.nunique()).reset_index()
+
+
+def verdict(delta, not_hurt: bool = False) -> tuple[float, float, str]:
+    """(mean, spread, verdict) of a claim's per-repeat differences ``delta`` (setting minus reference).
+
+    "holds" when the mean difference is positive, "holds clearly" when it also exceeds twice the spread
+    (the sample standard deviation of the differences); with ``not_hurt`` the claim is "does not hurt" and
+    holds when the mean is not below minus twice the spread. One repeat has no spread to judge by."""
+    import numpy as np
+
+    d = np.asarray(list(delta), dtype=float)
+    if d.size == 0:
+        return float("nan"), float("nan"), "no paired repeats"
+    one = d.size < 2
+    m, sd = float(d.mean()), (0.0 if one else float(d.std(ddof=1)))
+    ok = (m >= -2 * sd if not one else m >= 0) if not_hurt else m > 0
+    if not ok:
+        return m, sd, "DOES NOT HOLD"
+    if one:
+        return m, sd, "holds (one repeat)"
+    return m, sd, "holds clearly" if not not_hurt and m > 2 * sd else "holds"

@@ -40,7 +40,6 @@ import time
 
 import numpy as np
 import pandas as pd
-import torch
 
 from person_retrieval import params, reports, viz
 from person_retrieval.assistants import prompts

@@ -52,9 +52,7 @@ top_k_tokens: int = 6          # FDA: the score is the mean of the k largest tok
 epochs: Optional[int] = None   # None: by scale (4 at small; the paper: 10 over 1.15 M triplets)
 
 # %%
-import numpy as np
 import pandas as pd
-import torch
 
 from person_retrieval import models, params, reports, viz
 from person_retrieval.datasets import read_itcpr, read_syncpr

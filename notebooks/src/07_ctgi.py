@@ -293,16 +293,7 @@ def diff(a, b, d, metric="R1"):
     return (x[a] - x[b]).dropna()
 
 
-def verdict(delta, not_hurt=False):
-    """(mean, spread, verdict) of per-repeat differences; with one repeat there is no spread to judge by."""
-    one = len(delta) < 2
-    m, sd = float(delta.mean()), (0.0 if one else float(delta.std(ddof=1)))
-    ok = (m >= -2 * sd if not one else m >= 0) if not_hurt else m > 0
-    if not ok:
-        return m, sd, "DOES NOT HOLD"
-    if one:
-        return m, sd, "holds (one repeat)"
-    return m, sd, "holds clearly" if not not_hurt and m > 2 * sd else "holds"
+verdict = reports.verdict  # (mean, spread, verdict) of per-repeat differences
 
 
 claims = []

@@ -90,6 +90,10 @@ class RetrievalData:
     caption_image_ids: torch.Tensor  # (N_cap,)
     captions: list
     image_paths: list | None = None
+    #: Optional token ids of a text that belongs to each gallery *image* (N_img, L'): CECA's MLLM summaries.
+    #: When set, models are called as ``embed_images(images, image_texts)`` and training batches carry
+    #: ``"image_text"``.
+    image_texts: torch.Tensor | None = None
 
     @classmethod
     def from_split(cls, split: TPRSplit, tokenize: Callable[[list[str]], torch.Tensor], size: tuple[int, int],
@@ -128,7 +132,10 @@ class PairDataset(Dataset):
 
     def __getitem__(self, j: int) -> dict:
         out = self.batch(torch.tensor([j]))
-        return {"image": out["image"][0], "ids": self.data.tokens[j], "pid": out["pid"][0]}
+        item = {"image": out["image"][0], "ids": self.data.tokens[j], "pid": out["pid"][0]}
+        if self.data.image_texts is not None:
+            item["image_text"] = self.data.image_texts[self.data.caption_image_ids[j]]
+        return item
 
     def batch(self, idx: torch.Tensor) -> dict:
         """A whole batch at once (vectorised: the training loop's fast path). Images stay uint8; the
@@ -137,4 +144,7 @@ class PairDataset(Dataset):
         if self.flip:
             flip = torch.rand(len(idx)) < 0.5
             img[flip] = img[flip].flip(-1)
-        return {"image": img, "ids": trim_tokens(self.data.tokens[idx]), "pid": self.pids[idx]}
+        out = {"image": img, "ids": trim_tokens(self.data.tokens[idx]), "pid": self.pids[idx]}
+        if self.data.image_texts is not None:
+            out["image_text"] = trim_tokens(self.data.image_texts[self.data.caption_image_ids[idx]])
+        return out

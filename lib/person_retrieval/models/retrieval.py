@@ -62,7 +62,11 @@ def encode(model: nn.Module, data: RetrievalData, batch: int = 256) -> tuple[dic
     dev = next(model.parameters()).device
     img, txt = [], []
     for s in range(0, len(data.images), batch):
-        img.append(model.embed_images(to_float(data.images[s: s + batch].to(dev))))
+        x = to_float(data.images[s: s + batch].to(dev))
+        if data.image_texts is None:
+            img.append(model.embed_images(x))
+        else:  # a text per gallery image (CECA's summaries) goes in with it
+            img.append(model.embed_images(x, trim_tokens(data.image_texts[s: s + batch]).to(dev)))
     for s in range(0, len(data.tokens), batch):
         txt.append(model.embed_texts(trim_tokens(data.tokens[s: s + batch]).to(dev)))
     cat = lambda parts: {k: torch.cat([p[k].float().cpu() for p in parts]) for k in parts[0]}  # noqa: E731

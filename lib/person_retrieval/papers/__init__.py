@@ -4,9 +4,10 @@
 * :mod:`.tpr`: the IRRA- and RDE-style baselines (notebook 01);
 * :mod:`.syncpr`: SynCPR's triplet synthesis and ITCPR's evaluation (notebook 03);
 * :mod:`.fafa`: FAFA's Q-Former, its losses' combination and its experiment (notebook 04);
+* :mod:`.ceca`: CECA's attribute mining (summaries per image), its mixer, its model and task (notebook 05);
 * :mod:`.ctgi`: CTGI's MTG, PES and MTI (notebook 07).
 
 Shared infrastructure (world, datasets, models, train, losses, metrics, assistants, generators, reports)
 never imports from here; a paper module may build on another (CTGI fine-tunes with ``tpr``; FAFA reads
-``syncpr``'s data).
+``syncpr``'s data; CECA extends ``tpr``'s RDE task).
 """

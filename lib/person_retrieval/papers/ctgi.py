@@ -26,7 +26,7 @@ from ..assistants import LanguageModel, VisionLanguageModel, grammar, prompts
 from ..datasets import TPR_FORMATS, load_split, read_pseudo_captions, write_pseudo_captions
 from ..metrics import retrieval_metrics
 from ..models.retrieval import encode
-from .tpr import fit_baseline
+from .tpr import SHORT_EPOCHS, fit_baseline
 
 
 @dataclass
@@ -239,7 +239,7 @@ def mti_rerank(query: str, scores: torch.Tensor, gallery_images, vlm: VisionLang
 # The notebook's experiment (notebook 07): one repeat per seed, every run cached.
 METHOD_LABEL = {"irra": "IRRA", "rde": "RDE"}
 #: CTGISettings.epochs per scale (see there).
-EPOCHS = {"tiny": None, "small": 3}
+EPOCHS = SHORT_EPOCHS
 
 
 @dataclass

@@ -28,6 +28,26 @@ from ..models import Backbone, build_backbone
 from ..models.retrieval import DualEncoder, evaluate_retrieval, fixed_temperature
 
 
+def select_tokens(tokens: torch.Tensor, score: torch.Tensor, ratio: float, valid: torch.Tensor | None = None):
+    """The ``ceil(ratio * T)`` highest-scoring tokens of each row: ``(selected [B, k, D], their validity
+    [B, k])``. ``score`` [B, T]; ``valid`` [B, T] marks real tokens (text: the words), never selected before
+    a real one. RDE's token selection and CECA's mixer both pick their tokens so."""
+    if valid is not None:
+        score = score.masked_fill(~valid, -1e4)
+    k = max(1, math.ceil(ratio * tokens.shape[1]))
+    top = score.topk(k, dim=1).indices
+    sel = tokens.gather(1, top.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    ok = valid.gather(1, top) if valid is not None else torch.ones(top.shape, dtype=torch.bool, device=top.device)
+    return sel, ok
+
+
+def word_mask(ids: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, length] True at the words of CLIP token ids: not start-of-text, end-of-text or padding."""
+    pos = torch.arange(length, device=ids.device).view(1, -1)
+    eot = ids[:, :length].argmax(-1, keepdim=True)
+    return (pos > 0) & (pos < eot)
+
+
 class TokenSelection(nn.Module):
     """RDE's token-selection embedding (TSE): keep the tokens that matter most to the global feature,
     refine each with a residual MLP, and max-pool them into a second embedding.
@@ -43,16 +63,10 @@ class TokenSelection(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, tokens: torch.Tensor, pooled: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        score = (tokens * pooled.unsqueeze(1)).sum(-1)
-        if valid is not None:
-            score = score.masked_fill(~valid, -1e4)
-        k = max(1, math.ceil(self.ratio * tokens.shape[1]))
-        top = score.topk(k, dim=1).indices
-        sel = tokens.gather(1, top.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        sel, ok = select_tokens(tokens, (tokens * pooled.unsqueeze(1)).sum(-1), self.ratio, valid)
         x = sel + self.mlp(sel)
         if valid is not None:
-            ok = valid.gather(1, top).unsqueeze(-1)
-            x = x.masked_fill(~ok, -1e4)
+            x = x.masked_fill(~ok.unsqueeze(-1), -1e4)
         return self.proj(x.max(1).values)
 
 
@@ -71,11 +85,7 @@ class RDEModel(DualEncoder):
 
     def embed_texts(self, ids):
         pooled, tokens = self.backbone.encode_text(ids)
-        L = tokens.shape[1]
-        pos = torch.arange(L, device=ids.device).view(1, -1)
-        eot = ids[:, :L].argmax(-1, keepdim=True)
-        valid = (pos > 0) & (pos < eot)  # the words: not start-of-text, end-of-text or padding
-        return {"global": pooled, "tse": self.tse_txt(tokens, pooled, valid)}
+        return {"global": pooled, "tse": self.tse_txt(tokens, pooled, word_mask(ids, tokens.shape[1]))}
 
     @staticmethod
     def similarity(txt, img):
@@ -203,6 +213,10 @@ BASELINE_CONFIG = {
     "small": dict(epochs=5, batch_size=64, lr=5e-4, warmup_epochs=0.3),
     "paper": dict(epochs=60, batch_size=64, lr=1e-5, warmup_epochs=5, min_lr_ratio=0.0),
 }
+#: Fine-tuning epochs of the notebooks that train many models per repeat (CTGI, CECA), every run in them on
+#: this schedule, their baselines included (None: the schedule above). At small, 3 epochs keep one repeat of
+#: notebook 07 (10 models) or 05 (8 models) near its 10 minutes on a 2-core CPU.
+SHORT_EPOCHS = {"tiny": None, "small": 3}
 #: Task settings of the mini CLIP's fine-tuning per scale (real weights train every layer).
 BASELINE_TASK: dict = {"tiny": {"lock_image": True}, "small": {"lock_image": True}}
 METHODS = {"irra": "person_retrieval.papers.tpr:IRRATask", "rde": "person_retrieval.papers.tpr:RDETask"}
@@ -228,13 +242,25 @@ def fit_baseline(method: str, dataset: str, root, scale: str = "small", seed: in
 
     ``captions``: train on a pseudo-caption file instead of the manual captions (CTGI; its content is
     part of the cache key); ``context_length``: stretch the text positions to this length first (PES)."""
-    from ..train import TaskSpec, TrainConfig, fit
-
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
+    return fit_tpr(method, METHODS[method], NEW_LAYERS[method], dataset, root, scale=scale, seed=seed, gpus=gpus, init=init,
+                   weights=weights, progress=progress, captions=captions, caption_field=caption_field,
+                   context_length=context_length, task_kw=task_kw, **overrides)
+
+
+def fit_tpr(name: str, target: str, new_layers: list[str], dataset: str, root, scale: str = "small", seed: int = 0,
+            gpus: int = 0, init: str | None = None, weights: str | None = None, progress: bool = True,
+            captions: str | None = None, caption_field: str = "caption", context_length: int | None = None,
+            task_kw: dict | None = None, **overrides):
+    """Fine-tune any task built on :class:`_TPRTask` (``target``: its import path, e.g. CECA's) with the
+    baselines' schedule: ``new_layers`` learn 5x faster; the run is cached under ``.cache/runs/<name>-...``.
+    Task keyword arguments that name files inside the cache enter the key relative to it."""
+    from ..train import TaskSpec, TrainConfig, fit
+
     base = BASELINE_CONFIG["paper" if weights else scale]
     conf = {**base, **overrides}
-    conf["lr_mult"] = {**{name: 5.0 for name in NEW_LAYERS[method]}, **overrides.get("lr_mult", {})}
+    conf["lr_mult"] = {**{n: 5.0 for n in new_layers}, **overrides.get("lr_mult", {})}
     task_kw = {**(BASELINE_TASK.get(scale, {}) if weights is None else {}), **(task_kw or {})}
     kwargs = dict(dataset=dataset, root=str(root), scale=scale, seed=seed, weights=weights, init=init and str(init), **task_kw)
     tag_extra = []
@@ -245,7 +271,7 @@ def fit_baseline(method: str, dataset: str, root, scale: str = "small", seed: in
         tag_extra.append(hashlib.sha1(Path(captions).read_bytes()).hexdigest()[:12])
     if context_length is not None:
         kwargs["context_length"] = int(context_length)
-    key = {**kwargs, **{k: _path_key(kwargs[k]) for k in ("root", "init", "captions") if kwargs.get(k)}}
-    out = cache_dir() / "runs" / f"{method}-{dataset}-{scale}-seed{seed}-{config_tag(conf, key, *tag_extra)}"
+    key = {**kwargs, **{k: _path_key(kwargs[k]) for k in ("root", "init", "captions", "summaries") if kwargs.get(k)}}
+    out = cache_dir() / "runs" / f"{name}-{dataset}-{scale}-seed{seed}-{config_tag(conf, key, *tag_extra)}"
     cfg = TrainConfig(**conf, gpus=gpus, seed=seed, out_dir=str(out), progress=progress)
-    return fit(TaskSpec(METHODS[method], kwargs), cfg)
+    return fit(TaskSpec(target, kwargs), cfg)

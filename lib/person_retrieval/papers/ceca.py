@@ -1,0 +1,419 @@
+"""CECA: conversational attribute mining, the bidirectional cross-attention mixer and the confidence-aware
+weighting loss (notebook 05).
+
+"Tackling Alignment Ambiguity in Person Retrieval through Conversational Attribute Mining", Zou et al.,
+CVPR 2026 (code: https://github.com/sugelamyd123/CECA). Built on the RDE-style model of notebook 01:
+
+* **CAM** (:func:`cam`, :func:`build_summaries`): an MLLM answers five attribute questions about every image,
+  train and test, and the answers are summarised into one description, stored per image, offline;
+* **BCM** (:class:`BidirectionalMixer`): image tokens attend to the summary's most attended tokens and the
+  summary's tokens to the image's, each through a gated residual that starts near zero;
+* **CAWL** (:func:`person_retrieval.losses.cawl_loss`): a confident summary teaches caption and image.
+
+At test time only the gallery side reads summaries; the query caption is unchanged. The gallery's global
+feature is ``(1 - omega) image + omega summary`` (both normalised), ``omega = 0.3`` as in the code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import losses
+from ..assistants import prompts
+from ..config import cache_dir, config_tag
+from ..datasets import TPR_FORMATS, load_split
+from ..datasets.torch_data import RetrievalData, load_images
+from ..models.retrieval import DualEncoder, fixed_temperature
+from . import tpr
+from .tpr import RDETask, TokenSelection, _path_key, fit_tpr, select_tokens, word_mask
+
+QUESTIONS = prompts.CECA_QUESTIONS
+#: Bumped when what CAM writes changes (cached summaries are then rebuilt).
+CAM_VERSION = 1
+#: Fine-tuning epochs per scale in notebook 05, for every run there (RDE and IRRA included).
+EPOCHS = tpr.SHORT_EPOCHS
+
+
+# ---------------------------------------------------------------------------------------------
+# CAM: five questions and a summary per image
+def cam(images, vlm, lm) -> list[dict]:
+    """CECA's conversation about each image: the MLLM ``vlm`` answers Q1-Q5 (supplement C, verbatim), then
+    ``lm`` writes the summary from the answers (the supplement's request, :data:`prompts.CECA_SUMMARY`).
+    One dict per image: ``{"Q1": answer, ..., "Q5": answer, "summary": text}``."""
+    answers = {q: vlm.answer(images, text) for q, text in QUESTIONS.items()}
+    n = len(next(iter(answers.values())))
+    requests = [prompts.CECA_SUMMARY.format(answers=" ".join(answers[q][i] for q in QUESTIONS)) for i in range(n)]
+    summaries = lm.generate(requests)
+    return [{**{q: answers[q][i] for q in QUESTIONS}, "summary": summaries[i].strip()} for i in range(n)]
+
+
+def _image_key(path: str, root) -> str:
+    """How a summary file names an image: its path relative to the dataset folder."""
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def summarize_split(split, vlm, lm, out_file, batch: int = 256, progress: bool = True) -> Path:
+    """CAM over every image of ``split`` (a :class:`TPRSplit`), written to ``out_file`` (JSON: image path
+    relative to the dataset folder -> its record). Resumable: finished batches are appended to
+    ``<out_file>.partial.jsonl`` as they come and skipped on a rerun; the final file is written
+    atomically, so it exists only complete."""
+    out_file = Path(out_file)
+    if out_file.is_file():
+        return out_file
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_file.with_name(out_file.name + ".partial.jsonl")
+    done: dict[str, dict] = {}
+    if partial.is_file():
+        for line in partial.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash: its batch is redone
+                break
+            done[rec["image"]] = rec
+    keys = [_image_key(p, split.root) for p in split.image_paths]
+    todo = [i for i, k in enumerate(keys) if k not in done]
+    starts = range(0, len(todo), batch)
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"CAM {split.name}/{split.split}", leave=False, mininterval=2.0)
+    with open(partial, "a") as f:
+        for s in starts:
+            idx = todo[s: s + batch]
+            ims = load_images([split.image_paths[i] for i in idx], _native_size(split.image_paths[idx[0]]))
+            recs = cam([im.permute(1, 2, 0).numpy() for im in ims], vlm, lm)
+            for i, rec in zip(idx, recs):
+                rec = {"image": keys[i], **rec}
+                done[keys[i]] = rec
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    table = {k: {q: v for q, v in done[k].items() if q != "image"} for k in keys}
+    tmp = out_file.with_name(out_file.name + ".tmp")
+    tmp.write_text(json.dumps(table, indent=0))
+    tmp.replace(out_file)
+    partial.unlink(missing_ok=True)
+    return out_file
+
+
+def _native_size(path: str) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
+
+
+def _assistant_tag(vlm, lm) -> str:
+    """Names the assistants in a cache key: a transformers model by name, the mini MLLM by its
+    recognizer's weights (retrained weights are another assistant)."""
+    parts = []
+    for a in (vlm, lm):
+        rec = getattr(a, "recognizer", None)
+        if rec is not None:
+            h = hashlib.sha1()
+            for k, v in sorted(rec.net.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().numpy().tobytes())
+            parts.append(f"{a.name}:{getattr(a, 'seed', 0)}:{h.hexdigest()[:12]}")
+        else:
+            parts.append(f"{getattr(a, 'name', type(a).__name__)}:{getattr(a, 'seed', 0)}")
+    return "+".join(parts)
+
+
+def load_assistants(scale: str, seed: int, vlm: str | None = None, llm: str | None = None, device: str = "cpu"):
+    """The MLLM and the summary writer: the mini ones by default, transformers models by name or folder."""
+    from .. import assistants as A
+
+    if vlm is None:
+        v = A.MiniVLM(A.trained_recognizer(scale, seed), seed=seed)
+    else:
+        from ..assistants import hf
+
+        v = hf.TransformersVLM.load(vlm, device=device, seed=seed)
+    if llm is None:
+        lm = A.MiniLM(seed=seed)
+    else:
+        from ..assistants import hf
+
+        lm = hf.TransformersLM.load(llm, device=device, seed=seed)
+    return v, lm
+
+
+def build_summaries(dataset: str, root, scale: str = "small", seed: int = 0, vlm=None, lm=None, llm: str | None = None,
+                    vlm_name: str | None = None, progress: bool = True) -> Path:
+    """CAM over every split of ``dataset`` (train, val where it has one, test), cached by dataset, its
+    annotation file, the assistants and :data:`CAM_VERSION` under ``.cache/ceca/``. ``vlm`` / ``lm``:
+    assistant objects (default: :func:`load_assistants` with ``vlm_name`` and ``llm``). Returns the folder
+    holding ``<split>.json``."""
+    if dataset not in TPR_FORMATS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(TPR_FORMATS)}")
+    if vlm is None or lm is None:
+        v, l_ = load_assistants(scale, seed, vlm_name, llm)
+        vlm, lm = vlm or v, lm or l_
+    fmt = TPR_FORMATS[dataset]
+    ann = hashlib.sha1((Path(root) / fmt.annotation).read_bytes()).hexdigest()[:12]
+    tag = config_tag(dataset, _path_key(str(root)), ann, _assistant_tag(vlm, lm), CAM_VERSION)
+    folder = cache_dir() / "ceca" / f"{dataset}-{scale}-seed{seed}-{tag}"
+    for split in fmt.splits:
+        summarize_split(load_split(dataset, root, split), vlm, lm, folder / f"{split}.json", progress=progress)
+    return folder
+
+
+def read_summaries(folder, split: str) -> dict[str, dict]:
+    """The CAM records of one split: image path (relative to the dataset folder) -> record."""
+    path = Path(folder) / f"{split}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no CECA summaries for split {split!r}; build them with ceca.build_summaries")
+    return json.loads(path.read_text())
+
+
+def summaries_of(image_paths, root, folder, split: str) -> list[str]:
+    """The summary of each image, in order. An image without one (or with an empty one) is an error that
+    names the image and the file, never a silent empty text."""
+    table = read_summaries(folder, split)
+    out = []
+    for p in image_paths:
+        rec = table.get(_image_key(p, root))
+        text = (rec or {}).get("summary", "")
+        if not isinstance(text, str) or not text.strip():
+            what = "has no summary" if rec is None else "has an empty summary"
+            raise KeyError(f"image {_image_key(p, root)!r} {what} in {Path(folder) / f'{split}.json'}")
+        out.append(text)
+    return out
+
+
+def with_summaries(data: RetrievalData, root, folder, split: str, tokenize) -> RetrievalData:
+    """``data`` with each gallery image's summary tokenized beside it (:attr:`RetrievalData.image_texts`)."""
+    if data.image_paths is None:
+        raise ValueError("with_summaries needs RetrievalData built from a split (image_paths)")
+    return dataclasses.replace(data, image_texts=tokenize(summaries_of(data.image_paths, root, folder, split)))
+
+
+# ---------------------------------------------------------------------------------------------
+# BCM
+class MixerBlock(nn.Module):
+    """One direction of the mixer: ``x`` reads itself (self-attention) and the context (cross-attention)
+    from the same normalised input; an MLP mixes their sum, and a gated residual adds it,
+    out = x + sigmoid(g) * MLP(SA(x) + CA(x, ctx)), with g = ``gate_init`` (-3: the gate starts at 0.047)."""
+
+    def __init__(self, dim: int, heads: int = 8, gate_init: float = -3.0):
+        super().__init__()
+        heads = heads if dim % heads == 0 else 1
+        self.norm_x, self.norm_c = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+
+    def forward(self, x, ctx, x_valid=None, ctx_valid=None):
+        h, c = self.norm_x(x), self.norm_c(ctx)
+        sa = self.self_attn(h, h, h, key_padding_mask=None if x_valid is None else ~x_valid, need_weights=False)[0]
+        ca = self.cross_attn(h, c, c, key_padding_mask=None if ctx_valid is None else ~ctx_valid, need_weights=False)[0]
+        return x + torch.sigmoid(self.gate) * self.mlp(sa + ca)  # x + sigmoid(g) * y
+
+
+class BidirectionalMixer(nn.Module):
+    """CECA's BCM: image tokens query the summary's ``cond_ratio`` most attended tokens, summary tokens
+    query the image's; a token's "attention" is its dot product with its own side's global feature, as in
+    RDE's token selection (:func:`select_tokens`)."""
+
+    def __init__(self, dim: int, heads: int = 8, cond_ratio: float = 0.3, gate_init: float = -3.0):
+        super().__init__()
+        self.cond_ratio = cond_ratio
+        self.image_side = MixerBlock(dim, heads, gate_init)
+        self.summary_side = MixerBlock(dim, heads, gate_init)
+
+    def forward(self, img_tok, img_pooled, sum_tok, sum_pooled, sum_valid):
+        s_sel, s_ok = select_tokens(sum_tok, (sum_tok * sum_pooled.unsqueeze(1)).sum(-1), self.cond_ratio, sum_valid)
+        i_sel, _ = select_tokens(img_tok, (img_tok * img_pooled.unsqueeze(1)).sum(-1), self.cond_ratio)
+        return self.image_side(img_tok, s_sel, ctx_valid=s_ok), self.summary_side(sum_tok, i_sel, x_valid=sum_valid)
+
+
+class CECAModel(DualEncoder):
+    """The RDE-style model with summaries on the gallery side.
+
+    * global: the caption's pooled feature against ``(1 - omega) image + omega summary`` (normalised);
+    * token level: the caption's token selection against the selection (and max-pool) over the mixed image
+      and summary tokens (BCM), or over the image tokens alone (``use_bcm=False``);
+    * the similarity is the mean of the two, as RDE's. An image given no summary is embedded as RDE would:
+      its own global feature and its own tokens (the "without summaries at test time" ablation)."""
+
+    def __init__(self, backbone, ratio: float = 0.3, cond_ratio: float = 0.3, gate_init: float = -3.0, heads: int = 8,
+                 omega: float = 0.3, use_bcm: bool = True):
+        super().__init__(backbone)
+        d = backbone.embed_dim
+        self.tse_img, self.tse_txt = TokenSelection(d, ratio), TokenSelection(d, ratio)
+        self.bcm = BidirectionalMixer(d, heads, cond_ratio, gate_init) if use_bcm else None
+        self.omega = omega
+
+    def embed_images(self, x, summary_ids=None):
+        pooled, tokens = self.backbone.encode_image(x)
+        if summary_ids is None:
+            return {"global": pooled, "tse": self.tse_img(tokens, pooled), "image": pooled}
+        s_pooled, s_tok = self.backbone.encode_text(summary_ids)
+        s_valid = word_mask(summary_ids, s_tok.shape[1])
+        fused = (1 - self.omega) * F.normalize(pooled, dim=-1) + self.omega * F.normalize(s_pooled, dim=-1)
+        if self.bcm is None:
+            tse = self.tse_img(tokens, fused)
+        else:
+            i_mix, s_mix = self.bcm(tokens, pooled, s_tok, s_pooled, s_valid)
+            valid = torch.cat([torch.ones(tokens.shape[:2], dtype=torch.bool, device=x.device), s_valid], dim=1)
+            tse = self.tse_img(torch.cat([i_mix, s_mix], dim=1), fused, valid)
+        return {"global": fused, "tse": tse, "image": pooled, "summary": s_pooled}
+
+    def embed_texts(self, ids):
+        pooled, tokens = self.backbone.encode_text(ids)
+        return {"global": pooled, "tse": self.tse_txt(tokens, pooled, word_mask(ids, tokens.shape[1]))}
+
+    @staticmethod
+    def similarity(txt, img):
+        s = [F.normalize(txt[k], dim=-1) @ F.normalize(img[k], dim=-1).T for k in ("global", "tse")]
+        return (s[0] + s[1]) / 2
+
+    def forward(self, images, ids, summary_ids=None):
+        return self.embed_images(images, summary_ids), self.embed_texts(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+class CECATask(RDETask):
+    """CECA on one TPR dataset: TAL on the global features (0.7 image + 0.3 summary against the caption),
+    TAL on the token-level features, plus CAWL (``cawl``: "ours" clips 1 - w at 0, "released" does not,
+    None leaves CAWL out: TAL only). ``summaries``: the folder :func:`build_summaries` wrote.
+
+    ``cawl_scale``: the inverse temperature of CAWL's cross-entropies. Chosen on validation (ICFG-PEDES style
+    at small, seed 0, held-out training identities, notebook 01's 5 epochs): 1/0.07 (CLIP's initial
+    temperature) gave R1 86.2, 50 (IRRA's 1/0.02) 80.6; TAL alone 86.0, RDE 85.7. The released CAWL at 50:
+    63.8."""
+
+    def __init__(self, *a, summaries: str, cawl: str | None = "ours", use_bcm: bool = True, omega: float = 0.3,
+                 cond_ratio: float = 0.3, gate_init: float = -3.0, cawl_scale: float = 1 / 0.07, **kw):
+        super().__init__(*a, **kw)
+        if cawl not in ("ours", "released", None):
+            raise ValueError(f"cawl must be 'ours', 'released' or None, got {cawl!r}")
+        self.summaries, self.cawl, self.use_bcm = summaries, cawl, use_bcm
+        self.omega, self.cond_ratio, self.gate_init, self.cawl_scale = omega, cond_ratio, gate_init, cawl_scale
+
+    def build(self) -> CECAModel:
+        return CECAModel(fixed_temperature(self.backbone), self.ratio, self.cond_ratio, self.gate_init,
+                         omega=self.omega, use_bcm=self.use_bcm)
+
+    @cached_property
+    def _splits(self):
+        train, val = super()._splits
+        tok = self.backbone.tokenize
+        val_split = "val" if "val" in TPR_FORMATS[self.dataset].splits else "train"
+        return (with_summaries(train, self.root, self.summaries, "train", tok),
+                with_summaries(val, self.root, self.summaries, val_split, tok))
+
+    def loss(self, model, batch, gather):
+        img, txt = model(batch["image"], batch["ids"], batch["image_text"])
+        pid = gather(batch["pid"])
+        n = lambda k, d: F.normalize(gather(d[k]), dim=-1)  # noqa: E731
+        parts = {k: losses.tal_loss(n(k, img), n(k, txt), pid, tau=self.tau, margin=self.margin) for k in ("global", "tse")}
+        total = parts["global"] + parts["tse"]
+        logs = {"tal_global": parts["global"].detach(), "tal_tokens": parts["tse"].detach()}
+        if self.cawl is not None:
+            c = losses.cawl_loss(n("summary", img), n("global", txt), n("image", img), pid, logit_scale=self.cawl_scale,
+                                released=self.cawl == "released")
+            total = total + c
+            logs["cawl"] = c.detach()
+        return total, logs
+
+
+#: The variants the notebook trains: the method and its ablations.
+VARIANTS = {
+    "CECA": {},
+    "CECA without BCM": {"use_bcm": False},
+    "CECA without CAWL (TAL only)": {"cawl": None},
+    "CECA, released CAWL (1 - w may go negative)": {"cawl": "released"},
+}
+NEW_LAYERS = ["tse_img", "tse_txt", "bcm"]
+
+
+def fit_ceca(dataset: str, root, summaries, scale: str = "small", seed: int = 0, gpus: int = 0, init: str | None = None,
+             weights: str | None = None, variant: str = "CECA", cond_ratio: float = 0.3, gate_init: float = -3.0,
+             progress: bool = True, task_kw: dict | None = None, **overrides):
+    """Fine-tune CECA (or one of :data:`VARIANTS`) on one dataset with notebook 01's schedule, cached as
+    the baselines' runs are."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    kw = {"summaries": str(summaries), "cond_ratio": cond_ratio, "gate_init": gate_init, **VARIANTS[variant], **(task_kw or {})}
+    return fit_tpr("ceca", "person_retrieval.papers.ceca:CECATask", NEW_LAYERS, dataset, root, scale=scale, seed=seed,
+                   gpus=gpus, init=init, weights=weights, progress=progress, task_kw=kw, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation helpers
+def without_summaries(data: RetrievalData) -> RetrievalData:
+    """The same split with the gallery's summaries dropped."""
+    return dataclasses.replace(data, image_texts=None)
+
+
+@torch.no_grad()
+def evaluate_omega(model: CECAModel, data: RetrievalData, omegas, return_similarity: bool = False):
+    """R1/R5/R10/mAP/mINP of ``model`` with the gallery's global feature fused at each ``omega`` (0: the
+    image alone, the summary still mixed into the tokens)."""
+    from ..models.retrieval import evaluate_retrieval
+
+    keep = model.omega
+    rows, sims = [], {}
+    try:
+        for w in omegas:
+            model.omega = float(w)
+            m, sims[float(w)] = evaluate_retrieval(model, data, return_similarity=True)
+            rows.append({"omega": float(w), **m})
+    finally:
+        model.omega = keep
+    return (pd.DataFrame(rows), sims) if return_similarity else pd.DataFrame(rows)
+
+
+def identity_spread(sim: torch.Tensor, data: RetrievalData) -> dict:
+    """How far apart one identity's gallery images score for a query: per query, the standard deviation of
+    its scores over the true person's gallery images (queries whose person has at least two), averaged;
+    also relative to the standard deviation over the whole gallery (so that two scorings compare)."""
+    sim = sim.float()
+    same = data.caption_pids.view(-1, 1) == data.image_pids.view(1, -1)
+    n = same.sum(1)
+    keep = n >= 2
+    s, m = sim[keep], same[keep].float()
+    mean = (s * m).sum(1) / m.sum(1)
+    sd_same = (((s - mean.unsqueeze(1)) ** 2 * m).sum(1) / (m.sum(1) - 1)).sqrt()
+    sd_all = s.std(1)
+    return {"same-identity spread": float(sd_same.mean()), "relative spread": float((sd_same / sd_all).mean()),
+            "queries": int(keep.sum())}
+
+
+def summary_errors(records: list[dict], people: list[dict]) -> list[list[str]]:
+    """For each CAM record, the attribute claims of its summary that the true person contradicts, as
+    "slot: said (true)" (world datasets only: ``people`` from :func:`person_retrieval.analysis.world_people`)."""
+    from ..assistants import grammar
+
+    out = []
+    for rec, person in zip(records, people):
+        claims = grammar.parse_claims(rec["summary"])
+        out.append([f"{s}: {v} (true: {person[s]})" for s, v in claims.items() if s in person and person[s] != v])
+    return out
+
+
+def paired_claim(a: pd.DataFrame, b: pd.DataFrame, metric: str, not_hurt: bool = False) -> tuple[float, float, str]:
+    """(mean, spread, verdict) of the per-seed difference ``a - b`` of ``metric`` (both with a ``seed``
+    column). "holds" when the mean is positive, "clearly" when it also exceeds twice the spread; with
+    ``not_hurt`` it holds when the mean is not below minus twice the spread."""
+    from ..reports import verdict
+
+    d = a.set_index("seed")[metric].sub(b.set_index("seed")[metric]).dropna()
+    return verdict(d, not_hurt=not_hurt)
+
+
+__all__ = ["cam", "summarize_split", "build_summaries", "read_summaries", "summaries_of", "with_summaries", "load_assistants",
+           "MixerBlock", "BidirectionalMixer", "CECAModel", "CECATask", "VARIANTS", "fit_ceca", "without_summaries",
+           "evaluate_omega", "identity_spread", "summary_errors", "paired_claim"]

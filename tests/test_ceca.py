@@ -1,0 +1,215 @@
+"""CECA (notebook 05): CAWL's weights and loss, the mixer, the model, and CAM's summaries on disk."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from person_retrieval import losses
+from person_retrieval.assistants import MiniLM, mini_vlm, prompts
+from person_retrieval.datasets import load_split
+from person_retrieval.papers import ceca
+
+
+def _feats(seed, n=6, d=8):
+    g = torch.Generator().manual_seed(seed)
+    return [F.normalize(torch.randn(n, d, generator=g), dim=-1) for _ in range(3)]
+
+
+# ---------------------------------------------------------------------------------------------- CAWL
+def test_cawl_weights_are_the_summary_s_positive_mass_over_its_batch_mean():
+    c, t, i = _feats(0)
+    pids = torch.tensor([0, 0, 1, 2, 3, 4])
+    w = losses.cawl_weights(c, t, i, pids, logit_scale=10.0, clip=(0.0, 1e9))
+    pos = (pids.view(-1, 1) == pids.view(1, -1)).float()
+    raw = (F.softmax(c @ t.T * 10, 1) * pos).sum(1) * (F.softmax(c @ i.T * 10, 1) * pos).sum(1)
+    torch.testing.assert_close(w, raw / raw.mean())
+    assert abs(float(w.mean()) - 1) < 1e-6
+    clipped = losses.cawl_weights(c, t, i, pids, logit_scale=10.0)
+    assert float(clipped.min()) >= 0.2 and float(clipped.max()) <= 5.0
+    assert not losses.cawl_weights(c.requires_grad_(), t, i, pids).requires_grad  # no gradient through w
+
+
+def test_cawl_is_near_zero_when_every_view_agrees_and_large_when_the_summary_points_elsewhere():
+    e = torch.eye(4)
+    pids = torch.arange(4)
+    agree = losses.cawl_loss(e, e, e, pids, logit_scale=50.0)
+    assert float(agree) < 1e-6
+    wrong = losses.cawl_loss(e.roll(1, 0), e, e, pids, logit_scale=50.0)
+    assert float(wrong) > 10
+
+
+def test_our_cawl_differs_from_the_released_one_exactly_where_one_minus_w_is_negative():
+    c, t, i = _feats(1, n=8)
+    pids = torch.tensor([0, 0, 1, 1, 2, 3, 4, 5])
+    ours = losses.cawl_loss(c, t, i, pids, logit_scale=20.0)
+    released = losses.cawl_loss(c, t, i, pids, logit_scale=20.0, released=True)
+    w = losses.cawl_weights(c, t, i, pids, logit_scale=20.0)
+    q = (pids.view(-1, 1) == pids.view(1, -1)).float()
+    q = q / q.sum(1, keepdim=True)
+    it = i @ t.T * 20.0
+    ce_it = (-(q * F.log_softmax(it, 1)).sum(1) - (q * F.log_softmax(it.T, 1)).sum(1)) / 2
+    assert (w > 1).any()
+    torch.testing.assert_close(released - ours, ((1 - w).clamp(max=0) * ce_it).mean())
+
+
+def test_released_cawl_pushes_a_confident_image_away_from_its_caption_and_ours_does_not():
+    """A sample whose summary is sure of itself (w > 1): the released loss falls as its image moves away from
+    its caption (a negative weight on the image-text term); ours has no such incentive from CAWL."""
+    c, t, i = _feats(2, n=8)
+    pids = torch.arange(8)
+    c = t.clone()  # every summary finds its caption; sample 0's also finds its image best
+    i = i.clone()
+    i[0] = t[0]
+    w = losses.cawl_weights(c, t, i, pids, logit_scale=20.0)
+    assert w[0] > 1
+    away = F.normalize(t[0] + 0.8 * F.normalize(torch.randn(8, generator=torch.Generator().manual_seed(5)), dim=0), dim=-1)
+    moved = i.clone()
+    moved[0] = away
+    d_rel = losses.cawl_loss(c, t, moved, pids, 20.0, released=True) - losses.cawl_loss(c, t, i, pids, 20.0, released=True)
+    d_ours = losses.cawl_loss(c, t, moved, pids, 20.0) - losses.cawl_loss(c, t, i, pids, 20.0)
+    assert d_ours > d_rel
+
+
+# ---------------------------------------------------------------------------------------------- BCM
+def test_the_gate_starts_at_sigmoid_minus_three_and_a_closed_gate_is_the_identity():
+    blk = ceca.MixerBlock(16, heads=8, gate_init=-3.0)
+    assert abs(float(torch.sigmoid(blk.gate.detach())) - 0.0474) < 1e-3
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 3, 16)
+    with torch.no_grad():
+        blk.gate.fill_(-1e4)
+    torch.testing.assert_close(blk(x, ctx), x)
+    with torch.no_grad():
+        blk.gate.fill_(-3.0)
+    assert not torch.allclose(blk(x, ctx), x)
+
+
+def test_the_mixer_ignores_the_summary_s_padding():
+    torch.manual_seed(0)
+    mix = ceca.BidirectionalMixer(16, heads=4, cond_ratio=0.5).eval()
+    with torch.no_grad():
+        mix.image_side.gate.fill_(0.0)
+        mix.summary_side.gate.fill_(0.0)
+    img, ip = torch.randn(2, 6, 16), torch.randn(2, 16)
+    s, sp = torch.randn(2, 4, 16), torch.randn(2, 16)
+    valid = torch.tensor([[True, True, False, False], [True, True, True, False]])
+    a_img, a_sum = mix(img, ip, s, sp, valid)
+    s2 = s.clone()
+    s2[~valid] = 100.0  # padding changed
+    b_img, b_sum = mix(img, ip, s2, sp, valid)
+    torch.testing.assert_close(a_img, b_img)
+    torch.testing.assert_close(a_sum[valid], b_sum[valid])
+
+
+# ---------------------------------------------------------------------------------------------- model
+@pytest.fixture(scope="module")
+def tiny_backbone():
+    from person_retrieval.models import build_backbone
+
+    return build_backbone(None, "tiny")
+
+
+def test_the_gallery_with_and_without_summaries(tiny_backbone):
+    torch.manual_seed(0)
+    m = ceca.CECAModel(tiny_backbone).eval()
+    x = torch.randn(3, 3, *tiny_backbone.image_size)
+    ids = tiny_backbone.tokenize(["a man in a red shirt", "a woman with a bag", "a man in black jeans"])
+    with torch.no_grad():
+        plain = m.embed_images(x)
+        with_s = m.embed_images(x, ids)
+        txt = m.embed_texts(ids)
+        m.omega = 0.0
+        zero = m.embed_images(x, ids)
+    assert set(with_s) == {"global", "tse", "image", "summary"} and set(plain) == {"global", "tse", "image"}
+    torch.testing.assert_close(plain["global"], plain["image"])
+    fused = 0.7 * F.normalize(with_s["image"], dim=-1) + 0.3 * F.normalize(with_s["summary"], dim=-1)
+    torch.testing.assert_close(with_s["global"], fused)
+    torch.testing.assert_close(zero["global"], F.normalize(zero["image"], dim=-1))  # omega 0: the image alone
+    assert m.similarity(txt, with_s).shape == (3, 3)
+
+
+# ---------------------------------------------------------------------------------------------- CAM
+def test_cam_asks_the_five_questions_and_summarises_the_answers(tiny_world):
+    split = load_split("icfg_pedes", tiny_world["icfg_pedes"], "test")
+    from person_retrieval.viz import load_image
+
+    vlm, lm = mini_vlm("tiny", 0, progress=False), MiniLM(0)
+    recs = ceca.cam([load_image(p) for p in split.image_paths[:3]], vlm, lm)
+    assert [sorted(r) for r in recs] == [sorted([*prompts.CECA_QUESTIONS, "summary"])] * 3
+    assert vlm.usage.items["answer"] == 15 and lm.usage.items["generate"] == 3
+    assert all(r["summary"] for r in recs)
+
+
+class _Dies:
+    """An MLLM that fails after ``n`` answer calls (a killed run)."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n = inner, n
+
+    def answer(self, images, q):
+        self.n -= 1
+        if self.n < 0:
+            raise RuntimeError("killed")
+        return self.inner.answer(images, q)
+
+
+def test_summaries_resume_after_a_crash_and_match_an_unbroken_run(tiny_world, tmp_path):
+    split = load_split("rstpreid", tiny_world["rstpreid"], "train")
+    vlm, lm = mini_vlm("tiny", 0, progress=False), MiniLM(0)
+    whole = ceca.summarize_split(split, vlm, lm, tmp_path / "a" / "train.json", batch=16, progress=False)
+    out = tmp_path / "b" / "train.json"
+    with pytest.raises(RuntimeError, match="killed"):
+        ceca.summarize_split(split, _Dies(vlm, 5 * 2 + 2), lm, out, batch=16, progress=False)  # dies in the third batch
+    assert not out.exists()
+    partial = out.with_name("train.json.partial.jsonl")
+    assert len(partial.read_text().splitlines()) == 32
+    with open(partial, "a") as f:
+        f.write('{"image": "cut sho')  # a line a crash cut short
+    ceca.summarize_split(split, vlm, lm, out, batch=16, progress=False)
+    assert json.loads(out.read_text()) == json.loads(whole.read_text()) and not partial.exists()
+    assert len(json.loads(out.read_text())) == len(split.image_paths)
+
+
+def test_a_missing_or_empty_summary_is_an_error_naming_the_image(tiny_world, tmp_path):
+    split = load_split("rstpreid", tiny_world["rstpreid"], "test")
+    table = {ceca._image_key(p, split.root): {"summary": "a man in red"} for p in split.image_paths}
+    gone = ceca._image_key(split.image_paths[3], split.root)
+    del table[gone]
+    (tmp_path / "test.json").write_text(json.dumps(table))
+    with pytest.raises(KeyError, match=f"image '{gone}' has no summary in .*test.json"):
+        ceca.summaries_of(split.image_paths, split.root, tmp_path, "test")
+    table[gone] = {"summary": "  "}
+    (tmp_path / "test.json").write_text(json.dumps(table))
+    with pytest.raises(KeyError, match=f"image '{gone}' has an empty summary"):
+        ceca.summaries_of(split.image_paths, split.root, tmp_path, "test")
+    with pytest.raises(FileNotFoundError, match="no CECA summaries for split 'val'"):
+        ceca.read_summaries(tmp_path, "val")
+
+
+def test_transformers_assistants_write_summaries_through_the_same_code(tiny_world, tmp_path):
+    """A tiny Qwen2-VL answers Q1-Q5 and a tiny Llama writes the summary: random weights, so the words are
+    noise, but every image gets its record through the very code the mini assistants use."""
+    from person_retrieval.assistants import tiny
+    from person_retrieval.assistants.hf import TransformersLM, TransformersVLM
+
+    split = load_split("rstpreid", tiny_world["rstpreid"], "test")
+    split.image_paths, split.image_pids = split.image_paths[:2], split.image_pids[:2]
+    vlm = TransformersVLM(*tiny.qwen2_vl(), max_new_tokens=4)
+    lm = TransformersLM(*tiny.llama_lm())
+    out = ceca.summarize_split(split, vlm, lm, tmp_path / "test.json", progress=False)
+    recs = json.loads(out.read_text())
+    assert len(recs) == 2 and all(sorted(r) == sorted([*prompts.CECA_QUESTIONS, "summary"]) for r in recs.values())
+    assert vlm.usage.items["answer"] == 10 and lm.usage.items["generate"] == 2
+
+
+def test_identity_spread_known_answer():
+    from person_retrieval.datasets.torch_data import RetrievalData
+
+    sim = torch.tensor([[1.0, 3.0, 0.0, 0.0]])
+    data = RetrievalData(images=torch.zeros(4, 3, 2, 1, dtype=torch.uint8), image_pids=torch.tensor([7, 7, 8, 9]),
+                         tokens=torch.zeros(1, 4, dtype=torch.long), caption_pids=torch.tensor([7]),
+                         caption_image_ids=torch.tensor([0]), captions=["x"])
+    s = ceca.identity_spread(sim, data)
+    assert s["queries"] == 1 and abs(s["same-identity spread"] - float(np.std([1, 3], ddof=1))) < 1e-6
+    assert abs(s["relative spread"] - float(np.std([1, 3], ddof=1) / np.std([1, 3, 0, 0], ddof=1))) < 1e-6
