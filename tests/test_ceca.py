@@ -213,3 +213,23 @@ def test_identity_spread_known_answer():
     s = ceca.identity_spread(sim, data)
     assert s["queries"] == 1 and abs(s["same-identity spread"] - float(np.std([1, 3], ddof=1))) < 1e-6
     assert abs(s["relative spread"] - float(np.std([1, 3], ddof=1) / np.std([1, 3, 0, 0], ddof=1))) < 1e-6
+
+
+def test_evaluating_several_gallery_settings_at_once_matches_one_at_a_time(tiny_backbone):
+    """The sweep encodes the queries and the mixer once; each setting must score as the plain evaluation does."""
+    from person_retrieval.datasets.torch_data import RetrievalData
+    from person_retrieval.models import evaluate_retrieval
+
+    torch.manual_seed(0)
+    m = ceca.CECAModel(tiny_backbone).eval()
+    caps = ["a man in a red shirt", "a woman with a bag", "a man in black jeans", "a woman in a white dress"]
+    ids = tiny_backbone.tokenize(caps)
+    data = RetrievalData(images=torch.randint(0, 255, (4, 3, *tiny_backbone.image_size), dtype=torch.uint8), image_pids=torch.arange(4),
+                         tokens=ids, caption_pids=torch.arange(4), caption_image_ids=torch.arange(4), captions=caps, image_texts=ids.flip(0))
+    res = ceca.evaluate_settings(m, data, [0.0, 0.3, 0.7], batch=3)
+    for w in (0.0, 0.3, 0.7):
+        m.omega = w
+        want, sim = evaluate_retrieval(m, data, return_similarity=True)
+        torch.testing.assert_close(res[f"omega={w:g}"][1], sim, rtol=1e-4, atol=1e-5)
+    _, plain = evaluate_retrieval(m, ceca.without_summaries(data), return_similarity=True)
+    torch.testing.assert_close(res["without summaries"][1], plain, rtol=1e-4, atol=1e-5)

@@ -37,7 +37,7 @@ def test_real_field_names(tiny_world):
     syn = read_syncpr(tiny_world["syncpr"])
     assert set(syn[0]) == {"reference_caption", "target_caption", "reference_image_path", "target_image_path", "edit_caption", "cpr_id"}
     chat = read_chatpedes(tiny_world["chatpedes"], "test")
-    assert len(chat[0]["chats"]) == 2 and chat[0]["chats"][0][0]["from"] == "gpt"
+    assert len(chat[0]["chats"]) == 2 and [t["from"] for t in chat[0]["chats"][0][0]] == ["gpt", "user"]  # dialogues of rounds
 
 
 def test_cuhk_pids_follow_irra(tiny_world):
@@ -172,9 +172,26 @@ def test_chatpedes_turn_order_is_checked(tiny_world, tmp_path):
     root = tmp_path / "chat"
     shutil.copytree(tiny_world["chatpedes"], root)
     d = json.loads((root / "test_reid.json").read_text())
-    d[2]["chats"][1][1]["from"] = "gpt"
+    d[2]["chats"][1][3][1]["from"] = "gpt"
     (root / "test_reid.json").write_text(json.dumps(d))
-    with pytest.raises(DatasetFormatError, match="entry 2 dialogue 1 turn 1"):
+    with pytest.raises(DatasetFormatError, match=r"test_reid.json: entry 2 dialogue 1 round 3 turn 1 .* expected \{'from': 'user'"):
+        read_chatpedes(root, "test")
+
+
+def test_chatpedes_rounds_as_released_and_single_dialogue_entries(tiny_world, tmp_path):
+    """The release nests turns in rounds; an entry whose chats is one dialogue (a list of rounds) reads as one."""
+    root = tmp_path / "chat"
+    shutil.copytree(tiny_world["chatpedes"], root)
+    d = json.loads((root / "test_reid.json").read_text())
+    first = d[0]["chats"][0]
+    d[0]["chats"] = first  # a single dialogue
+    (root / "test_reid.json").write_text(json.dumps(d))
+    got = read_chatpedes(root, "test")
+    assert got[0]["chats"] == [first] and len(got[1]["chats"]) == 2
+    flat = [t for rnd in first for t in rnd]  # the old flat list of turns is not the released format
+    d[0]["chats"] = [flat]
+    (root / "test_reid.json").write_text(json.dumps(d))
+    with pytest.raises(DatasetFormatError, match="entry 0 dialogue 0 round 0 is .*expected a list of two turns"):
         read_chatpedes(root, "test")
 
 

@@ -32,8 +32,9 @@ def test_notebooks_have_no_outputs_and_a_parameters_cell():
 # gloo processes, as `papermill notebooks/01_tpr_baselines.ipynb out.ipynb -p scale tiny -p gpus 2` does.
 # Notebook 03 splits its synthesis's shards over two processes. Notebook 04 runs in one process here: with
 # `-p gpus 2` a gloo worker sometimes ends with a SIGABRT inside the full test run (it passed alone three times;
-# open, issue 21). Notebook 05 trains over two gloo processes. Notebooks 04, 05 and 07 repeat over two seeds (the spread needs more than one).
+# open, issue 21). Notebooks 05 and 06 train over two gloo processes. Notebooks 04-07 repeat over two seeds (the spread needs more than one).
 EXTRA = {"01_tpr_baselines": {"gpus": 2}, "03_syncpr_itcpr": {"gpus": 2}, "04_fafa": {"seeds": [0, 1]}, "05_ceca": {"gpus": 2, "seeds": [0, 1]},
+         "06_diana": {"gpus": 2, "seeds": [0, 1]},
          "07_ctgi": {"seeds": [0, 1]}}
 
 
@@ -57,6 +58,10 @@ def test_every_parameter_is_typed_and_checked_in_the_first_cell():
         assert inferred and all(v["inferred_type_name"] not in ("None", None) for v in inferred.values()), (p.name, inferred)
         cells = [c for c in nbformat.read(p, as_version=4).cells if c.cell_type == "code"]
         first = next(i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
+        import re
+
+        declared = re.findall(r"^(\w+)\s*:", cells[first].source, flags=re.M)
+        assert sorted(declared) == sorted(inferred), (p.name, "papermill cannot read", sorted(set(declared) - set(inferred)))
         check = cells[first + 1].source
         assert "params.check(" in check, p.name
         assert all(f"{name}={name}" in check for name in inferred), (p.name, [n for n in inferred if f"{n}={n}" not in check])
@@ -71,6 +76,7 @@ BAD = {
     "03_syncpr_itcpr": ({"beta_range": "[1.0, 0.5]"}, "parameter 'beta_range' must be \\[low, high\\] with low <= high"),
     "04_fafa": ({"weights": "EMPTY"}, "parameter 'weights': .* holds no Blip2ForImageTextRetrieval weights"),
     "05_ceca": ({"omega": 1.5}, "parameter 'omega'"),
+    "06_diana": ({"num_queries": 0}, "parameter 'num_queries'"),
     "07_ctgi": ({"ablation_methods": '["irra", "clip"]'}, "parameter 'ablation_methods'"),
 }
 

@@ -119,13 +119,13 @@ def test_dialogue_answers_are_grounded(people):
     rng = rng_for(0, "dlg")
     p = next(p for p in people if p.hat != "none")
     s = State(view="front")
-    turns = dialogue(p, s, rng, rounds=9)
-    assert [t["from"] for t in turns] == ["gpt", "user"] * 9
-    qa = dict(zip([t["value"] for t in turns[2::2]], [t["value"] for t in turns[3::2]]))
+    rounds = dialogue(p, s, rng, rounds=9)
+    assert len(rounds) == 9 and all([q["from"], a["from"]] == ["gpt", "user"] for q, a in rounds)  # released: rounds of two turns
+    qa = {q["value"]: a["value"] for q, a in rounds[1:]}
     hat_answers = [a for q, a in qa.items() if re.search(r"\b(hat|head)\b", q)]
     assert hat_answers and all(a.startswith("Yes") for a in hat_answers)
     no_hat = dialogue(p.replace(hat="none"), s, rng_for(0, "dlg"), rounds=9)
-    assert any(t["value"].startswith("No, ") and "hat" in t["value"] for t in no_hat)
+    assert any(a["value"].startswith("No, ") and "hat" in a["value"] for _, a in no_hat)
 
 
 def test_edits_change_what_they_say(people):

@@ -42,13 +42,19 @@ def sdm_loss(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor, logit_sca
     """IRRA's similarity distribution matching: KL(p || q) between the softmax of the scaled
     similarities ``p`` and the true matching distribution ``q`` (uniform over same-person rows),
     image-to-text plus text-to-image."""
+    return sdm_from_scores(img @ txt.T, pids, logit_scale, eps)
+
+
+def sdm_from_scores(scores: torch.Tensor, pids: torch.Tensor, logit_scale: torch.Tensor | float = 50.0, eps: float = 1e-8) -> torch.Tensor:
+    """The same SDM from a ``(B, B)`` score matrix (row i and column i a matching pair), for scores that are
+    not one dot product (DiaNA's refined similarity: the mean cosine over attribute queries)."""
     q = positive_mask(pids)
     q = q / q.sum(1, keepdim=True)
-    sim = img @ txt.T * logit_scale
+    sim = scores * logit_scale
     loss = 0.0
     for s in (sim, sim.T):
         p = F.softmax(s, dim=1)
-        loss = loss + (p * (F.log_softmax(s, dim=1) - torch.log(q + eps))).sum(1).mean()
+        loss = loss + (p * (F.log_softmax(s, dim=1) - torch.log(q + eps))).sum(1).mean()  # KL(p || q)
     return loss
 
 

@@ -198,8 +198,8 @@ reports.save_figure(fig, "00_composed_triplet", scale)
 
 # %%
 chat = datasets.read_chatpedes(roots["chatpedes"], "test")[0]
-for turn in chat["chats"][0]:
-    print(f"{'Q' if turn['from'] == 'gpt' else 'A'}: {turn['value']}")
+for question, answer in chat["chats"][0]:  # a dialogue is a list of rounds: (question, answer)
+    print(f"Q: {question['value']}\nA: {answer['value']}")
 
 # %% [markdown]
 # ## 5. The metrics, on a case you can check by hand

@@ -492,9 +492,14 @@ class MiniLM(LanguageModel):
 
     name = "mini-lm"
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, lenient: bool = False):
         super().__init__()
         self.seed = seed
+        # DiaNA's categorisation: a lenient reader calls an answer hallucinated only when it claims an item
+        # (hat, bag, held object, accessory) the captions do not mention, not any unmentioned detail.
+        self.lenient = lenient
+        if lenient:
+            self.name = "mini-lm-lenient"
         self.rng = np.random.default_rng(seed)  # replaced per prompt: see item_rng
 
     def _generate(self, batch, max_new_tokens):
@@ -535,7 +540,7 @@ class MiniLM(LanguageModel):
         caps = _field(tail, "- Captions")
         dia = tail.split("- Dialogue:", 1)[1].split("- Output:", 1)[0]
         rounds = re.findall(r"Assistant:\s*(.*?)\n\s*User:\s*(.*?)(?=\n\s*Assistant:|\Z)", dia.strip() + "\n", re.S)
-        return ", ".join(categorize_rounds(caps, [(q.strip(), a.strip()) for q, a in rounds]))
+        return ", ".join(categorize_rounds(caps, [(q.strip(), a.strip()) for q, a in rounds], lenient=self.lenient))
 
     def _job_diana_categorize_last(self, text):
         return self._job_diana_categorize(text.replace("Now classify only the LAST round", "Now classify")).split(", ")[-1]
@@ -602,8 +607,14 @@ def outfit_claims(p: Person) -> dict[str, str]:
     return c
 
 
-def categorize_rounds(captions: str, rounds: list[tuple[str, str]]) -> list[str]:
-    """DiaNA's four categories for each (question, answer) round against the captions' claims."""
+#: Slots that say an item is there (or not): what a lenient categoriser still calls hallucinated.
+ITEM_SLOTS = ("hat", "bag", "held", "accessory")
+
+
+def categorize_rounds(captions: str, rounds: list[tuple[str, str]], lenient: bool = False) -> list[str]:
+    """DiaNA's four categories for each (question, answer) round against the captions' claims (precedence:
+    Contradictory, Repeated, Hallucinatory, Matched). ``lenient``: only a claimed item the captions do not
+    mention is hallucinated; other unmentioned details count as matched."""
     cap = grammar.parse_claims(captions)
     said: set = set()
     out = []
@@ -614,7 +625,7 @@ def categorize_rounds(captions: str, rounds: list[tuple[str, str]]) -> list[str]
             out.append("Contradictory")
         elif groups and groups <= said:
             out.append("Repeated")
-        elif any(s not in cap and v != "none" for s, v in claims.items() if s != "gender"):
+        elif any(s not in cap and v != "none" for s, v in claims.items() if s != "gender" and (not lenient or s in ITEM_SLOTS)):
             out.append("Hallucinatory")
         else:
             out.append("Matched")

@@ -7,7 +7,7 @@
 | RSTPReid   | ``data_captions.json``             | ``imgs/``    | split (train/val/test), captions, img_path, id |
 | ITCPR      | ``query.json``, ``gallery.json``   | root         | file_path, datasets, person_id, instance_id, caption (query only) |
 | SynCPR     | ``SynCPR.json``                    | root         | reference_caption, target_caption, reference_image_path, target_image_path, edit_caption, cpr_id |
-| ChatPedes  | ``train_reid.json``/``test_reid.json`` | ``imgs/`` | id, file_path, chats (dialogues of {"from": "gpt"/"user", "value"}) |
+| ChatPedes  | ``train_reid.json``/``test_reid.json`` | ``imgs/`` | id, file_path, chats (dialogues of rounds [{"from": "gpt", ...}, {"from": "user", ...}]) |
 
 Every reader validates the whole file before returning anything: a malformed or truncated file, a
 missing field, an unknown split or a missing image raises :class:`DatasetFormatError` naming the file,
@@ -304,25 +304,35 @@ CHATPEDES_SPLITS = {"train": "train_reid.json", "test": "test_reid.json"}
 
 
 def read_chatpedes(root: str | Path, split: str, image_root: str | Path | None = None, check_images: bool = True) -> list[dict]:
-    """ChatPedes entries; ``image_root`` defaults to ``root/imgs`` (ChatPedes reuses CUHK-PEDES images)."""
+    """ChatPedes entries as released: ``chats`` is a list of dialogues, each a list of rounds, each round
+    ``[{"from": "gpt", "value": question}, {"from": "user", "value": answer}]``. An entry whose ``chats`` holds
+    a single dialogue (a list of rounds) is read as one dialogue, so every entry comes back nested the same
+    way. ``image_root`` defaults to ``root/imgs`` (ChatPedes reuses CUHK-PEDES images)."""
     if split not in CHATPEDES_SPLITS:
         raise ValueError(f"unknown split {split!r} for ChatPedes; expected one of {list(CHATPEDES_SPLITS)}")
     root = Path(root)
     path = root / CHATPEDES_SPLITS[split]
-    data = _read_json_list(path, "ChatPedes", 'objects with fields id, file_path and chats (lists of {"from", "value"} turns)')
+    data = _read_json_list(path, "ChatPedes", 'objects with fields id, file_path and chats (dialogues: lists of rounds, '
+                                               'each [{"from": "gpt", "value": ...}, {"from": "user", "value": ...}])')
     for i, e in enumerate(data):
         _check_entry(path, i, e, CHATPEDES_FIELDS)
-        if not e["chats"]:
+        chats = e["chats"]
+        if not chats:
             raise DatasetFormatError(f"{path}: entry {i} has no dialogues in 'chats'")
-        for d, chat in enumerate(e["chats"]):
-            if not isinstance(chat, list) or not chat or len(chat) % 2:
-                raise DatasetFormatError(f"{path}: entry {i} dialogue {d} must be a non-empty list of question/answer turn pairs")
-            for t, turn in enumerate(chat):
-                want = "gpt" if t % 2 == 0 else "user"
-                if not isinstance(turn, dict) or turn.get("from") != want or not isinstance(turn.get("value"), str):
-                    raise DatasetFormatError(
-                        f"{path}: entry {i} dialogue {d} turn {t} is {turn!r}; expected {{'from': '{want}', 'value': <text>}} "
-                        "(questions from 'gpt', answers from 'user', alternating)")
+        if isinstance(chats[0], list) and chats[0] and isinstance(chats[0][0], dict):
+            chats = e["chats"] = [chats]  # a single dialogue: a list of rounds
+        for d, chat in enumerate(chats):
+            if not isinstance(chat, list) or not chat:
+                raise DatasetFormatError(f"{path}: entry {i} dialogue {d} must be a non-empty list of rounds")
+            for r, rnd in enumerate(chat):
+                if not isinstance(rnd, list) or len(rnd) != 2:
+                    raise DatasetFormatError(f"{path}: entry {i} dialogue {d} round {r} is {rnd!r}; expected a list of two turns, "
+                                             '[{"from": "gpt", "value": <question>}, {"from": "user", "value": <answer>}]')
+                for t, (turn, want) in enumerate(zip(rnd, ("gpt", "user"))):
+                    if not isinstance(turn, dict) or turn.get("from") != want or not isinstance(turn.get("value"), str):
+                        raise DatasetFormatError(
+                            f"{path}: entry {i} dialogue {d} round {r} turn {t} is {turn!r}; expected {{'from': '{want}', "
+                            "'value': <text>}} (the question from 'gpt', then the answer from 'user')")
     if check_images:
         base = Path(image_root) if image_root is not None else root / "imgs"
         for i, e in enumerate(data):

@@ -5,6 +5,7 @@
 * :mod:`.syncpr`: SynCPR's triplet synthesis and ITCPR's evaluation (notebook 03);
 * :mod:`.fafa`: FAFA's Q-Former, its losses' combination and its experiment (notebook 04);
 * :mod:`.ceca`: CECA's attribute mining (summaries per image), its mixer, its model and task (notebook 05);
+* :mod:`.diana`: ChatPedes' construction and cleaning, DiaNA's model, task and evaluation (notebook 06);
 * :mod:`.ctgi`: CTGI's MTG, PES and MTI (notebook 07).
 
 Shared infrastructure (world, datasets, models, train, losses, metrics, assistants, generators, reports)

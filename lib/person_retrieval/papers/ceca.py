@@ -255,20 +255,32 @@ class CECAModel(DualEncoder):
         self.bcm = BidirectionalMixer(d, heads, cond_ratio, gate_init) if use_bcm else None
         self.omega = omega
 
-    def embed_images(self, x, summary_ids=None):
+    def gallery_parts(self, x, summary_ids=None) -> dict:
+        """What the gallery feature is made of, before the fusion weight enters: the image's pooled feature,
+        the tokens the gallery's selection reads (mixed by BCM when there is a summary) and their validity,
+        and the summary's pooled feature. (The mixer does not depend on omega, so a sweep reuses these.)"""
         pooled, tokens = self.backbone.encode_image(x)
         if summary_ids is None:
-            return {"global": pooled, "tse": self.tse_img(tokens, pooled), "image": pooled}
+            return {"image": pooled, "tokens": tokens, "valid": None}
         s_pooled, s_tok = self.backbone.encode_text(summary_ids)
         s_valid = word_mask(summary_ids, s_tok.shape[1])
-        fused = (1 - self.omega) * F.normalize(pooled, dim=-1) + self.omega * F.normalize(s_pooled, dim=-1)
         if self.bcm is None:
-            tse = self.tse_img(tokens, fused)
-        else:
-            i_mix, s_mix = self.bcm(tokens, pooled, s_tok, s_pooled, s_valid)
-            valid = torch.cat([torch.ones(tokens.shape[:2], dtype=torch.bool, device=x.device), s_valid], dim=1)
-            tse = self.tse_img(torch.cat([i_mix, s_mix], dim=1), fused, valid)
-        return {"global": fused, "tse": tse, "image": pooled, "summary": s_pooled}
+            return {"image": pooled, "tokens": tokens, "valid": None, "summary": s_pooled}
+        i_mix, s_mix = self.bcm(tokens, pooled, s_tok, s_pooled, s_valid)
+        valid = torch.cat([torch.ones(tokens.shape[:2], dtype=torch.bool, device=x.device), s_valid], dim=1)
+        return {"image": pooled, "tokens": torch.cat([i_mix, s_mix], dim=1), "valid": valid, "summary": s_pooled}
+
+    def fuse(self, parts: dict, omega: float | None = None) -> dict:
+        """The gallery embeddings from :meth:`gallery_parts` at fusion weight ``omega`` (default: the model's)."""
+        w = self.omega if omega is None else omega
+        if "summary" not in parts:
+            return {"global": parts["image"], "tse": self.tse_img(parts["tokens"], parts["image"]), "image": parts["image"]}
+        fused = (1 - w) * F.normalize(parts["image"], dim=-1) + w * F.normalize(parts["summary"], dim=-1)
+        return {"global": fused, "tse": self.tse_img(parts["tokens"], fused, parts["valid"]), "image": parts["image"],
+                "summary": parts["summary"]}
+
+    def embed_images(self, x, summary_ids=None):
+        return self.fuse(self.gallery_parts(x, summary_ids))
 
     def embed_texts(self, ids):
         pooled, tokens = self.backbone.encode_text(ids)
@@ -359,21 +371,39 @@ def without_summaries(data: RetrievalData) -> RetrievalData:
 
 
 @torch.no_grad()
-def evaluate_omega(model: CECAModel, data: RetrievalData, omegas, return_similarity: bool = False):
+def evaluate_settings(model: CECAModel, data: RetrievalData, omegas=(), without: bool = True, batch: int = 256) -> dict:
+    """Test metrics and similarities of one CECA model under several gallery settings, the queries encoded
+    once: ``"omega=w"`` for each fusion weight in ``omegas`` (with summaries) and, with ``without``,
+    ``"without summaries"`` (the gallery read as RDE reads it). Returns ``{setting: (metrics, similarity)}``."""
+    from ..datasets.torch_data import to_float, trim_tokens
+    from ..metrics import retrieval_metrics
+
+    model.eval()
+    cat = lambda parts: {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # noqa: E731
+    txt = cat([{k: v.float() for k, v in model.embed_texts(trim_tokens(data.tokens[s: s + batch])).items()}
+               for s in range(0, len(data.tokens), batch)])
+    out = {}
+
+    def score(name, gallery):
+        sim = model.similarity(txt, gallery)
+        out[name] = (retrieval_metrics(sim, data.caption_pids, data.image_pids), sim)
+
+    chunks = range(0, len(data.images), batch)
+    if omegas and data.image_texts is not None:
+        parts = [model.gallery_parts(to_float(data.images[s: s + batch]), trim_tokens(data.image_texts[s: s + batch])) for s in chunks]
+        for w in omegas:
+            score(f"omega={float(w):g}", cat([{k: v.float() for k, v in model.fuse(p, float(w)).items()} for p in parts]))
+    if without:
+        score("without summaries", cat([{k: v.float() for k, v in model.embed_images(to_float(data.images[s: s + batch])).items()}
+                                        for s in chunks]))
+    return out
+
+
+def evaluate_omega(model: CECAModel, data: RetrievalData, omegas) -> pd.DataFrame:
     """R1/R5/R10/mAP/mINP of ``model`` with the gallery's global feature fused at each ``omega`` (0: the
     image alone, the summary still mixed into the tokens)."""
-    from ..models.retrieval import evaluate_retrieval
-
-    keep = model.omega
-    rows, sims = [], {}
-    try:
-        for w in omegas:
-            model.omega = float(w)
-            m, sims[float(w)] = evaluate_retrieval(model, data, return_similarity=True)
-            rows.append({"omega": float(w), **m})
-    finally:
-        model.omega = keep
-    return (pd.DataFrame(rows), sims) if return_similarity else pd.DataFrame(rows)
+    res = evaluate_settings(model, data, omegas, without=False)
+    return pd.DataFrame([{"omega": float(w), **res[f"omega={float(w):g}"][0]} for w in omegas])
 
 
 def identity_spread(sim: torch.Tensor, data: RetrievalData) -> dict:
@@ -416,4 +446,4 @@ def paired_claim(a: pd.DataFrame, b: pd.DataFrame, metric: str, not_hurt: bool =
 
 __all__ = ["cam", "summarize_split", "build_summaries", "read_summaries", "summaries_of", "with_summaries", "load_assistants",
            "MixerBlock", "BidirectionalMixer", "CECAModel", "CECATask", "VARIANTS", "fit_ceca", "without_summaries",
-           "evaluate_omega", "identity_spread", "summary_errors", "paired_claim"]
+           "evaluate_settings", "evaluate_omega", "identity_spread", "summary_errors", "paired_claim"]

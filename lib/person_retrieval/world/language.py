@@ -328,11 +328,12 @@ def answer(person: Person, state: State, group: str, rng: np.random.Generator) -
     raise ValueError(f"unknown question group {group!r}; expected one of {list(QUESTIONS)}")
 
 
-def dialogue(person: Person, state: State, rng: np.random.Generator, rounds: int = 5, style: str = "cuhk_pedes") -> list[dict]:
-    """A ChatPedes-shaped dialogue: an opening request answered with a partial caption, then
+def dialogue(person: Person, state: State, rng: np.random.Generator, rounds: int = 5, style: str = "cuhk_pedes") -> list[list[dict]]:
+    """A ChatPedes dialogue as released: a list of rounds, each ``[{"from": "gpt", "value": question},
+    {"from": "user", "value": answer}]``; an opening request answered with a partial caption, then
     ``rounds - 1`` question/answer rounds, preferring groups the opening did not mention."""
     text, mentioned = caption(person, state, style, rng)
-    turns = [{"from": "gpt", "value": _pick(rng, OPENING_QUESTIONS)}, {"from": "user", "value": text}]
+    turns = [[{"from": "gpt", "value": _pick(rng, OPENING_QUESTIONS)}, {"from": "user", "value": text}]]
     groups = list(QUESTIONS)
     said = {g for g, slots in GROUP_SLOTS.items() if set(slots) & mentioned}
     fresh = [g for g in groups if g not in said]
@@ -341,7 +342,7 @@ def dialogue(person: Person, state: State, rng: np.random.Generator, rounds: int
     rng.shuffle(stale)
     for g in (fresh + stale)[: max(0, rounds - 1)]:
         q = _pick(rng, QUESTIONS[g]).format(pron=person.pronoun, pos=person.possessive, obj="him" if person.gender == "man" else "her")
-        turns += [{"from": "gpt", "value": q}, {"from": "user", "value": answer(person, state, g, rng)}]
+        turns.append([{"from": "gpt", "value": q}, {"from": "user", "value": answer(person, state, g, rng)}])
     return turns
 
 

@@ -1,0 +1,148 @@
+"""DiaNA / ChatPedes (notebook 06): dialogue generation, true categories, the vote, Table 2, the model's
+refiners, masking and the dialogue encoders."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from person_retrieval import losses
+from person_retrieval.datasets import read_chatpedes
+from person_retrieval.papers import diana
+
+PERSON = {"gender": "man", "upper_type": "t-shirt", "upper_color": "blue", "upper_pattern": "plain", "hat": "none", "hat_color": "red",
+          "bag": "backpack", "bag_color": "black", "held": "none", "accessory": "none", "shoes_type": "sneakers", "shoes_color": "white"}
+
+
+def test_true_categories_known_answers():
+    rounds = [("What does the person look like?", "A man is wearing a blue tee."),
+              ("Is the person carrying a bag?", "Yes, he is carrying a black backpack."),
+              ("Is the person wearing a hat?", "He is also wearing a red cap."),           # no hat: invented
+              ("What shoes is the person wearing?", "He has black sneakers."),              # white: wrong colour
+              ("Does the person have a backpack or a bag with them?", "Yes, he has a black backpack."),  # asked before
+              ("Is the person holding anything?", "No, his hands are empty.")]
+    assert diana.true_categories(PERSON, rounds) == ["Matched", "Matched", "Hallucinatory", "Contradictory", "Repeated", "Matched"]
+
+
+def test_the_vote_keeps_a_round_when_a_majority_says_matched():
+    m, c, h = "Matched", "Contradictory", "Hallucinatory"
+    cats, keep = diana.vote([[m, c, h], [m, m, c], [c, m, h]])
+    assert cats == [m, m, h] and keep == [True, True, False]
+    cats, keep = diana.vote([[c], [h], None])  # one evaluator did not answer: it abstains; a tie goes to the earlier category
+    assert cats == [c] and keep == [False]
+    assert diana.vote([[m], None, None]) == ([m], [True])
+
+
+def test_a_careful_questioner_covers_new_ground_and_dialogues_are_reproducible(tiny_world):
+    from person_retrieval.assistants import grammar, mini_vlm
+    from person_retrieval.viz import load_image
+
+    paths, _, _ = diana._records(tiny_world["cuhk_pedes"], "test")
+    ims = [load_image(p) for p in paths[:4]]
+    vlm = mini_vlm("tiny", 0, progress=False)
+    a = diana.generate_dialogues(ims, ["a", "b", "c", "d"], diana.GENERATORS[0], vlm, rounds=6)
+    assert a == diana.generate_dialogues(ims, ["a", "b", "c", "d"], diana.GENERATORS[0], vlm, rounds=6)
+    assert [len(d) for d in a] == [6] * 4
+    for d in a:
+        asked = [grammar.question_groups(q) for q, _ in d[1:]]
+        assert len({tuple(g) for g in asked}) == len(asked)  # never the same group twice in six rounds
+
+
+def test_chatpedes_construction_writes_the_release_format_and_table_2(tiny_world):
+    folder = diana.build_chatpedes("tiny", 0, progress=False)
+    recs = diana.read_records(folder)
+    assert {r["generator"] for r in recs} == {"A", "B"} and all(len(r["rounds"]) == 6 == len(r["truth"]) == len(r["vote"]) for r in recs)
+    raw, clean = read_chatpedes(folder / "raw", "train"), read_chatpedes(folder / "clean", "train")
+    n_raw = sum(len(c) for e in raw for c in e["chats"])
+    n_clean = sum(len(c) for e in clean for c in e["chats"])
+    kept = sum(sum(r["kept"]) for r in recs if r["split"] == "train")
+    assert n_raw == 6 * sum(r["split"] == "train" for r in recs) and n_clean == kept < n_raw
+    t2 = diana.cleaning_table(recs)
+    assert len(t2) == 6 and (t2[list(diana.CATEGORIES)].sum(axis=1) == t2["total"]).all()
+    q = diana.evaluator_quality(recs)
+    assert set(q.judge) == {"Qwen 2.5", "Llama 3", "InternVL", "vote", "vote (kept)"}
+    assert q.precision.between(0, 100).all()
+
+
+def test_a_tpr_dataset_reads_as_one_round_dialogues(tiny_world, tmp_path):
+    from person_retrieval.datasets import load_split
+
+    out = diana.tpr_as_chatpedes("rstpreid", tiny_world["rstpreid"], tmp_path / "chat")
+    test = read_chatpedes(out, "test")
+    split = load_split("rstpreid", tiny_world["rstpreid"], "test")
+    assert len(test) == len(split.image_paths)
+    answers = sorted(c[0][1]["value"] for e in test for c in e["chats"])
+    assert answers == sorted(split.captions) and all(len(c) == 1 for e in test for c in e["chats"])
+
+
+# ---------------------------------------------------------------------------------------------- model
+def test_masking_is_bert_style_and_leaves_the_rest_alone():
+    ids = torch.arange(1, 10001).view(100, 100)
+    valid = torch.zeros_like(ids, dtype=torch.bool)
+    valid[:, 10:90] = True
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(diana.mask_tokens(ids, valid, 0.0, 0, (1, 5)), ids)
+    out = diana.mask_tokens(ids, valid, 1.0, mask_id=-7, vocab=(20000, 20001), generator=g)
+    assert torch.equal(out[~valid], ids[~valid])
+    n = valid.sum().item()
+    masked, rand, same = (out == -7).sum().item() / n, (out == 20000).sum().item() / n, (out == ids)[valid].float().mean().item()
+    assert abs(masked - 0.8) < 0.02 and abs(rand - 0.1) < 0.02 and abs(same - 0.1) < 0.02
+    part = diana.mask_tokens(ids, valid, 0.15, -7, (20000, 20001), generator=g)
+    assert abs((part != ids).sum().item() / n - 0.15 * 0.9) < 0.01
+
+
+def test_the_refiner_ignores_padding_and_refined_scores_are_mean_cosines():
+    torch.manual_seed(0)
+    ref = diana.AttributeRefiner(16, k=4, heads=4).eval()
+    x = torch.randn(2, 5, 16)
+    valid = torch.tensor([[True, True, True, False, False], [True] * 5])
+    y = x.clone()
+    y[0, 3:] = 50.0
+    torch.testing.assert_close(ref(x, valid), ref(y, valid))
+    assert ref(x, valid).shape == (2, 4, 16)
+    a = torch.randn(3, 4, 16)
+    s = diana.DiaNAModel.refined_scores(a, a)
+    torch.testing.assert_close(s.diagonal(), torch.ones(3))
+    b = torch.randn(2, 4, 16)
+    want = torch.stack([torch.stack([F.cosine_similarity(a[i], b[j], dim=-1).mean() for j in range(2)]) for i in range(3)])
+    torch.testing.assert_close(diana.DiaNAModel.refined_scores(a, b), want)
+
+
+def test_sdm_from_scores_is_sdm_on_a_dot_product():
+    g = torch.Generator().manual_seed(0)
+    i, t = (F.normalize(torch.randn(6, 8, generator=g), dim=-1) for _ in range(2))
+    pids = torch.tensor([0, 0, 1, 2, 3, 3])
+    torch.testing.assert_close(losses.sdm_from_scores(i @ t.T, pids, 20.0), losses.sdm_loss(i, t, pids, 20.0))
+
+
+def test_dialogue_text_follows_the_system_message_and_vicuna_roles():
+    text = diana.dialogue_text([("What is he wearing?", "A red shirt."), ("Any bag?", "No.")])
+    assert text.startswith("You are an intelligent system designed to retrieve pedestrian images from dialogues.")
+    assert text.endswith("ASSISTANT: What is he wearing?\nUSER: A red shirt.\nASSISTANT: Any bag?\nUSER: No.")
+
+
+def test_a_llama_dialogue_encoder_from_a_local_folder_trains_in_the_task(tiny_world, tmp_path):
+    """The real path's encoder class: a tiny Llama saved to a folder and loaded back as a user's Llama-3.2-1B
+    would be; the pooled feature is the last real token's state; one training step changes the projections."""
+    from person_retrieval.assistants import tiny
+
+    model, tok = tiny.llama_lm()
+    model.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    enc = diana.LlamaDialogueEncoder.load(tmp_path / "llama", dim=8, max_length=64)
+    ids = enc.tokenize(["a man in a red shirt", "a woman"])
+    pooled, tokens, valid = enc(ids)
+    assert pooled.shape == (2, 8) and tokens.shape == (2, 64, 8) and valid.sum(1).tolist() == (ids >= 0).sum(1).tolist()
+    longer = enc.tokenize(["a man in a red shirt and more words here", "a woman"])
+    torch.testing.assert_close(enc(longer)[0][1], pooled[1])  # padding does not move the pooled feature
+    folder = diana.build_chatpedes("tiny", 0, progress=False)
+    task = diana.DiaNATask(chat_root=str(folder / "clean"), scale="tiny", llm=str(tmp_path / "llama"))
+    m = task.build()
+    data = task.train_data()
+    batch = data.batch(torch.arange(4))
+    from person_retrieval.datasets.torch_data import to_float
+
+    loss, logs = task.loss(m, {**batch, "image": to_float(batch["image"])}, lambda x: x)
+    loss.backward()
+    assert set(logs) == {"itc", "itc_refined", "sdm", "sdm_refined"}
+    assert m.dialogue_encoder.proj.weight.grad.abs().sum() > 0
