@@ -1,8 +1,6 @@
 """DiaNA / ChatPedes (notebook 06): dialogue generation, true categories, the vote, Table 2, the model's
 refiners, masking and the dialogue encoders."""
-import json
 
-import pytest
 import torch
 import torch.nn.functional as F
 
