@@ -173,8 +173,8 @@ def test_summaries_resume_after_a_crash_and_match_an_unbroken_run(tiny_world, tm
 
 def test_a_missing_or_empty_summary_is_an_error_naming_the_image(tiny_world, tmp_path):
     split = load_split("rstpreid", tiny_world["rstpreid"], "test")
-    table = {ceca._image_key(p, split.root): {"summary": "a man in red"} for p in split.image_paths}
-    gone = ceca._image_key(split.image_paths[3], split.root)
+    table = {ceca.image_key(p, split.root): {"summary": "a man in red"} for p in split.image_paths}
+    gone = ceca.image_key(split.image_paths[3], split.root)
     del table[gone]
     (tmp_path / "test.json").write_text(json.dumps(table))
     with pytest.raises(KeyError, match=f"image '{gone}' has no summary in .*test.json"):

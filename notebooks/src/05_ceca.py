@@ -39,7 +39,7 @@ import time
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from person_retrieval import analysis, models, params, reports, viz
+from person_retrieval import analysis, assistants, models, params, reports, viz
 from person_retrieval.assistants import prompts
 from person_retrieval.datasets import load_split
 from person_retrieval.papers import ceca, tpr
@@ -72,7 +72,7 @@ pd.Series(prompts.CECA_QUESTIONS, name="question").to_frame()
 # transformers LLM). Summaries are built once per dataset, split and assistant, in batches, resumable, and cached.
 
 # %%
-assistant_v, assistant_l = ceca.load_assistants(scale, seed, P["vlm"], P["llm"], device="cuda" if gpus else "cpu")
+assistant_v, assistant_l = assistants.load(scale, seed, P["vlm"], P["llm"], device="cuda" if gpus else "cpu")
 folders, cam_cost = {}, []
 for d in DATASETS:
     t0 = time.time()
@@ -91,7 +91,7 @@ cam_cost
 # %%
 demo = load_split(ABLATION, roots[ABLATION], "test")
 picks = [0, 5, 11]
-recs = [ceca.read_summaries(folders[ABLATION], "test")[ceca._image_key(demo.image_paths[i], demo.root)] for i in picks]
+recs = [ceca.read_summaries(folders[ABLATION], "test")[ceca.image_key(demo.image_paths[i], demo.root)] for i in picks]
 wrong = [[] for _ in picks]
 if data_root is None:
     truth = analysis.world_people(models.split_data(ABLATION, roots[ABLATION], "test", models.build_backbone(None, scale)), roots[ABLATION])

@@ -37,8 +37,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from person_retrieval import metrics, models, params, reports
-from person_retrieval.assistants import mini_vlm
+from person_retrieval import assistants, metrics, models, params, reports
 from person_retrieval.datasets import read_chatpedes
 from person_retrieval.papers import diana, tpr
 from person_retrieval.world import dataset_root
@@ -69,12 +68,7 @@ print(source, "| repeats:", seeds)
 
 # %%
 t0 = time.time()
-if P["vlm"] is None:
-    vlm_model = mini_vlm(mini_scale, seed)
-else:
-    from person_retrieval.assistants import hf
-
-    vlm_model = hf.TransformersVLM.load(P["vlm"], device="cuda" if gpus else "cpu", seed=seed)
+vlm_model, _ = assistants.load(mini_scale, seed, P["vlm"], None, device="cuda" if gpus else "cpu")
 folder = diana.build_chatpedes(mini_scale, seed, vlm=vlm_model, config=diana.ChatPedesConfig(rounds=rounds))
 records = diana.read_records(folder)
 build_s = time.time() - t0

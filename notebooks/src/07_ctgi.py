@@ -75,13 +75,8 @@ roots = {d: dataset_root(d, P["data_root"], scale, seed) for d in settings.datas
 
 # %%
 def assistants_for(s):
-    """The MLLM and the reconstructor for repeat seed ``s``."""
-    from person_retrieval.assistants import hf
-
-    dev = "cuda" if gpus else "cpu"
-    v = A.MiniVLM(A.trained_recognizer(scale, seed), seed=s) if vlm is None else hf.TransformersVLM.load(vlm, device=dev, seed=s)
-    l = A.MiniLM(seed=s) if llm is None else hf.TransformersLM.load(llm, device=dev, seed=s)
-    return v, l
+    """The MLLM and the reconstructor for repeat seed ``s`` (the recognizer is the world seed's)."""
+    return A.load(scale, seed, vlm, llm, device="cuda" if gpus else "cpu", assistant_seed=s)
 
 
 init = None if weights else models.pretrained_mini_clip(scale, seed, gpus)

@@ -42,6 +42,14 @@ def load_images(paths: Sequence[str], size: tuple[int, int], progress: bool = Fa
     return out
 
 
+def native_size(path) -> tuple[int, int]:
+    """``(H, W)`` of an image file as stored (for :func:`load_images` without resizing)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size[1], im.size[0]
+
+
 def _decode_images(paths: Sequence[str], size: tuple[int, int], progress: bool = False) -> torch.Tensor:
     from PIL import Image
 

@@ -31,16 +31,15 @@ from .. import losses
 from ..assistants import prompts
 from ..config import cache_dir, config_tag
 from ..datasets import TPR_FORMATS, load_split
-from ..datasets.torch_data import RetrievalData, load_images
-from ..models.retrieval import DualEncoder, fixed_temperature
-from . import tpr
-from .tpr import RDETask, TokenSelection, _path_key, fit_tpr, select_tokens, word_mask
+from ..datasets.torch_data import RetrievalData, load_images, native_size
+from ..models.retrieval import fixed_temperature
+from .tpr import SHORT_EPOCHS, RDEModel, RDETask, _path_key, fit_tpr, select_tokens, word_mask
 
 QUESTIONS = prompts.CECA_QUESTIONS
 #: Bumped when what CAM writes changes (cached summaries are then rebuilt).
 CAM_VERSION = 1
 #: Fine-tuning epochs per scale in notebook 05, for every run there (RDE and IRRA included).
-EPOCHS = tpr.SHORT_EPOCHS
+EPOCHS = SHORT_EPOCHS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +55,7 @@ def cam(images, vlm, lm) -> list[dict]:
     return [{**{q: answers[q][i] for q in QUESTIONS}, "summary": summaries[i].strip()} for i in range(n)]
 
 
-def _image_key(path: str, root) -> str:
+def image_key(path: str, root) -> str:
     """How a summary file names an image: its path relative to the dataset folder."""
     return Path(os.path.relpath(path, root)).as_posix()
 
@@ -79,7 +78,7 @@ def summarize_split(split, vlm, lm, out_file, batch: int = 256, progress: bool =
             except json.JSONDecodeError:  # a line cut short by a crash: its batch is redone
                 break
             done[rec["image"]] = rec
-    keys = [_image_key(p, split.root) for p in split.image_paths]
+    keys = [image_key(p, split.root) for p in split.image_paths]
     todo = [i for i, k in enumerate(keys) if k not in done]
     starts = range(0, len(todo), batch)
     if progress and todo:
@@ -89,7 +88,7 @@ def summarize_split(split, vlm, lm, out_file, batch: int = 256, progress: bool =
     with open(partial, "a") as f:
         for s in starts:
             idx = todo[s: s + batch]
-            ims = load_images([split.image_paths[i] for i in idx], _native_size(split.image_paths[idx[0]]))
+            ims = load_images([split.image_paths[i] for i in idx], native_size(split.image_paths[idx[0]]))
             recs = cam([im.permute(1, 2, 0).numpy() for im in ims], vlm, lm)
             for i, rec in zip(idx, recs):
                 rec = {"image": keys[i], **rec}
@@ -103,13 +102,6 @@ def summarize_split(split, vlm, lm, out_file, batch: int = 256, progress: bool =
     tmp.replace(out_file)
     partial.unlink(missing_ok=True)
     return out_file
-
-
-def _native_size(path: str) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.size[1], im.size[0]
 
 
 def _assistant_tag(vlm, lm) -> str:
@@ -129,35 +121,18 @@ def _assistant_tag(vlm, lm) -> str:
     return "+".join(parts)
 
 
-def load_assistants(scale: str, seed: int, vlm: str | None = None, llm: str | None = None, device: str = "cpu"):
-    """The MLLM and the summary writer: the mini ones by default, transformers models by name or folder."""
-    from .. import assistants as A
-
-    if vlm is None:
-        v = A.MiniVLM(A.trained_recognizer(scale, seed), seed=seed)
-    else:
-        from ..assistants import hf
-
-        v = hf.TransformersVLM.load(vlm, device=device, seed=seed)
-    if llm is None:
-        lm = A.MiniLM(seed=seed)
-    else:
-        from ..assistants import hf
-
-        lm = hf.TransformersLM.load(llm, device=device, seed=seed)
-    return v, lm
-
-
 def build_summaries(dataset: str, root, scale: str = "small", seed: int = 0, vlm=None, lm=None, llm: str | None = None,
                     vlm_name: str | None = None, progress: bool = True) -> Path:
     """CAM over every split of ``dataset`` (train, val where it has one, test), cached by dataset, its
     annotation file, the assistants and :data:`CAM_VERSION` under ``.cache/ceca/``. ``vlm`` / ``lm``:
-    assistant objects (default: :func:`load_assistants` with ``vlm_name`` and ``llm``). Returns the folder
+    assistant objects (default: :func:`person_retrieval.assistants.load` with ``vlm_name`` and ``llm``). Returns the folder
     holding ``<split>.json``."""
     if dataset not in TPR_FORMATS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(TPR_FORMATS)}")
     if vlm is None or lm is None:
-        v, l_ = load_assistants(scale, seed, vlm_name, llm)
+        from ..assistants import load
+
+        v, l_ = load(scale, seed, vlm_name, llm)
         vlm, lm = vlm or v, lm or l_
     fmt = TPR_FORMATS[dataset]
     ann = hashlib.sha1((Path(root) / fmt.annotation).read_bytes()).hexdigest()[:12]
@@ -182,11 +157,11 @@ def summaries_of(image_paths, root, folder, split: str) -> list[str]:
     table = read_summaries(folder, split)
     out = []
     for p in image_paths:
-        rec = table.get(_image_key(p, root))
+        rec = table.get(image_key(p, root))
         text = (rec or {}).get("summary", "")
         if not isinstance(text, str) or not text.strip():
             what = "has no summary" if rec is None else "has an empty summary"
-            raise KeyError(f"image {_image_key(p, root)!r} {what} in {Path(folder) / f'{split}.json'}")
+            raise KeyError(f"image {image_key(p, root)!r} {what} in {Path(folder) / f'{split}.json'}")
         out.append(text)
     return out
 
@@ -238,8 +213,8 @@ class BidirectionalMixer(nn.Module):
         return self.image_side(img_tok, s_sel, ctx_valid=s_ok), self.summary_side(sum_tok, i_sel, x_valid=sum_valid)
 
 
-class CECAModel(DualEncoder):
-    """The RDE-style model with summaries on the gallery side.
+class CECAModel(RDEModel):
+    """The RDE-style model (its text side and similarity unchanged) with summaries on the gallery side.
 
     * global: the caption's pooled feature against ``(1 - omega) image + omega summary`` (normalised);
     * token level: the caption's token selection against the selection (and max-pool) over the mixed image
@@ -249,10 +224,8 @@ class CECAModel(DualEncoder):
 
     def __init__(self, backbone, ratio: float = 0.3, cond_ratio: float = 0.3, gate_init: float = -3.0, heads: int = 8,
                  omega: float = 0.3, use_bcm: bool = True):
-        super().__init__(backbone)
-        d = backbone.embed_dim
-        self.tse_img, self.tse_txt = TokenSelection(d, ratio), TokenSelection(d, ratio)
-        self.bcm = BidirectionalMixer(d, heads, cond_ratio, gate_init) if use_bcm else None
+        super().__init__(backbone, ratio)  # RDE's token-selection heads, tse_img and tse_txt
+        self.bcm = BidirectionalMixer(backbone.embed_dim, heads, cond_ratio, gate_init) if use_bcm else None
         self.omega = omega
 
     def gallery_parts(self, x, summary_ids=None) -> dict:
@@ -281,15 +254,6 @@ class CECAModel(DualEncoder):
 
     def embed_images(self, x, summary_ids=None):
         return self.fuse(self.gallery_parts(x, summary_ids))
-
-    def embed_texts(self, ids):
-        pooled, tokens = self.backbone.encode_text(ids)
-        return {"global": pooled, "tse": self.tse_txt(tokens, pooled, word_mask(ids, tokens.shape[1]))}
-
-    @staticmethod
-    def similarity(txt, img):
-        s = [F.normalize(txt[k], dim=-1) @ F.normalize(img[k], dim=-1).T for k in ("global", "tse")]
-        return (s[0] + s[1]) / 2
 
     def forward(self, images, ids, summary_ids=None):
         return self.embed_images(images, summary_ids), self.embed_texts(ids)
@@ -399,13 +363,6 @@ def evaluate_settings(model: CECAModel, data: RetrievalData, omegas=(), without:
     return out
 
 
-def evaluate_omega(model: CECAModel, data: RetrievalData, omegas) -> pd.DataFrame:
-    """R1/R5/R10/mAP/mINP of ``model`` with the gallery's global feature fused at each ``omega`` (0: the
-    image alone, the summary still mixed into the tokens)."""
-    res = evaluate_settings(model, data, omegas, without=False)
-    return pd.DataFrame([{"omega": float(w), **res[f"omega={float(w):g}"][0]} for w in omegas])
-
-
 def identity_spread(sim: torch.Tensor, data: RetrievalData) -> dict:
     """How far apart one identity's gallery images score for a query: per query, the standard deviation of
     its scores over the true person's gallery images (queries whose person has at least two), averaged;
@@ -444,6 +401,6 @@ def paired_claim(a: pd.DataFrame, b: pd.DataFrame, metric: str, not_hurt: bool =
     return verdict(d, not_hurt=not_hurt)
 
 
-__all__ = ["cam", "summarize_split", "build_summaries", "read_summaries", "summaries_of", "with_summaries", "load_assistants",
+__all__ = ["cam", "summarize_split", "build_summaries", "read_summaries", "summaries_of", "with_summaries", "image_key",
            "MixerBlock", "BidirectionalMixer", "CECAModel", "CECATask", "VARIANTS", "fit_ceca", "without_summaries",
-           "evaluate_settings", "evaluate_omega", "identity_spread", "summary_errors", "paired_claim"]
+           "evaluate_settings", "identity_spread", "summary_errors", "paired_claim"]

@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
+from .. import losses
 from ..assistants import grammar, prompts
 from ..assistants.base import categorize_dialogue
 from ..assistants.mini import ITEM_SLOTS, MiniLM, MiniVLM, Noise, item_rng
@@ -224,7 +230,7 @@ def construct_split(root, split: str, vlm, evaluators, config: ChatPedesConfig =
                     progress: bool = True) -> list[dict]:
     """Every image of ``split`` gets one dialogue per generator; each dialogue's rounds are categorised by
     every evaluator, voted on and given their true category. One record per dialogue."""
-    from ..datasets.torch_data import load_images
+    from ..datasets.torch_data import load_images, native_size
 
     paths, caps, people = _records(root, split)
     rel = [Path(os.path.relpath(p, Path(root) / "imgs")).as_posix() for p in paths]
@@ -236,7 +242,7 @@ def construct_split(root, split: str, vlm, evaluators, config: ChatPedesConfig =
         starts = tqdm(starts, desc=f"ChatPedes {split}", leave=False, mininterval=2.0)
     for s in starts:
         sl = slice(s, s + config.batch)
-        ims = [im.permute(1, 2, 0).numpy() for im in load_images(paths[sl], _size(paths[s]))]
+        ims = [im.permute(1, 2, 0).numpy() for im in load_images(paths[sl], native_size(paths[s]))]
         for gen in config.generators:
             dias = generate_dialogues(ims, rel[sl], gen, vlm, config.rounds, seed)
             labels = [ev(dias, caps[sl], ims) for ev in evaluators]
@@ -247,13 +253,6 @@ def construct_split(root, split: str, vlm, evaluators, config: ChatPedesConfig =
                             "rounds": [list(r) for r in d], "truth": true_categories(people[i], d),
                             "labels": {ev.role: lab[k] for ev, lab in zip(evaluators, labels)}, "vote": cats, "kept": keep})
     return out
-
-
-def _size(path) -> tuple[int, int]:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.size[1], im.size[0]
 
 
 def _released(records: list[dict], clean: bool) -> list[dict]:
@@ -349,14 +348,6 @@ def evaluator_quality(records: list[dict]) -> pd.DataFrame:
 
 # =============================================================================================
 # DiaNA: the model
-import math  # noqa: E402
-from functools import cached_property  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from .. import losses  # noqa: E402
 
 
 def dialogue_text(rounds: Sequence[tuple[str, str]], system: str = prompts.DIANA_SYSTEM) -> str:
