@@ -170,7 +170,7 @@ def cawl_loss(summary: torch.Tensor, txt: torch.Tensor, img: torch.Tensor, pids:
     L = 1/B sum_i [ w_i (CE_c->t + CE_c->i) + (1 - w_i) (CE_i->t + CE_t->i) / 2 ],  w = :func:`cawl_weights`.
     A confident summary teaches the caption and the image; an unsure one hands the sample back to plain
     image-text alignment. ``released=False`` (ours) uses max(1 - w, 0): w is divided by its batch mean, so
-    about half the batch has w > 1, and the released code's negative 1 - w would then *raise* those
+    its mean is 1 and some samples of every batch have w > 1, and the released code's negative 1 - w would then *raise* those
     samples' image-text loss (push an image away from its own caption). ``released=True`` keeps it."""
     w = cawl_weights(summary, txt, img, pids, logit_scale, clip)
     pos = positive_mask(pids)

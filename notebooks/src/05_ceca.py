@@ -129,7 +129,7 @@ reports.save_figure(fig, "05_cam_examples", scale)
 #
 # $$\mathcal{L}_{\mathrm{CAWL}} = \frac{1}{B}\sum_i \Big[ w_i\,(\mathrm{CE}_{c\to t} + \mathrm{CE}_{c\to i}) + (1 - w_i)\,\tfrac{1}{2}(\mathrm{CE}_{i\to t} + \mathrm{CE}_{t\to i}) \Big].$$
 #
-# **A decision.** Because $w$ is divided by its batch mean, about half of every batch has $w_i > 1$, and the
+# **A decision.** Because $w$ is divided by its batch mean, its mean is 1, so every batch has samples with $w_i > 1$, and the
 # released code then multiplies the image-text cross-entropy by a *negative* $1 - w_i$: gradient ascent, which
 # pushes a confidently summarised image away from its own caption. We clip the factor at zero,
 # $\max(1 - w_i, 0)$: confident samples are taught through their summary only, and TAL still aligns their
