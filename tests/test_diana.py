@@ -1,6 +1,7 @@
 """DiaNA / ChatPedes (notebook 06): dialogue generation, true categories, the vote, Table 2, the model's
 refiners, masking and the dialogue encoders."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -144,3 +145,80 @@ def test_a_llama_dialogue_encoder_from_a_local_folder_trains_in_the_task(tiny_wo
     loss.backward()
     assert set(logs) == {"itc", "itc_refined", "sdm", "sdm_refined"}
     assert m.dialogue_encoder.proj.weight.grad.abs().sum() > 0
+
+
+class _Echo(torch.nn.Module):
+    """embed_texts returns each row's token sum and length, and remembers each batch's width."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.widths = torch.nn.Parameter(torch.zeros(1)), []
+
+    def embed_texts(self, ids):
+        self.widths.append(ids.shape[1])
+        real = ids > 0
+        return {"global": torch.stack([(ids * real).sum(1).float(), real.sum(1).float()], 1)}
+
+
+def test_dialogues_embed_in_length_order_and_come_back_in_input_order():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 30, (50,), generator=g)
+    ids = torch.zeros(50, 32, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, 100, (int(n),), generator=g)
+    echo = _Echo()
+    out = diana.embed_dialogues(echo, ids, batch=8)["global"]
+    assert echo.widths == sorted(echo.widths) and echo.widths[0] < 32  # short dialogues are not padded to the longest
+    torch.testing.assert_close(out[:, 0], ids.sum(1).float())
+    torch.testing.assert_close(out[:, 1], lengths.float())
+    llama_style = ids.masked_fill(ids == 0, -1)  # -1 marks padding there
+    assert diana.trim_dialogue(llama_style).shape[1] == int(lengths.max())
+    assert diana.trim_dialogue(ids).shape[1] == min(32, -(-int(lengths.max()) // 8) * 8)
+
+
+def test_the_rounds_curve_at_chosen_rounds_equals_the_full_curve(tiny_world):
+    folder = diana.build_chatpedes("tiny", 0, progress=False)
+    task = diana.DiaNATask(chat_root=str(folder / "clean"), scale="tiny")
+    torch.manual_seed(0)
+    m = task.build()
+    entries = read_chatpedes(folder / "clean", "test")
+    full = diana.rounds_curve(m, entries, folder / "clean" / "imgs", task._tokenize, task.backbone.image_size, 3)
+    some = diana.rounds_curve(m, entries, folder / "clean" / "imgs", task._tokenize, task.backbone.image_size, 3, at=[1, 3])
+    assert full.rounds.tolist() == [1, 2, 3] and some.rounds.tolist() == [1, 3]
+    one = diana.chat_retrieval_data(entries, folder / "clean" / "imgs", task._tokenize, task.backbone.image_size, n_rounds=1)
+    from person_retrieval.models import evaluate_retrieval
+
+    want = evaluate_retrieval(m, one)
+    for k in ("R1", "R10"):
+        assert abs(full.set_index("rounds").loc[1, k] - want[k]) < 1e-6
+        assert abs(some.set_index("rounds").loc[3, k] - full.set_index("rounds").loc[3, k]) < 1e-6
+
+
+def test_ablation_variants_start_from_the_one_stage_1(tiny_world, tmp_path):
+    from safetensors.torch import save_model
+
+    task = diana.DiaNATask(chat_root="unused", scale="tiny")
+    torch.manual_seed(0)
+    ref = diana.DiaNAModel(task.backbone, 16, True)
+    save_model(ref, str(tmp_path / "stage1.safetensors"))
+    same = diana.DiaNAModel(task.backbone, 16, True)
+    assert diana.load_stage1(same, tmp_path / "stage1.safetensors") == []
+    fewer = diana.DiaNAModel(task.backbone, 4, True)
+    assert diana.load_stage1(fewer, tmp_path / "stage1.safetensors") == ["refiner_img.queries", "refiner_txt.queries"]
+    torch.testing.assert_close(fewer.refiner_img.queries, ref.refiner_img.queries[:4])
+    more = diana.DiaNAModel(task.backbone, 32, True)
+    fresh = more.refiner_img.queries[16:].detach().clone()
+    diana.load_stage1(more, tmp_path / "stage1.safetensors")
+    torch.testing.assert_close(more.refiner_img.queries[:16], ref.refiner_img.queries)
+    torch.testing.assert_close(more.refiner_img.queries[16:], fresh)
+    two = diana.DiaNAModel(task.backbone, 16, False)
+    adapted = diana.load_stage1(two, tmp_path / "stage1.safetensors")
+    assert adapted and all(n.startswith("refiner_txt.") for n in adapted)
+    assert two.refiner_txt is not two.refiner_img
+    torch.testing.assert_close(two.refiner_txt.cross.in_proj_weight, ref.refiner_img.cross.in_proj_weight)
+    with pytest.raises(FileNotFoundError, match="stage-1 weights"):
+        diana.load_stage1(two, tmp_path / "missing.safetensors")
+    other = diana.DiaNAModel(task.backbone, 16, True)
+    other.logit_scale = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="'logit_scale' has shape"):
+        diana.load_stage1(other, tmp_path / "stage1.safetensors")

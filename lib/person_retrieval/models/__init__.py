@@ -5,8 +5,8 @@ from .backbone import (
     stretch_text_encoder, weights_dir,
 )
 from .pretrain import pretrained_image_tower, pretrained_mini_clip
-from .retrieval import DualEncoder, encode, evaluate_retrieval, fixed_temperature, split_data
+from .retrieval import DualEncoder, encode, encode_images, evaluate_retrieval, fixed_temperature, split_data
 
 __all__ = ["MINI_CONFIGS", "Backbone", "MiniClipConfig", "build_backbone", "load_real_clip", "mini_clip",
            "stretch_positional_embedding", "stretch_text_encoder", "weights_dir", "pretrained_image_tower", "pretrained_mini_clip",
-           "DualEncoder", "encode", "evaluate_retrieval", "fixed_temperature", "split_data"]
+           "DualEncoder", "encode", "encode_images", "evaluate_retrieval", "fixed_temperature", "split_data"]

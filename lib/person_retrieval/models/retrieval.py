@@ -55,22 +55,32 @@ def fixed_temperature(bb: Backbone) -> Backbone:
 
 
 
+def _cat(parts: list[dict]) -> dict:
+    return {k: torch.cat([p[k].float().cpu() for p in parts]) for k in parts[0]} if parts else {}
+
+
 @torch.no_grad()
-def encode(model: nn.Module, data: RetrievalData, batch: int = 256) -> tuple[dict, dict]:
-    """All gallery image embeddings and all query text embeddings of a split."""
+def encode_images(model: nn.Module, data: RetrievalData, batch: int = 256) -> dict:
+    """All gallery image embeddings of a split (with each image's own text where the split carries one)."""
     model.eval()
     dev = next(model.parameters()).device
-    img, txt = [], []
+    img = []
     for s in range(0, len(data.images), batch):
         x = to_float(data.images[s: s + batch].to(dev))
         if data.image_texts is None:
             img.append(model.embed_images(x))
         else:  # a text per gallery image (CECA's summaries) goes in with it
             img.append(model.embed_images(x, trim_tokens(data.image_texts[s: s + batch]).to(dev)))
-    for s in range(0, len(data.tokens), batch):
-        txt.append(model.embed_texts(trim_tokens(data.tokens[s: s + batch]).to(dev)))
-    cat = lambda parts: {k: torch.cat([p[k].float().cpu() for p in parts]) for k in parts[0]}  # noqa: E731
-    return cat(img), cat(txt)
+    return _cat(img)
+
+
+@torch.no_grad()
+def encode(model: nn.Module, data: RetrievalData, batch: int = 256) -> tuple[dict, dict]:
+    """All gallery image embeddings and all query text embeddings of a split."""
+    img = encode_images(model, data, batch)
+    dev = next(model.parameters()).device
+    txt = [model.embed_texts(trim_tokens(data.tokens[s: s + batch]).to(dev)) for s in range(0, len(data.tokens), batch)]
+    return img, _cat(txt)
 
 
 @torch.no_grad()

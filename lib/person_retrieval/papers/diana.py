@@ -524,8 +524,6 @@ class _DialoguePairs:
         return len(self.pids)
 
     def batch(self, idx: torch.Tensor) -> dict:
-        from ..datasets.torch_data import trim_tokens
-
         n = self.n_rounds[idx]
         k = (torch.rand(len(idx)) * n).long() + 1 if self.random_prefix else n  # 1..n rounds
         ids = self.prefix_tokens[idx, k - 1].long()
@@ -533,7 +531,37 @@ class _DialoguePairs:
         img = self.images[self.image_ids[idx]]
         flip = torch.rand(len(idx)) < 0.5
         img[flip] = img[flip].flip(-1)
-        return {"image": img, "ids": trim_tokens(ids) if ids.min() >= 0 else ids, "pid": self.pids[idx]}
+        return {"image": img, "ids": trim_dialogue(ids), "pid": self.pids[idx]}
+
+
+def load_stage1(model: DiaNAModel, path) -> list[str]:
+    """Load stage-1 weights into ``model``, also where its refiners differ from stage 1's (the ablations
+    fine-tune every variant from the one stage 1): with fewer attribute queries the first K are kept, with
+    more the stage-1 queries come first and the rest keep their fresh N(0, 0.02) start; separate refiners
+    both start from the shared one. Returns the names of the tensors that were adapted, not copied."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"stage-1 weights {p} not found")
+    saved, adapted = load_file(str(p)), []
+    state = model.state_dict()
+    for name, own in state.items():
+        src = saved.get(name)
+        if src is None and name.startswith(("refiner_txt.", "refiner_img.")):  # a shared refiner is stored once
+            other = ("refiner_img." if name.startswith("refiner_txt.") else "refiner_txt.") + name.split(".", 1)[1]
+            src = saved.get(other)
+            adapted += [name] if src is not None and model.refiner_txt is not model.refiner_img else []
+        if src is None:
+            raise KeyError(f"{p}: no tensor {name!r} in the stage-1 weights")
+        if src.shape != own.shape:
+            if not name.endswith(".queries"):
+                raise ValueError(f"{p}: {name!r} has shape {tuple(src.shape)} there, {tuple(own.shape)} in this model")
+            src = torch.cat([src[: len(own)], own[len(src):]])
+            adapted.append(name)
+        state[name] = src
+    model.load_state_dict(state)
+    return sorted(set(adapted))
 
 
 #: Training settings per scale (the paper: pretraining 3 epochs at lr 1e-4, fine-tuning 10 at 1e-5, on
@@ -592,9 +620,7 @@ class DiaNATask:
     def build(self) -> DiaNAModel:
         m = DiaNAModel(self.backbone, self.num_queries, self.shared, self.dialogue_encoder)
         if self.stage1:
-            from ..train import load_weights
-
-            load_weights(m, self.stage1)
+            load_stage1(m, self.stage1)
         return m
 
     def _tokenize(self, texts):
@@ -723,14 +749,46 @@ def fit_diana(chat_root, scale: str = "small", seed: int = 0, gpus: int = 0, ini
 
 
 @torch.no_grad()
-def rounds_curve(model, entries: list[dict], image_root, tokenize, size, max_rounds: int, text=dialogue_text) -> pd.DataFrame:
-    """R1/R5/R10/mAP/mINP with every test dialogue cut to its first N rounds, for N = 1..``max_rounds``."""
-    from ..models.retrieval import evaluate_retrieval
+def trim_dialogue(ids: torch.Tensor) -> torch.Tensor:
+    """Drop a batch's padding columns: the mini CLIP pads with 0 (:func:`trim_tokens`), a transformers
+    tokenizer with -1 (see :class:`LlamaDialogueEncoder`); right padding either way, so this is exact."""
+    from ..datasets.torch_data import trim_tokens
 
+    if ids.numel() and ids.min() < 0:
+        return ids[:, : max(1, int((ids >= 0).sum(1).max()))]
+    return trim_tokens(ids)
+
+
+@torch.no_grad()
+def embed_dialogues(model, ids: torch.Tensor, batch: int = 256) -> dict:
+    """Every dialogue's embeddings (``model.embed_texts``), batched by length: the dialogues are sorted by
+    their token count, so a batch of one-round dialogues is not padded to the longest six-round one, and
+    the result comes back in the input order. About a third faster on the rounds curve than input order."""
+    model.eval()
+    dev = next(model.parameters()).device
+    pad = -1 if ids.numel() and ids.min() < 0 else 0
+    order = torch.argsort((ids != pad).sum(1), stable=True)
+    parts = [model.embed_texts(trim_dialogue(ids[order[s: s + batch]]).to(dev)) for s in range(0, len(ids), batch)]
+    out = {k: torch.empty((len(ids), *parts[0][k].shape[1:]), dtype=torch.float32) for k in parts[0]} if parts else {}
+    for k in out:
+        out[k][order] = torch.cat([p[k].float().cpu() for p in parts])
+    return out
+
+
+def rounds_curve(model, entries: list[dict], image_root, tokenize, size, max_rounds: int, text=dialogue_text,
+                 at: Sequence[int] | None = None) -> pd.DataFrame:
+    """R1/R5/R10/mAP/mINP with every test dialogue cut to its first N rounds, for N in ``at`` (default
+    1..``max_rounds``). The gallery is encoded once; the dialogues once per N."""
+    from ..metrics import retrieval_metrics
+    from ..models.retrieval import encode_images
+
+    data = chat_retrieval_data(entries, image_root, tokenize, size, n_rounds=max_rounds, text=text)
+    img = encode_images(model, data)
+    chats = [rounds_of(c) for e in entries for c in e["chats"]]
     rows = []
-    for n in range(1, max_rounds + 1):
-        data = chat_retrieval_data(entries, image_root, tokenize, size, n_rounds=n, text=text)
-        rows.append({"rounds": n, **evaluate_retrieval(model, data)})
+    for n in at or range(1, max_rounds + 1):
+        txt = embed_dialogues(model, tokenize([text(r[:n]) for r in chats]))
+        rows.append({"rounds": n, **retrieval_metrics(model.similarity(txt, img), data.caption_pids, data.image_pids)})
     return pd.DataFrame(rows)
 
 
