@@ -168,3 +168,27 @@ def test_a_locked_trunk_remembers_its_output_exactly():
     other = build_backbone(None, "tiny").clip.visual.eval().lock()  # other weights: its own entries
     other(x[:1])
     assert len(conv_tower._TRUNK_MEMO) == 6
+
+
+def test_a_shared_prefix_is_read_once_and_gives_the_same_features_and_gradients(tiny):
+    from person_retrieval.models.backbone import common_prefix
+
+    head = "you are a system that finds people from what a witness says about them and their clothes"
+    texts = [f"{head} the man in a red shirt", f"{head} a woman", f"{head} one child with a blue bag and black shoes"]
+    ids = tiny.tokenize(texts)
+    assert common_prefix(ids) == len(tiny.tokenizer.encode(head)) + 1  # the start token and the head's words
+    assert common_prefix(ids[:1]) == ids.shape[1]
+    outs = []
+    for shared in (False, True):
+        tiny.zero_grad()
+        pooled, tokens = tiny.encode_text(ids, shared_prefix=shared)
+        (pooled.square().sum() + tokens.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in tiny.clip.transformer.named_parameters() if p.grad is not None}
+        outs.append((pooled.detach(), tokens.detach(), grads))
+    (p0, t0, g0), (p1, t1, g1) = outs
+    torch.testing.assert_close(p1, p0, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(t1, t0, atol=1e-5, rtol=1e-4)
+    assert g0.keys() == g1.keys() and g0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(tiny.encode_text(ids[1:2], shared_prefix=True)[0], p0[1:2], atol=1e-5, rtol=1e-4)  # one row: plain path

@@ -222,3 +222,17 @@ def test_ablation_variants_start_from_the_one_stage_1(tiny_world, tmp_path):
     other.logit_scale = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="'logit_scale' has shape"):
         diana.load_stage1(other, tmp_path / "stage1.safetensors")
+
+
+def test_masking_never_touches_the_system_message(tiny_world):
+    folder = diana.build_chatpedes("tiny", 0, progress=False)
+    task = diana.DiaNATask(chat_root=str(folder / "clean"), scale="tiny", mask_prob=0.9)
+    n = task._system_tokens
+    sys_ids = task._tokenize([diana.dialogue_text([])])[0]
+    assert n == int((sys_ids != 0).sum()) - 1  # the start token and the system message's words, not the end token
+    data = task.train_data()
+    torch.manual_seed(0)
+    batch = data.batch(torch.arange(8))
+    unmasked = data.prefix_tokens[torch.arange(8), 0].long()
+    assert torch.equal(batch["ids"][:, :n], unmasked[:, :n])
+    assert (batch["ids"][:, n:] != unmasked[:, n: batch["ids"].shape[1]]).any()  # the dialogue itself is masked

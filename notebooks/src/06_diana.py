@@ -121,7 +121,9 @@ quality.pivot(index="judge", columns="category", values=["precision", "recall"])
 # **Input.** The dialogue is written after the supplement's system message, Vicuna-style: "ASSISTANT: q /
 # USER: a" per round; the dialogue encoder's pooled feature is its last token's state, projected (on the mini
 # world the mini CLIP's text tower, whose end-of-text token is exactly that, its positions stretched to 248 as
-# CTGI's PES does; with `llm` a Llama from a local folder).
+# CTGI's PES does; with `llm` a Llama from a local folder). Every dialogue begins with the same system message,
+# and the text tower's attention is causal, so the mini CLIP reads those tokens once per batch and each dialogue
+# attends to them: the same function, about twice as fast.
 #
 # **Adaptive attribute refiners.** $K$ learnable queries $Q \in \mathbb{R}^{K\times D}$ ($\mathcal{N}(0, 0.02)$)
 # read a modality's tokens $X$ through one cross-attention (padding masked), then two pre-LN transformer blocks:
@@ -131,8 +133,9 @@ quality.pivot(index="judge", columns="category", values=["precision", "recall"])
 #
 # **Losses.** $\mathcal{L} = \mathcal{L}_{ITC}(s^{glob}) + \mathcal{L}_{SDM}(s^{glob}) + \mathcal{L}_{ITC}(s^{att}) + \mathcal{L}_{SDM}(s^{att})$,
 # with a learnable scale starting at 50 and capped at 100; SDM is off while pretraining. 15% of the dialogue's
-# tokens are masked (80% a mask symbol, 10% a random token, 10% unchanged), and each training dialogue is cut to
-# a random prefix of 1..n rounds, so the model learns to retrieve from a dialogue at any stage.
+# tokens (not the system message's) are masked (80% a mask symbol, 10% a random token, 10% unchanged), and each
+# training dialogue is cut to a random prefix of 1..n rounds, so the model learns to retrieve from a dialogue at
+# any stage.
 #
 # **Two stages.** First the world's generic captions (the web alt-text the mini CLIP saw; MALS in the paper) as
 # one-round dialogues, an instruction of the supplement's Fig. 1c answered by the caption; then ChatPedes.

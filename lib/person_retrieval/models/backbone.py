@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import cache_dir
 
@@ -104,14 +105,22 @@ class Backbone(nn.Module):
             tokens = tokens @ visual.proj
         return pooled, tokens
 
-    def encode_text(self, ids: torch.Tensor, trim: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text(self, ids: torch.Tensor, trim: bool = True, shared_prefix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``shared_prefix``: the tokens every row of the batch begins with (DiaNA's system message) go
+        through the transformer once, not once per row; the same function (causal attention), computed
+        in a different order, so equal to float rounding. On CPU batches only (it reads ``ids``)."""
         c = self.clip
         if trim and ids.device.type == "cpu":  # drop padding beyond the longest caption (exact: causal mask)
             n = int((ids != 0).sum(1).max())  # (on a GPU this would be a sync: batches come pre-trimmed)
             ids = ids[:, : max(n, 1)]
         L = ids.shape[1]
         x = c.token_embedding(ids) + c.positional_embedding[:L]
-        x = c.transformer(x, attn_mask=c.attn_mask[:L, :L])
+        p = common_prefix(ids) if shared_prefix and ids.device.type == "cpu" and len(ids) > 1 else 0
+        if 8 <= p < L:
+            head, rest = _blocks_with_shared_prefix(c.transformer.resblocks, x[:1, :p], x[:, p:])
+            x = torch.cat([head.expand(len(ids), -1, -1), rest], 1)
+        else:
+            x = c.transformer(x, attn_mask=c.attn_mask[:L, :L])
         x = c.ln_final(x)
         tokens = x @ c.text_projection
         eot = ids.argmax(dim=-1)  # the end-of-text token has the largest id in CLIP's vocabulary
@@ -120,6 +129,36 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor, ids: torch.Tensor):
         return self.encode_image(images)[0], self.encode_text(ids)[0]
+
+
+def common_prefix(ids: torch.Tensor) -> int:
+    """How many leading tokens every row of ``ids`` shares."""
+    same = (ids == ids[:1]).all(0)
+    return int(same.long().cumprod(0).sum())
+
+
+def _blocks_with_shared_prefix(blocks, x_p: torch.Tensor, x_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's residual attention blocks (causal) over rows that all begin with the same ``p`` tokens:
+    ``x_p`` [1, p, D] goes through once; each row's rest ``x_s`` [B, s, D] attends to the prefix's keys
+    and values and, causally, to its own."""
+    B, s, D = x_s.shape
+    p = x_p.shape[1]
+    see = torch.cat([torch.ones(s, p, dtype=torch.bool), torch.ones(s, s, dtype=torch.bool).tril()], 1).to(x_s.device)
+    for blk in blocks:
+        a = blk.attn
+        H = a.num_heads
+        heads = lambda t: t.reshape(t.shape[0], t.shape[1], H, D // H).transpose(1, 2)  # noqa: E731
+        merge = lambda o: o.transpose(1, 2).reshape(o.shape[0], -1, D)  # noqa: E731
+        q_p, k_p, v_p = (heads(t) for t in F.linear(blk.ln_1(x_p), a.in_proj_weight, a.in_proj_bias).chunk(3, -1))
+        q_s, k_s, v_s = (heads(t) for t in F.linear(blk.ln_1(x_s), a.in_proj_weight, a.in_proj_bias).chunk(3, -1))
+        o_p = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True)
+        o_s = F.scaled_dot_product_attention(q_s, torch.cat([k_p.expand(B, -1, -1, -1), k_s], 2),
+                                             torch.cat([v_p.expand(B, -1, -1, -1), v_s], 2), attn_mask=see)
+        x_p = x_p + blk.ls_1(a.out_proj(merge(o_p)))
+        x_s = x_s + blk.ls_1(a.out_proj(merge(o_s)))
+        x_p = x_p + blk.ls_2(blk.mlp(blk.ln_2(x_p)))
+        x_s = x_s + blk.ls_2(blk.mlp(blk.ln_2(x_s)))
+    return x_p, x_s
 
 
 # ---------------------------------------------------------------------------------------------

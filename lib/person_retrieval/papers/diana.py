@@ -442,7 +442,7 @@ class DiaNAModel(nn.Module):
         if self.dialogue_encoder is None:
             from .tpr import word_mask
 
-            pooled, tokens = self.backbone.encode_text(ids)
+            pooled, tokens = self.backbone.encode_text(ids, shared_prefix=True)  # the system message once per batch
             pos = torch.arange(tokens.shape[1], device=ids.device).view(1, -1)
             valid = word_mask(ids, tokens.shape[1]) | (pos == ids[:, : tokens.shape[1]].argmax(-1, keepdim=True))  # words and EOT
         else:
@@ -626,12 +626,23 @@ class DiaNATask:
     def _tokenize(self, texts):
         return (self.backbone.tokenize if self.dialogue_encoder is None else self.dialogue_encoder.tokenize)(texts)
 
-    def _valid(self, ids):
-        if self.dialogue_encoder is not None:
-            return ids >= 0
-        from .tpr import word_mask
+    @cached_property
+    def _system_tokens(self) -> int:
+        """How many leading tokens the system message takes (the same at the head of every dialogue)."""
+        from ..models.backbone import common_prefix
 
-        return word_mask(ids, ids.shape[1])
+        return common_prefix(self._tokenize([prompts.DIANA_SYSTEM + "\nalpha", prompts.DIANA_SYSTEM + "\nomega"]))
+
+    def _maskable(self, ids):
+        """The dialogue's tokens that masking may pick: its words, not padding, not the system message
+        (which every dialogue shares, so the text tower reads it once per batch)."""
+        if self.dialogue_encoder is not None:
+            ok = ids >= 0
+        else:
+            from .tpr import word_mask
+
+            ok = word_mask(ids, ids.shape[1])
+        return ok & (torch.arange(ids.shape[1]) >= self._system_tokens)
 
     def _mask_spec(self):
         if self.dialogue_encoder is None:
@@ -682,7 +693,7 @@ class DiaNATask:
             table[j, k] = t.to(torch.int32)
         mask_id, vocab = self._mask_spec()
         return _DialoguePairs(images, torch.tensor([i for i, _, _ in train]), table, torch.tensor([len(r) for _, r, _ in train]),
-                              torch.tensor([p for _, _, p in train]), self.random_prefix, self.mask_prob, mask_id, vocab, self._valid)
+                              torch.tensor([p for _, _, p in train]), self.random_prefix, self.mask_prob, mask_id, vocab, self._maskable)
 
     @cached_property
     def _val(self):
@@ -715,6 +726,9 @@ class DiaNATask:
         return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
 
 
+#: Bumped when training changes what a cached run would hold (2: the system message is never masked and is read
+#: once per batch).
+DIANA_VERSION = 2
 NEW_LAYERS = ["refiner_img", "refiner_txt", "dialogue_encoder.proj", "dialogue_encoder.token_proj"]
 
 
@@ -725,6 +739,7 @@ def _fit(name: str, task_kw: dict, scale: str, seed: int, gpus: int, stage: str,
     conf = {**DIANA_CONFIG["paper" if task_kw.get("weights") else scale][stage], **overrides}
     conf["lr_mult"] = {n: 5.0 for n in NEW_LAYERS}
     key = {k: (_path_key(v) if k in ("chat_root", "init", "stage1", "image_root") and v else v) for k, v in task_kw.items()}
+    key["version"] = DIANA_VERSION
     out = cache_dir() / "runs" / f"{name}-{scale}-seed{seed}-{config_tag(conf, key)}"
     return fit(TaskSpec("person_retrieval.papers.diana:DiaNATask", task_kw), TrainConfig(**conf, gpus=gpus, seed=seed, out_dir=str(out), progress=progress))
 
@@ -748,7 +763,6 @@ def fit_diana(chat_root, scale: str = "small", seed: int = 0, gpus: int = 0, ini
     return _fit("diana", kw, scale, seed, gpus, "finetune", progress, **overrides)
 
 
-@torch.no_grad()
 def trim_dialogue(ids: torch.Tensor) -> torch.Tensor:
     """Drop a batch's padding columns: the mini CLIP pads with 0 (:func:`trim_tokens`), a transformers
     tokenizer with -1 (see :class:`LlamaDialogueEncoder`); right padding either way, so this is exact."""
@@ -775,6 +789,7 @@ def embed_dialogues(model, ids: torch.Tensor, batch: int = 256) -> dict:
     return out
 
 
+@torch.no_grad()
 def rounds_curve(model, entries: list[dict], image_root, tokenize, size, max_rounds: int, text=dialogue_text,
                  at: Sequence[int] | None = None) -> pd.DataFrame:
     """R1/R5/R10/mAP/mINP with every test dialogue cut to its first N rounds, for N in ``at`` (default
