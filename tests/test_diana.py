@@ -1,6 +1,9 @@
 """DiaNA / ChatPedes (notebook 06): dialogue generation, true categories, the vote, Table 2, the model's
 refiners, masking and the dialogue encoders."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -236,3 +239,17 @@ def test_masking_never_touches_the_system_message(tiny_world):
     unmasked = data.prefix_tokens[torch.arange(8), 0].long()
     assert torch.equal(batch["ids"][:, :n], unmasked[:, :n])
     assert (batch["ids"][:, n:] != unmasked[:, n: batch["ids"].shape[1]]).any()  # the dialogue itself is masked
+
+
+def test_image_links_are_relative_and_mended_after_a_move(tmp_path):
+    (tmp_path / "a" / "world" / "imgs").mkdir(parents=True)
+    (tmp_path / "a" / "world" / "imgs" / "x.jpg").write_bytes(b"jpg")
+    (tmp_path / "a" / "chat").mkdir()
+    diana.link_images(tmp_path / "a" / "world" / "imgs", tmp_path / "a" / "chat" / "imgs")
+    assert not Path(os.readlink(tmp_path / "a" / "chat" / "imgs")).is_absolute()
+    (tmp_path / "a").rename(tmp_path / "b")  # the whole cache moves: a relative link still resolves
+    assert (tmp_path / "b" / "chat" / "imgs" / "x.jpg").read_bytes() == b"jpg"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "b" / "world" / "imgs").rename(tmp_path / "elsewhere" / "imgs")  # only the images move: mended
+    diana.link_images(tmp_path / "elsewhere" / "imgs", tmp_path / "b" / "chat" / "imgs")
+    assert (tmp_path / "b" / "chat" / "imgs" / "x.jpg").read_bytes() == b"jpg"

@@ -268,6 +268,17 @@ def _released(records: list[dict], clean: bool) -> list[dict]:
     return [e for e in by_image.values() if e["chats"]]
 
 
+def link_images(target, link) -> None:
+    """``link`` -> ``target``, relative, so that a cache folder can move (or be copied to another machine)
+    with the images it links to; a link left dangling by an earlier move is made again."""
+    link, target = Path(link), Path(target).resolve()
+    if (link.exists() and not link.is_symlink()) or (link.is_symlink() and link.exists() and link.resolve() == target):
+        return  # a real folder of images, or the right link already
+    if link.is_symlink():
+        link.unlink()
+    link.symlink_to(os.path.relpath(target, link.parent.resolve()), target_is_directory=True)
+
+
 def build_chatpedes(scale: str = "small", seed: int = 0, vlm=None, llm=None, config: ChatPedesConfig = ChatPedesConfig(),
                     progress: bool = True) -> Path:
     """ChatPedes from the world's CUHK-PEDES-style images (train and test), cached by scale, seed, the
@@ -284,13 +295,14 @@ def build_chatpedes(scale: str = "small", seed: int = 0, vlm=None, llm=None, con
     ann = hashlib.sha1((Path(root) / "reid_raw.json").read_bytes()).hexdigest()[:12]
     folder = cache_dir() / "chatpedes" / f"{scale}-seed{seed}-{config_tag(config.tag(), who, ann, seed)}"
     if (folder / "records.json").is_file():
+        for kind in ("raw", "clean"):
+            link_images(Path(root) / "imgs", folder / kind / "imgs")
         return folder
     records = [r for split in ("train", "test") for r in construct_split(root, split, vlm, evaluators, config, seed, progress)]
     for kind, clean in (("raw", False), ("clean", True)):
         d = folder / kind
         d.mkdir(parents=True, exist_ok=True)
-        if not (d / "imgs").exists():
-            os.symlink(Path(root).resolve() / "imgs", d / "imgs")
+        link_images(Path(root) / "imgs", d / "imgs")
         for split, fname in (("train", "train_reid.json"), ("test", "test_reid.json")):
             write_json_atomic(d / fname, _released([r for r in records if r["split"] == split], clean))
     write_json_atomic(folder / "records.json", records)  # last: its presence says the folder is complete
@@ -814,12 +826,12 @@ def tpr_as_chatpedes(dataset: str, root, out, seed: int = 0) -> Path:
     from ..datasets import TPR_FORMATS
 
     out = Path(out)
+    img_dir = Path(root).resolve() / TPR_FORMATS[dataset].image_dir
     if (out / "test_reid.json").is_file():
+        link_images(img_dir, out / "imgs")
         return out
     out.mkdir(parents=True, exist_ok=True)
-    img_dir = Path(root).resolve() / TPR_FORMATS[dataset].image_dir
-    if not (out / "imgs").exists():
-        os.symlink(img_dir, out / "imgs")
+    link_images(img_dir, out / "imgs")
     instr = prompts.DIANA_DESCRIPTION_INSTRUCTIONS
     for split, fname in (("train", "train_reid.json"), ("test", "test_reid.json")):
         s = load_split(dataset, root, split)
