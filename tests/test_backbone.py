@@ -192,3 +192,24 @@ def test_a_shared_prefix_is_read_once_and_gives_the_same_features_and_gradients(
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(tiny.encode_text(ids[1:2], shared_prefix=True)[0], p0[1:2], atol=1e-5, rtol=1e-4)  # one row: plain path
+
+
+def test_a_remembered_trunk_output_does_not_depend_on_what_was_computed_with_it():
+    """The memo computes missing images in fixed-size chunks: an image's stored output is the same bits
+    whether it was missing alone or among many others, at any position (the runs' numbers must not depend
+    on what the process did before)."""
+    from person_retrieval.models import conv_tower
+
+    torch.manual_seed(0)
+    tower = build_backbone(None, "tiny").clip.visual.eval().lock()
+    h, w = tower.image_size
+    x = torch.randn(100, 3, h, w)
+    conv_tower._TRUNK_MEMO.clear()
+    alone = tower._locked_trunk(x[70:71])
+    conv_tower._TRUNK_MEMO.clear()
+    crowd = tower._locked_trunk(torch.cat([x[:70], x[70:71], x[70:71], x[71:]]))  # at position 70 (and 71: a repeat)
+    assert len(conv_tower._TRUNK_MEMO) == 100
+    for a, c in zip(alone, crowd):
+        assert torch.equal(a[0], c[70]) and torch.equal(c[70], c[71])
+    conv_tower._TRUNK_MEMO.clear()
+    torch.testing.assert_close(tower._locked_trunk(x[:5])[0], tower.trunk_features(x[:5])[0])

@@ -19,6 +19,8 @@ import torch.nn as nn
 #: at small, so about 0.7 GB), shared by every run in this process.
 _TRUNK_MEMO: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
 MEMO_LIMIT = 40000
+#: Images the trunk computes at once for the memo (see ``_locked_trunk``).
+MEMO_CHUNK = 64
 
 
 def _block(a: int, b: int, stride: int, k: int = 3) -> list[nn.Module]:
@@ -63,8 +65,9 @@ class ConvTower(nn.Module):
         A locked trunk is a fixed function of its input, so on the CPU its output per image is remembered
         (keyed by the trunk's weights and the image's bytes, shared by every tower locked with the same
         weights): from the second epoch on, and in every later run from the same backbone, fine-tuning
-        pays only for the projections and the text tower. The remembered output is the one computed the
-        first time, so a run gives the same numbers every time it is repeated."""
+        pays only for the projections and the text tower. The remembered output is computed in chunks of
+        ``MEMO_CHUNK`` images whatever the batch, so it is the same bits whatever ran before in the process
+        (a run's numbers do not depend on which other runs were cached)."""
         self.locked = locked
         if locked:
             import hashlib
@@ -97,11 +100,16 @@ class ConvTower(nn.Module):
 
         memo = _TRUNK_MEMO
         keys = [self._fingerprint + hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in x.detach().contiguous()]
-        todo = [i for i, k in enumerate(keys) if k not in memo]
+        todo = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in memo}.values())[::-1]  # first of each missing image
         fresh = {}
-        if todo:
-            z, fmap = self.trunk_features(x[todo])
-            fresh = {keys[i]: (z[j].clone(), fmap[j].clone()) for j, i in enumerate(todo)}
+        for s in range(0, len(todo), MEMO_CHUNK):
+            # Always MEMO_CHUNK rows at once (the last chunk padded with copies): a convolution's last bits
+            # depend on its batch size, so an image's remembered output must not depend on how many other
+            # images happened to be missing with it, or a run's numbers would depend on what ran before.
+            part = todo[s: s + MEMO_CHUNK]
+            rows = x[part + [part[-1]] * (MEMO_CHUNK - len(part))]
+            z, fmap = self.trunk_features(rows)
+            fresh.update({keys[i]: (z[j].clone(), fmap[j].clone()) for j, i in enumerate(part)})
             if len(memo) + len(fresh) <= MEMO_LIMIT:
                 memo.update(fresh)
         out = [fresh.get(k) or memo[k] for k in keys]

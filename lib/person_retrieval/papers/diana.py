@@ -739,8 +739,8 @@ class DiaNATask:
 
 
 #: Bumped when training changes what a cached run would hold (2: the system message is never masked and is read
-#: once per batch).
-DIANA_VERSION = 2
+#: once per batch; 3: the locked trunk's memo computes in fixed-size chunks).
+DIANA_VERSION = 3
 NEW_LAYERS = ["refiner_img", "refiner_txt", "dialogue_encoder.proj", "dialogue_encoder.token_proj"]
 
 
