@@ -116,7 +116,7 @@ class Backbone(nn.Module):
         L = ids.shape[1]
         x = c.token_embedding(ids) + c.positional_embedding[:L]
         p = common_prefix(ids) if shared_prefix and ids.device.type == "cpu" and len(ids) > 1 else 0
-        if 8 <= p < L:
+        if 8 <= p < L:  # a prefix of a few tokens is not worth the second path
             head, rest = _blocks_with_shared_prefix(c.transformer.resblocks, x[:1, :p], x[:, p:])
             x = torch.cat([head.expand(len(ids), -1, -1), rest], 1)
         else:

@@ -100,7 +100,11 @@ class ConvTower(nn.Module):
 
         memo = _TRUNK_MEMO
         keys = [self._fingerprint + hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in x.detach().contiguous()]
-        todo = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in memo}.values())[::-1]  # first of each missing image
+        todo, seen = [], set()  # the first place of each missing image (a repeated image is computed once)
+        for i, k in enumerate(keys):
+            if k not in memo and k not in seen:
+                seen.add(k)
+                todo.append(i)
         fresh = {}
         for s in range(0, len(todo), MEMO_CHUNK):
             # Always MEMO_CHUNK rows at once (the last chunk padded with copies): a convolution's last bits
