@@ -213,3 +213,23 @@ def test_a_remembered_trunk_output_does_not_depend_on_what_was_computed_with_it(
         assert torch.equal(a[0], c[70]) and torch.equal(c[70], c[71])
     conv_tower._TRUNK_MEMO.clear()
     torch.testing.assert_close(tower._locked_trunk(x[:5])[0], tower.trunk_features(x[:5])[0])
+
+
+@pytest.mark.parametrize("shared_head", [True, False])
+def test_every_prefix_of_a_text_from_one_pass_equals_encoding_it_alone(tiny, shared_head):
+    """encode_text_ends: the end-of-text token of each prefix, placed at the prefix's end and seen by nothing
+    else, gives that prefix's features; the text's own tokens are those of any prefix that holds them."""
+    head = "you are a system that finds people from what a witness says about them" if shared_head else ""
+    parts = ["the man wears a red shirt", "and blue jeans", "he carries a black bag", "no hat"]
+    texts = [[f"{head} {' '.join(parts[:n])}" for n in range(1, 5)], [f"{head} {' '.join(parts[1:n])}" for n in range(2, 6)]]
+    cut = [tiny.tokenize(t) for t in texts]  # per row: its four prefixes, each encoded alone
+    whole = torch.stack([c[-1] for c in cut])
+    ends = torch.stack([c.argmax(-1) for c in cut])
+    content = whole.masked_fill(torch.arange(whole.shape[1]) == whole.argmax(-1, keepdim=True), 0)[:, : int(ends.max())]
+    tokens = tiny.encode_text_ends(content, ends)
+    m = content.shape[1]
+    for row in range(2):
+        pooled, toks = tiny.encode_text(cut[row])
+        torch.testing.assert_close(tokens[row, m:], pooled, atol=1e-5, rtol=1e-4)
+        n = int(ends[row, 0])  # the shortest prefix's words
+        torch.testing.assert_close(tokens[row, :n], toks[0, :n], atol=1e-5, rtol=1e-4)

@@ -253,3 +253,30 @@ def test_image_links_are_relative_and_mended_after_a_move(tmp_path):
     (tmp_path / "b" / "world" / "imgs").rename(tmp_path / "elsewhere" / "imgs")  # only the images move: mended
     diana.link_images(tmp_path / "elsewhere" / "imgs", tmp_path / "b" / "chat" / "imgs")
     assert (tmp_path / "b" / "chat" / "imgs" / "x.jpg").read_bytes() == b"jpg"
+
+
+def test_every_round_count_from_one_pass_equals_a_pass_per_cut():
+    """embed_rounds reads each dialogue once and gives, for every N, what the dialogue cut to N rounds gives
+    alone, also for a dialogue longer than the 248 positions (cut by the tokenizer) and for a text format
+    whose cuts are not token prefixes (those dialogues fall back to a pass per cut)."""
+    from person_retrieval.models import build_backbone, stretch_text_encoder
+
+    torch.manual_seed(0)
+    bb = build_backbone(None, "tiny")
+    stretch_text_encoder(bb, keep=20, length=248)
+    m = diana.DiaNAModel(bb, 4).eval()
+    qs = ["what is the person wearing on top?", "any bag?", "what shoes?", "a hat?"]
+    ans = ["a red shirt and blue jeans", "a black backpack", "white sneakers", "no hat"]
+    chats = [[(qs[(i + j) % 4], ans[(i * j) % 4]) for j in range(1 + i % 4)] for i in range(9)]
+    chats.append([(q, "a long coat with many pockets and a scarf and gloves " * 4) for q in qs])  # over 248 tokens
+    ns = [1, 2, 4]
+    content, ends, one_pass = diana.round_prefixes(bb.tokenize, chats, ns)
+    assert one_pass.all() and int(ends[-1, -1]) == 247  # the long one is cut where the tokenizer cuts it
+    glued = lambda r: "".join(a for _, a in r)  # noqa: E731  (no separator: a cut splits a word)
+    assert not diana.round_prefixes(bb.tokenize, chats, ns, glued)[2].all()
+    for text in (diana.dialogue_text, glued):
+        one = diana.embed_rounds(m, bb.tokenize, chats, ns, text, batch=4)
+        for n, e in zip(ns, one):
+            alone = diana.embed_dialogues(m, bb.tokenize([text(r[:n]) for r in chats]))
+            for k in ("global", "refined"):
+                torch.testing.assert_close(e[k], alone[k], atol=1e-5, rtol=1e-4)

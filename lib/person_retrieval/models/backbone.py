@@ -127,6 +127,38 @@ class Backbone(nn.Module):
         pooled = tokens[torch.arange(ids.shape[0]), eot]
         return pooled, tokens
 
+    def encode_text_ends(self, content: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """Several prefixes of every text in one pass (DiaNA's rounds curve: a dialogue cut to N rounds is a
+        prefix of the whole dialogue). ``content`` [B, m]: each text's tokens without its end-of-text token
+        (0-padded); ``ends`` [B, K]: the lengths of K prefixes of each row (1 <= end <= the row's length).
+        Returns tokens [B, m + K, D]: the first m as :meth:`encode_text` gives them for any prefix that
+        holds them (the attention is causal: a token never sees what follows it), then K end-of-text
+        tokens, the k-th placed at position ``ends[:, k]`` and attending to the first ``ends[:, k]`` tokens
+        and itself, exactly the text cut there; no other token attends to them. So prefix k's pooled
+        feature is ``tokens[:, m + k]``, equal to encoding it alone up to float rounding."""
+        c = self.clip
+        B, m = content.shape
+        K = ends.shape[1]
+        dev = content.device
+        eot = torch.full((B, K), self._eot_id, dtype=content.dtype, device=dev)
+        x = torch.cat([c.token_embedding(content) + c.positional_embedding[:m], c.token_embedding(eot) + c.positional_embedding[ends]], 1)
+        col = torch.arange(m, device=dev)
+        see = torch.zeros(B, m + K, m + K, dtype=torch.bool, device=dev)
+        see[:, :m, :m] = torch.ones(m, m, dtype=torch.bool, device=dev).tril()
+        see[:, m:, :m] = col.view(1, 1, m) < ends.unsqueeze(-1)  # end k sees the first ends[:, k] tokens
+        see[:, m:, m:] = torch.eye(K, dtype=torch.bool, device=dev)  # and itself
+        p = min(common_prefix(content) if B > 1 else 0, int(ends.min()))  # every row and every end sees the shared head
+        if p >= 8:
+            head, rest = _blocks_with_shared_prefix(c.transformer.resblocks, x[:1, :p], x[:, p:], see[:, p:, p:])
+            x = torch.cat([head.expand(B, -1, -1), rest], 1)
+        else:
+            x = _blocks_with_shared_prefix(c.transformer.resblocks, None, x, see)[1]
+        return c.ln_final(x) @ c.text_projection
+
+    @property
+    def _eot_id(self) -> int:
+        return int(self.tokenize([""])[0].max())  # CLIP's end-of-text token: the largest id of its vocabulary
+
     def forward(self, images: torch.Tensor, ids: torch.Tensor):
         return self.encode_image(images)[0], self.encode_text(ids)[0]
 
@@ -137,26 +169,34 @@ def common_prefix(ids: torch.Tensor) -> int:
     return int(same.long().cumprod(0).sum())
 
 
-def _blocks_with_shared_prefix(blocks, x_p: torch.Tensor, x_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CLIP's residual attention blocks (causal) over rows that all begin with the same ``p`` tokens:
-    ``x_p`` [1, p, D] goes through once; each row's rest ``x_s`` [B, s, D] attends to the prefix's keys
-    and values and, causally, to its own."""
+def _blocks_with_shared_prefix(blocks, x_p: torch.Tensor | None, x_s: torch.Tensor,
+                               see: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """CLIP's residual attention blocks over rows that all begin with the same ``p`` tokens: ``x_p``
+    [1, p, D] goes through once (causally; None: no shared prefix); each row's rest ``x_s`` [B, s, D] attends
+    to all of the prefix's keys and values and to its own as ``see`` allows ([s, s] or, per row, [B, s, s];
+    True: may attend; default causal)."""
     B, s, D = x_s.shape
-    p = x_p.shape[1]
-    see = torch.cat([torch.ones(s, p, dtype=torch.bool), torch.ones(s, s, dtype=torch.bool).tril()], 1).to(x_s.device)
+    p = 0 if x_p is None else x_p.shape[1]
+    if see is None:
+        see = torch.ones(s, s, dtype=torch.bool, device=x_s.device).tril()
+    if p:
+        see = torch.cat([torch.ones((*see.shape[:-1], p), dtype=torch.bool, device=see.device), see], -1)
+    if see.dim() == 3:
+        see = see.unsqueeze(1)  # one mask per row, the same for every head
     for blk in blocks:
         a = blk.attn
         H = a.num_heads
         heads = lambda t: t.reshape(t.shape[0], t.shape[1], H, D // H).transpose(1, 2)  # noqa: E731
         merge = lambda o: o.transpose(1, 2).reshape(o.shape[0], -1, D)  # noqa: E731
-        q_p, k_p, v_p = (heads(t) for t in F.linear(blk.ln_1(x_p), a.in_proj_weight, a.in_proj_bias).chunk(3, -1))
         q_s, k_s, v_s = (heads(t) for t in F.linear(blk.ln_1(x_s), a.in_proj_weight, a.in_proj_bias).chunk(3, -1))
-        o_p = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True)
-        o_s = F.scaled_dot_product_attention(q_s, torch.cat([k_p.expand(B, -1, -1, -1), k_s], 2),
-                                             torch.cat([v_p.expand(B, -1, -1, -1), v_s], 2), attn_mask=see)
-        x_p = x_p + blk.ls_1(a.out_proj(merge(o_p)))
+        if p:
+            q_p, k_p, v_p = (heads(t) for t in F.linear(blk.ln_1(x_p), a.in_proj_weight, a.in_proj_bias).chunk(3, -1))
+            o_p = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True)
+            k_s, v_s = torch.cat([k_p.expand(B, -1, -1, -1), k_s], 2), torch.cat([v_p.expand(B, -1, -1, -1), v_s], 2)
+            x_p = x_p + blk.ls_1(a.out_proj(merge(o_p)))
+            x_p = x_p + blk.ls_2(blk.mlp(blk.ln_2(x_p)))
+        o_s = F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=see)
         x_s = x_s + blk.ls_1(a.out_proj(merge(o_s)))
-        x_p = x_p + blk.ls_2(blk.mlp(blk.ln_2(x_p)))
         x_s = x_s + blk.ls_2(blk.mlp(blk.ln_2(x_s)))
     return x_p, x_s
 

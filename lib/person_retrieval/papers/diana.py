@@ -461,6 +461,24 @@ class DiaNAModel(nn.Module):
             pooled, tokens, valid = self.dialogue_encoder(ids)
         return {"global": pooled, "refined": self.refiner_txt(tokens, valid)}
 
+    def embed_prefixes(self, content: torch.Tensor, ends: torch.Tensor) -> list[dict]:
+        """The embeddings of K prefixes of every dialogue from one pass of the mini CLIP's text tower
+        (:meth:`Backbone.encode_text_ends`; ``content`` [B, m] the whole dialogue's tokens without its
+        end-of-text token, ``ends`` [B, K] the prefixes' lengths): one dict per prefix, as
+        :meth:`embed_texts` gives for the dialogue cut there. The refiner reads the same tokens: the
+        prefix's words and its own end-of-text token."""
+        if self.dialogue_encoder is not None:
+            raise NotImplementedError("embed_prefixes reads the mini CLIP's text tower; a causal LM encodes each prefix on its own")
+        tokens = self.backbone.encode_text_ends(content, ends)
+        B, m = content.shape
+        pos = torch.arange(m, device=content.device).view(1, -1)
+        out = []
+        for k in range(ends.shape[1]):
+            words = (pos > 0) & (pos < ends[:, k: k + 1])
+            own_end = F.one_hot(torch.full((B,), k, device=content.device), ends.shape[1]).bool()
+            out.append({"global": tokens[:, m + k], "refined": self.refiner_txt(tokens, torch.cat([words, own_end], 1))})
+        return out
+
     @staticmethod
     def refined_scores(txt_ref: torch.Tensor, img_ref: torch.Tensor) -> torch.Tensor:
         """[Q, G]: the cosine of attribute query k of a text and of an image, averaged over k."""
@@ -577,10 +595,12 @@ def load_stage1(model: DiaNAModel, path) -> list[str]:
 
 
 #: Training settings per scale (the paper: pretraining 3 epochs at lr 1e-4, fine-tuning 10 at 1e-5, on
-#: Swin and Llama; the mini model learns at the baselines' rates, notebook 01).
+#: Swin and Llama; the mini model learns at the baselines' rates, notebook 01). Fine-tuning at small: 2
+#: epochs, chosen for notebook 06's time budget (14 fine-tuning runs) on validation, where 3 epochs were
+#: level with 2 (R1 27.4 against 26.4, mAP 30.5 against 31.1; seed 0, 2026-12-02).
 DIANA_CONFIG = {
     "tiny": {"pretrain": dict(epochs=1, batch_size=16, lr=5e-4, warmup_epochs=0.3), "finetune": dict(epochs=1, batch_size=16, lr=5e-4, warmup_epochs=0.3)},
-    "small": {"pretrain": dict(epochs=2, batch_size=64, lr=5e-4, warmup_epochs=0.3), "finetune": dict(epochs=3, batch_size=64, lr=5e-4, warmup_epochs=0.3)},
+    "small": {"pretrain": dict(epochs=2, batch_size=64, lr=5e-4, warmup_epochs=0.3), "finetune": dict(epochs=2, batch_size=64, lr=5e-4, warmup_epochs=0.3)},
     "paper": {"pretrain": dict(epochs=3, batch_size=64, lr=1e-4, warmup_epochs=0.1), "finetune": dict(epochs=10, batch_size=32, lr=1e-5, warmup_epochs=0.1)},
 }
 #: Identities of the pretraining corpus (the world's generic captions as one-round dialogues; MALS in the paper).
@@ -739,8 +759,9 @@ class DiaNATask:
 
 
 #: Bumped when training changes what a cached run would hold (2: the system message is never masked and is read
-#: once per batch; 3: the locked trunk's memo computes in fixed-size chunks).
-DIANA_VERSION = 3
+#: once per batch; 3: the locked trunk's memo computes in fixed-size chunks; 4: the shared-prefix pass shares its
+#: code with the one-pass rounds curve).
+DIANA_VERSION = 4
 NEW_LAYERS = ["refiner_img", "refiner_txt", "dialogue_encoder.proj", "dialogue_encoder.token_proj"]
 
 
@@ -801,22 +822,73 @@ def embed_dialogues(model, ids: torch.Tensor, batch: int = 256) -> dict:
     return out
 
 
+def round_prefixes(tokenize, chats: Sequence[Sequence[tuple[str, str]]], ns: Sequence[int], text=dialogue_text):
+    """For :meth:`DiaNAModel.embed_prefixes`: each dialogue's whole tokens without end-of-text (``content``
+    [D, m], 0-padded), and ``ends`` [D, len(ns)], where its text cut to ``n`` rounds ends. ``one_pass`` [D]
+    says where every cut's tokens really are a prefix of the whole dialogue's (CLIP's tokenizer reads word
+    by word, so they are unless a word straddles a cut); where not, that dialogue must be encoded per cut."""
+    whole = tokenize([text(r[: max(ns)]) for r in chats])
+    ends_whole = whole.argmax(-1)  # CLIP's end-of-text: the largest id
+    content = whole.clone()
+    content[torch.arange(len(whole)), ends_whole] = 0
+    ends = torch.zeros((len(chats), len(ns)), dtype=torch.long)
+    one_pass = torch.ones(len(chats), dtype=torch.bool)
+    pos = torch.arange(whole.shape[1]).view(1, -1)
+    for k, n in enumerate(ns):
+        cut = tokenize([text(r[:n]) for r in chats])
+        ends[:, k] = cut.argmax(-1)
+        before = pos < ends[:, k: k + 1]
+        one_pass &= ((cut == content) | ~before).all(1)
+    return content[:, : max(1, int(ends_whole.max()))], ends, one_pass
+
+
+@torch.no_grad()
+def embed_rounds(model, tokenize, chats: Sequence[Sequence[tuple[str, str]]], ns: Sequence[int], text=dialogue_text,
+                 batch: int = 256) -> list[dict]:
+    """The embeddings of every dialogue cut to its first ``n`` rounds, for each ``n`` in ``ns`` (one dict per
+    ``n``, in the dialogues' order). A DiaNA model on the mini CLIP reads each dialogue once
+    (:meth:`DiaNAModel.embed_prefixes`: a cut dialogue is a prefix of the whole; about four times faster than
+    a pass per cut, equal to float rounding); any other model (a causal LM, a TPR baseline reading
+    ``text``) encodes each cut on its own (:func:`embed_dialogues`)."""
+    if not isinstance(model, DiaNAModel) or model.dialogue_encoder is not None:
+        return [embed_dialogues(model, tokenize([text(r[:n]) for r in chats]), batch) for n in ns]
+    model.eval()
+    dev = next(model.parameters()).device
+    content, ends, one_pass = round_prefixes(tokenize, chats, ns, text)
+    order = torch.argsort((content != 0).sum(1), stable=True)
+    parts = []
+    for s in range(0, len(chats), batch):
+        idx = order[s: s + batch]
+        c = content[idx, : int((content[idx] != 0).sum(1).max())]  # this batch's padding dropped
+        parts.append([{k: v.float().cpu() for k, v in e.items()} for e in model.embed_prefixes(c.to(dev), ends[idx].to(dev))])
+    out = []
+    for k, n in enumerate(ns):
+        e = {key: torch.empty((len(chats), *parts[0][k][key].shape[1:])) for key in parts[0][k]}
+        for key in e:
+            e[key][order] = torch.cat([p[k][key] for p in parts])
+        alone = torch.nonzero(~one_pass).flatten()
+        if len(alone):  # a word straddles a cut: these dialogues as :func:`embed_dialogues` reads them
+            sub = embed_dialogues(model, tokenize([text(chats[i][:n]) for i in alone.tolist()]), batch)
+            for key in e:
+                e[key][alone] = sub[key]
+        out.append(e)
+    return out
+
+
 @torch.no_grad()
 def rounds_curve(model, entries: list[dict], image_root, tokenize, size, max_rounds: int, text=dialogue_text,
                  at: Sequence[int] | None = None) -> pd.DataFrame:
     """R1/R5/R10/mAP/mINP with every test dialogue cut to its first N rounds, for N in ``at`` (default
-    1..``max_rounds``). The gallery is encoded once; the dialogues once per N."""
+    1..``max_rounds``). The gallery is encoded once; the dialogues once in all (:func:`embed_rounds`)."""
     from ..metrics import retrieval_metrics
     from ..models.retrieval import encode_images
 
     data = chat_retrieval_data(entries, image_root, tokenize, size, n_rounds=max_rounds, text=text)
     img = encode_images(model, data)
     chats = [rounds_of(c) for e in entries for c in e["chats"]]
-    rows = []
-    for n in at or range(1, max_rounds + 1):
-        txt = embed_dialogues(model, tokenize([text(r[:n]) for r in chats]))
-        rows.append({"rounds": n, **retrieval_metrics(model.similarity(txt, img), data.caption_pids, data.image_pids)})
-    return pd.DataFrame(rows)
+    ns = list(at or range(1, max_rounds + 1))
+    return pd.DataFrame([{"rounds": n, **retrieval_metrics(model.similarity(txt, img), data.caption_pids, data.image_pids)}
+                         for n, txt in zip(ns, embed_rounds(model, tokenize, chats, ns, text))])
 
 
 def tpr_as_chatpedes(dataset: str, root, out, seed: int = 0) -> Path:
