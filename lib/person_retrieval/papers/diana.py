@@ -69,6 +69,20 @@ def _question(group: str, rng: np.random.Generator) -> str:
     return t.format(pron="the person", pos="their", obj="them")
 
 
+def next_question(policy: str, said: set, asked: set, rng: np.random.Generator) -> str:
+    """A questioner's next question: ``policy`` "fresh" asks about an attribute group the dialogue has not
+    covered (``said``: groups the answers mentioned; ``asked``: groups asked about, updated here), then
+    about one not asked yet; "any" about any group."""
+    if policy == "fresh":
+        fresh = [g for g in ASKABLE if g not in said | asked]
+        pool = fresh or [g for g in ASKABLE if g not in asked] or ASKABLE
+    else:
+        pool = ASKABLE
+    g = pool[int(rng.integers(len(pool)))]
+    asked.add(g)
+    return _question(g, rng)
+
+
 def generate_dialogues(images, keys: Sequence[str], gen: DialogueGenerator, vlm: MiniVLM, rounds: int = 6, seed: int = 0):
     """One dialogue of ``rounds`` rounds per image, from ``gen``: an opening request answered by the MLLM's
     description, then questions chosen by ``gen.policy`` and answered by ``vlm`` from the image, with
@@ -85,14 +99,7 @@ def generate_dialogues(images, keys: Sequence[str], gen: DialogueGenerator, vlm:
     for _ in range(rounds - 1):
         qs = []
         for i, rng in enumerate(rngs):
-            if gen.policy == "fresh":
-                fresh = [g for g in ASKABLE if g not in said[i] | asked[i]]
-                pool = fresh or [g for g in ASKABLE if g not in asked[i]] or ASKABLE
-            else:
-                pool = ASKABLE
-            g = pool[int(rng.integers(len(pool)))]
-            asked[i].add(g)
-            qs.append(_question(g, rng))
+            qs.append(next_question(gen.policy, said[i], asked[i], rng))
         answers = vlm.answer(images, qs)
         for i, (q, a) in enumerate(zip(qs, answers)):
             dialogues[i].append((q, a))
