@@ -99,7 +99,6 @@ def test_the_chat_demo_reranks_by_the_whole_dialogue_after_every_answer(tiny_wor
     from person_retrieval import assistants
     from person_retrieval.datasets import read_chatpedes
     from person_retrieval.papers import diana
-    from person_retrieval.widgets import ChatRetrievalDemo
 
     folder = diana.build_chatpedes("tiny", 0, progress=False) / "clean"
     task = diana.DiaNATask(chat_root=str(folder), scale="tiny")
@@ -107,7 +106,7 @@ def test_the_chat_demo_reranks_by_the_whole_dialogue_after_every_answer(tiny_wor
     model = task.build()
     entries = read_chatpedes(folder, "test")
     vlm, _ = assistants.load("tiny", 0)
-    demo = ChatRetrievalDemo(model, entries, folder / "imgs", task._tokenize, task.backbone.image_size, vlm=vlm, k=5, start=2)
+    demo = diana.chat_demo(model, entries, folder / "imgs", task._tokenize, task.backbone.image_size, vlm=vlm, k=5, start=2)
     first_answer = diana.rounds_of(entries[2]["chats"][0])[0][1]
     assert demo.target_pid == entries[2]["id"] and len(demo.ranks) == 1 and first_answer in demo.transcript.value
     q1 = demo.question.value

@@ -9,7 +9,8 @@ similarity such as RDE's two embeddings or DiaNA's refined one).
 * :class:`TextRetrievalDemo`: a caption (a test caption, editable), a dataset and a model; the top-10 with
   the true person outlined, whether the query's Rank-1 is right, and what the query says by the world's
   grammar, checked against the top-1 person and the true one.
-* :class:`ChatRetrievalDemo`: chat-based retrieval (DiaNA). A test dialogue's first round starts it; the
+* :class:`ChatRetrievalDemo`: chat-based retrieval (DiaNA, built by ``papers.diana.chat_demo``: shared code
+  imports no paper). A test dialogue's first round starts it; the
   questioner asks about what has not been said, the user answers (or the MLLM answers from the target
   image), and every round re-ranks the gallery; a plot follows the target's rank over the rounds.
 """
@@ -54,7 +55,7 @@ class Gallery:
 
     @torch.no_grad()
     def search(self, text: str, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` best gallery images for ``text``: (indices, scores), best first; ties by index."""
+        """The ``k`` best gallery images for ``text``: (indices, scores), best first."""
         txt = self.embed(text)
         k = min(k, len(self.data.images))
         if self.index is not None:
@@ -122,8 +123,8 @@ class TextResult:
 class TextRetrievalDemo:
     """Type a description, see who the model retrieves. ``datasets``: name -> test :class:`RetrievalData`;
     ``models``: name -> model (zero-shot, IRRA, RDE, CECA, any with ``embed_images``/``embed_texts``/
-    ``similarity``), or name -> {dataset: model} for models fine-tuned per style; ``people``: name -> the true person record of every gallery image (the world's; None on
-    real data), for the claims table. The query box starts with test caption ``caption``; editing it keeps
+    ``similarity``), or name -> {dataset: model} for models fine-tuned per style; ``people``: name -> the
+    true person record of every gallery image (the world's; None on real data), for the claims table. The query box starts with test caption ``caption``; editing it keeps
     that caption's person as the one to find."""
 
     def __init__(self, datasets: dict[str, RetrievalData], models: dict[str, object], people: dict[str, list[dict]] | None = None,
@@ -222,21 +223,21 @@ class ChatResult:
 
 
 class ChatRetrievalDemo:
-    """Find a person by talking (DiaNA, notebook 06). ``model``: a DiaNA model; ``entries``: ChatPedes test
-    entries (release format) and ``image_root`` their images; ``vlm``: the MLLM that can answer from the
-    target image (None: the user always types). The dialogue starts from the first round of test entry
-    ``start``'s first dialogue (a request, answered by a description); then the questioner (generator A's
-    policy: what has not been said) asks, and each answer re-ranks the gallery by the whole dialogue."""
+    """Find a person by talking (chat-based retrieval; :func:`person_retrieval.papers.diana.chat_demo` builds
+    it for DiaNA on ChatPedes). ``data``: the gallery (one image per person to find); ``first_rounds[i]``:
+    the (request, description) round a dialogue about image ``i`` starts from; ``text``: a dialogue's rounds as
+    the model reads them; ``ask(said, asked, rng)``: the questioner's next question (``said``, ``asked``: the
+    attribute groups covered so far; it adds what it asks to ``asked``); ``vlm``: the MLLM that can answer
+    from the target image (None: the user always types). Each answer re-ranks the gallery by the whole
+    dialogue."""
 
-    def __init__(self, model, entries: list[dict], image_root, tokenize, size, vlm=None, k: int = 5, start: int = 0, seed: int = 0):
+    def __init__(self, model, data: RetrievalData, first_rounds: list[tuple[str, str]], tokenize, text, ask, vlm=None, k: int = 5,
+                 start: int = 0, seed: int = 0):
         import ipywidgets as W
 
-        from .papers import diana
-
-        self.entries, self.vlm, self.k, self.seed = entries, vlm, k, seed
-        data = diana.chat_retrieval_data(entries, image_root, tokenize, size, n_rounds=1)
+        self.first_rounds, self.text, self.ask_fn, self.vlm, self.k, self.seed = first_rounds, text, ask, vlm, k, seed
         self.gallery = Gallery(model, data, tokenize)
-        self.entry = W.BoundedIntText(value=start, min=0, max=len(entries) - 1, description="person #")
+        self.entry = W.BoundedIntText(value=start, min=0, max=len(first_rounds) - 1, description="person #")
         self.question = W.Text(description="system", disabled=True, layout=W.Layout(width="95%"))
         self.answer_box = W.Text(placeholder="your answer (or your own line), then Send", description="you", layout=W.Layout(width="95%"))
         self.send = W.Button(description="Send", button_style="primary")
@@ -251,27 +252,22 @@ class ChatRetrievalDemo:
         self.restart(start)
 
     def restart(self, i: int) -> ChatResult:
-        """Begin again with test entry ``i``: its first round, the ranking, the questioner's first question."""
-        from .papers import diana
-
-        e = self.entries[i]
-        self.target_pid, self.target_image = int(e["id"]), i
-        self.rounds = [diana.rounds_of(e["chats"][0])[0]]
-        self.ranks: list[int] = []
-        self.said = set()
-        self.asked: set = set()
+        """Begin again with gallery image ``i``'s person: the first round, the ranking, the first question."""
         from .assistants import grammar
         from .assistants.mini import item_rng
 
-        self.rng = item_rng(self.seed, "chat-demo", e["file_path"])
-        self.said |= grammar.claimed_groups(grammar.parse_claims(self.rounds[0][1]))
+        data = self.gallery.data
+        self.target_pid, self.target_image = int(data.image_pids[i]), i
+        self.rounds = [tuple(self.first_rounds[i])]
+        self.ranks: list[int] = []
+        self.said = grammar.claimed_groups(grammar.parse_claims(self.rounds[0][1]))
+        self.asked: set = set()
+        self.rng = item_rng(self.seed, "chat-demo", data.image_paths[i] if data.image_paths else i)
         return self._rerank()
 
     def ask(self) -> str:
         """The questioner's next question (also shown in its box)."""
-        from .papers import diana
-
-        self.question.value = diana.next_question("fresh", self.said, self.asked, self.rng)
+        self.question.value = self.ask_fn(self.said, self.asked, self.rng)
         return self.question.value
 
     def answer(self, text: str | None = None) -> ChatResult:
@@ -294,9 +290,7 @@ class ChatRetrievalDemo:
         return self._rerank()
 
     def dialogue(self) -> str:
-        from .papers import diana
-
-        return diana.dialogue_text(self.rounds)
+        return self.text(self.rounds)
 
     def _rerank(self) -> ChatResult:
         import matplotlib.pyplot as plt
