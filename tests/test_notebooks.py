@@ -78,6 +78,7 @@ BAD = {
     "05_ceca": ({"omega": 1.5}, "parameter 'omega'"),
     "06_diana": ({"num_queries": 0}, "parameter 'num_queries'"),
     "07_ctgi": ({"ablation_methods": '["irra", "clip"]'}, "parameter 'ablation_methods'"),
+    "08_demos": ({"top_k": 0}, "parameter 'top_k'"),
 }
 
 

@@ -8,8 +8,9 @@ import torch.nn as nn
 from person_retrieval.analysis import COMPARED, world_people
 from person_retrieval.assistants.grammar import parse_claims, render_claims
 from person_retrieval.datasets.torch_data import to_float
-from person_retrieval.models import DualEncoder, build_backbone, split_data
-from person_retrieval.widgets import Gallery, TextRetrievalDemo
+from person_retrieval.models import DualEncoder, build_backbone, pretrained_mini_clip, split_data
+from person_retrieval.papers import ctgi
+from person_retrieval.widgets import ComposedRetrievalDemo, Gallery, GenerationDemo, TextRetrievalDemo, rank_of_first
 
 pytest.importorskip("ipywidgets")
 
@@ -82,6 +83,8 @@ def test_the_text_demo_answers_through_its_widgets(cuhk, tiny_world):
     assert demo.results.value.count('class="pr-hit"') == 5 and len(res.ranked) == 5
     assert ("#2ca02c" in demo.results.value) == (res.target_pid in res.ranked_pids.tolist())  # the person to find, outlined
     assert "the query says" in demo.claims.value and ("right" in demo.status.value) == res.r1
+    snap = demo.snapshot().data  # the static copy papermill keeps: every output the widgets show now
+    assert demo.results.value in snap and demo.claims.value in snap and demo.status.value in snap
     demo.caption.value = 4  # the widget's own observer searches again
     assert demo.last.text == data.captions[4]
     edited = demo.search(render_claims({"upper_color": str(people[0]["upper_color"])}))
@@ -123,3 +126,96 @@ def test_the_chat_demo_reranks_by_the_whole_dialogue_after_every_answer(tiny_wor
         demo.answer("  ")
     demo.entry.value = 0  # another person: the dialogue starts again
     assert len(demo.rounds) == 1 and demo.target_pid == entries[0]["id"] and len(demo.ranks) == 1
+
+    # CTGI's MTI as a second re-ranking: a refiner that changes nothing leaves the ranks as they are ...
+    same = diana.chat_demo(model, entries, folder / "imgs", task._tokenize, task.backbone.image_size, vlm=vlm, start=2,
+                           refine=lambda text, scores, gallery: (scores, None))
+    same.answer("they wear a red hat")
+    assert same.refined_ranks == same.ranks == demo_ranks_for(diana, model, entries, folder, task, same.rounds, same.target_pid)
+    assert "no refinement this round" in same.refined_results.value
+    # ... and the real one re-ranks as mti_rerank does, its refined query shown
+    _, lm = assistants.load("tiny", 0)
+    mti = diana.chat_demo(model, entries, folder / "imgs", task._tokenize, task.backbone.image_size, vlm=vlm, start=2,
+                          refine=ctgi.mti_refiner(vlm, lm, top_k=5))
+    res = mti.answer(None)
+    g = mti.gallery
+    direct = ctgi.mti_rerank(mti.dialogue(), g.scores(mti.dialogue()), g.data.images.permute(0, 2, 3, 1).numpy(), vlm, lm, g.scores, top_k=5)
+    assert res.refined == direct.refined and len(res.refined_ranks) == len(res.ranks) == 2
+    assert res.refined_ranks[-1] == rank_of_first(g.data.image_pids.numpy()[torch.argsort(-direct.scores, stable=True).numpy()], mti.target_pid)
+    assert "+ MTI" in mti.refined_results.value or "multi-turn interaction" in mti.refined_results.value
+
+
+def demo_ranks_for(diana, model, entries, folder, task, rounds, pid):
+    """The target's rank after each round, computed without the demo: the whole dialogue so far, ranked."""
+    g = Gallery(model, diana.chat_retrieval_data(entries, folder / "imgs", task._tokenize, task.backbone.image_size, n_rounds=1), task._tokenize)
+    return [g.rank_of(diana.dialogue_text(rounds[: n + 1]), pid) for n in range(len(rounds))]
+
+
+def test_the_composed_demo_steps_through_queries_and_ranks_with_each_method():
+    torch.manual_seed(0)
+    refs, gal = torch.randint(0, 255, (4, 3, 8, 4), dtype=torch.uint8), torch.randint(0, 255, (6, 3, 8, 4), dtype=torch.uint8)
+    gal_ids = [10, 11, 12, 13, 11, -1]
+
+    def names_an_id(i, text):  # a text oracle: the gallery items whose id the text names
+        return torch.tensor([float(f"id {t}" in text) for t in gal_ids]) - 0.01 * torch.arange(6)
+
+    demo = ComposedRetrievalDemo(refs, ["the same, id 13", "id 11", "id 12", "red"], [13, 11, 12, 10], gal, gal_ids,
+                                 {"oracle": names_an_id, "image only": lambda i, text: torch.arange(6.0) * (1 if i % 2 else -1)}, k=3)
+    assert demo.last.query == 0 and demo.last.target_rank == {"oracle": 1, "image only": 4}
+    assert demo.results.value.count('class="pr-hit"') == 6 and "reference of query 0" in demo.reference.value
+    demo.next.click()
+    assert demo.last.query == 1 and demo.text.value == "id 11" and demo.last.ranked_ids["oracle"].tolist() == [11, 11, 10]
+    assert demo.last.target_rank["image only"] == 2  # its order 5, 4, 3, ...: ids -1, 11, ...
+    demo.step(10)  # clipped at the last query
+    assert demo.last.query == 3 and demo.last.target_rank["oracle"] == 1  # 'red' names no id: ties keep index order
+    named = demo.search("a red coat, id 12")
+    not_named = demo.search("a red coat")
+    assert named.target == 10 and named.target_rank["oracle"] == 2 and not_named.target_rank["oracle"] == 1
+    demo.query_no.value = 2
+    assert demo.last.text == "id 12" and demo.last.target_rank["oracle"] == 1
+    demo.pick_random()
+    assert 0 <= demo.last.query < 4
+    with pytest.raises(ValueError, match="one each per query"):
+        ComposedRetrievalDemo(refs, ["a"], [1], gal, gal_ids, {"oracle": names_an_id})
+
+
+def test_the_composed_demo_scores_fafa_as_the_benchmark_does(tiny_world):
+    from person_retrieval.datasets import read_itcpr
+    from person_retrieval.papers import fafa
+
+    init = str(pretrained_mini_clip("tiny", 0, progress=False))
+    bench = read_itcpr(tiny_world["itcpr"])
+    model = fafa.FAFATask(str(tiny_world["syncpr"]), scale="tiny", init=init).build()
+    torch.manual_seed(0)
+    tpr_model = DualEncoder(build_backbone(None, "tiny"))
+    demo = fafa.composed_demo(model, bench, "tiny", init, tpr_model, k=5, start=1)
+    sim = fafa.itcpr_similarity(model, bench, "tiny", init)
+    base = fafa.baseline_similarities(fafa.mini_backbone("tiny", init), tpr_model, bench)
+    g_ids = torch.tensor([g["instance_id"] for g in bench.gallery])
+    for i in (1, 2):
+        res = demo.pick(i)
+        for name, s in (("FAFA", sim[i]), ("image only", base["image only"][i]), ("text only", base["text only"][i])):
+            order = torch.argsort(-s, stable=True)
+            assert res.ranked_ids[name].tolist() == g_ids[order[:5]].tolist(), name
+            assert res.target_rank[name] == rank_of_first(g_ids[order].numpy(), res.target)
+
+
+def test_the_generation_demo_samples_as_the_generator_does():
+    from person_retrieval.generators.mini import mini_generators
+
+    gen, _ = mini_generators("tiny", seed=0, progress=False)
+    demo = GenerationDemo(lambda prompts, size, beta, seed: gen.spg(prompts, size, seed=seed, beta=beta),
+                          {"no size": None, "large (64x128)": (64, 128)}, prompt="a woman in a red coat", n=3)
+    a = demo.run()
+    assert a.shape[0] == 3 and a.dtype == torch.uint8 and demo.grid.value.count('class="pr-hit"') == 3
+    assert torch.equal(a, gen.spg(["a woman in a red coat"] * 3, None, seed=0, beta=1.0))
+    demo.button.click()
+    assert torch.equal(demo.last, a)  # same settings, same seed: the same images
+    b = demo.run(beta=0.0)
+    assert not torch.equal(a, b) and "beta=0.00" in demo.grid.value
+    c = demo.run(size="large (64x128)", beta=1.0)
+    assert torch.equal(c, gen.spg(["a woman in a red coat"] * 3, (64, 128), seed=0, beta=1.0)) and "large" in demo.grid.value
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        demo.run(prompt=" ")
+    with pytest.raises(ValueError, match="unknown size 'huge'"):
+        demo.run(size="huge")

@@ -12,7 +12,11 @@ similarity such as RDE's two embeddings or DiaNA's refined one).
 * :class:`ChatRetrievalDemo`: chat-based retrieval (DiaNA, built by ``papers.diana.chat_demo``: shared code
   imports no paper). A test dialogue's first round starts it; the
   questioner asks about what has not been said, the user answers (or the MLLM answers from the target
-  image), and every round re-ranks the gallery; a plot follows the target's rank over the rounds.
+  image), and every round re-ranks the gallery; a plot follows the target's rank over the rounds, with and
+  without CTGI's multi-turn interaction (``papers.ctgi.mti_refiner``).
+* :class:`ComposedRetrievalDemo`: a reference image and a relative text (FAFA on ITCPR, built by
+  ``papers.fafa.composed_demo``), beside image-only and text-only rankings.
+* :class:`GenerationDemo`: a prompt, the size condition and the LoRA strength beta, the generator's samples.
 """
 from __future__ import annotations
 
@@ -54,6 +58,11 @@ class Gallery:
         return {k: v.float().cpu() for k, v in self.model.embed_texts(trim_tokens(self.tokenize([text])).to(dev)).items()}
 
     @torch.no_grad()
+    def scores(self, text: str) -> torch.Tensor:
+        """``[gallery]``: the model's similarity of ``text`` to every gallery image."""
+        return self.model.similarity(self.embed(text), self.features)[0].float()
+
+    @torch.no_grad()
     def search(self, text: str, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best gallery images for ``text``: (indices, scores), best first."""
         txt = self.embed(text)
@@ -62,15 +71,49 @@ class Gallery:
             q = torch.nn.functional.normalize(txt["global"], dim=-1).numpy().astype(np.float32)
             scores, idx = self.index.search(q, k)
             return idx[0], scores[0]
-        s = self.model.similarity(txt, self.features)[0]
-        order = torch.argsort(-s, stable=True)[:k]
-        return order.numpy(), s[order].numpy()
+        return top_k(self.model.similarity(txt, self.features)[0], k)
 
     def rank_of(self, text: str, pid: int) -> int:
         """1-based rank of the first image of person ``pid`` for ``text`` (over the whole gallery)."""
         idx, _ = self.search(text, len(self.data.images))
-        hits = np.nonzero(self.data.image_pids.numpy()[idx] == pid)[0]
-        return int(hits[0]) + 1 if len(hits) else len(idx) + 1
+        return rank_of_first(self.data.image_pids.numpy()[idx], pid)
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best of one query's ``scores``: (indices, scores), best first, ties by index."""
+    order = torch.argsort(-scores.float(), stable=True)[:k]
+    return order.numpy(), scores.float()[order].numpy()
+
+
+def rank_of_first(ranked_ids: np.ndarray, target) -> int:
+    """1-based position of the first ``target`` in ``ranked_ids`` (past the end when absent)."""
+    hits = np.nonzero(np.asarray(ranked_ids) == target)[0]
+    return int(hits[0]) + 1 if len(hits) else len(ranked_ids) + 1
+
+
+class _Demo:
+    """What every demo shares: its ``widget`` (a box of widgets) shown live in JupyterLab, and a static
+    snapshot of what its HTML outputs show now, for an executed copy read without a kernel (papermill)."""
+
+    widget = None
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+    def snapshot(self):
+        """The demo's outputs as they are now (images, tables, plots), as static HTML."""
+        import ipywidgets as W
+        from IPython.display import HTML
+
+        def walk(w):
+            if isinstance(w, W.HTML):
+                yield w.value
+            for c in getattr(w, "children", ()):
+                yield from walk(c)
+
+        return HTML('<div class="pr-snapshot">' + "".join(walk(self.widget)) + "</div>")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +163,7 @@ class TextResult:
         return bool(len(self.ranked_pids)) and int(self.ranked_pids[0]) == self.target_pid
 
 
-class TextRetrievalDemo:
+class TextRetrievalDemo(_Demo):
     """Type a description, see who the model retrieves. ``datasets``: name -> test :class:`RetrievalData`;
     ``models``: name -> model (zero-shot, IRRA, RDE, CECA, any with ``embed_images``/``embed_texts``/
     ``similarity``), or name -> {dataset: model} for models fine-tuned per style; ``people``: name -> the
@@ -196,11 +239,6 @@ class TextRetrievalDemo:
             self.claims.value = claims_html(res.claims, {})
         return res
 
-    def _ipython_display_(self):
-        from IPython.display import display
-
-        display(self.widget)
-
 
 
 def figure_html(fig) -> str:
@@ -220,22 +258,27 @@ class ChatResult:
     rounds: list  # (question, answer) so far
     ranks: list  # the target's rank after each round
     ranked_pids: np.ndarray  # the top-k now
+    refined_ranks: list | None = None  # with the refiner (CTGI's MTI): the target's rank after each round
+    refined: str | None = None  # the refiner's query this round (None: it left the ranking as it was)
 
 
-class ChatRetrievalDemo:
+class ChatRetrievalDemo(_Demo):
     """Find a person by talking (chat-based retrieval; :func:`person_retrieval.papers.diana.chat_demo` builds
     it for DiaNA on ChatPedes). ``data``: the gallery (one image per person to find); ``first_rounds[i]``:
     the (request, description) round a dialogue about image ``i`` starts from; ``text``: a dialogue's rounds as
     the model reads them; ``ask(said, asked, rng)``: the questioner's next question (``said``, ``asked``: the
     attribute groups covered so far; it adds what it asks to ``asked``); ``vlm``: the MLLM that can answer
     from the target image (None: the user always types). Each answer re-ranks the gallery by the whole
-    dialogue."""
+    dialogue. ``refine(text, scores, gallery)``, if given (CTGI's multi-turn interaction, built by
+    ``papers.ctgi.mti_refiner``), re-ranks those scores once more and returns ``(scores, refined query or
+    None)``; the demo then shows both rankings and plots both ranks."""
 
     def __init__(self, model, data: RetrievalData, first_rounds: list[tuple[str, str]], tokenize, text, ask, vlm=None, k: int = 5,
-                 start: int = 0, seed: int = 0):
+                 start: int = 0, seed: int = 0, refine=None):
         import ipywidgets as W
 
         self.first_rounds, self.text, self.ask_fn, self.vlm, self.k, self.seed = first_rounds, text, ask, vlm, k, seed
+        self.refine = refine
         self.gallery = Gallery(model, data, tokenize)
         self.entry = W.BoundedIntText(value=start, min=0, max=len(first_rounds) - 1, description="person #")
         self.question = W.Text(description="system", disabled=True, layout=W.Layout(width="95%"))
@@ -243,12 +286,12 @@ class ChatRetrievalDemo:
         self.send = W.Button(description="Send", button_style="primary")
         self.from_image = W.Button(description="Answer from the image", disabled=vlm is None,
                                    tooltip="the MLLM answers from the target image" if vlm is not None else "no MLLM given")
-        self.transcript, self.results, self.plot = W.HTML(), W.HTML(), W.HTML()
+        self.transcript, self.results, self.refined_results, self.plot = W.HTML(), W.HTML(), W.HTML(), W.HTML()
         self.send.on_click(lambda _: self.answer(self.answer_box.value))
         self.from_image.on_click(lambda _: self.answer(None))
         self.entry.observe(lambda ch: self.restart(ch["new"]), names="value")
         self.widget = W.VBox([self.entry, self.transcript, self.question, self.answer_box, W.HBox([self.send, self.from_image]),
-                              W.HBox([self.results, self.plot])])
+                              W.HBox([W.VBox([self.results, self.refined_results]), self.plot])])
         self.restart(start)
 
     def restart(self, i: int) -> ChatResult:
@@ -260,6 +303,7 @@ class ChatRetrievalDemo:
         self.target_pid, self.target_image = int(data.image_pids[i]), i
         self.rounds = [tuple(self.first_rounds[i])]
         self.ranks: list[int] = []
+        self.refined_ranks: list[int] = []
         self.said = grammar.claimed_groups(grammar.parse_claims(self.rounds[0][1]))
         self.asked: set = set()
         self.rng = item_rng(self.seed, "chat-demo", data.image_paths[i] if data.image_paths else i)
@@ -296,23 +340,168 @@ class ChatRetrievalDemo:
         import matplotlib.pyplot as plt
 
         data = self.gallery.data
-        idx, scores = self.gallery.search(self.dialogue(), len(data.images))
-        pids = data.image_pids.numpy()[idx]
-        self.ranks.append(int(np.nonzero(pids == self.target_pid)[0][0]) + 1)
+        n, pids_all = len(data.images), data.image_pids.numpy()
+        text = self.dialogue()
+        if self.refine is None:
+            idx, _ = self.gallery.search(text, n)
+        else:
+            scores = self.gallery.scores(text)
+            idx, _ = top_k(scores, n)
+            new_scores, refined = self.refine(text, scores, self.gallery)
+            ridx, _ = top_k(new_scores, n)
+            self.refined_ranks.append(rank_of_first(pids_all[ridx], self.target_pid))
+            note = (f"refined query: <i>{html.escape(refined)}</i>" if refined else "no refinement this round (no candidate confirmed, or an early exit)")
+            self.refined_results.value = (f"<div>with multi-turn interaction (CTGI's MTI): rank <b>{self.refined_ranks[-1]}</b>; {note}</div>"
+                                          + "".join(thumbnail_html(data.images[i], f"{r + 1}. id {p}", outline=int(p) == self.target_pid)
+                                                    for r, (i, p) in enumerate(zip(ridx[: self.k], pids_all[ridx[: self.k]]))))
+            self._refined_text = refined
+        pids = pids_all[idx]
+        self.ranks.append(rank_of_first(pids, self.target_pid))
         top, top_pids = idx[: self.k], pids[: self.k]
         self.transcript.value = "<br>".join(f"<b>system</b>: {html.escape(q)}<br><b>you</b>: {html.escape(a)}" for q, a in self.rounds)
         self.results.value = (f"<div>round {len(self.rounds)}: the person to find is at rank <b>{self.ranks[-1]}</b></div>"
                               + "".join(thumbnail_html(data.images[i], f"{r + 1}. id {p}", outline=int(p) == self.target_pid)
                                         for r, (i, p) in enumerate(zip(top, top_pids))))
         fig, ax = plt.subplots(figsize=(3, 2))
-        ax.plot(range(1, len(self.ranks) + 1), self.ranks, "o-")
+        rounds = range(1, len(self.ranks) + 1)
+        ax.plot(rounds, self.ranks, "o-", label="dialogue")
+        if self.refine is not None:
+            ax.plot(rounds, self.refined_ranks, "s--", label="+ MTI")
+            ax.legend(fontsize=7)
         ax.set(xlabel="round", ylabel="rank of the target", yscale="log", title="the target's rank")
         ax.invert_yaxis()
         self.plot.value = figure_html(fig)
         self.ask()
-        return ChatResult(list(self.rounds), list(self.ranks), top_pids)
+        if self.refine is None:
+            return ChatResult(list(self.rounds), list(self.ranks), top_pids)
+        return ChatResult(list(self.rounds), list(self.ranks), top_pids, list(self.refined_ranks), self._refined_text)
 
-    def _ipython_display_(self):
-        from IPython.display import display
 
-        display(self.widget)
+# ---------------------------------------------------------------------------------------------
+# Composed person retrieval
+@dataclass
+class ComposedResult:
+    query: int  # the benchmark query whose reference image is in view
+    text: str  # the relative text searched with
+    target: int  # the id the ground truth carries (ITCPR's instance_id)
+    ranked: dict  # ranker name -> gallery indices, best first (top-k)
+    ranked_ids: dict  # ranker name -> their ids
+    target_rank: dict  # ranker name -> 1-based rank of the first ground truth over the whole gallery
+
+
+class ComposedRetrievalDemo(_Demo):
+    """A reference image and a relative text find the target person (composed person retrieval; built for
+    FAFA on ITCPR by ``papers.fafa.composed_demo``). ``references[i]``, ``captions[i]``, ``targets[i]``: query
+    ``i``'s reference image (uint8 ``[3, H, W]``), relative caption and the id its ground truths carry;
+    ``gallery``, ``gallery_ids``: the gallery's images and ids; ``rankers``: name -> ``score(i, text)``, the
+    scores over the gallery of reference ``i`` with ``text`` (the first is the method shown first; an
+    image-only ranker ignores the text, a text-only one the image). Arrows step through the queries, *random*
+    jumps to one, and the text box (pre-filled with the query's caption) can be edited."""
+
+    def __init__(self, references, captions: list[str], targets, gallery, gallery_ids, rankers: dict, k: int = 10,
+                 start: int = 0, seed: int = 0):
+        import ipywidgets as W
+
+        if not rankers:
+            raise ValueError("ComposedRetrievalDemo needs at least one ranker")
+        if not (len(references) == len(captions) == len(targets)):
+            raise ValueError(f"{len(references)} reference images, {len(captions)} captions and {len(targets)} targets: one each per query")
+        if len(gallery) != len(gallery_ids):
+            raise ValueError(f"{len(gallery)} gallery images but {len(gallery_ids)} gallery ids")
+        self.references, self.captions, self.targets = references, list(captions), np.asarray(targets)
+        self.gallery, self.gallery_ids, self.rankers, self.k = gallery, np.asarray(gallery_ids), dict(rankers), k
+        self.rng = np.random.default_rng(seed)
+        self.query_no = W.BoundedIntText(value=start, min=0, max=len(captions) - 1, description="query #")
+        self.prev, self.next = W.Button(description="\u25c0", layout=W.Layout(width="3em")), W.Button(description="\u25b6", layout=W.Layout(width="3em"))
+        self.random = W.Button(description="random")
+        self.reference = W.HTML()
+        self.text = W.Textarea(layout=W.Layout(width="95%", height="3em"), description="change")
+        self.button = W.Button(description="Search", button_style="primary")
+        self.results = W.HTML()
+        self.last: ComposedResult | None = None
+        self.prev.on_click(lambda _: self.step(-1))
+        self.next.on_click(lambda _: self.step(1))
+        self.random.on_click(lambda _: self.pick_random())
+        self.button.on_click(lambda _: self.search())
+        self.query_no.observe(lambda ch: self.pick(ch["new"]), names="value")
+        self.widget = W.VBox([W.HBox([self.prev, self.query_no, self.next, self.random]), self.reference, self.text, self.button,
+                              self.results])
+        self.pick(start)
+
+    def pick(self, i: int) -> ComposedResult:
+        """Show query ``i``'s reference image, fill the text box with its caption, and search."""
+        if self.query_no.value != i:
+            self.query_no.value = i  # its observer calls back here
+            return self.last
+        self.reference.value = thumbnail_html(self.references[i], f"reference of query {i}", height=160)
+        self.text.value = self.captions[i]
+        return self.search()
+
+    def step(self, d: int) -> ComposedResult:
+        return self.pick(int(np.clip(self.query_no.value + d, 0, len(self.captions) - 1)))
+
+    def pick_random(self) -> ComposedResult:
+        return self.pick(int(self.rng.integers(len(self.captions))))
+
+    def search(self, text: str | None = None) -> ComposedResult:
+        """Rank the gallery with every ranker for the reference in view and ``text`` (default: the box)."""
+        if text is not None:
+            self.text.value = text
+        i, target = self.query_no.value, int(self.targets[self.query_no.value])
+        ranked, ids, ranks, rows = {}, {}, {}, []
+        for name, score in self.rankers.items():
+            s = torch.as_tensor(score(i, self.text.value)).flatten()
+            order, _ = top_k(s, len(s))
+            ranked[name], ids[name] = order[: self.k], self.gallery_ids[order[: self.k]]
+            ranks[name] = rank_of_first(self.gallery_ids[order], target)
+            rows.append(f"<div><b>{html.escape(name)}</b>: the target at rank <b>{ranks[name]}</b></div>"
+                        + "".join(thumbnail_html(self.gallery[g], f"{r + 1}. id {t}", outline=int(t) == target, height=96)
+                                  for r, (g, t) in enumerate(zip(ranked[name], ids[name]))))
+        self.results.value = "".join(rows)
+        self.last = ComposedResult(i, self.text.value, target, ranked, ids, ranks)
+        return self.last
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+class GenerationDemo(_Demo):
+    """A prompt, a size condition and the LoRA strength beta, and the generator's samples in a grid (TIPS's
+    seed person generator, SynCPR's LoRA strength). ``generate(prompts, size, beta, seed)``: uint8 images
+    ``[N, 3, H, W]`` for the prompts at capture size ``size`` (``(w, h)`` or None: no size condition);
+    ``sizes``: the sizes offered (label -> size). Same settings, same seed: the same images."""
+
+    def __init__(self, generate, sizes: dict, prompt: str = "", n: int = 8, seed: int = 0):
+        import ipywidgets as W
+
+        self.generate_fn, self.n = generate, n
+        self.prompt = W.Textarea(value=prompt, layout=W.Layout(width="95%", height="3em"), description="prompt")
+        self.sizes = dict(sizes)
+        self.size = W.Dropdown(options=list(self.sizes), description="size")  # labels: a None value would read as no choice
+        self.beta = W.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.05, description="beta")
+        self.seed = W.IntText(value=seed, description="seed")
+        self.button = W.Button(description="Generate", button_style="primary")
+        self.grid = W.HTML()
+        self.last: torch.Tensor | None = None
+        self.button.on_click(lambda _: self.run())
+        self.widget = W.VBox([self.prompt, W.HBox([self.size, self.beta, self.seed]), self.button, self.grid])
+
+    def run(self, prompt: str | None = None, size: str | None = None, beta: float | None = None, seed: int | None = None) -> torch.Tensor:
+        """Generate ``n`` samples of the prompt (each argument, when given, is set in its widget first;
+        ``size`` by its label)."""
+        if prompt is not None:
+            self.prompt.value = prompt
+        if size is not None:
+            if size not in self.sizes:
+                raise ValueError(f"unknown size {size!r}: one of {list(self.sizes)}")
+            self.size.value = size
+        if beta is not None:
+            self.beta.value = beta
+        if seed is not None:
+            self.seed.value = seed
+        if not self.prompt.value.strip():
+            raise ValueError("the prompt is empty: describe a person")
+        images = self.generate_fn([self.prompt.value] * self.n, self.sizes[self.size.value], float(self.beta.value), int(self.seed.value))
+        self.last = images
+        label = self.size.value
+        self.grid.value = "".join(thumbnail_html(im, f"#{j} {label} beta={self.beta.value:.2f}", height=112) for j, im in enumerate(images))
+        return images

@@ -235,6 +235,22 @@ def mti_rerank(query: str, scores: torch.Tensor, gallery_images, vlm: VisionLang
                      int(b.llm_calls[0]), b.seconds)
 
 
+def mti_refiner(vlm: VisionLanguageModel, lm: LanguageModel, top_k: int = 20, lam: float = 0.5, xi: float = 0.85):
+    """``refine(query, scores, gallery) -> (scores, refined query or None)``: :func:`mti_rerank` as the chat
+    demo (:class:`person_retrieval.widgets.ChatRetrievalDemo`) calls it each round, over the demo's
+    :class:`~person_retrieval.widgets.Gallery` (its images for the MLLM, its model for the refined query)."""
+    images: dict = {}
+
+    def refine(query: str, scores: torch.Tensor, gallery):
+        if id(gallery) not in images:  # H x W x 3 arrays, once per gallery
+            images.clear()
+            images[id(gallery)] = gallery.data.images.permute(0, 2, 3, 1).contiguous().numpy()
+        r = mti_rerank(query, scores, images[id(gallery)], vlm, lm, gallery.scores, top_k=top_k, lam=lam, xi=xi)
+        return r.scores, r.refined
+
+    return refine
+
+
 # =============================================================================================
 # The notebook's experiment (notebook 07): one repeat per seed, every run cached.
 METHOD_LABEL = {"irra": "IRRA", "rde": "RDE"}

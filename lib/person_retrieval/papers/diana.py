@@ -898,16 +898,19 @@ def rounds_curve(model, entries: list[dict], image_root, tokenize, size, max_rou
                          for n, txt in zip(ns, embed_rounds(model, tokenize, chats, ns, text))])
 
 
-def chat_demo(model, entries: list[dict], image_root, tokenize, size, vlm=None, k: int = 5, start: int = 0, seed: int = 0):
+def chat_demo(model, entries: list[dict], image_root, tokenize, size, vlm=None, k: int = 5, start: int = 0, seed: int = 0,
+              refine=None):
     """The classroom's chat demo (:class:`person_retrieval.widgets.ChatRetrievalDemo`) for DiaNA on a ChatPedes
-    split: its images the gallery, each entry's first round the start, generator A's questioner ("fresh")."""
+    split: its images the gallery, each entry's first round the start, generator A's questioner ("fresh");
+    ``refine``: a second re-ranking each round (CTGI's MTI: ``papers.ctgi.mti_refiner``)."""
     from functools import partial
 
     from ..widgets import ChatRetrievalDemo
 
     data = chat_retrieval_data(entries, image_root, tokenize, size, n_rounds=1)
     first = [rounds_of(e["chats"][0])[0] for e in entries]
-    return ChatRetrievalDemo(model, data, first, tokenize, dialogue_text, partial(next_question, "fresh"), vlm=vlm, k=k, start=start, seed=seed)
+    return ChatRetrievalDemo(model, data, first, tokenize, dialogue_text, partial(next_question, "fresh"), vlm=vlm, k=k, start=start, seed=seed,
+                             refine=refine)
 
 
 def tpr_as_chatpedes(dataset: str, root, out, seed: int = 0) -> Path:

@@ -465,15 +465,21 @@ def _content_key(root) -> str:
     return hashlib.sha1((Path(root) / "SynCPR.json").read_bytes()).hexdigest()[:12]
 
 
-@torch.no_grad()
-def itcpr_similarity(model: FAFAModel, bench: ITCPR, scale: str, init: str | None, top_k: int = TOP_K, chunk: int = 256) -> torch.Tensor:
-    """``[queries, gallery]`` FAFA scores on ITCPR (top-k token cosines)."""
+def _itcpr_tokens(bench: ITCPR, scale: str, init: str | None):
+    """The frozen encoders' tokens of the benchmark (gallery images, reference images, captions and their
+    mask), once per process."""
     key = ("itcpr", scale, init, str(bench.root), len(bench.queries), len(bench.gallery))
-    if key not in _MEMO:  # the frozen encoders' tokens of the benchmark, once per process
+    if key not in _MEMO:
         bb = _backbone(scale, init)
         _MEMO[key] = (image_tokens(bb, bench.gallery_paths()), image_tokens(bb, bench.query_paths()),
                       *text_tokens(bb, [q["caption"] for q in bench.queries]))
-    gal_tok, ref, txt, mask = _MEMO[key]
+    return _MEMO[key]
+
+
+@torch.no_grad()
+def itcpr_similarity(model: FAFAModel, bench: ITCPR, scale: str, init: str | None, top_k: int = TOP_K, chunk: int = 256) -> torch.Tensor:
+    """``[queries, gallery]`` FAFA scores on ITCPR (top-k token cosines)."""
+    gal_tok, ref, txt, mask = _itcpr_tokens(bench, scale, init)
     model.eval()
     gal = torch.cat([model.targets(gal_tok[s: s + chunk]) for s in range(0, len(gal_tok), chunk)])
     comp = torch.cat([model.compose(ref[s: s + chunk], txt[s: s + chunk], mask[s: s + chunk]) for s in range(0, len(ref), chunk)])
@@ -501,6 +507,44 @@ def baseline_similarities(backbone, tpr_model, bench: ITCPR, batch: int = 256) -
     text_only = t @ pooled_images(tb, bench.gallery_paths()).T
     return {"image only": image_only, "text only": text_only, "late fusion": (image_only + text_only) / 2,
             "zero-shot composition": zero_shot_composition(backbone, bench)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The classroom's composed-retrieval demo (notebook 08)
+def composed_demo(model: FAFAModel, bench: ITCPR, scale: str, init: str | None, tpr_model, top_k: int = TOP_K, k: int = 10,
+                  start: int = 0, seed: int = 0, chunk: int = 256):
+    """:class:`person_retrieval.widgets.ComposedRetrievalDemo` for FAFA on ITCPR, beside the image-only
+    ranking (the reference's mini-CLIP feature against the gallery's: the text is ignored) and the text-only
+    one (the TPR model on the typed text: the reference is ignored), as Table 1 ranks them. The gallery's
+    features are computed once; each search encodes the typed text once per text ranker."""
+    from ..datasets.torch_data import load_images
+    from ..widgets import ComposedRetrievalDemo
+    from .syncpr import itcpr_ids, pooled_image_features
+
+    bb = _backbone(scale, init)
+    gal_tok, ref_tok, _, _ = _itcpr_tokens(bench, scale, init)
+    model.eval()
+    with torch.no_grad():
+        gal = torch.cat([model.targets(gal_tok[s: s + chunk]) for s in range(0, len(gal_tok), chunk)])
+    image_only = pooled_image_features(bb, bench.query_paths()) @ pooled_image_features(bb, bench.gallery_paths()).T
+    tb = tpr_model.backbone.eval()
+    tpr_gallery = pooled_image_features(tb, bench.gallery_paths())
+
+    @torch.no_grad()
+    def fafa_scores(i: int, text: str) -> torch.Tensor:
+        txt, mask = text_tokens(bb, [text])
+        return losses.fda_scores(model.compose(ref_tok[i: i + 1], txt, mask), gal, top_k)[0]
+
+    @torch.no_grad()
+    def text_scores(i: int, text: str) -> torch.Tensor:
+        return (F.normalize(tb.encode_text(tb.tokenize([text]))[0].float(), dim=-1) @ tpr_gallery.T)[0]
+
+    q_ids, g_ids = itcpr_ids(bench)
+    size = bb.image_size
+    return ComposedRetrievalDemo(load_images(bench.query_paths(), size), [q["caption"] for q in bench.queries], q_ids,
+                                 load_images(bench.gallery_paths(), size), g_ids,
+                                 {"FAFA": fafa_scores, "image only": lambda i, text: image_only[i], "text only": text_scores},
+                                 k=k, start=start, seed=seed)
 
 
 def load_blip2(folder, device: str = "cpu"):
