@@ -19,9 +19,9 @@ def notebook_objects(scale: str) -> dict:
 
     ns: dict = {}
     for cell in parse((ROOT / "notebooks" / "src" / "08_demos.py").read_text()):
-        if not cell["md"]:
-            exec("\n".join(cell["lines"]), ns)
-            if "parameters" in cell["tags"]:
+        if cell["cell_type"] == "code":
+            exec("".join(cell["source"]), ns)
+            if "parameters" in cell["metadata"].get("tags", []):
                 ns["scale"] = scale
     return ns
 
