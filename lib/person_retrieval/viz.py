@@ -16,7 +16,8 @@ def load_image(path: str | Path) -> np.ndarray:
 
 def image_grid(images: Sequence, titles: Sequence[str] | None = None, cols: int = 8, scale: float = 1.1,
                title: str | None = None, fontsize: int = 7):
-    """A figure of images (arrays or paths) in a grid, with optional per-image titles."""
+    """A figure of images (HxWx3 arrays, paths, or 3xHxW tensors as the generators return them) in a grid,
+    with optional per-image titles."""
     import matplotlib.pyplot as plt
 
     n = len(images)
@@ -27,6 +28,8 @@ def image_grid(images: Sequence, titles: Sequence[str] | None = None, cols: int 
         ax.axis("off")
         if i < n:
             im = images[i]
+            if hasattr(im, "permute") and im.ndim == 3 and im.shape[0] == 3:
+                im = im.permute(1, 2, 0).cpu().numpy()
             ax.imshow(load_image(im) if isinstance(im, (str, Path)) else im, interpolation="nearest")
             if titles:
                 ax.set_title(titles[i], fontsize=fontsize)

@@ -59,8 +59,13 @@ class MiniAutoencoder(nn.Module):
         self.decoder = nn.Sequential(nn.Conv2d(channels, width, 3, 1, 1), *[_Res(width) for _ in range(blocks)], nn.SiLU(),
                                      *up, nn.Conv2d(w, 3, 3, 1, 1))
 
-    def forward(self, x):
-        return self.decoder(self.encoder(x))
+    def forward(self, x, latent_noise: float = 0.0, return_latent: bool = False):
+        """The reconstruction (and the latent, with ``return_latent``); ``latent_noise`` adds Gaussian noise of
+        that std to the latent first (training). Training calls this, not the two halves, so that it runs
+        through DistributedDataParallel's forward."""
+        z = self.encoder(x)
+        y = self.decoder(z + latent_noise * torch.randn_like(z) if latent_noise else z)
+        return (y, z) if return_latent else y
 
 
 class MiniLatentCodec(PackedLatentCodec):

@@ -234,7 +234,8 @@ def velocity(transformer, x: torch.Tensor, cond: Condition, t: torch.Tensor, img
     """One transformer call: the predicted velocity for every image token of ``x``."""
     txt_ids = torch.zeros(cond.seq.shape[1], 3, device=x.device, dtype=img_ids.dtype)
     kw = {}
-    if getattr(transformer.config, "guidance_embeds", False):  # FLUX.1-dev's distilled guidance
+    inner = getattr(transformer, "module", transformer)  # attributes live on the model inside a DDP wrapper
+    if getattr(inner.config, "guidance_embeds", False):  # FLUX.1-dev's distilled guidance
         kw["guidance"] = torch.full((x.shape[0],), float(guidance if guidance is not None else 3.5), device=x.device, dtype=x.dtype)
     return transformer(hidden_states=x, encoder_hidden_states=cond.seq.to(x.dtype), pooled_projections=cond.pooled.to(x.dtype),
                        timestep=t.to(x.dtype), img_ids=img_ids, txt_ids=txt_ids, return_dict=False, **kw)[0]

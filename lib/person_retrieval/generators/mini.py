@@ -474,8 +474,7 @@ class AutoencoderTask:
 
     def loss(self, model, batch, gather):
         x = batch["x"]
-        z = model.encoder(x)
-        y = model.decoder(z + self.LATENT_NOISE * torch.randn_like(z))
+        y, z = model(x, latent_noise=self.LATENT_NOISE, return_latent=True)  # through DDP's forward when wrapped
         l1 = (y - x).abs().mean()
         return l1 + self.LATENT_PENALTY * (z.float() ** 2).mean(), {"l1": float(l1.detach())}
 
@@ -674,7 +673,9 @@ def _fit_stage(kind: str, scale: str, seed: int, out: Path, gpus: int, progress:
     cfg = mini_config(scale, task_kw.get("overrides"))
     base = kind == "base"
     epochs = {"base": cfg.base_epochs, "dual": cfg.dual_epochs, "spg": cfg.spg_epochs}.get(kind, cfg.lora_epochs)
-    tc = TrainConfig(epochs=epochs, batch_size=cfg.batch_size,
+    # the same global batch over any number of processes (``batch_size`` is per process), so that gpus=N
+    # trains what one process does and a small few-shot set still fills a batch
+    tc = TrainConfig(epochs=epochs, batch_size=max(1, cfg.batch_size // max(1, gpus)),
                      lr=cfg.base_lr if base else cfg.lora_lr, weight_decay=0.01, warmup_epochs=0.3, select="neg_loss",
                      gpus=gpus, seed=seed, out_dir=str(out / f"run-{kind}"), progress=progress, clip_grad=1.0)
     return fit(TaskSpec("person_retrieval.generators.mini:GeneratorTask", {"kind": kind, "scale": scale, "seed": seed, **task_kw}), tc)
@@ -687,7 +688,7 @@ def _fit_autoencoder(scale: str, seed: int, out: Path, gpus: int, progress: bool
 
     cfg = mini_config(scale, task_kw.get("overrides"))
     spec = TaskSpec("person_retrieval.generators.mini:AutoencoderTask", {"scale": scale, "seed": seed, **task_kw})
-    tc = TrainConfig(epochs=cfg.ae_epochs, batch_size=64 if scale != "tiny" else 16, lr=cfg.ae_lr, weight_decay=0.0, warmup_epochs=0.1,
+    tc = TrainConfig(epochs=cfg.ae_epochs, batch_size=max(1, (64 if scale != "tiny" else 16) // max(1, gpus)), lr=cfg.ae_lr, weight_decay=0.0, warmup_epochs=0.1,
                      select="neg_l1", gpus=gpus, seed=seed, out_dir=str(out / "run-autoencoder"), progress=progress, clip_grad=1.0)
     res = fit(spec, tc)
     task = spec.build()

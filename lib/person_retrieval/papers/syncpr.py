@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ import pandas as pd
 import torch
 
 from ..assistants import LanguageModel, VisionLanguageModel, grammar, parse_scores, prompts
+from .. import shards
 from ..config import cache_dir, rng_for
 from ..datasets import ITCPR, write_json_atomic, write_syncpr
 from ..metrics import retrieval_metrics
@@ -198,30 +198,12 @@ def rejection_table(scores: np.ndarray, keep_mean: float = KEEP_MEAN) -> pd.Data
 
 # ---------------------------------------------------------------------------------------------
 # 4. Shards, resume, assembly
-def _shard_file(root: Path, u: int) -> Path:
-    return root / "shards" / f"shard_{u:05d}.json"
-
-
-def _check_config(root: Path, cfg: SynthesisConfig) -> None:
-    p = root / "synthesis.json"
-    want = cfg.as_json()
-    if p.is_file():
-        have = json.loads(p.read_text())
-        if have != want:
-            diff = {k: (have.get(k), want.get(k)) for k in set(have) | set(want) if have.get(k) != want.get(k)}
-            raise ValueError(f"{p}: this folder holds a synthesis with another configuration ({diff}, as (folder, asked)); "
-                             "use another folder, or delete this one to start again")
-    else:
-        write_json_atomic(p, want)
-
-
 def synthesize_shard(root: Path, u: int, cfg: SynthesisConfig, lm: LanguageModel, gen, vlm: VisionLanguageModel) -> dict:
-    """Quadruples, pairs and scores of shard ``u``, its images and its record written atomically (the
-    images under a temporary name, renamed, then the record: a record on disk means a finished shard).
-    Everything in it depends on ``(cfg, u)`` alone, so a shard redone gives the same result."""
+    """Quadruples, pairs and scores of shard ``u``, its images written all at once
+    (:func:`person_retrieval.shards.image_folder`); returns its record. Everything in it depends on
+    ``(cfg, u)`` alone, so a shard redone gives the same result."""
     from PIL import Image
 
-    t0 = time.time()
     idx = list(range(u * cfg.shard_size, min((u + 1) * cfg.shard_size, cfg.n_quadruples)))
     quads = make_quadruples(lm, idx, cfg.seed)
     good = [(i, q) for i, q in zip(idx, quads) if q is not None]
@@ -229,69 +211,44 @@ def synthesize_shard(root: Path, u: int, cfg: SynthesisConfig, lm: LanguageModel
     rng = rng_for(cfg.seed, "syncpr-beta", u)
     betas = draw_betas(len(pairs), cfg.beta_range, rng)
     records = []
-    img_dir = root / "images" / f"shard_{u:05d}"
-    tmp = img_dir.with_name(img_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if pairs:
-        refs, tgts = dual_pairs(gen, [q.reference for _, q, _ in pairs], [q.target for _, q, _ in pairs], betas, seed=cfg.seed * 7919 + u)
-        # both directions of each pair: reference -> target (forward caption) and back (reverse caption)
-        a_img, b_img = torch.cat([refs, tgts]), torch.cat([tgts, refs])
-        b_text = [q.target for _, q, _ in pairs] + [q.reference for _, q, _ in pairs]
-        edits = [q.forward for _, q, _ in pairs] + [q.reverse for _, q, _ in pairs]
-        scores = filter_scores(vlm, a_img, b_img, b_text, edits)
-        for j, (i, q, k) in enumerate(pairs):
-            for side, im in (("ref", refs[j]), ("tgt", tgts[j])):
-                Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp / f"q{i:06d}_{k}_{side}.jpg", quality=95)
-        rel = f"images/shard_{u:05d}"
-        npairs = len(pairs)
-        for d in range(2):
+    with shards.image_folder(root / "images" / f"shard_{u:05d}") as tmp:
+        if pairs:
+            refs, tgts = dual_pairs(gen, [q.reference for _, q, _ in pairs], [q.target for _, q, _ in pairs], betas, seed=cfg.seed * 7919 + u)
+            # both directions of each pair: reference -> target (forward caption) and back (reverse caption)
+            a_img, b_img = torch.cat([refs, tgts]), torch.cat([tgts, refs])
+            b_text = [q.target for _, q, _ in pairs] + [q.reference for _, q, _ in pairs]
+            edits = [q.forward for _, q, _ in pairs] + [q.reverse for _, q, _ in pairs]
+            scores = filter_scores(vlm, a_img, b_img, b_text, edits)
             for j, (i, q, k) in enumerate(pairs):
-                src, dst = ("ref", "tgt") if d == 0 else ("tgt", "ref")
-                records.append({
-                    "reference_caption": q.reference if d == 0 else q.target, "target_caption": q.target if d == 0 else q.reference,
-                    "reference_image_path": f"{rel}/q{i:06d}_{k}_{src}.jpg", "target_image_path": f"{rel}/q{i:06d}_{k}_{dst}.jpg",
-                    "edit_caption": q.forward if d == 0 else q.reverse, "cpr_id": 2 * i + 1 + d,
-                    "quadruple": i, "panel": k, "beta": betas[j], "scores": [int(v) for v in scores[d * npairs + j]]})
-    shutil.rmtree(img_dir, ignore_errors=True)
-    tmp.rename(img_dir)
-    rec = {"shard": u, "quadruples": len(idx), "parsed": len(good), "triplets": records,
-           "unparsed_quadruples": [i for i, q in zip(idx, quads) if q is None]}
-    write_json_atomic(_shard_file(root, u), rec)
-    return {"shard": u, "seconds": time.time() - t0, "triplets": len(records)}
+                for side, im in (("ref", refs[j]), ("tgt", tgts[j])):
+                    Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp / f"q{i:06d}_{k}_{side}.jpg", quality=95)
+            rel = f"images/shard_{u:05d}"
+            npairs = len(pairs)
+            for d in range(2):
+                for j, (i, q, k) in enumerate(pairs):
+                    src, dst = ("ref", "tgt") if d == 0 else ("tgt", "ref")
+                    records.append({
+                        "reference_caption": q.reference if d == 0 else q.target, "target_caption": q.target if d == 0 else q.reference,
+                        "reference_image_path": f"{rel}/q{i:06d}_{k}_{src}.jpg", "target_image_path": f"{rel}/q{i:06d}_{k}_{dst}.jpg",
+                        "edit_caption": q.forward if d == 0 else q.reverse, "cpr_id": 2 * i + 1 + d,
+                        "quadruple": i, "panel": k, "beta": betas[j], "scores": [int(v) for v in scores[d * npairs + j]]})
+    return {"shard": u, "quadruples": len(idx), "parsed": len(good), "triplets": records,
+            "unparsed_quadruples": [i for i, q in zip(idx, quads) if q is None]}
 
 
 def synthesize(root: str | Path, cfg: SynthesisConfig, lm: LanguageModel, gen, vlm: VisionLanguageModel, shard: int = 0,
                num_shards: int = 1, progress: bool = True) -> list[dict]:
     """Synthesize this process's share of ``cfg`` into ``root``: shards ``u`` with ``u % num_shards == shard``
     (torchrun rank and world size, or n processes by hand). Finished shards are skipped, so a killed run
-    resumes; a folder holding another configuration is refused. Returns what was done now (shard, seconds,
-    triplets)."""
-    if not (isinstance(num_shards, int) and num_shards >= 1 and isinstance(shard, int) and 0 <= shard < num_shards):
-        raise ValueError(f"shard={shard!r}, num_shards={num_shards!r}: need integers with 0 <= shard < num_shards")
+    resumes; a folder holding another configuration is refused. Returns what was done now (shard, seconds)."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    _check_config(root, cfg)
-    todo = [u for u in range(cfg.n_shards) if u % num_shards == shard and not _shard_file(root, u).is_file()]
-    it = todo
-    if progress and todo:
-        from tqdm.auto import tqdm
-
-        it = tqdm(todo, desc=f"SynCPR shards ({cfg.shard_size} quadruples each)", leave=False)
-    return [synthesize_shard(root, u, cfg, lm, gen, vlm) for u in it]
+    return shards.run(root, cfg.as_json(), cfg.n_shards, lambda u: synthesize_shard(root, u, cfg, lm, gen, vlm), shard, num_shards,
+                      progress, desc=f"SynCPR shards ({cfg.shard_size} quadruples each)")
 
 
 def missing_shards(root: str | Path) -> list[int]:
-    root = Path(root)
-    cfg = json.loads((root / "synthesis.json").read_text())
-    n = -(-cfg["n_quadruples"] // cfg["shard_size"])
-    return [u for u in range(n) if not _shard_file(root, u).is_file()]
-
-
-def read_shards(root: str | Path) -> list[dict]:
-    """Every finished shard's record, in shard order."""
-    root = Path(root)
-    return [json.loads(p.read_text()) for p in sorted((root / "shards").glob("shard_*.json"))]
+    cfg = json.loads((Path(root) / "synthesis.json").read_text())
+    return shards.missing(root, -(-cfg["n_quadruples"] // cfg["shard_size"]))
 
 
 def assemble(root: str | Path, keep_mean: float = KEEP_MEAN) -> dict:
@@ -300,21 +257,19 @@ def assemble(root: str | Path, keep_mean: float = KEEP_MEAN) -> dict:
     ``SynCPR.json`` (the kept triplets, in SynCPR's released fields, paths relative to ``root``) and
     ``scores.json`` (every triplet's four scores). Returns the manifest."""
     root = Path(root)
-    missing = missing_shards(root)
-    if missing:
-        raise RuntimeError(f"{root}: shards {missing[:10]}{' ...' if len(missing) > 10 else ''} are not synthesized yet; "
-                           "run synthesize() for them (every shard's process) before assembling")
-    shards = read_shards(root)
-    triplets = [t for s in shards for t in s["triplets"]]
+    cfg = json.loads((root / "synthesis.json").read_text())
+    shards.require_all(root, -(-cfg["n_quadruples"] // cfg["shard_size"]))
+    recs = shards.read(root)
+    triplets = [t for s in recs for t in s["triplets"]]
     scores = np.array([t["scores"] for t in triplets], dtype=float).reshape(-1, 4)
     keep = kept(scores, keep_mean)
     fields = ("reference_caption", "target_caption", "reference_image_path", "target_image_path", "edit_caption", "cpr_id")
     write_syncpr(root, [{f: t[f] for f in fields} for t, k in zip(triplets, keep) if k])
     write_json_atomic(root / "scores.json", [{"reference_image_path": t["reference_image_path"], "target_image_path": t["target_image_path"],
                                               "scores": dict(zip(DIMENSIONS, t["scores"])), "kept": bool(k)} for t, k in zip(triplets, keep)])
-    manifest = {"config": json.loads((root / "synthesis.json").read_text()), "keep_mean": keep_mean,
+    manifest = {"config": cfg, "keep_mean": keep_mean,
                 "shards": [{"shard": s["shard"], "quadruples": s["quadruples"], "parsed": s["parsed"], "triplets": len(s["triplets"]),
-                            "sha1": hashlib.sha1(_shard_file(root, s["shard"]).read_bytes()).hexdigest()} for s in shards],
+                            "sha1": shards.digest(root, s["shard"])} for s in recs],
                 "triplets": len(triplets), "kept": int(keep.sum())}
     write_json_atomic(root / "manifest.json", manifest)
     return manifest
@@ -380,11 +335,11 @@ def mini_models(scale: str, seed: int = 0, gpus: int = 0, progress: bool = True)
 
 
 def load_models(scale: str, seed: int = 0, gpus: int = 0, weights=None, llm=None, vlm=None, rank: int = 32,
-                dataset: str = "cuhk_pedes", progress: bool = True):
+                dataset: str = "cuhk_pedes", progress: bool = True, adapters: Sequence[str] = ("dual",)):
     """``(lm, gen, vlm, names)`` for a synthesis: each the mini one unless named. ``weights``: FLUX.1-dev
-    (a name or a diffusers folder) with the dual-panel LoRA notebook 02 trained on ``dataset`` (its file is
-    looked for where notebook 02 saves it; a missing one says so); ``llm`` / ``vlm``: transformers models
-    (names or folders). Nothing is downloaded."""
+    (a name or a diffusers folder) with the LoRA ``adapters`` notebook 02 trained on ``dataset`` (SynCPR: the
+    dual panel; TIPS: ``("spg", "idpg")``; their files are looked for where notebook 02 saves them, a missing
+    one says so); ``llm`` / ``vlm``: transformers models (names or folders). Nothing is downloaded."""
     mini = mini_models(scale if scale != "paper" else "small", seed, gpus, progress) if None in (weights, llm, vlm) else (None,) * 4
     dev = "cuda" if gpus else "cpu"
     names = list(mini[3] or ("", "", ""))
@@ -401,13 +356,15 @@ def load_models(scale: str, seed: int = 0, gpus: int = 0, weights=None, llm=None
         from ..generators import flux
         from ..generators.lora import load_lora
 
-        lora_file = cache_dir() / "models" / f"flux-{dataset}-seed{seed}-r{rank}" / "dual.safetensors"
-        if not lora_file.is_file():
-            raise FileNotFoundError(f"{lora_file}: no dual-panel LoRA for FLUX.1-dev; run notebook 02 with weights={weights!r} "
-                                    f"(it trains and saves it there), or put a LoRA file there")
+        folder = cache_dir() / "models" / f"flux-{dataset}-seed{seed}-r{rank}"
+        for a in adapters:
+            if not (folder / f"{a}.safetensors").is_file():
+                raise FileNotFoundError(f"{folder / f'{a}.safetensors'}: no {a} LoRA for FLUX.1-dev; run notebook 02_generators with "
+                                        f"weights={weights!r} (it trains and saves it there), or put a LoRA file there")
         pipe = flux.load_flux(weights, device=dev if gpus else None)
-        load_lora(pipe.transformer, lora_file, "dual")
-        gen, names[1] = flux.flux_generator(pipe), f"flux:{weights}:{lora_file.parent.name}"
+        for a in adapters:
+            load_lora(pipe.transformer, folder / f"{a}.safetensors", a)
+        gen, names[1] = flux.flux_generator(pipe), f"flux:{weights}:{folder.name}"
     return lm_, gen, vlm_, tuple(names)
 
 
@@ -425,19 +382,14 @@ def syncpr_dataset(scale: str = "small", seed: int = 0, gpus: int = 0, n_quadrup
     t0 = time.time()
     if not (root / "manifest.json").is_file() or missing_shards(root):
         if gpus > 1:
-            import os
-
-            import torch.multiprocessing as mp
-
             root.mkdir(parents=True, exist_ok=True)
-            _check_config(root, cfg)
-            threads = max(1, (os.cpu_count() or 1) // gpus)
-            mp.start_processes(_worker, args=(gpus, str(root), cfg.as_json(), scale, seed, threads), nprocs=gpus, start_method="spawn")
+            shards.check_config(root, cfg.as_json())
+            shards.spawn(_worker, gpus, (str(root), cfg.as_json(), scale, seed, shards.threads_per_process(gpus)))
         else:
             lm, gen, vlm, _ = mini_models(scale, seed, gpus, progress=False)
             synthesize(root, cfg, lm, gen, vlm, progress=progress)
         seconds = time.time() - t0
-        n = sum(len(r["triplets"]) for r in read_shards(root))
+        n = sum(len(r["triplets"]) for r in shards.read(root))
         write_json_atomic(root / "timing.json", {"seconds": round(seconds, 1), "processes": max(1, gpus), "candidate_triplets": n,
                                                  "triplets_per_s": round(n / max(seconds, 1e-9), 2)})
     manifest = assemble(root, keep_mean)

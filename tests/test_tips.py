@@ -1,0 +1,290 @@
+"""TIPS (notebook 02_tips): prompts, differences, the filter's rule and redraws, the sharded synthesis and its
+resume, the CUHK-PEDES folder it writes, the few-shot split, the web corpus, TTA, and the real path."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from person_retrieval.assistants import MiniLM, grammar
+from person_retrieval.config import rng_for
+from person_retrieval.datasets import load_split, read_tpr_annotations
+from person_retrieval.papers import tips
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_prompt_instructions_carry_the_papers_elements():
+    ex = [f"A man wears a {c} shirt." for c in ("red", "blue", "green", "black")]
+    zs = tips.prompt_asks([0, 1], "zero_shot", ex, seed=0)
+    lists = tips.attribute_lists()
+    for ask in zs:
+        assert sum(e in ask for e in ex) == 3  # three examples
+        for field, options in (("Suggested character", lists["character"]), ("Suggested colour", lists["color"]),
+                               ("Suggested clothing", lists["clothing"])):
+            line = next(x for x in ask.splitlines() if x.startswith(field))
+            assert line.split(": ", 1)[1] in options
+    assert tips.prompt_asks([0, 1], "zero_shot", ex, seed=0) == zs and zs[0] != zs[1]  # drawn per index, reproducibly
+    fs = tips.prompt_asks([3], "few_shot", ex, seed=0)[0]
+    assert sum(e in fs for e in ex) == 3 and "Suggested" not in fs
+    with pytest.raises(ValueError, match="at least 3 example"):
+        tips.prompt_asks([0], "few_shot", ex[:2])
+    with pytest.raises(ValueError, match="scenario"):
+        tips.prompt_asks([0], "many_shot", ex)
+
+
+def test_the_mini_llm_follows_the_suggestions_and_recombines_the_examples():
+    lm = MiniLM(0)
+    ex = ["A man wears a red shirt and black jeans.", "A woman wears a blue coat and a gray skirt.", "A man wears green shorts and boots."]
+    asks = tips.prompt_asks(range(6), "zero_shot", ex, seed=0)
+    for ask, text in zip(asks, tips.seed_prompts(lm, range(6), "zero_shot", ex, seed=0)):
+        colour = next(x for x in ask.splitlines() if x.startswith("Suggested colour")).split(": ")[1]
+        assert colour in grammar.parse_claims(text).values(), (ask, text)
+    allowed = {v for e in ex for v in grammar.parse_claims(e).values()}
+    for text in tips.seed_prompts(lm, range(6), "few_shot", ex, seed=0):
+        assert set(grammar.parse_claims(text).values()) <= allowed, text
+
+
+def test_difference_prompts_say_the_state_they_ask_for():
+    diffs = tips.draw_differences(50, np.random.default_rng(0))
+    assert all(want for _, want in diffs)
+    for text, want in diffs:
+        assert text.startswith("the same person, ")
+        if "view" in want:
+            assert tips._VIEWS[want["view"]] in text
+        if "pose" in want:
+            assert want["pose"] in text
+    assert len({t for t, _ in diffs}) > 10
+
+
+def test_filter_rule_and_redraws_known_answers():
+    assert tips.passes(np.array([[9, 9], [8, 10], [10, 9]])).tolist() == [True, False, True]
+    assert tips.passes(np.array([[9, 9, 1], [9, 9, 0], [9, 8, 1]])).tolist() == [True, False, False]
+    assert tips.passes(np.array([[7, 7]]), keep_score=7).tolist() == [True]
+    # image i passes at draw number i (0-based); image 3 never does within 3 draws
+    calls = []
+
+    def draw(todo, t):
+        calls.append((todo.tolist(), t))
+        return torch.full((len(todo), 3, 2, 2), t, dtype=torch.uint8)
+
+    def score(todo, im):
+        return np.array([[10, 10] if t <= int(im[k, 0, 0, 0]) else [10, 3] for k, t in enumerate(todo)])
+
+    images, scores, ok, every = tips._redraw(draw, score, 4, 9, 3)
+    assert calls == [([0, 1, 2, 3], 0), ([1, 2, 3], 1), ([2, 3], 2)]
+    assert ok.tolist() == [True, True, True, False] and len(every) == 4 + 3 + 2
+    assert images[:, 0, 0, 0].tolist() == [0, 1, 2, 2]  # the last draw stays for the image given up
+
+
+def test_oracle_person_shows_what_the_prompt_says():
+    text = "A woman with long black hair is wearing a red coat, blue jeans and white sneakers, carrying a backpack."
+    claims = grammar.parse_claims(text)
+    for i in range(5):
+        p = tips.oracle_person(text, rng_for(0, "t", i), i)
+        assert all(getattr(p, k) == v for k, v in claims.items() if hasattr(p, k))
+
+
+# ---------------------------------------------------------------------------------------------- synthesis
+@pytest.fixture(scope="module")
+def mini():
+    return tips.mini_models("tiny", 0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def domain(tiny_world):
+    return tips.domain("tiny", 0, "cuhk_pedes", None, "zero_shot")
+
+
+def _cfg(models, n=8, source="oracle"):
+    return tips.TIPSConfig(n_prompts=n, scenario="zero_shot", source=source, shard_size=3, val_every=3, keep_score=6, seed=0, models=models)
+
+
+def test_synthesis_writes_a_cuhk_pedes_folder(mini, domain, tmp_path):
+    lm, gen, vlm, names = mini
+    ex, sizes, profile = domain
+    cfg = _cfg(names)
+    done = tips.synthesize(tmp_path / "s", cfg, lm, gen, vlm, ex, sizes, profile, progress=False)
+    assert [d["shard"] for d in done] == [0, 1, 2]
+    assert tips.synthesize(tmp_path / "s", cfg, lm, gen, vlm, ex, sizes, profile, progress=False) == []
+    man = tips.assemble(tmp_path / "s")
+    data = read_tpr_annotations("cuhk_pedes", tmp_path / "s")
+    assert man["images"] == len(data) > 0 and man["pairs"] == 2 * len(data)
+    assert all(len(e["captions"]) == 2 and e["captions"][0] != e["captions"][1] for e in data)
+    assert all((e["split"] == "val") == ((e["id"] - 1) % 3 == 2) for e in data)
+    train = load_split("cuhk_pedes", tmp_path / "s", "train")  # the TPR reader takes it as it is
+    assert len(train.image_paths) == man["train_images"]
+    recs = [json.loads(p.read_text()) for p in sorted((tmp_path / "s" / "shards").glob("*.json"))]
+    kept = sum(sum(r["seed_kept"]) + sum(r["expansion_kept"]) for r in recs)
+    assert kept == man["images"]  # every kept image, and only those, is in the folder
+    # an identity's images: its seed, then the expansions that passed, up to 4
+    by = {}
+    for e in data:
+        by.setdefault(e["id"], []).append(e["file_path"])
+    assert all(any(p.endswith("_seed.png") for p in v) and len(v) <= 5 for v in by.values())
+    table = tips.rejection_table(tmp_path / "s")
+    assert set(table.criterion) >= {"alignment", "quality", "identity", "variation", "given up after every draw"}
+    with pytest.raises(ValueError, match="another configuration"):
+        tips.synthesize(tmp_path / "s", _cfg(names, n=9), lm, gen, vlm, ex, sizes, profile, progress=False)
+
+
+def test_rejection_table_known_answer(tmp_path):
+    (tmp_path / "synthesis.json").write_text(json.dumps({"keep_score": 9}))
+    (tmp_path / "scores.json").write_text(json.dumps({
+        "seed_draws": [[9, 9], [8, 9], [9, 2], [10, 10]], "seed_kept": [True, False],
+        "expansion_draws": [[9, 9, 0], [9, 9, 1]], "expansion_kept": [True]}))
+    t = tips.rejection_table(tmp_path).set_index(["images", "criterion"])["failed (%)"]
+    assert t["seed", "alignment"] == 25 and t["seed", "quality"] == 25 and t["seed", "any (draw rejected)"] == 50
+    assert t["seed", "given up after every draw"] == 50 and t["expansion", "variation"] == 50 and t["expansion", "quality"] == 0
+
+
+def test_a_killed_synthesis_resumes_to_the_same_manifest(mini, domain, tmp_path):
+    lm, gen, vlm, names = mini
+    ex, sizes, profile = domain
+    cfg = _cfg(names, n=12)
+    tips.synthesize(tmp_path / "whole", cfg, lm, gen, vlm, ex, sizes, profile, progress=False)
+    tips.synthesize(tmp_path / "split", cfg, lm, gen, vlm, ex, sizes, profile, shard=1, num_shards=2, progress=False)
+    with pytest.raises(RuntimeError, match="not synthesized yet"):
+        tips.assemble(tmp_path / "split")
+    tips.synthesize(tmp_path / "split", cfg, lm, gen, vlm, ex, sizes, profile, shard=0, num_shards=2, progress=False)
+    whole = tips.assemble(tmp_path / "whole")
+    assert tips.assemble(tmp_path / "split") == whole
+    assert (tmp_path / "split" / "reid_raw.json").read_bytes() == (tmp_path / "whole" / "reid_raw.json").read_bytes()
+    killed = tmp_path / "killed"
+    code = ("import sys, json; from person_retrieval.papers import tips as T; c = json.loads(sys.argv[2]); c['models'] = tuple(c['models']); "
+            "lm, gen, vlm, _ = T.mini_models('tiny', 0, progress=False); ex, sizes, prof = T.domain('tiny', 0, 'cuhk_pedes', None, 'zero_shot'); "
+            "import time; orig = T.synthesize_shard\n"
+            "def slow(*a, **k):\n    time.sleep(0.5); return orig(*a, **k)\n"
+            "T.synthesize_shard = slow; T.synthesize(sys.argv[1], T.TIPSConfig(**c), lm, gen, vlm, ex, sizes, prof, progress=False)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "lib")}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(killed), json.dumps(cfg.as_json())], env=env)
+    t0 = time.time()
+    while not (killed / "shards" / "shard_00000.json").is_file() and time.time() - t0 < 300 and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = tips.missing_shards(killed)
+    assert 0 < len(left) < cfg.n_shards, left
+    tips.synthesize(killed, cfg, lm, gen, vlm, ex, sizes, profile, progress=False)
+    assert tips.assemble(killed) == whole
+    assert not list((killed / "imgs").glob("*.partial"))
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="expansions must be 0"):
+        tips.TIPSConfig(n_prompts=4, source="spg")
+    with pytest.raises(ValueError, match="scenario"):
+        tips.TIPSConfig(n_prompts=4, scenario="any")
+    assert tips.TIPSConfig(n_prompts=100, shard_size=48).n_shards == 3
+
+
+# ---------------------------------------------------------------------------------------------- other sets
+def test_few_shot_split_keeps_a_share_of_training_identities(tiny_world):
+    root = tiny_world["cuhk_pedes"]
+    ids = tips.train_identities("cuhk_pedes", root)
+    a = tips.few_shot_split("cuhk_pedes", root, 0.25, seed=0)
+    b = tips.few_shot_split("cuhk_pedes", root, 0.25, seed=1)
+    got = tips.train_identities("cuhk_pedes", a)
+    assert len(got) == round(0.25 * len(ids)) and set(got) <= set(ids)
+    assert got == tips.train_identities("cuhk_pedes", tips.few_shot_split("cuhk_pedes", root, 0.25, seed=0))
+    assert got != tips.train_identities("cuhk_pedes", b)
+    assert len(tips.train_identities("cuhk_pedes", tips.few_shot_split("cuhk_pedes", root, 0.0001, 0))) == 2  # at least two
+    for split in ("val", "test"):  # the other splits as they are, images through the link
+        assert load_split("cuhk_pedes", a, split).captions == load_split("cuhk_pedes", root, split).captions
+    with pytest.raises(ValueError, match="few_shot_share"):
+        tips.few_shot_split("cuhk_pedes", root, 0.0)
+
+
+def test_web_corpus_has_the_asked_size_and_new_people(tiny_world):
+    from person_retrieval.models.pretrain import pretrain_corpus
+
+    root = tips.web_corpus("tiny", 0, 30)
+    data = read_tpr_annotations("cuhk_pedes", root)
+    assert sum(len(e["captions"]) for e in data) == 30 and {e["split"] for e in data} == {"train", "val"}
+    own = set(pretrain_corpus("tiny", 0, n_ids=15, height=64)[1])
+    assert len(own & {c for e in data for c in e["captions"]}) < 5  # not the backbone's own pretraining captions
+
+
+def test_small_sets_get_a_batch_that_fits(tiny_world, tmp_path):
+    root = tips.few_shot_split("cuhk_pedes", tiny_world["cuhk_pedes"], 0.0001, 0)
+    n = len(load_split("cuhk_pedes", root, "train").captions)
+    b = tips._small_set_batch("cuhk_pedes", root, "tiny", 0)["batch_size"]
+    assert 2 <= b <= n // 2 and b & (b - 1) == 0
+    b2 = tips._small_set_batch("cuhk_pedes", root, "tiny", 2)["batch_size"]
+    assert 2 * b2 <= max(4, n // 2)
+    assert tips._small_set_batch("cuhk_pedes", tiny_world["cuhk_pedes"], "tiny", 0) == {}  # a full set keeps the baselines' batch
+
+
+# ---------------------------------------------------------------------------------------------- TTA
+def test_tta_is_the_papers_feature_mix_in_similarities():
+    g = torch.Generator().manual_seed(0)
+    f_t, f_p, gal = (F.normalize(torch.randn(n, 8, generator=g), dim=-1) for n in (5, 5, 20))
+    s_t, s_p = f_t @ gal.T, f_p @ gal.T
+    for a in (0.0, 0.3, 0.6, 1.0):
+        mixed = F.normalize(a * f_t + (1 - a) * f_p, dim=-1) @ gal.T  # Eq. 3 on features
+        assert torch.equal(tips.tta_similarity(s_t, s_p, a).argsort(1), mixed.argsort(1))
+    assert torch.equal(tips.tta_similarity(s_t, s_p, 1.0), s_t) and torch.equal(tips.tta_similarity(s_t, s_p, 0.0), s_p)
+    with pytest.raises(ValueError, match="alpha"):
+        tips.tta_similarity(s_t, s_p, 1.5)
+
+
+def test_tta_previews_and_their_similarity(mini, tiny_world, tmp_path):
+    from person_retrieval import models
+    from person_retrieval.models.retrieval import encode_images
+
+    lm, gen, vlm, names = mini
+    bb = models.build_backbone(None, "tiny")
+    model = models.DualEncoder(bb).eval()
+    data = models.split_data("cuhk_pedes", tiny_world["cuhk_pedes"], "test", bb)
+    texts = data.captions[:6]
+    prev, per = tips.previews(gen, texts, (32, 64), seed=0, cache=tmp_path / "p.safetensors")
+    assert prev.shape == (6, 3, *gen.image_size) and prev.dtype == torch.uint8 and per > 0
+    again, per2 = tips.previews(gen, texts, (32, 64), seed=0, cache=tmp_path / "p.safetensors")
+    assert torch.equal(again, prev) and per2 == per  # from the cache, with the time it took
+    assert not torch.equal(tips.previews(gen, texts[::-1], (32, 64), seed=0, cache=tmp_path / "p.safetensors")[0], prev)  # other texts: redrawn
+    img = encode_images(model, data)
+    s = tips.preview_similarity(model, prev, img, bb.image_size)
+    x = F.interpolate(prev.float(), size=bb.image_size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 255).round().to(torch.uint8)
+    sub = type(data)(images=x, image_pids=torch.zeros(6, dtype=torch.long), tokens=data.tokens[:1], caption_pids=data.caption_pids[:1],
+                     caption_image_ids=torch.zeros(1, dtype=torch.long), captions=texts[:1])
+    ref = model.similarity(encode_images(model, sub), img)
+    assert s.shape == (6, len(data.images)) and torch.allclose(s, ref, atol=1e-5)
+    rows, extra = tips.evaluate_tta(model, data, tips.previews(gen, data.captions, (32, 64), seed=0)[0], [1.0, 0.6, 0.0])
+    plain = models.evaluate_retrieval(model, data)
+    assert rows[0]["alpha"] == 1.0 and rows[0]["R1"] == plain["R1"] and extra >= 0
+
+
+# ---------------------------------------------------------------------------------------------- the real path
+def test_the_flux_path_and_transformers_assistants_run_every_stage():
+    """FLUX.1-dev's classes at a tiny size with SPG and IDPG adapters, a tiny Llama and a tiny Qwen2-VL: random
+    weights, so the answers are noise and the MLLM's scores do not parse (rejections), but every stage runs."""
+    from person_retrieval.assistants import tiny
+    from person_retrieval.assistants.hf import TransformersLM, TransformersVLM
+    from person_retrieval.generators import flux, lora
+
+    lm = TransformersLM(*tiny.llama_lm())
+    texts = tips.seed_prompts(lm, range(2), "zero_shot", ["a man in red .", "a woman in blue .", "a man with a bag ."])
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts) and lm.usage.items["generate"] == 2
+    pipe = flux.tiny_flux_pipeline()
+    for a in ("spg", "idpg"):
+        lora.add_lora(pipe.transformer, a, rank=4)
+    gen = flux.flux_generator(pipe, height=32, width=16, steps=2)
+    seeds = tips.draw_seeds(gen, "spg", ["a man in red", "a woman"], [(32, 64), (64, 128)], seed=0)
+    assert seeds.shape == (2, 3, 32, 16) and seeds.dtype == torch.uint8
+    diffs = [d for d, _ in tips.draw_differences(2, np.random.default_rng(0))]
+    exp = tips.expand(gen, "spg+idpg", seeds, diffs, seed=0)
+    assert exp.shape == seeds.shape
+    model, proc = tiny.qwen2_vl()
+    vlm = TransformersVLM(model, proc, max_new_tokens=4)
+    s = tips.seed_scores(vlm, seeds, ["a man in red", "a woman"])
+    e = tips.expansion_scores(vlm, exp, seeds)
+    assert s.shape == (2, 2) and e.shape == (2, 3) and not tips.passes(s).any() and not tips.passes(e).any()
+    assert vlm.usage.unparsed["score"] >= 4 and vlm.usage.unparsed["tips_variation"] == 2
+    caps = tips.captions(vlm, seeds, np.random.default_rng(0))
+    assert len(caps) == 2 and all(len(c) == 2 for c in caps)
