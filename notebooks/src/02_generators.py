@@ -10,6 +10,9 @@
 # * **SynCPR** draws **two panels** of one person in one image and crops them into a pair, and varies the
 #   LoRA strength beta across samples for style diversity.
 #
+# This notebook is **TIPS, part 1** (the generators); notebook **02_tips** is part 2: the synthesis (prompts,
+# filter, captions), the retrieval experiments and test-time augmentation built on these generators.
+#
 # This notebook builds that machinery once (notebooks 02 and 03 use it) and checks what each part is for:
 # the size condition must control blur, and IDPG must keep the identity far better than sampling the same
 # prompt twice. With `weights=None` the generator is a small Flux transformer trained here on the mini

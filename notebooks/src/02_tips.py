@@ -1,8 +1,9 @@
 # %% [markdown]
 # # 02 · TIPS, part 2: text-image pair synthesis and test-time augmentation
 #
-# **TIPS** (*Text-Image Pairs Synthesis*, "Boosting text-based person retrieval with synthesized text-image
-# pairs", the TIPS paper) turns three assistants into a pretraining set for text-based person retrieval (TPR):
+# **TIPS** (*TIPS: A Text-Image Pairs Synthesis Framework for Robust Text-based Person Retrieval*, ICLR 2026
+# submission, [OpenReview](https://openreview.net/forum?id=Bp2VlfYAMc)) turns three assistants into a
+# pretraining set for text-based person retrieval (TPR):
 # an LLM writes seed-person descriptions, two LoRA-tuned generators draw them (**SPG**, the seed person
 # generator with a size condition for clarity, and **IDPG**, which draws the same person again from a
 # reference image and a difference prompt), and an MLLM filters the images and captions them. Notebook
@@ -129,9 +130,11 @@ demo_exp = tips.expand(gen, "spg+idpg", demo_seeds[:1].repeat(4, 1, 1, 1), [d fo
 person = tips.oracle_person(demo_prompts[0], rng, 0)
 oracle = tips._render_all([person] * 5, [tips._oracle_state(rng, profile, demo_sizes[0], max(sizes), w) for w in [None] + [w for _, w in diffs]],
                           gen.image_size[0])
-fig = viz.image_grid([*demo_seeds, *demo_exp, *oracle],
-                     [f"SPG {w}x{h}" for w, h in demo_sizes] + [d.replace("the same person, ", "") for d, _ in diffs]
-                     + ["oracle seed"] + ["oracle " + d.replace("the same person, ", "") for d, _ in diffs], cols=4 + 1)
+short = [d.replace("the same person, ", "").replace("seen from the ", "") for d, _ in diffs]
+w0, h0 = demo_sizes[0]
+fig = viz.image_grid([demo_seeds[0], *demo_exp, oracle[0], *oracle[1:], *demo_seeds[1:]],
+                     [f"SPG seed {w0}x{h0}"] + [f"IDPG: {d}" for d in short] + ["oracle seed"] + [f"oracle: {d}" for d in short]
+                     + [f"SPG seed {w}x{h}" for w, h in demo_sizes[1:]], cols=5, fontsize=6, scale=1.3)
 reports.save_figure(fig, "02_tips_stages", scale)
 
 # %% [markdown]
