@@ -550,7 +550,8 @@ def web_corpus(scale: str, seed: int, n_pairs: int, height: int = 64) -> Path:
 
     from ..models.pretrain import pretrain_corpus
 
-    out = cache_dir() / "tips" / "web" / f"{scale}-seed{seed}-n{n_pairs}-h{height}"
+    # the folder's name says everything its content depends on: training runs are cached by their data's path
+    out = cache_dir() / "tips" / "web" / f"{scale}-seed{seed}-n{n_pairs}-h{height}-v{TIPS_VERSION}"
     if (out / "reid_raw.json").is_file():
         return out
     n_ids = max(2, -(-n_pairs // 2))
