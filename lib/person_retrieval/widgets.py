@@ -133,6 +133,14 @@ def thumbnail_html(image, caption: str = "", outline: bool = False, height: int 
             f'<figcaption style="font-size:11px">{html.escape(caption)}</figcaption></figure>')
 
 
+def hits_html(images, idx, pids, target: int, scores=None, height: int = 128) -> str:
+    """A ranked row of thumbnails: ``images[idx[r]]`` captioned "rank. id pid" (and its score), the target
+    person's outlined (every demo's result row)."""
+    return "".join(thumbnail_html(images[int(i)], f"{r + 1}. id {p}" + (f" ({scores[r]:.2f})" if scores is not None else ""),
+                                  outline=int(p) == int(target), height=height)
+                   for r, (i, p) in enumerate(zip(idx, pids)))
+
+
 def claims_html(claims: dict, people: dict[str, dict | None]) -> str:
     """What a query says (slot = value, by the world's grammar) against each named person's truth:
     a tick where the person has it, a cross where not."""
@@ -229,8 +237,7 @@ class TextRetrievalDemo(_Demo):
         self.last = res
         self.status.value = (f"<b>Rank-1 {'right' if res.r1 else 'wrong'}</b>: the person to find is id {target} "
                              f"(outlined in green); {self.model.value} on {self.dataset.value}")
-        self.results.value = "".join(thumbnail_html(data.images[i], f"{r + 1}. id {p} ({s:.2f})", outline=int(p) == target)
-                                     for r, (i, p, s) in enumerate(zip(idx, pids, scores)))
+        self.results.value = hits_html(data.images, idx, pids, target, scores)
         people = self.people.get(self.dataset.value)
         if people is not None:
             true_img = int(data.caption_image_ids[self.caption.value])
@@ -352,16 +359,14 @@ class ChatRetrievalDemo(_Demo):
             self.refined_ranks.append(rank_of_first(pids_all[ridx], self.target_pid))
             note = (f"refined query: <i>{html.escape(refined)}</i>" if refined else "no refinement this round (no candidate confirmed, or an early exit)")
             self.refined_results.value = (f"<div>with multi-turn interaction (CTGI's MTI): rank <b>{self.refined_ranks[-1]}</b>; {note}</div>"
-                                          + "".join(thumbnail_html(data.images[i], f"{r + 1}. id {p}", outline=int(p) == self.target_pid)
-                                                    for r, (i, p) in enumerate(zip(ridx[: self.k], pids_all[ridx[: self.k]]))))
+                                          + hits_html(data.images, ridx[: self.k], pids_all[ridx[: self.k]], self.target_pid))
             self._refined_text = refined
         pids = pids_all[idx]
         self.ranks.append(rank_of_first(pids, self.target_pid))
         top, top_pids = idx[: self.k], pids[: self.k]
         self.transcript.value = "<br>".join(f"<b>system</b>: {html.escape(q)}<br><b>you</b>: {html.escape(a)}" for q, a in self.rounds)
         self.results.value = (f"<div>round {len(self.rounds)}: the person to find is at rank <b>{self.ranks[-1]}</b></div>"
-                              + "".join(thumbnail_html(data.images[i], f"{r + 1}. id {p}", outline=int(p) == self.target_pid)
-                                        for r, (i, p) in enumerate(zip(top, top_pids))))
+                              + hits_html(data.images, top, top_pids, self.target_pid))
         fig, ax = plt.subplots(figsize=(3, 2))
         rounds = range(1, len(self.ranks) + 1)
         ax.plot(rounds, self.ranks, "o-", label="dialogue")
@@ -455,8 +460,7 @@ class ComposedRetrievalDemo(_Demo):
             ranked[name], ids[name] = order[: self.k], self.gallery_ids[order[: self.k]]
             ranks[name] = rank_of_first(self.gallery_ids[order], target)
             rows.append(f"<div><b>{html.escape(name)}</b>: the target at rank <b>{ranks[name]}</b></div>"
-                        + "".join(thumbnail_html(self.gallery[g], f"{r + 1}. id {t}", outline=int(t) == target, height=96)
-                                  for r, (g, t) in enumerate(zip(ranked[name], ids[name]))))
+                        + hits_html(self.gallery, ranked[name], ids[name], target, height=96))
         self.results.value = "".join(rows)
         self.last = ComposedResult(i, self.text.value, target, ranked, ids, ranks)
         return self.last

@@ -493,6 +493,11 @@ def evaluate_on_itcpr(model: FAFAModel, bench: ITCPR, scale: str, init: str | No
 # ---------------------------------------------------------------------------------------------
 # Table 1's baselines without CPR training
 @torch.no_grad()
+def _unit_text_features(bb, texts: list[str], batch: int = 256) -> torch.Tensor:
+    """A backbone's pooled text features, unit length (the text-only ranker of Table 1 and of the demo)."""
+    return torch.cat([F.normalize(bb.encode_text(bb.tokenize(texts[s: s + batch]))[0].float(), dim=-1) for s in range(0, len(texts), batch)])
+
+
 def baseline_similarities(backbone, tpr_model, bench: ITCPR, batch: int = 256) -> dict[str, torch.Tensor]:
     """Image-only (the reference image's feature against the gallery's, the mini CLIP), text-only (the TPR
     model of notebook 01 on the relative caption), their late fusion (the mean of the two similarities),
@@ -503,8 +508,7 @@ def baseline_similarities(backbone, tpr_model, bench: ITCPR, batch: int = 256) -
     image_only = pooled_images(backbone, bench.query_paths()) @ pooled_images(backbone, bench.gallery_paths()).T
     tb = tpr_model.backbone.eval()
     caps = [q["caption"] for q in bench.queries]
-    t = torch.cat([F.normalize(tb.encode_text(tb.tokenize(caps[s: s + batch]))[0].float(), dim=-1) for s in range(0, len(caps), batch)])
-    text_only = t @ pooled_images(tb, bench.gallery_paths()).T
+    text_only = _unit_text_features(tb, caps, batch) @ pooled_images(tb, bench.gallery_paths()).T
     return {"image only": image_only, "text only": text_only, "late fusion": (image_only + text_only) / 2,
             "zero-shot composition": zero_shot_composition(backbone, bench)}
 
@@ -537,7 +541,7 @@ def composed_demo(model: FAFAModel, bench: ITCPR, scale: str, init: str | None, 
 
     @torch.no_grad()
     def text_scores(i: int, text: str) -> torch.Tensor:
-        return (F.normalize(tb.encode_text(tb.tokenize([text]))[0].float(), dim=-1) @ tpr_gallery.T)[0]
+        return (_unit_text_features(tb, [text]) @ tpr_gallery.T)[0]
 
     q_ids, g_ids = itcpr_ids(bench)
     size = bb.image_size
