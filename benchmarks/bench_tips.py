@@ -8,7 +8,6 @@ import sys
 import tempfile
 import time
 
-
 from person_retrieval.config import rng_for
 from person_retrieval.papers import tips
 

@@ -28,3 +28,26 @@ def tiny_world():
     from person_retrieval.world import FORMAT_NAMES, world_dataset
 
     return {name: world_dataset(name, "tiny", seed=0, progress=False) for name in FORMAT_NAMES}
+
+
+@pytest.fixture
+def kill_after_first_shard():
+    """Run ``code`` (a ``python -c`` program that synthesizes into ``sys.argv[1]`` the configuration given as JSON in
+    ``sys.argv[2]``) and SIGKILL it once its first shard's record is on disk: a real crash part-way."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    def run(code: str, folder, config: dict, poll: float = 0.02) -> None:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "lib")}
+        proc = subprocess.Popen([sys.executable, "-c", code, str(folder), json.dumps(config)], env=env)
+        t0 = time.time()
+        while not (Path(folder) / "shards" / "shard_00000.json").is_file() and time.time() - t0 < 300 and proc.poll() is None:
+            time.sleep(poll)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    return run

@@ -1,12 +1,7 @@
 """SynCPR's pipeline (quadruples, dual panels, the filter, shards and resume) and ITCPR's layouts and
 evaluation (notebook 03)."""
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +156,7 @@ def test_synthesis_writes_the_released_format(mini, tmp_path):
         syncpr.synthesize(tmp_path / "t", cfg, lm, gen, vlm, shard=2, num_shards=2)
 
 
-def test_a_killed_synthesis_resumes_to_the_same_manifest(mini, tmp_path):
+def test_a_killed_synthesis_resumes_to_the_same_manifest(mini, kill_after_first_shard, tmp_path):
     lm, gen, vlm, names = mini
     cfg = _cfg(names)
     # unbroken, and split over two "processes" (shard 0 and shard 1 of 2)
@@ -178,13 +173,7 @@ def test_a_killed_synthesis_resumes_to_the_same_manifest(mini, tmp_path):
             "c['beta_range'] = tuple(c['beta_range']); c['models'] = tuple(c['models']); "
             "lm, gen, vlm, _ = S.mini_models('tiny', 0, progress=False); "
             "S.synthesize(sys.argv[1], S.SynthesisConfig(**c), lm, gen, vlm, progress=False)")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "lib")}
-    proc = subprocess.Popen([sys.executable, "-c", code, str(killed), json.dumps(cfg.as_json())], env=env)
-    t0 = time.time()
-    while not (killed / "shards" / "shard_00000.json").is_file() and time.time() - t0 < 300 and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_shard(code, killed, cfg.as_json())
     left = syncpr.missing_shards(killed)
     assert 0 < len(left) < cfg.n_shards, left  # stopped part-way
     syncpr.synthesize(killed, cfg, lm, gen, vlm, progress=False)

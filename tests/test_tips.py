@@ -1,11 +1,6 @@
 """TIPS (notebook 02_tips): prompts, differences, the filter's rule and redraws, the sharded synthesis and its
 resume, the CUHK-PEDES folder it writes, the few-shot split, the web corpus, TTA, and the real path."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +139,7 @@ def test_rejection_table_known_answer(tmp_path):
     assert t["seed", "given up after every draw"] == 50 and t["expansion", "variation"] == 50 and t["expansion", "quality"] == 0
 
 
-def test_a_killed_synthesis_resumes_to_the_same_manifest(mini, domain, tmp_path):
+def test_a_killed_synthesis_resumes_to_the_same_manifest(mini, kill_after_first_shard, domain, tmp_path):
     lm, gen, vlm, names = mini
     ex, sizes, profile = domain
     cfg = _cfg(names, n=12)
@@ -162,13 +157,7 @@ def test_a_killed_synthesis_resumes_to_the_same_manifest(mini, domain, tmp_path)
             "import time; orig = T.synthesize_shard\n"
             "def slow(*a, **k):\n    time.sleep(0.5); return orig(*a, **k)\n"
             "T.synthesize_shard = slow; T.synthesize(sys.argv[1], T.TIPSConfig(**c), lm, gen, vlm, ex, sizes, prof, progress=False)")
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "lib")}
-    proc = subprocess.Popen([sys.executable, "-c", code, str(killed), json.dumps(cfg.as_json())], env=env)
-    t0 = time.time()
-    while not (killed / "shards" / "shard_00000.json").is_file() and time.time() - t0 < 300 and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_shard(code, killed, cfg.as_json())
     left = tips.missing_shards(killed)
     assert 0 < len(left) < cfg.n_shards, left
     tips.synthesize(killed, cfg, lm, gen, vlm, ex, sizes, profile, progress=False)
