@@ -98,6 +98,34 @@ def test_the_text_demo_answers_through_its_widgets(cuhk, tiny_world):
         TextRetrievalDemo({}, {"cosine": cosine})
 
 
+def test_a_model_whose_gallery_reads_summaries_ranks_over_them_in_the_text_demo(cuhk):
+    """CECA's gallery: the same test images, each with a text beside it; the demo must rank over that split."""
+    import dataclasses
+
+    from person_retrieval.papers import ceca
+
+    data, people = cuhk
+    backbone = build_backbone(None, "tiny")
+    torch.manual_seed(0)
+    model = ceca.CECAModel(backbone).eval()
+    summaries = backbone.tokenize([f"a person in {p['upper_color']} and {p['lower_color']}" for p in people])
+    with_s = dataclasses.replace(data, image_texts=summaries)
+    demo = TextRetrievalDemo({"cuhk_pedes": data}, {"CECA": {"cuhk_pedes": model}}, {"cuhk_pedes": people}, k=5,
+                             gallery_data={"CECA": {"cuhk_pedes": with_s}})
+    g = demo.gallery()
+    assert g.data is with_s and "summary" in g.features and g.index is None
+    res = demo.pick_caption(2)
+    want = model.similarity(g.embed(data.captions[2]), model.embed_images(to_float(data.images), summaries))[0]
+    assert torch.equal(torch.as_tensor(res.ranked), torch.argsort(-want, stable=True)[:5])
+    plain = Gallery(model, data)  # without the summaries the gallery is another one
+    assert "summary" not in plain.features and not torch.allclose(plain.features["global"], g.features["global"])
+    shuffled = dataclasses.replace(with_s, image_pids=with_s.image_pids.flip(0))
+    with pytest.raises(ValueError, match="is not the gallery of dataset 'cuhk_pedes'"):
+        TextRetrievalDemo({"cuhk_pedes": data}, {"CECA": model}, gallery_data={"CECA": {"cuhk_pedes": shuffled}})
+    with pytest.raises(ValueError, match="names model 'RDE'"):
+        TextRetrievalDemo({"cuhk_pedes": data}, {"CECA": model}, gallery_data={"RDE": {"cuhk_pedes": with_s}})
+
+
 def test_the_chat_demo_reranks_by_the_whole_dialogue_after_every_answer(tiny_world):
     from person_retrieval import assistants
     from person_retrieval.datasets import read_chatpedes

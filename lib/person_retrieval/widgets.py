@@ -176,14 +176,25 @@ class TextRetrievalDemo(_Demo):
     ``models``: name -> model (zero-shot, IRRA, RDE, CECA, any with ``embed_images``/``embed_texts``/
     ``similarity``), or name -> {dataset: model} for models fine-tuned per style; ``people``: name -> the
     true person record of every gallery image (the world's; None on real data), for the claims table. The query box starts with test caption ``caption``; editing it keeps
-    that caption's person as the one to find."""
+    that caption's person as the one to find. ``gallery_data``: model name -> {dataset: split} for a model
+    whose gallery reads more than the images (CECA: the same test images, each with its MLLM summary,
+    ``papers.ceca.with_summaries``); the images, their order and the captions must be the dataset's own."""
 
     def __init__(self, datasets: dict[str, RetrievalData], models: dict[str, object], people: dict[str, list[dict]] | None = None,
-                 k: int = 10, caption: int = 0):
+                 k: int = 10, caption: int = 0, gallery_data: dict[str, dict[str, RetrievalData]] | None = None):
         import ipywidgets as W
 
         if not datasets or not models:
             raise ValueError("TextRetrievalDemo needs at least one dataset and one model")
+        self.gallery_data = gallery_data or {}
+        for name, per in self.gallery_data.items():
+            if name not in models:
+                raise ValueError(f"gallery_data names model {name!r}, which is not among the models {sorted(models)}")
+            for d, g in per.items():
+                if d not in datasets:
+                    raise ValueError(f"gallery_data[{name!r}] names dataset {d!r}, which is not among the datasets {sorted(datasets)}")
+                if not torch.equal(g.image_pids, datasets[d].image_pids) or len(g.images) != len(datasets[d].images):
+                    raise ValueError(f"gallery_data[{name!r}][{d!r}] is not the gallery of dataset {d!r}: its images differ")
         self.datasets, self.models, self.people, self.k = datasets, models, people or {}, k
         self._galleries: dict[tuple[str, str], Gallery] = {}
         first = next(iter(datasets))
@@ -207,7 +218,8 @@ class TextRetrievalDemo(_Demo):
         key = (dataset or self.dataset.value, model or self.model.value)
         if key not in self._galleries:
             m = self.models[key[1]]
-            self._galleries[key] = Gallery(m[key[0]] if isinstance(m, dict) else m, self.datasets[key[0]])
+            data = self.gallery_data.get(key[1], {}).get(key[0], self.datasets[key[0]])
+            self._galleries[key] = Gallery(m[key[0]] if isinstance(m, dict) else m, data)
         return self._galleries[key]
 
     def _dataset_changed(self):

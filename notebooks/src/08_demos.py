@@ -9,7 +9,7 @@
 #
 # | demo | paper | model (cached by the notebook named) |
 # |---|---|---|
-# | text retrieval | IRRA / RDE baselines | zero-shot mini CLIP (00), IRRA and RDE per style (01) |
+# | text retrieval | IRRA / RDE baselines, *CECA* (conversational attribute mining) | zero-shot mini CLIP (00), IRRA and RDE per style (01), CECA per style (05) |
 # | composed retrieval | *Composed Person Retrieval* (SynCPR / ITCPR / FAFA) | FAFA trained on SynCPR (04) |
 # | chat retrieval | *Chat-based Person Retrieval* (DiaNA) + CTGI's multi-turn interaction | DiaNA (06), mini MLLM and LM (00, 07) |
 # | generation | *TIPS* (seed person generator) and SynCPR's LoRA strength | the mini generator (02) |
@@ -22,20 +22,20 @@ scale: str = "small"           # "tiny" or "small" (the demos run on the mini wo
 gpus: int = 0                  # 0: CPU; 1: one GPU; N: processes for any model still to train
 seed: int = 0                  # the world and the models' seed (the other notebooks' default)
 datasets: list = ["cuhk_pedes", "icfg_pedes", "rstpreid"]  # the text demo's styles
-methods: list = ["zero-shot", "irra", "rde"]  # the text demo's models
+methods: list = ["zero-shot", "irra", "rde", "ceca"]  # the text demo's models
 top_k: int = 10                # images shown per ranking (the chat demo shows half)
 
 # %%
 from person_retrieval import analysis, assistants, models, params, reports
 from person_retrieval.datasets import read_chatpedes, read_itcpr
 from person_retrieval.generators.mini import mini_config, mini_generators, target_set
-from person_retrieval.papers import ctgi, diana, fafa, syncpr, tpr
+from person_retrieval.papers import ceca, ctgi, diana, fafa, syncpr, tpr
 from person_retrieval.train import load_weights
 from person_retrieval.widgets import GenerationDemo, TextRetrievalDemo
 from person_retrieval.world import dataset_root, world_dataset
 
 P = params.check(dict(scale=scale, gpus=gpus, seed=seed, datasets=datasets, methods=methods, top_k=top_k),
-                 datasets=params.choices(["cuhk_pedes", "icfg_pedes", "rstpreid"]), methods=params.choices(["zero-shot", "irra", "rde"]),
+                 datasets=params.choices(["cuhk_pedes", "icfg_pedes", "rstpreid"]), methods=params.choices(["zero-shot", "irra", "rde", "ceca"]),
                  top_k=params.integer(1, 50))
 if scale == "paper":
     raise ValueError("parameter 'scale': the demos run on the mini world: use 'tiny' or 'small'")
@@ -52,6 +52,8 @@ print(source)
 # person and the true person really wear. Things to try:
 #
 # * switch from the zero-shot backbone to IRRA or RDE: fine-tuning on the style moves the true person up;
+# * switch to CECA: its gallery reads each image together with the MLLM's summary of it (notebook 05's five
+#   questions), so a detail the summary names counts even where the image alone is hard to read;
 # * delete the colours from the query, then add a rare one back (a shoe colour few people have): the rare
 #   attribute narrows the gallery far more than a common one;
 # * change the dataset: each style's captions read differently, and each fine-tuned model knows its own.
@@ -62,14 +64,21 @@ load_weights(backbone, init)
 roots = {d: dataset_root(d, None, scale, seed) for d in datasets}
 test_sets = {d: models.split_data(d, roots[d], "test", backbone) for d in datasets}
 people = {d: analysis.world_people(test_sets[d], roots[d]) for d in datasets}
-text_models = {}
+vlm, lm = assistants.load(scale, seed)  # the mini MLLM and LM (00): CECA's summaries here, the chat demo below
+text_models, gallery_data = {}, {}
 for m in methods:
     if m == "zero-shot":
         text_models["zero-shot"] = models.DualEncoder(backbone).eval()
+    elif m == "ceca":  # notebook 05's run (its schedule), over the summaries it built
+        folders = {d: ceca.build_summaries(d, roots[d], scale, seed, vlm=vlm, lm=lm, progress=False) for d in datasets}
+        schedule = {} if ceca.EPOCHS.get(scale) is None else {"epochs": ceca.EPOCHS[scale]}
+        text_models["CECA"] = {d: ceca.fit_ceca(d, roots[d], folders[d], scale=scale, seed=seed, gpus=gpus, init=init, progress=False,
+                                                **schedule).model for d in datasets}
+        gallery_data["CECA"] = {d: ceca.with_summaries(test_sets[d], roots[d], folders[d], "test", backbone.tokenize) for d in datasets}
     else:
         text_models[m.upper()] = {d: tpr.fit_baseline(m, d, roots[d], scale=scale, seed=seed, gpus=gpus, init=init, progress=False).model
                                   for d in datasets}
-text_demo = TextRetrievalDemo(test_sets, text_models, people, k=top_k)
+text_demo = TextRetrievalDemo(test_sets, text_models, people, k=top_k, gallery_data=gallery_data)
 first = text_demo.pick_caption(0)
 print(f"caption 0: {first.text!r} -> Rank-1 {'right' if first.r1 else 'wrong'}")
 text_demo.snapshot()  # what the first interaction shows, kept in the executed copy
@@ -118,7 +127,6 @@ composed_demo  # the live demo
 # Try answering truthfully for a few rounds (the rank should fall), then answer something false.
 
 # %%
-vlm, lm = assistants.load(scale, seed)
 chat_folder = diana.build_chatpedes(scale, seed, vlm=vlm, progress=False)
 chat_clean = chat_folder / "clean"
 stage1 = diana.pretrained_diana(scale, seed, gpus, init=init, progress=False)
