@@ -48,6 +48,9 @@ def lab(tmp_path):
     settings = tmp_path / "lab-settings" / "@jupyterlab" / "notebook-extension"
     settings.mkdir(parents=True)
     (settings / "tracker.jupyterlab-settings").write_text('{"windowingMode": "none"}')  # every cell in the page, scrolled or not
+    notes = tmp_path / "lab-settings" / "@jupyterlab" / "apputils-extension"
+    notes.mkdir(parents=True)  # no news toast over the screenshot, and no request to a website from an offline test
+    (notes / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
     log = open(tmp_path / "lab.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
                              f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}", "--ServerApp.open_browser=False", "--allow-root",
@@ -125,7 +128,14 @@ def _drive(driver, url, tmp, By, EC, WebDriverWait):
     WebDriverWait(driver, 60).until(lambda d: "shoes_color = red" in d.page_source)
     first = driver.find_elements(By.CSS_SELECTOR, ".widget-html figure.pr-hit img")[0]
     assert first.get_attribute("src").startswith("data:image/png;base64,") and first.size["height"] > 0
-    driver.execute_script("arguments[0].scrollIntoView()", query)
+    # the model picker re-ranks by itself: CECA (which ranks over its summaries gallery) answers the same query
+    from selenium.webdriver.support.ui import Select
+    picker = Select(driver.find_elements(By.CSS_SELECTOR, ".widget-dropdown select")[1])  # dataset, then model
+    assert "CECA" in [o.text for o in picker.options], [o.text for o in picker.options]
+    picker.select_by_visible_text("CECA")
+    WebDriverWait(driver, 60).until(lambda d: "CECA on cuhk_pedes" in d.page_source)
+    demo = driver.execute_script("return arguments[0].closest('.jp-OutputArea-output')", query)
+    driver.execute_script("arguments[0].scrollIntoView()", demo)  # the whole text demo, its picker on top
     shot = tmp / "text_demo.png"
     driver.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
