@@ -120,6 +120,15 @@ def test_resume_under_ddp_ends_with_the_same_weights(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_failing_ddp_process_is_named_with_its_own_traceback(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: gpus=2 would mean two GPUs")
+    spec = TaskSpec("_ddp_tasks:FailsOnRankOne", {"scale": "tiny", "seed": 0, "n_ids": 40})
+    with pytest.raises(RuntimeError, match="DDP process 1 of 2 failed first") as e:
+        fit(spec, cfg(gpus=2, epochs=1, out_dir=str(tmp_path)))
+    assert "rank one's own error at its first step" in str(e.value) and "in loss" in str(e.value)
+
+
 def test_batches_travel_as_bytes_and_are_normalised_on_the_device():
     from person_retrieval.datasets.torch_data import CLIP_MEAN, CLIP_STD
 

@@ -377,10 +377,37 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
 
 
 def _worker(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type: str, backend: str, port: int, result_file: str) -> None:
-    """Entry point of each spawned DDP process (importable, so spawn can find it)."""
-    res = _train(rank, world, spec, cfg, device_type, backend, port)
+    """Entry point of each spawned DDP process (importable, so spawn can find it). A rank that raises
+    writes its traceback beside the result first: a peer blocked in a collective may die of a signal
+    (gloo's SIGABRT) before spawn sees this rank's exception, and :func:`fit` must still name the cause."""
+    try:
+        res = _train(rank, world, spec, cfg, device_type, backend, port)
+    except BaseException:
+        import traceback
+
+        Path(result_file).with_name(f"rank{rank}.error").write_text(traceback.format_exc())
+        raise
     if rank == 0:
         Path(result_file).write_text(json.dumps({k: v for k, v in res.items() if k != "model"}))
+
+
+def _spawn(world: int, args: tuple, result_file: str) -> None:
+    """Run the ``world`` processes; when one fails, raise with the first traceback a rank wrote."""
+    import torch.multiprocessing as mp
+
+    errors = [Path(result_file).with_name(f"rank{r}.error") for r in range(world)]
+    for f in errors:
+        f.unlink(missing_ok=True)
+    try:
+        mp.spawn(_worker, args=args, nprocs=world, join=True)
+    except Exception as e:
+        written = [f for f in errors if f.is_file()]
+        if not written:
+            raise
+        first = min(written, key=lambda f: f.stat().st_mtime)
+        seen = next((line.strip(" -") for line in str(e).splitlines() if line.strip(" -")), "")
+        raise RuntimeError(f"DDP process {first.stem[4:]} of {world} failed first (spawn saw: {type(e).__name__}, {seen}); "
+                           f"its traceback:\n{first.read_text()}") from e
 
 
 def fit(spec: TaskSpec, cfg: TrainConfig) -> FitResult:
@@ -394,15 +421,13 @@ def fit(spec: TaskSpec, cfg: TrainConfig) -> FitResult:
     else:
         import tempfile
 
-        import torch.multiprocessing as mp
-
         out_dir = cfg.out_dir or tempfile.mkdtemp(prefix="pr-ddp-")
         cfg = TrainConfig(**{**asdict(cfg), "out_dir": out_dir})
         result_file = str(Path(out_dir) / "result.json")
         if cfg.progress:
             where = f"{world} GPUs (NCCL)" if device_type == "cuda" else f"{world} CPU processes (gloo; no GPU here)"
             print(f"DistributedDataParallel over {world} processes on {where}", flush=True)
-        mp.spawn(_worker, args=(world, spec, cfg, device_type, backend, _free_port(), result_file), nprocs=world, join=True)
+        _spawn(world, (world, spec, cfg, device_type, backend, _free_port(), result_file), result_file)
         res = json.loads(Path(result_file).read_text())
         model = spec.build().build()
         load_weights(model, Path(out_dir) / "checkpoints" / "last.safetensors")
