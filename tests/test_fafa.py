@@ -30,6 +30,25 @@ def test_the_two_readings_and_the_text_mask():
     assert not torch.allclose(m.compose(img, txt.flip(1), mask.flip(1).sort(1, descending=True).values), c)
 
 
+def test_the_anchor_starts_at_the_zero_shot_composition_and_lets_the_qformer_in():
+    size = fafa.QFORMER["tiny"]
+    d = size.proj  # a square anchor keeps cosines exactly
+    torch.manual_seed(0)
+    m = fafa.FAFAModel(fafa.qformer(size, d), size.queries, torch.nn.Linear(d, size.hidden), size.proj, anchor=d).eval()
+    img, gal, txt = torch.randn(3, 5, d), torch.randn(4, 5, d), torch.randn(3, 4, d)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    end = txt[torch.arange(3), mask.sum(1) - 1]  # each text's last real token
+    n = torch.nn.functional.normalize
+    want = n(n(img[:, 0], dim=-1) + n(end, dim=-1), dim=-1) @ n(gal[:, 0], dim=-1).T  # the zero-shot composition
+    with torch.no_grad():
+        got = fafa.losses.fda_scores(m.compose(img, txt, mask), m.targets(gal), 6)
+        assert torch.allclose(got, want, atol=1e-5)  # gates at 0: the frozen encoders' cosines, nothing else
+        assert m.targets(gal).std(1).max() < 1e-6  # every token of a target is its anchor
+        m.gates.fill_(0.5)
+        assert not torch.allclose(fafa.losses.fda_scores(m.compose(img, txt, mask), m.targets(gal), 6), want, atol=1e-3)
+        assert m.targets(gal).std(1).max() > 1e-3  # the Q-Former's tokens now differ
+
+
 def test_batches_are_whole_groups():
     groups = [[0, 1], [2], [3, 4, 5]]
     n = 6

@@ -35,6 +35,18 @@
 # mini CLIP's locked image tower (its map cells are the image tokens) and its text tower's token
 # features. The release selects its checkpoint on ITCPR, the test set; here a held-out part of the
 # training triplets selects it.
+#
+# **One departure, chosen on validation.** BLIP-2's Q-Former arrives pretrained: its queries and its text
+# reading already meet. Ours is trained here in minutes and does not. So the mini path starts from the
+# frozen encoders' own composition and lets the Q-Former in through gates $\gamma$ that start at 0:
+#
+# $$f_t = A\,\hat g_t + \gamma_t\, t,\qquad f_q = A\,\mathrm{norm}(\hat g_r + \hat h) + \gamma_q\, q,$$
+#
+# with $\hat g$ an image's pooled mini-CLIP feature (the image's token 0, as a ViT's class token leads its
+# patch tokens), $\hat h$ the relative text's end token, $A$ a learned map started orthogonal, and $t$,
+# $q$ the Q-Former's target tokens and composed reading. FAFA's three losses train all of it. At small,
+# seed 0, on held-out training triplets: validation R1 81.3 with this start, 45.7 without; Table 1 shows
+# both on ITCPR.
 
 # %% tags=["parameters"]
 from typing import Optional  # the types papermill --help-notebook shows
@@ -111,7 +123,13 @@ for name, root in trainable.items():
         res = fafa.fit_fafa(root, mini_scale, seed, gpus, init, parts=parts, **knobs, progress=False)
         runs[(name, parts, seed)] = res
         rows.append({"method": label.split(" on ")[0], "trained on": name,
-                     **fafa.evaluate_on_itcpr(res.model, bench, mini_scale, init, top_k_tokens)})
+                     **fafa.evaluate_on_itcpr(res.model, bench, mini_scale, init, top_k_tokens),
+                     "note": f"validation R1 {res.best.get('R1', float('nan')):.1f}; gates (target, query) "
+                             + ", ".join(f"{g:+.3f}" for g in res.model.gates.tolist())})
+    res = fafa.fit_fafa(root, mini_scale, seed, gpus, init, parts=fafa.LOSS_SETS["FDA + FD + MFR"], **knobs, progress=False, anchor=False)
+    rows.append({"method": "FAFA, the Q-Former alone (no anchor)", "trained on": name,
+                 **fafa.evaluate_on_itcpr(res.model, bench, mini_scale, init, top_k_tokens),
+                 "note": f"validation R1 {res.best.get('R1', float('nan')):.1f}"})
 if weights is not None:  # the real path: BLIP-2's own Q-Former, read as FAFA reads it, before any CPR training
     itr, processor = fafa.load_blip2(P["weights"], device="cuda" if gpus else "cpu")
     blip2 = fafa.Blip2Composer(itr)
