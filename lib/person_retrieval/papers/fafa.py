@@ -187,15 +187,19 @@ def _backbone(scale: str, init: str | None):
 def image_tokens(backbone, paths: list[str], batch: int = 256) -> torch.Tensor:
     """``[N, 1 + T, D]`` image tokens of the images at ``paths``: the mini CLIP's pooled feature first (as a
     ViT's class token leads its patch tokens, which BLIP-2's Q-Former reads), then its map cells, projected."""
-    from ..datasets.torch_data import load_images, to_float
+    from ..datasets.torch_data import load_images
 
-    return _tokens_with_pooled(backbone, to_float(load_images(paths, backbone.image_size)), batch)
+    return _tokens_with_pooled(backbone, load_images(paths, backbone.image_size), batch)
 
 
-def _tokens_with_pooled(backbone, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+@torch.no_grad()
+def _tokens_with_pooled(backbone, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """:func:`image_tokens` of images already loaded (``uint8``), normalised a batch at a time."""
+    from ..datasets.torch_data import to_float
+
     out = []
-    for s in range(0, len(x), batch):
-        pooled, tokens = backbone.encode_image(x[s: s + batch])
+    for s in range(0, len(images), batch):
+        pooled, tokens = backbone.encode_image(to_float(images[s: s + batch]))
         out.append(torch.cat([pooled[:, None], tokens], 1).float())
     return torch.cat(out)
 
@@ -367,11 +371,7 @@ class QFormerPretrainTask:
             if key not in _MEMO:
                 images, caps, pids = pretrain_corpus(self.scale, self.seed)
                 bb = _backbone(self.scale, self.init)
-                from ..datasets.torch_data import to_float
-
-                with torch.no_grad():
-                    img = torch.cat([_tokens_with_pooled(bb, to_float(images[s: s + 256])) for s in range(0, len(images), 256)])
-                _MEMO[key] = (img, *text_tokens(bb, caps), pids)
+                _MEMO[key] = (_tokens_with_pooled(bb, images), *text_tokens(bb, caps), pids)
             img, txt, mask, pids = _MEMO[key]
             n_val = max(8, int(0.05 * int(pids.max() + 1)))
             val = pids < n_val
