@@ -129,6 +129,32 @@ def test_a_failing_ddp_process_is_named_with_its_own_traceback(tmp_path):
     assert "rank one's own error at its first step" in str(e.value) and "in loss" in str(e.value)
 
 
+def test_a_ddp_process_killed_by_a_signal_leaves_its_python_stack(tmp_path):
+    """A rank that dies of SIGABRT writes no traceback; its Python stack (faulthandler) names where it was."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: gpus=2 would mean two GPUs")
+    spec = TaskSpec("_ddp_tasks:AbortsOnRankOne", {"scale": "tiny", "seed": 0, "n_ids": 40})
+    with pytest.raises(RuntimeError, match="DDP process 1 of 2 failed first") as e:
+        fit(spec, cfg(gpus=2, epochs=1, out_dir=str(tmp_path)))
+    assert "stack at the fatal signal" in str(e.value) and "in loss" in str(e.value) and "_ddp_tasks.py" in str(e.value)
+
+
+def test_the_gather_keeps_every_process_gradient(tmp_path):
+    """Gathered features carry their gradient home: each process's slice gets the sum over the processes'
+    copies of the global loss (world x the true gradient, which DDP's averaging then divides by world)."""
+    import torch.multiprocessing as mp
+
+    from _ddp_tasks import gather_gradient
+
+    mp.spawn(gather_gradient, args=(2, train._free_port(), str(tmp_path)), nprocs=2, join=True)
+    w = torch.arange(6.0)
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert torch.equal(got["y"], torch.tensor([0.0, 1, 2, 10, 11, 12]))
+        x = torch.arange(3.0) + 10 * r
+        assert torch.allclose(got["grad"], 2 * (2 * x * w[3 * r: 3 * r + 3]))
+
+
 def test_batches_travel_as_bytes_and_are_normalised_on_the_device():
     from person_retrieval.datasets.torch_data import CLIP_MEAN, CLIP_STD
 

@@ -115,6 +115,24 @@ def config_tag(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def cached_tensors(name: str, compute, *key) -> tuple:
+    """Tensors computed once and kept under ``.cache/tensors/`` by ``name`` and a hash of ``key``
+    (safetensors, written atomically), so that every process of a run, and every later run, loads them
+    instead of recomputing: ``compute()`` returns a tuple of tensors."""
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir() / "tensors" / f"{name}-{config_tag(*key)}.safetensors"
+    if path.is_file():
+        got = load_file(str(path))
+        return tuple(got[str(i)] for i in range(len(got)))
+    out = tuple(compute())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    save_file({str(i): t.contiguous() for i, t in enumerate(out)}, str(tmp))
+    os.replace(tmp, path)
+    return out
+
+
 def rng_for(seed: int, *purpose) -> np.random.Generator:
     """An independent random stream for one purpose: ``rng_for(seed, "cuhk_pedes", "people")``."""
     return np.random.default_rng([int(seed), stable_hash(*purpose)])

@@ -7,7 +7,7 @@
   machine with no GPU, ``gpus>=2`` runs the very same DDP path as N CPU processes over gloo (how the
   tests exercise it); asking for more GPUs than the machine has is an error.
 * Contrastive losses see the whole global batch: features are gathered across processes with
-  gradients kept (``torch.distributed.nn.functional.all_gather``).
+  gradients kept (:class:`_GatherWithGrad`: all-gather forward, all-reduce and slice backward).
 * bf16 autocast on GPU; gradient accumulation; AdamW (fused) with linear warmup and cosine decay, and
   per-module learning-rate multipliers.
 * A checkpoint at every epoch: weights as safetensors, optimizer and scheduler state (loaded with
@@ -300,11 +300,7 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
         ddp = torch.compile(ddp)
 
     def gather(x: torch.Tensor) -> torch.Tensor:
-        if world == 1:
-            return x
-        from torch.distributed.nn.functional import all_gather
-
-        return torch.cat(all_gather(x.contiguous()))
+        return x if world == 1 else _GatherWithGrad.apply(x.contiguous())
 
     amp = device.type == "cuda" and cfg.bf16
     log_path = out / "metrics.jsonl" if out is not None and rank == 0 else None
@@ -376,10 +372,33 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
     return {"history": history, "best": best, "seconds": time.time() - t_start, "model": model if world == 1 else None}
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """Every process's ``x`` concatenated along dim 0 (equal sizes), with the gradient flowing back: each
+    process's slice receives the sum of the gradients all processes computed for it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
 def _worker(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type: str, backend: str, port: int, result_file: str) -> None:
     """Entry point of each spawned DDP process (importable, so spawn can find it). A rank that raises
     writes its traceback beside the result first: a peer blocked in a collective may die of a signal
-    (gloo's SIGABRT) before spawn sees this rank's exception, and :func:`fit` must still name the cause."""
+    (gloo's SIGABRT) before spawn sees this rank's exception, and :func:`fit` must still name the cause.
+    A rank killed by a fatal signal (SIGABRT, SIGSEGV) leaves its Python stack in ``rank{r}.fault``."""
+    import faulthandler
+
+    Path(result_file).parent.mkdir(parents=True, exist_ok=True)
+    fault = open(Path(result_file).with_name(f"rank{rank}.fault"), "w")
+    faulthandler.enable(fault, all_threads=True)
     try:
         res = _train(rank, world, spec, cfg, device_type, backend, port)
     except BaseException:
@@ -387,6 +406,9 @@ def _worker(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type
 
         Path(result_file).with_name(f"rank{rank}.error").write_text(traceback.format_exc())
         raise
+    finally:
+        faulthandler.disable()
+        fault.close()
     if rank == 0:
         Path(result_file).write_text(json.dumps({k: v for k, v in res.items() if k != "model"}))
 
@@ -396,18 +418,21 @@ def _spawn(world: int, args: tuple, result_file: str) -> None:
     import torch.multiprocessing as mp
 
     errors = [Path(result_file).with_name(f"rank{r}.error") for r in range(world)]
-    for f in errors:
+    faults = [f.with_suffix(".fault") for f in errors]
+    for f in errors + faults:
         f.unlink(missing_ok=True)
     try:
         mp.spawn(_worker, args=args, nprocs=world, join=True)
     except Exception as e:
-        written = [f for f in errors if f.is_file()]
+        written = [f for f in errors if f.is_file()] or [f for f in faults if f.is_file() and f.stat().st_size]
         if not written:
             raise
         first = min(written, key=lambda f: f.stat().st_mtime)
         seen = next((line.strip(" -") for line in str(e).splitlines() if line.strip(" -")), "")
         raise RuntimeError(f"DDP process {first.stem[4:]} of {world} failed first (spawn saw: {type(e).__name__}, {seen}); "
-                           f"its traceback:\n{first.read_text()}") from e
+                           f"its {'traceback' if first.suffix == '.error' else 'stack at the fatal signal'}:\n{first.read_text()}") from e
+    for f in faults:  # a clean run leaves no empty fault files behind
+        f.unlink(missing_ok=True)
 
 
 def fit(spec: TaskSpec, cfg: TrainConfig) -> FitResult:

@@ -61,7 +61,7 @@ lambda1: float = 1.0           # weight of the feature-diversity loss
 lambda2: float = 0.5           # weight of the masked-feature-reasoning loss
 mask_ratio: float = 0.3        # share of dimensions MFR masks
 top_k_tokens: int = 6          # FDA: the score is the mean of the k largest token cosines
-epochs: Optional[int] = None   # None: by scale (4 at small; the paper: 10 over 1.15 M triplets)
+epochs: Optional[int] = None   # None: by scale (3 at small, chosen on validation; the paper: 10 over 1.15 M triplets)
 
 # %%
 import pandas as pd
