@@ -61,14 +61,38 @@ def test_batches_are_whole_groups():
 
 
 def test_fafa_trains_through_the_loop_and_resumes_exactly(tiny_world, tmp_path):
+    """A FAFA run SIGKILLed in the middle of its second epoch (a real crash, in its own process) resumes from its
+    last finished epoch and ends with the uninterrupted run's weights, bit for bit."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
     from person_retrieval.models import pretrained_mini_clip
 
     init = str(pretrained_mini_clip("tiny", 0, progress=False))
-    spec = TaskSpec("person_retrieval.papers.fafa:FAFATask", {"root": str(tiny_world["syncpr"]), "scale": "tiny", "init": init})
+    kwargs = {"root": str(tiny_world["syncpr"]), "scale": "tiny", "init": init}
+    spec = TaskSpec("_ddp_tasks:fafa_killed_mid_epoch", kwargs)  # plain FAFA unless PR_KILL_AT_STEP is set
     conf = dict(epochs=3, batch_size=4, lr=1e-3, gpus=0, seed=0, progress=False, warmup_epochs=0.3)
     full = fit(spec, TrainConfig(**conf, out_dir=str(tmp_path / "a")))
-    fit(spec, TrainConfig(**conf, out_dir=str(tmp_path / "b"), stop_after_epochs=1))  # interrupted after one epoch
+    steps = full.history[0]["step"]  # steps per epoch
+    assert steps >= 2
+    here = Path(__file__).resolve().parent
+    code = ("import json, sys\nfrom person_retrieval.train import TaskSpec, TrainConfig, fit\n"
+            "fit(TaskSpec('_ddp_tasks:fafa_killed_mid_epoch', json.loads(sys.argv[1])), TrainConfig(**json.loads(sys.argv[2])))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent / "lib"), str(here)]),
+           "PR_KILL_AT_STEP": str(steps + steps // 2 + 1)}  # half-way through the second epoch
+    killed = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs), json.dumps({**conf, "out_dir": str(tmp_path / "b")})],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    state = json.loads((tmp_path / "b" / "checkpoints" / "last_state.json").read_text())
+    assert state["epoch"] == 0  # the first epoch was finished and saved; the second died half-way
+    first = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     fit(spec, TrainConfig(**conf, out_dir=str(tmp_path / "b")))  # resumed: MFR's masks come from the restored RNG
+    log = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert len(first) == 1 and log[0] == first[0] and len(log) == 3  # epoch 0 kept from the killed run, not redone
     wa, wb = (load_file(tmp_path / x / "checkpoints" / "last.safetensors") for x in ("a", "b"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert {"fda", "fd", "mfr"} <= set(full.history[0]) and 0 <= full.best["R1"] <= 100
@@ -80,11 +104,26 @@ def test_claims_need_every_seed():
     abl = pd.DataFrame([{"seed": s, "components": k, "R1": r} for s in (0, 1, 2) for k, r in
                         (("ITC", 10), ("FDA", 12 + s), ("FDA + FD", 13 + s), ("FDA + MFR", 11 + 2 * s), ("FDA + FD + MFR", 14 + s))])
     t1 = pd.DataFrame([{"method": "image only", "R1": 5.0, "trained on": "-"}, {"method": "text only", "R1": 20.0, "trained on": "-"},
-                       {"method": "late fusion", "R1": 9.0, "trained on": "-"}, {"method": "FAFA", "R1": 15.0, "trained on": "x"}])
+                       {"method": "late fusion", "R1": 9.0, "trained on": "-"},
+                       {"method": "FAFA", "R1": float("nan"), "trained on": "too small"},  # a set not trained on: no verdict from it
+                       {"method": "FAFA", "R1": 15.0, "trained on": "x"}])
     c = fafa.claims(abl, t1).set_index("claim")["holds"]
+    assert not any("too small" in k for k in c.index)
     assert c["FDA beats ITC"] and c["FD adds to FDA"]
     assert not c["MFR adds to FDA"]  # behind at seed 0, level at seed 1, ahead at seed 2: not in every seed
     assert c["FAFA (trained on x) beats image only on ITCPR R1"] and not c["FAFA (trained on x) beats text only on ITCPR R1"]
+
+
+def test_a_set_too_small_to_train_on_is_told(tmp_path):
+    import json
+
+    need = fafa.groups_needed("tiny")
+    assert need == -(-4 * fafa.FAFA_CONFIG["tiny"]["batch_size"] * 100 // 95)
+    for groups, ok in ((need - 1, False), (need, True)):
+        (tmp_path / "SynCPR.json").write_text(json.dumps([
+            {"reference_caption": "a man", "target_caption": "a man", "reference_image_path": "r.jpg", "target_image_path": "t.jpg",
+             "edit_caption": "wearing red", "cpr_id": g} for g in range(groups) for _ in range(2)]))
+        assert fafa.can_train(tmp_path, "tiny") is ok
 
 
 def test_blip2_real_path_at_a_tiny_size(tmp_path):

@@ -279,3 +279,30 @@ def test_a_finished_run_loads_under_another_process_count(tmp_path):
     assert train._load_checkpoint(tmp_path, model, opt, sched, rank=1, epochs=1)["epoch"] == 0
     with pytest.raises(ValueError, match="checkpointed by 1 process"):
         train._load_checkpoint(tmp_path, model, opt, sched, rank=1, epochs=3)
+
+
+def test_two_processes_train_what_one_process_trains(tmp_path):
+    """``batch_size`` is the global batch: over two gloo processes the same batches are seen, split in half, and the
+    weights end where one process's do, up to floating-point rounding (a task with no BatchNorm and no dropout)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: gpus=2 would mean two GPUs")
+    spec = TaskSpec("_ddp_tasks:LinearContrastive", {})
+    one = fit(spec, cfg(epochs=2, out_dir=str(tmp_path / "one")))
+    two = fit(spec, cfg(epochs=2, gpus=2, out_dir=str(tmp_path / "two")))
+    assert [h["step"] for h in two.history] == [h["step"] for h in one.history] == [12, 24]  # 96 pairs, global batch 8
+    start = spec.build().build().state_dict()
+    wa, wb = (load_file(tmp_path / x / "checkpoints" / "last.safetensors") for x in ("one", "two"))
+    moved = max((wa[k] - start[k]).abs().max().item() for k in wa)
+    gap = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert moved > 1e-2 and gap < 1e-4 * moved, (moved, gap)
+    with pytest.raises(ValueError, match="does not split evenly over 2 processes"):
+        fit(spec, cfg(epochs=1, gpus=2, batch_size=7, out_dir=str(tmp_path / "odd")))
+
+
+def test_a_run_over_several_processes_has_its_own_cache_key():
+    from person_retrieval.config import config_tag
+
+    conf = {"epochs": 3, "batch_size": 8}
+    assert train.process_tag(0) == train.process_tag(1) == ()  # one process: keys as they always were
+    assert config_tag(conf, *train.process_tag(0)) == config_tag(conf)
+    assert config_tag(conf, *train.process_tag(2)) not in (config_tag(conf), config_tag(conf, *train.process_tag(4)))

@@ -63,7 +63,7 @@ class TaskSpec:
 @dataclass
 class TrainConfig:
     epochs: int = 5
-    batch_size: int = 64  # per process; the global batch is batch_size * processes
+    batch_size: int = 64  # the global batch: N processes take batch_size // N each (it must split evenly)
     lr: float = 1e-4
     weight_decay: float = 0.02
     warmup_epochs: float = 0.5
@@ -254,6 +254,22 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
+def process_tag(gpus: int) -> tuple:
+    """What a cached run's key adds for its process count: nothing for one process (one-process keys stay as they
+    were), ``("processes", N)`` for N. N processes see the same global batches, but each draws its own dropout and
+    masks, and CPU processes keep their own BatchNorm statistics: a run over N processes is another run, so the
+    same seed, scale and ``gpus`` give the same tables whatever was cached before."""
+    n = max(1, int(gpus))
+    return () if n == 1 else (("processes", n),)
+
+
+def _local_batch(cfg: TrainConfig, world: int) -> int:
+    """Each process's share of the global batch ``cfg.batch_size``; an error where it does not split evenly."""
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} (the global batch) does not split evenly over {world} processes")
+    return cfg.batch_size // world
+
+
 # ---------------------------------------------------------------------------------------------
 def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type: str, backend: str | None, port: int | None) -> dict:
     if world > 1:
@@ -271,8 +287,14 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
 
     task = spec.build()
     model = task.build().to(device)
+    if world > 1 and device.type == "cuda":  # BatchNorm's statistics over the global batch, as one process computes them
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     data = task.train_data()
-    global_bs = cfg.batch_size * world
+    # ``batch_size`` is the global batch, whatever the process count: gpus=N trains what one process trains
+    # (the same batches, contrastive losses over the gathered batch, gradients averaged), so a run cached by
+    # one process count is the same run for another, up to floating-point rounding (and, on CPU processes,
+    # BatchNorm's statistics, which are per process: SyncBatchNorm needs GPUs).
+    global_bs, local_bs = cfg.batch_size, _local_batch(cfg, world)
     steps_per_epoch = len(data) // global_bs
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(data)} items) is smaller than one global batch ({global_bs})")
@@ -317,7 +339,7 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
         sums: dict[str, float] = {}
         t0 = time.time()
         for step in it:
-            idx = order[step * global_bs + rank * cfg.batch_size: step * global_bs + (rank + 1) * cfg.batch_size]
+            idx = order[step * global_bs + rank * local_bs: step * global_bs + (rank + 1) * local_bs]
             raw = data.batch(idx) if hasattr(data, "batch") else _collate([data[int(i)] for i in idx])
             batch = _to_device(raw, device)
             accumulate = (step + 1) % cfg.grad_accum != 0 and step + 1 != steps_per_epoch
@@ -439,6 +461,7 @@ def fit(spec: TaskSpec, cfg: TrainConfig) -> FitResult:
     """Train ``spec``'s task under ``cfg``; return the model with its best validation weights."""
     device_type, backend = resolve_devices(cfg.gpus)
     world = max(1, cfg.gpus)
+    _local_batch(cfg, world)  # before any process starts
     t = time.time()
     if world == 1:
         res = _train(0, 1, spec, cfg, device_type, backend, None)
@@ -473,6 +496,7 @@ def check_run(spec: TaskSpec, cfg: TrainConfig) -> str:
     from . import params
 
     params.check_gpus(cfg.gpus, "train.gpus")
+    _local_batch(cfg, max(1, cfg.gpus))
     mod, _, name = spec.target.partition(":")
     if not name:
         raise ValueError(f"task target {spec.target!r} must be 'package.module:Name'")
@@ -506,7 +530,7 @@ def check_run(spec: TaskSpec, cfg: TrainConfig) -> str:
         last = Path(cfg.out_dir) / "checkpoints" / "last_state.json"
         out = f"checkpoints in {cfg.out_dir}" + (" (resuming)" if cfg.resume and last.is_file() else "")
     args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
-    return (f"will train {spec.target}({args}) for {cfg.epochs} epochs, batch {cfg.batch_size} per process, lr {cfg.lr:g}, "
+    return (f"will train {spec.target}({args}) for {cfg.epochs} epochs, batch {cfg.batch_size} (global), lr {cfg.lr:g}, "
             f"on {dev}; {out}")
 
 

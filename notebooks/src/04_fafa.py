@@ -130,6 +130,10 @@ for name, root in trainable.items():
     rows.append({"method": "FAFA, the Q-Former alone (no anchor)", "trained on": name,
                  **fafa.evaluate_on_itcpr(res.model, bench, mini_scale, init, top_k_tokens),
                  "note": f"validation R1 {res.best.get('R1', float('nan')):.1f}"})
+for name in [k for k in train_sets if k not in trainable]:  # said in the table, not left out: why there is no number
+    rows.append({"method": "FAFA", "trained on": name,
+                 "note": f"not trained: the filter kept {sizes[name]['group ids']} cpr_id groups "
+                         f"({sizes[name]['triplets']} triplets), {fafa.groups_needed(mini_scale)} needed"})
 if weights is not None:  # the real path: BLIP-2's own Q-Former, read as FAFA reads it, before any CPR training
     itr, processor = fafa.load_blip2(P["weights"], device="cuda" if gpus else "cpu")
     blip2 = fafa.Blip2Composer(itr)

@@ -673,9 +673,8 @@ def _fit_stage(kind: str, scale: str, seed: int, out: Path, gpus: int, progress:
     cfg = mini_config(scale, task_kw.get("overrides"))
     base = kind == "base"
     epochs = {"base": cfg.base_epochs, "dual": cfg.dual_epochs, "spg": cfg.spg_epochs}.get(kind, cfg.lora_epochs)
-    # the same global batch over any number of processes (``batch_size`` is per process), so that gpus=N
-    # trains what one process does and a small few-shot set still fills a batch
-    tc = TrainConfig(epochs=epochs, batch_size=max(1, cfg.batch_size // max(1, gpus)),
+    # ``batch_size`` is the global batch over any number of processes: gpus=N trains what one process does
+    tc = TrainConfig(epochs=epochs, batch_size=cfg.batch_size,
                      lr=cfg.base_lr if base else cfg.lora_lr, weight_decay=0.01, warmup_epochs=0.3, select="neg_loss",
                      gpus=gpus, seed=seed, out_dir=str(out / f"run-{kind}"), progress=progress, clip_grad=1.0)
     return fit(TaskSpec("person_retrieval.generators.mini:GeneratorTask", {"kind": kind, "scale": scale, "seed": seed, **task_kw}), tc)
@@ -688,7 +687,7 @@ def _fit_autoencoder(scale: str, seed: int, out: Path, gpus: int, progress: bool
 
     cfg = mini_config(scale, task_kw.get("overrides"))
     spec = TaskSpec("person_retrieval.generators.mini:AutoencoderTask", {"scale": scale, "seed": seed, **task_kw})
-    tc = TrainConfig(epochs=cfg.ae_epochs, batch_size=max(1, (64 if scale != "tiny" else 16) // max(1, gpus)), lr=cfg.ae_lr, weight_decay=0.0, warmup_epochs=0.1,
+    tc = TrainConfig(epochs=cfg.ae_epochs, batch_size=64 if scale != "tiny" else 16, lr=cfg.ae_lr, weight_decay=0.0, warmup_epochs=0.1,
                      select="neg_l1", gpus=gpus, seed=seed, out_dir=str(out / "run-autoencoder"), progress=progress, clip_grad=1.0)
     res = fit(spec, tc)
     task = spec.build()
@@ -705,7 +704,7 @@ def mini_generators(scale: str = "small", seed: int = 0, dataset: str = "cuhk_pe
     Returns ``(FlowGenerator, report)``; the report gives each stage's training seconds and final
     validation loss (as trained, or as cached)."""
     from ..world import dataset_root
-    from ..train import load_weights
+    from ..train import load_weights, process_tag
     from .sampling import FlowGenerator
 
     scale = get_scale(scale).name
@@ -724,7 +723,7 @@ def mini_generators(scale: str = "small", seed: int = 0, dataset: str = "cuhk_pe
     # The generators read text through the pretrained mini CLIP: its own cache key is part of theirs, so a
     # new backbone trains new generators (its folder's name, not its path: caches can move).
     text_key = pretrained_mini_clip(scale, seed, gpus, progress=progress).parent.name
-    tag = hashlib.blake2b(json.dumps([trained, dataset, str(data_root), GENERATOR_VERSION, text_key], sort_keys=True).encode(),
+    tag = hashlib.blake2b(json.dumps([trained, dataset, str(data_root), GENERATOR_VERSION, text_key, *process_tag(gpus)], sort_keys=True).encode(),
                           digest_size=4).hexdigest()
     out = cache_dir() / "models" / f"generators-{scale}-seed{seed}-{tag}"
     out.mkdir(parents=True, exist_ok=True)

@@ -131,10 +131,10 @@ class TowerAttributeTask:
 
 def pretrained_image_tower(scale: str = "small", seed: int = 0, gpus: int = 0, progress: bool = True) -> Path:
     """Stage 1's weights (the whole tower: trunk and untrained projections) for ``(scale, seed)``, cached."""
-    from ..train import TaskSpec, TrainConfig, fit
+    from ..train import TaskSpec, TrainConfig, fit, process_tag
 
     sc = get_scale(scale).name
-    tag = config_tag(TOWER_CONFIG[sc], MINI_CONFIGS[sc], TOWER_IDS[sc], sorted(HEADS))
+    tag = config_tag(TOWER_CONFIG[sc], MINI_CONFIGS[sc], TOWER_IDS[sc], sorted(HEADS), *process_tag(gpus))
     out = cache_dir() / "models" / f"image_tower-{scale}-seed{seed}-{tag}"
     done = out / "tower.safetensors"
     if done.is_file():
@@ -219,7 +219,7 @@ class ClipPretrainTask:
 
 def pretrained_mini_clip(scale: str = "small", seed: int = 0, gpus: int = 0, progress: bool = True, **train_kw) -> Path:
     """The pretrained mini CLIP's weights for ``(scale, seed)``, trained here and cached when missing."""
-    from ..train import TaskSpec, TrainConfig, fit
+    from ..train import TaskSpec, TrainConfig, fit, process_tag
 
     task_kw = {"scale": scale, "seed": seed, **PRETRAIN_TASK.get(scale, {})}
     parts = [PRETRAIN_CONFIG[scale], MINI_CONFIGS[scale], PRETRAIN_IDS[scale], train_kw, PRETRAIN_TASK.get(scale, {}), CORPUS]
@@ -227,7 +227,7 @@ def pretrained_mini_clip(scale: str = "small", seed: int = 0, gpus: int = 0, pro
         tower = pretrained_image_tower(scale, seed, gpus, progress)
         task_kw["tower"] = str(tower)
         parts.append(tower.parent.name)  # stage 1's own cache key (not its path: caches can move)
-    tag = config_tag(*parts)
+    tag = config_tag(*parts, *process_tag(gpus))
     out = cache_dir() / "models" / f"mini_clip-{scale}-seed{seed}-{tag}"
     done = out / "backbone.safetensors"
     if done.is_file():

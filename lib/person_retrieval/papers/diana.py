@@ -773,14 +773,14 @@ NEW_LAYERS = ["refiner_img", "refiner_txt", "dialogue_encoder.proj", "dialogue_e
 
 
 def _fit(name: str, task_kw: dict, scale: str, seed: int, gpus: int, stage: str, progress: bool, **overrides):
-    from ..train import TaskSpec, TrainConfig, fit
+    from ..train import TaskSpec, TrainConfig, fit, process_tag
     from .tpr import _path_key
 
     conf = {**DIANA_CONFIG["paper" if task_kw.get("weights") else scale][stage], **overrides}
     conf["lr_mult"] = {n: 5.0 for n in NEW_LAYERS}
     key = {k: (_path_key(v) if k in ("chat_root", "init", "stage1", "image_root") and v else v) for k, v in task_kw.items()}
     key["version"] = DIANA_VERSION
-    out = cache_dir() / "runs" / f"{name}-{scale}-seed{seed}-{config_tag(conf, key)}"
+    out = cache_dir() / "runs" / f"{name}-{scale}-seed{seed}-{config_tag(conf, key, *process_tag(gpus))}"
     return fit(TaskSpec("person_retrieval.papers.diana:DiaNATask", task_kw), TrainConfig(**conf, gpus=gpus, seed=seed, out_dir=str(out), progress=progress))
 
 

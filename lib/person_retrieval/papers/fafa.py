@@ -419,10 +419,10 @@ QFORMER_PRETRAIN = {"tiny": dict(epochs=1, batch_size=32, lr=1e-3, weight_decay=
 
 def pretrained_qformer(scale: str = "small", seed: int = 0, init: str | None = None, gpus: int = 0, progress: bool = True) -> Path:
     """The mini Q-Former after its first stage (:class:`QFormerPretrainTask`), trained once and cached."""
-    from ..train import TaskSpec, TrainConfig, fit
+    from ..train import TaskSpec, TrainConfig, fit, process_tag
 
     conf = QFORMER_PRETRAIN[scale if scale in QFORMER_PRETRAIN else "small"]
-    out = cache_dir() / "models" / f"qformer-{scale}-seed{seed}-{config_tag(conf, QFORMER[scale], _key(init), FAFA_VERSION)}"
+    out = cache_dir() / "models" / f"qformer-{scale}-seed{seed}-{config_tag(conf, QFORMER[scale], _key(init), FAFA_VERSION, *process_tag(gpus))}"
     done = out / "qformer.safetensors"
     if done.is_file():
         return done
@@ -443,7 +443,7 @@ def fit_fafa(root, scale: str = "small", seed: int = 0, gpus: int = 0, init: str
     """Train FAFA (or an ablation) on a SynCPR-format folder, from the pretrained Q-Former
     (:func:`pretrained_qformer`; ``pretrained=False``: from scratch), with the anchor of :class:`FAFATask`
     unless ``anchor=False``; runs are cached (and resumed) under ``.cache/runs/`` by everything that makes them."""
-    from ..train import TaskSpec, TrainConfig, fit
+    from ..train import TaskSpec, TrainConfig, fit, process_tag
 
     conf = {**FAFA_CONFIG[scale if scale in FAFA_CONFIG else "small"], **overrides}
     if epochs is not None:
@@ -455,7 +455,7 @@ def fit_fafa(root, scale: str = "small", seed: int = 0, gpus: int = 0, init: str
     kwargs = dict(root=str(root), scale=scale, seed=seed, init=init and str(init), parts=list(parts), lambda1=float(lambda1),
                   lambda2=float(lambda2), mask_ratio=float(mask_ratio), top_k=int(top_k), qformer_init=q_init, anchor=bool(anchor))
     key = {**kwargs, "root": _path_key(str(root)), "init": _key(init), "syncpr": _content_key(root), "qformer_init": _key(q_init)}
-    out = cache_dir() / "runs" / f"fafa-{scale}-seed{seed}-{config_tag(conf, key, FAFA_VERSION)}"
+    out = cache_dir() / "runs" / f"fafa-{scale}-seed{seed}-{config_tag(conf, key, FAFA_VERSION, *process_tag(gpus))}"
     cfg = TrainConfig(**conf, gpus=gpus, seed=seed, out_dir=str(out), progress=progress, select="R1", clip_grad=1.0)
     return fit(TaskSpec("person_retrieval.papers.fafa:FAFATask", kwargs), cfg)
 
@@ -467,12 +467,16 @@ def _key(path) -> str | None:
     return _path_key(str(path)) if path else None
 
 
+def groups_needed(scale: str = "small", batches: int = 4) -> int:
+    """The ``cpr_id`` groups a training set needs: ``batches`` batches of groups beside the held-out 5%."""
+    return math.ceil(batches * FAFA_CONFIG[scale if scale in FAFA_CONFIG else "small"]["batch_size"] / 0.95)
+
+
 def can_train(root, scale: str = "small", batches: int = 4) -> bool:
-    """Whether a SynCPR-format folder has enough ``cpr_id`` groups to train on: ``batches`` batches of
-    groups beside the held-out ones (the mini pipeline's filter may keep too few)."""
+    """Whether a SynCPR-format folder has enough ``cpr_id`` groups to train on (:func:`groups_needed`; the mini
+    pipeline's filter may keep too few)."""
     groups = len({str(t["cpr_id"]) for t in read_syncpr(root, check_images=False)})
-    need = batches * FAFA_CONFIG[scale if scale in FAFA_CONFIG else "small"]["batch_size"]
-    return groups * 0.95 >= need
+    return groups >= groups_needed(scale, batches)
 
 
 def _holds(a: pd.DataFrame, b: pd.DataFrame, metric: str = "R1") -> tuple[bool, str]:
@@ -493,7 +497,7 @@ def claims(ablation: pd.DataFrame, table1: pd.DataFrame) -> pd.DataFrame:
         ok, ev = _holds(c[a], c[b])
         rows.append({"claim": claim, "holds": ok, "evidence": ev})
     t = table1.set_index("method")
-    fafa_rows = table1[table1["method"] == "FAFA"]
+    fafa_rows = table1[(table1["method"] == "FAFA") & table1["R1"].notna()]  # a set too small to train on has no R1
     if len(fafa_rows):
         best = fafa_rows.iloc[0]
         for other in ("image only", "text only", "late fusion"):

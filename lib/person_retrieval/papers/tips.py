@@ -601,7 +601,7 @@ def fine_tune(method: str, dataset: str, root, scale: str, seed: int, gpus: int 
 def _small_set_batch(dataset: str, root, scale: str, gpus: int) -> dict:
     """A batch that fits a small training set: the baselines' batch, or, for a set with fewer training pairs
     (a 1% few-shot split, a small synthetic set), the largest power of two that gives at least two steps an
-    epoch over all processes (``batch_size`` is per process; at least 2)."""
+    epoch (``batch_size`` is the global batch: at least 2 per process, and a multiple of the process count)."""
     from . import tpr
 
     split = load_split(dataset, root, "train", check_images=False)
@@ -610,9 +610,10 @@ def _small_set_batch(dataset: str, root, scale: str, gpus: int) -> dict:
         n = int(n * 0.9)
     want = tpr.BASELINE_CONFIG[scale]["batch_size"]
     procs = max(1, gpus)
-    if n >= 2 * want * procs:
+    if n >= 2 * want:
         return {}
-    return {"batch_size": int(max(2, 2 ** int(np.floor(np.log2(max(2, n // (2 * procs)))))))}
+    b = max(2 * procs, 2 ** int(np.floor(np.log2(max(2, n // 2)))))
+    return {"batch_size": int(b - b % procs)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ def fit_tpr(name: str, target: str, new_layers: list[str], dataset: str, root, s
     """Fine-tune any task built on :class:`_TPRTask` (``target``: its import path, e.g. CECA's) with the
     baselines' schedule: ``new_layers`` learn 5x faster; the run is cached under ``.cache/runs/<name>-...``.
     Task keyword arguments that name files inside the cache enter the key relative to it."""
-    from ..train import TaskSpec, TrainConfig, fit
+    from ..train import TaskSpec, TrainConfig, fit, process_tag
 
     base = BASELINE_CONFIG["paper" if weights else scale]
     conf = {**base, **overrides}
@@ -272,6 +272,6 @@ def fit_tpr(name: str, target: str, new_layers: list[str], dataset: str, root, s
     if context_length is not None:
         kwargs["context_length"] = int(context_length)
     key = {**kwargs, **{k: _path_key(kwargs[k]) for k in ("root", "init", "captions", "summaries") if kwargs.get(k)}}
-    out = cache_dir() / "runs" / f"{name}-{dataset}-{scale}-seed{seed}-{config_tag(conf, key, *tag_extra)}"
+    out = cache_dir() / "runs" / f"{name}-{dataset}-{scale}-seed{seed}-{config_tag(conf, key, *tag_extra, *process_tag(gpus))}"
     cfg = TrainConfig(**conf, gpus=gpus, seed=seed, out_dir=str(out), progress=progress)
     return fit(TaskSpec(target, kwargs), cfg)
