@@ -306,3 +306,14 @@ def test_a_run_over_several_processes_has_its_own_cache_key():
     assert train.process_tag(0) == train.process_tag(1) == ()  # one process: keys as they always were
     assert config_tag(conf, *train.process_tag(0)) == config_tag(conf)
     assert config_tag(conf, *train.process_tag(2)) not in (config_tag(conf), config_tag(conf, *train.process_tag(4)))
+
+
+def test_a_shared_model_is_the_same_one_whatever_gpus_on_a_cpu_machine():
+    """Notebooks run with -p gpus 2 read the backbone that make tables (gpus=0) built: on a machine without GPUs
+    shared models are built in one process."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: there the shared models use the GPUs asked for")
+    from person_retrieval.models import pretrained_mini_clip
+
+    assert train.shared_gpus(2) == 0
+    assert pretrained_mini_clip("tiny", 0, gpus=2, progress=False) == pretrained_mini_clip("tiny", 0, progress=False)

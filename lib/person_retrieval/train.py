@@ -263,6 +263,14 @@ def process_tag(gpus: int) -> tuple:
     return () if n == 1 else (("processes", n),)
 
 
+def shared_gpus(gpus: int) -> int:
+    """The ``gpus`` a shared model (the backbone, the generators) is built with when a notebook asks for ``gpus``:
+    the same on a machine with GPUs; one process on a machine without, where more processes bring no speed. So
+    every notebook on the CPU reads the one cached backbone and generators whatever its ``gpus``, while its own
+    runs train over the processes it asks for."""
+    return int(gpus) if torch.cuda.is_available() else 0
+
+
 def _local_batch(cfg: TrainConfig, world: int) -> int:
     """Each process's share of the global batch ``cfg.batch_size``; an error where it does not split evenly."""
     if cfg.batch_size % world:

@@ -704,9 +704,10 @@ def mini_generators(scale: str = "small", seed: int = 0, dataset: str = "cuhk_pe
     Returns ``(FlowGenerator, report)``; the report gives each stage's training seconds and final
     validation loss (as trained, or as cached)."""
     from ..world import dataset_root
-    from ..train import load_weights, process_tag
+    from ..train import load_weights, process_tag, shared_gpus
     from .sampling import FlowGenerator
 
+    gpus = shared_gpus(gpus)
     scale = get_scale(scale).name
     if scale not in MINI_FLUX:
         raise ValueError(f"the mini generator has scales {sorted(MINI_FLUX)}; at scale {scale!r} use FLUX.1-dev (generators.flux)")

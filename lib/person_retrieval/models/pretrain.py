@@ -131,8 +131,9 @@ class TowerAttributeTask:
 
 def pretrained_image_tower(scale: str = "small", seed: int = 0, gpus: int = 0, progress: bool = True) -> Path:
     """Stage 1's weights (the whole tower: trunk and untrained projections) for ``(scale, seed)``, cached."""
-    from ..train import TaskSpec, TrainConfig, fit, process_tag
+    from ..train import TaskSpec, TrainConfig, fit, process_tag, shared_gpus
 
+    gpus = shared_gpus(gpus)
     sc = get_scale(scale).name
     tag = config_tag(TOWER_CONFIG[sc], MINI_CONFIGS[sc], TOWER_IDS[sc], sorted(HEADS), *process_tag(gpus))
     out = cache_dir() / "models" / f"image_tower-{scale}-seed{seed}-{tag}"
@@ -219,8 +220,9 @@ class ClipPretrainTask:
 
 def pretrained_mini_clip(scale: str = "small", seed: int = 0, gpus: int = 0, progress: bool = True, **train_kw) -> Path:
     """The pretrained mini CLIP's weights for ``(scale, seed)``, trained here and cached when missing."""
-    from ..train import TaskSpec, TrainConfig, fit, process_tag
+    from ..train import TaskSpec, TrainConfig, fit, process_tag, shared_gpus
 
+    gpus = shared_gpus(gpus)
     task_kw = {"scale": scale, "seed": seed, **PRETRAIN_TASK.get(scale, {})}
     parts = [PRETRAIN_CONFIG[scale], MINI_CONFIGS[scale], PRETRAIN_IDS[scale], train_kw, PRETRAIN_TASK.get(scale, {}), CORPUS]
     if MINI_CONFIGS[scale].vision == "conv":
