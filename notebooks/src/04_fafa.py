@@ -153,6 +153,10 @@ table1_out
 #
 # ITC against FDA, then FD and MFR added alone and together, on the training set above, one run per seed
 # in `seeds` (each a fresh initialisation and data order), mean and spread.
+#
+# Read each difference against the `_sd` columns: a difference smaller than the seeds' spread is not evidence
+# either way. The same runs over two processes (`gpus=2`: the same global batch, summed in another order)
+# land a few tenths of a point elsewhere, which is enough to flip a verdict that rests on such a difference.
 
 # %%
 abl = []
