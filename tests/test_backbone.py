@@ -233,3 +233,27 @@ def test_every_prefix_of_a_text_from_one_pass_equals_encoding_it_alone(tiny, sha
         torch.testing.assert_close(tokens[row, m:], pooled, atol=1e-5, rtol=1e-4)
         n = int(ends[row, 0])  # the shortest prefix's words
         torch.testing.assert_close(tokens[row, :n], toks[0, :n], atol=1e-5, rtol=1e-4)
+
+
+def test_rde_token_selection_with_context_reads_the_tokens_it_leaves_out():
+    """Without context, RDE's TSE sees only the tokens it selects; with a context layer, every real token
+    shapes the selected ones, padding never does, and without it there are no extra weights (old
+    checkpoints load)."""
+    from person_retrieval.papers.tpr import TokenSelection
+
+    torch.manual_seed(0)
+    dim, T = 64, 10
+    plain, ctx = TokenSelection(dim, 0.3), TokenSelection(dim, 0.3, context_layers=1)
+    assert not any(k.startswith("context") for k in plain.state_dict())
+    pooled = torch.randn(2, dim)
+    tokens = torch.randn(2, T, dim)
+    tokens[:, -1] = -pooled  # the lowest score: never among the 3 selected
+    moved = tokens.clone()
+    moved[:, -1] = -2 * pooled
+    assert torch.equal(plain(tokens, pooled), plain(moved, pooled))
+    out = ctx(tokens, pooled)
+    assert out.shape == (2, dim)
+    assert not torch.allclose(out, ctx(moved, pooled))
+    valid = torch.ones(2, T, dtype=torch.bool)
+    valid[:, -1] = False  # padding: with context, changing it changes nothing
+    assert torch.allclose(ctx(tokens, pooled, valid), ctx(moved, pooled, valid), atol=1e-6)

@@ -56,13 +56,25 @@ class TokenSelection(nn.Module):
     dot product with the global feature, the same quantity up to the attention's query/key maps.
     """
 
-    def __init__(self, dim: int, ratio: float = 0.3):
+    def __init__(self, dim: int, ratio: float = 0.3, context_layers: int = 0):
         super().__init__()
         self.ratio = ratio
         self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
         self.proj = nn.Linear(dim, dim)
+        # A ViT's last-layer tokens have attended to each other before RDE selects them; a convolutional map's
+        # cells have not. ``context_layers`` > 0 lets the global feature and the cells attend to each other
+        # first (pre-norm transformer layers, trained with the TSE), so each selected cell carries context.
+        self.context = None
+        if context_layers:
+            layer = nn.TransformerEncoderLayer(dim, max(1, dim // 64), 2 * dim, dropout=0.0, batch_first=True,
+                                               norm_first=True)
+            self.context = nn.TransformerEncoder(layer, context_layers, enable_nested_tensor=False)
 
     def forward(self, tokens: torch.Tensor, pooled: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        if self.context is not None:
+            pad = None if valid is None else ~torch.cat([valid.new_ones(valid.shape[0], 1), valid], 1)
+            x = self.context(torch.cat([pooled.unsqueeze(1), tokens], 1), src_key_padding_mask=pad)
+            pooled, tokens = x[:, 0], x[:, 1:]
         sel, ok = select_tokens(tokens, (tokens * pooled.unsqueeze(1)).sum(-1), self.ratio, valid)
         x = sel + self.mlp(sel)
         if valid is not None:
@@ -74,9 +86,9 @@ class RDEModel(DualEncoder):
     """RDE's two embeddings: the basic global embedding (BGE) and the token-selection embedding (TSE);
     the similarity is their mean."""
 
-    def __init__(self, backbone: Backbone, ratio: float = 0.3):
+    def __init__(self, backbone: Backbone, ratio: float = 0.3, image_context: int = 0):
         super().__init__(backbone)
-        self.tse_img = TokenSelection(backbone.embed_dim, ratio)
+        self.tse_img = TokenSelection(backbone.embed_dim, ratio, image_context)
         self.tse_txt = TokenSelection(backbone.embed_dim, ratio)
 
     def embed_images(self, x):
@@ -182,12 +194,17 @@ class RDETask(_TPRTask):
     """RDE-style: the triplet alignment loss (tau 0.015, margin 0.1) on both BGE and TSE embeddings.
     (RDE's consensus division for noisy correspondences is not needed: world captions are clean.)"""
 
-    def __init__(self, *a, tau: float = 0.015, margin: float = 0.1, ratio: float = 0.3, **kw):
+    def __init__(self, *a, tau: float = 0.015, margin: float = 0.1, ratio: float = 0.3, image_context: int = 0, **kw):
         super().__init__(*a, **kw)
         self.tau, self.margin, self.ratio = tau, margin, ratio
+        # Layers of context over the image tokens before selection (TokenSelection). Not yet the default:
+        # measured on validation at small, seed 0 (2026-12-05), one layer moved RDE's R1 from 70.2 to 72.6
+        # (CUHK-PEDES style; IRRA 71.9) and from 51.9 to 56.5 (RSTPReid style), its TSE alone from 46.6 to 68.9
+        # and 30.5 to 51.2; adopting it regenerates every table that holds RDE (01, 02_tips, 05, 06, 08).
+        self.image_context = image_context
 
     def build(self) -> RDEModel:
-        return RDEModel(fixed_temperature(self.backbone), self.ratio)
+        return RDEModel(fixed_temperature(self.backbone), self.ratio, self.image_context)
 
     def loss(self, model, batch, gather):
         img, txt = model(batch["image"], batch["ids"])
