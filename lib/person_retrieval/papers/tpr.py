@@ -198,9 +198,10 @@ class RDETask(_TPRTask):
         super().__init__(*a, **kw)
         self.tau, self.margin, self.ratio = tau, margin, ratio
         # Layers of context over the image tokens before selection (TokenSelection). Not yet the default:
-        # measured on validation at small, seed 0 (2026-12-05), one layer moved RDE's R1 from 70.2 to 72.6
-        # (CUHK-PEDES style; IRRA 71.9) and from 51.9 to 56.5 (RSTPReid style), its TSE alone from 46.6 to 68.9
-        # and 30.5 to 51.2; adopting it regenerates every table that holds RDE (01, 02_tips, 05, 06, 08).
+        # measured on validation at small, seed 0 (2026-12-05), one layer moved RDE's R1 on the CUHK-PEDES /
+        # ICFG-PEDES / RSTPReid styles from 70.2 / 85.1 / 51.9 to 72.6 / 87.6 / 56.5 (IRRA 71.9 / 86.5 / 57.1),
+        # its TSE alone from 46.6 / 57.0 / 30.5 to 68.9 / 79.5 / 51.2. Adopting it regenerates every table that
+        # holds RDE (notebooks 01, 02_tips, 06, 08; CECA builds its own heads and is unchanged).
         self.image_context = image_context
 
     def build(self) -> RDEModel:
