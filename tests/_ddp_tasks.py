@@ -24,6 +24,20 @@ class AbortsOnRankOne(ClipPretrainTask):
         return super().loss(model, batch, gather)
 
 
+class AbortsAtExitOnRankOne(ClipPretrainTask):
+    """The same, except that the second process trains to the end and then dies of SIGABRT in the
+    interpreter's teardown (an exit hook stands for gloo's process group aborting as it is destroyed)."""
+
+    def loss(self, model, batch, gather):
+        if dist.is_initialized() and dist.get_rank() == 1 and not getattr(self, "_hooked", False):
+            import atexit
+            import os
+
+            atexit.register(os.abort)
+            self._hooked = True
+        return super().loss(model, batch, gather)
+
+
 def gather_gradient(rank: int, world: int, port: int, out: str) -> None:
     """One process of the gather test: the loss of the whole gathered batch, and this rank's gradient."""
     import os

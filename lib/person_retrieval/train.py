@@ -423,7 +423,12 @@ def _worker(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type
     """Entry point of each spawned DDP process (importable, so spawn can find it). A rank that raises
     writes its traceback beside the result first: a peer blocked in a collective may die of a signal
     (gloo's SIGABRT) before spawn sees this rank's exception, and :func:`fit` must still name the cause.
-    A rank killed by a fatal signal (SIGABRT, SIGSEGV) leaves its Python stack in ``rank{r}.fault``."""
+    A rank killed by a fatal signal (SIGABRT, SIGSEGV) leaves its Python stack in ``rank{r}.fault``.
+
+    A rank that finished leaves with ``os._exit(0)``, skipping the interpreter's teardown: there, gloo's
+    process group is destroyed with the objects around it, and once its peer has gone that can abort
+    (CI saw rank 1 of a FAFA run die of SIGABRT after training, with no Python stack: the fault handler
+    was already off). Everything a run leaves (checkpoints, ``result.json``) is written and closed first."""
     import faulthandler
 
     Path(result_file).parent.mkdir(parents=True, exist_ok=True)
@@ -431,16 +436,16 @@ def _worker(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type
     faulthandler.enable(fault, all_threads=True)
     try:
         res = _train(rank, world, spec, cfg, device_type, backend, port)
+        if rank == 0:
+            Path(result_file).write_text(json.dumps({k: v for k, v in res.items() if k != "model"}))
     except BaseException:
         import traceback
 
         Path(result_file).with_name(f"rank{rank}.error").write_text(traceback.format_exc())
         raise
-    finally:
-        faulthandler.disable()
-        fault.close()
-    if rank == 0:
-        Path(result_file).write_text(json.dumps({k: v for k, v in res.items() if k != "model"}))
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)  # the fault handler stays on to the end: a signal before this line still leaves a stack
 
 
 def _spawn(world: int, args: tuple, result_file: str) -> None:
@@ -456,7 +461,8 @@ def _spawn(world: int, args: tuple, result_file: str) -> None:
     except Exception as e:
         written = [f for f in errors if f.is_file()] or [f for f in faults if f.is_file() and f.stat().st_size]
         if not written:
-            raise
+            raise RuntimeError(f"a DDP process of {world} failed ({type(e).__name__}: {e}) and left neither a traceback "
+                               f"nor a stack beside {result_file}: it died before its training began") from e
         first = min(written, key=lambda f: f.stat().st_mtime)
         seen = next((line.strip(" -") for line in str(e).splitlines() if line.strip(" -")), "")
         raise RuntimeError(f"DDP process {first.stem[4:]} of {world} failed first (spawn saw: {type(e).__name__}, {seen}); "
