@@ -257,3 +257,59 @@ def test_rde_token_selection_with_context_reads_the_tokens_it_leaves_out():
     valid = torch.ones(2, T, dtype=torch.bool)
     valid[:, -1] = False  # padding: with context, changing it changes nothing
     assert torch.allclose(ctx(tokens, pooled, valid), ctx(moved, pooled, valid), atol=1e-6)
+
+
+def test_irra_masking_chooses_words_only_in_irras_proportions():
+    """IRRA's masking: only words are chosen (never start, end or padding), about 15% of them; of the chosen,
+    80% become [MASK], 10% a random token, 10% stay; the labels hold the original ids there and 0 elsewhere;
+    every caption has a masked word; the same generator state gives the same masks."""
+    from person_retrieval.papers.tpr import MASK_ID, mask_words
+
+    words = torch.randint(1, 40000, (400, 40))
+    ids = torch.cat([torch.full((400, 1), 49406), words, torch.full((400, 1), 49407), torch.zeros(400, 6, dtype=torch.long)], 1)
+    ids[0, 2:] = 0  # a one-word caption: its word is always masked
+    ids[0, 2] = 49407
+    torch.manual_seed(3)
+    masked, labels = mask_words(ids)
+    torch.manual_seed(3)
+    again = mask_words(ids)
+    assert torch.equal(masked, again[0]) and torch.equal(labels, again[1])
+    chosen = labels != 0
+    assert not chosen[:, 0].any() and not chosen[:, 41:].any() and chosen.any(1).all() and chosen[0, 1]
+    assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(masked[~chosen], ids[~chosen])
+    assert abs(chosen[1:, 1:41].float().mean().item() - 0.15) < 0.01
+    got = masked[chosen]
+    is_mask, kept = got == MASK_ID, got == ids[chosen]
+    assert abs(is_mask.float().mean().item() - 0.8) < 0.02 and abs(kept.float().mean().item() - 0.1) < 0.02
+    other = got[~is_mask & ~kept]
+    assert len(other) > 0 and other.min() >= 1 and other.max() < MASK_ID
+
+
+def test_irr_reads_the_image_and_never_the_padding():
+    """IRRA's relation reasoning: the masked words' logits span the vocabulary, change with the image, and a
+    short caption's are the same alone as beside a longer one (its padding is never attended to); the loss of
+    uniform logits is log |V|."""
+    import math
+
+    from person_retrieval import losses
+    from person_retrieval.papers.tpr import IRRAModel, mask_words
+
+    torch.manual_seed(0)
+    bb = build_backbone(None, "tiny")
+    model = IRRAModel(bb, num_ids=5, irr_layers=1).eval()
+    ids = bb.tokenize(["a woman in a red coat and black trousers", "a man with a blue bag"])
+    ids = ids[:, :16]
+    masked, labels = mask_words(ids)
+    images = torch.rand(2, 3, *bb.image_size)
+    with torch.no_grad():
+        _, txt = model(images, ids, masked, labels)
+        _, other = model(torch.rand(2, 3, *bb.image_size), ids, masked, labels)
+        n = int((ids[1] != 0).sum())  # the shorter caption, without the padding the longer one gives it
+        _, alone = model(images[1:], ids[1:, :n], masked[1:, :n], labels[1:, :n])
+    m = int((labels != 0).sum())
+    assert n < ids.shape[1] and txt["mlm_logits"].shape == (m, 49408)
+    assert not torch.allclose(txt["mlm_logits"], other["mlm_logits"], atol=1e-4)
+    m1 = int((labels[1] != 0).sum())
+    torch.testing.assert_close(txt["mlm_logits"][-m1:], alone["mlm_logits"], atol=1e-5, rtol=1e-4)
+    uniform = losses.mlm_loss(torch.zeros(m, 49408), labels[labels != 0])
+    assert abs(uniform.item() - math.log(49408)) < 1e-4

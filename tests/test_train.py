@@ -328,3 +328,16 @@ def test_a_shared_model_is_the_same_one_whatever_gpus_on_a_cpu_machine():
 
     assert train.shared_gpus(2) == 0
     assert pretrained_mini_clip("tiny", 0, gpus=2, progress=False) == pretrained_mini_clip("tiny", 0, progress=False)
+
+
+def test_irra_with_relation_reasoning_trains_over_two_processes(tiny_world, tmp_path):
+    """IRRA's implicit relation reasoning passes everything it trains through the model's forward, so DDP
+    reduces its gradients: two gloo processes train it, and the masked-word loss falls."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: gpus=2 would mean two GPUs")
+    spec = TaskSpec("person_retrieval.papers.tpr:IRRATask", {"dataset": "rstpreid", "root": str(tiny_world["rstpreid"]),
+                                                             "scale": "tiny", "irr": True, "irr_layers": 1})
+    res = fit(spec, cfg(gpus=2, epochs=2, batch_size=16, lr=5e-4, out_dir=str(tmp_path)))
+    mlm = [h["mlm"] for h in res.history]
+    assert len(mlm) == 2 and mlm[1] < mlm[0] < 12.0, mlm
+    assert any(k.startswith("irr.") for k in load_file(tmp_path / "checkpoints" / "last.safetensors"))

@@ -63,6 +63,15 @@ def id_loss(img_logits: torch.Tensor, txt_logits: torch.Tensor, pids: torch.Tens
     return (F.cross_entropy(img_logits, pids) + F.cross_entropy(txt_logits, pids)) / 2
 
 
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """IRRA's implicit relation reasoning: the masked words, predicted from the text tokens after they
+    have attended to the image's tokens, scored by cross-entropy over the vocabulary ``V``.
+    ``logits`` [M, |V|] and ``labels`` [M] at the M masked positions only (IRRA scores every position and
+    ignores label 0; the loss is the same, without the |V| scores of each unmasked token)."""
+    # L_irr = -1/|M| sum_{i in M} log p_i(y_i), p_i the softmax over V at masked word i (IRRA, CVPR 2023)
+    return F.cross_entropy(logits.float(), labels)
+
+
 def tal_loss(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor, tau: float = 0.015, margin: float = 0.1) -> torch.Tensor:
     """RDE's triplet alignment loss, both directions.
 

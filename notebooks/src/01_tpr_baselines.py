@@ -63,7 +63,10 @@ results = [{"method": "zero-shot backbone", "train": "-", "test": d, **models.ev
 # $$\mathcal{L}_{\mathrm{SDM}} = \frac{1}{B}\sum_i \mathrm{KL}(p_i \,\|\, q_i) + \frac{1}{B}\sum_j \mathrm{KL}(p_j^{\top} \,\|\, q_j^{\top}),$$
 #
 # plus an **ID** loss: a shared classifier must recognise the person from either modality's feature.
-# (IRRA's third part, implicit relation reasoning by masked language modelling, is left out here.)
+# IRRA's third part, **implicit relation reasoning**, masks 15% of a caption's words and predicts them from
+# the caption's tokens after they attend to the image's tokens. The library has it
+# (`task_kw={"irr": True}` in `tpr.fit_baseline`), but these tables train without it: on the CUHK-PEDES
+# style's validation split at small it gave R1 70.0 against 71.9 without, at a tenth of the speed.
 #
 # ## RDE: the triplet alignment loss
 #

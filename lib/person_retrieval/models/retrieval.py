@@ -40,7 +40,9 @@ class DualEncoder(nn.Module):
     def forward(self, images, ids):
         """Training forward: embeddings, plus identity logits and CLIP's temperature where they are
         trained (everything DDP must see goes through here)."""
-        img, txt = self.embed_images(images), self.embed_texts(ids)
+        return self._with_heads(self.embed_images(images), self.embed_texts(ids))
+
+    def _with_heads(self, img: dict, txt: dict) -> tuple[dict, dict]:
         if self.classifier is not None:
             img["logits"], txt["logits"] = self.classifier(img["global"]), self.classifier(txt["global"])
         if self.backbone.logit_scale.requires_grad:

@@ -107,6 +107,82 @@ class RDEModel(DualEncoder):
 
 
 
+
+#: IRRA's [MASK]: its tokenizer hands CLIP's last BPE merge's id to "<|mask|>", so the vocabulary keeps its
+#: 49,408 entries (start-of-text 49406 and end-of-text 49407 follow). Replacement words are drawn from 1..49404.
+MASK_ID = 49405
+
+
+def mask_words(ids: torch.Tensor, prob: float = 0.15) -> tuple[torch.Tensor, torch.Tensor]:
+    """IRRA's masking of CLIP token ids ``[B, L]``: each word (not start-of-text, end-of-text or padding) is
+    chosen with probability ``prob``; a chosen word becomes [MASK] (80%), a random token (10%) or stays
+    (10%). Returns ``(masked ids, labels)``, the labels holding the original id where a word was chosen and 0
+    elsewhere; a caption with no word chosen gets its first word masked (as IRRA's loader does). Draws come
+    from torch's CPU generator, which the training loop checkpoints."""
+    words = word_mask(ids, ids.shape[1]).cpu()
+    u = torch.rand(ids.shape)
+    chosen = words & (u < prob)
+    none = ~chosen.any(1) & words[:, 1]
+    chosen[none, 1] = True
+    u = torch.where(chosen, u / prob, torch.ones_like(u))  # uniform on [0, 1) again among the chosen words
+    u[none, 1] = 0.0
+    masked = ids.cpu().clone()
+    masked[chosen & (u < 0.8)] = MASK_ID
+    rand = chosen & (u >= 0.8) & (u < 0.9)
+    masked[rand] = torch.randint(1, MASK_ID, (int(rand.sum()),), dtype=ids.dtype)
+    labels = torch.where(chosen, ids.cpu(), torch.zeros_like(ids.cpu()))
+    return masked.to(ids.device), labels.to(ids.device)
+
+
+class RelationReasoning(nn.Module):
+    """IRRA's implicit relation reasoning (IRR): the masked caption's tokens attend to the image's tokens
+    (one cross-attention), then to each other (``layers`` transformer layers: IRRA's cross-modal
+    transformer, 4 deep), and a head predicts each masked word over the whole vocabulary. Only training
+    uses it: retrieval still compares the two towers' pooled features."""
+
+    def __init__(self, dim: int, vocab: int, layers: int = 4):
+        super().__init__()
+        heads = max(1, dim // 64)
+        self.ln_text, self.ln_image = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.cross = nn.MultiheadAttention(dim, heads, batch_first=True)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.ln_post = nn.LayerNorm(dim)
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim), nn.Linear(dim, vocab))
+
+    def forward(self, text_tokens: torch.Tensor, image_tokens: torch.Tensor, valid: torch.Tensor,
+                where: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits ``[M, |V|]`` at the ``M`` positions where ``where`` [B, L] is True; ``valid``
+        [B, L] marks the caption's real tokens (padding is never attended to)."""
+        img = self.ln_image(image_tokens)
+        x = self.cross(self.ln_text(text_tokens), img, img, need_weights=False)[0]
+        x = self.ln_post(self.encoder(x, src_key_padding_mask=~valid))
+        return self.head(x[where])
+
+
+class IRRAModel(DualEncoder):
+    """IRRA's full model: the dual encoder with its identity classifier, plus implicit relation reasoning
+    (:class:`RelationReasoning`) over the image's tokens, the pooled feature leading them (as a ViT's
+    class token leads its patch tokens)."""
+
+    def __init__(self, backbone: Backbone, num_ids: int, irr_layers: int = 4):
+        super().__init__(backbone, num_ids)
+        vocab = backbone.clip.token_embedding.num_embeddings
+        self.irr = RelationReasoning(backbone.embed_dim, vocab, irr_layers)
+
+    def forward(self, images, ids, mlm_ids=None, mlm_labels=None):
+        """As :class:`DualEncoder`'s; with ``mlm_ids`` (the masked caption) and ``mlm_labels`` the text side
+        also holds ``mlm_logits`` at the masked positions (in DDP, everything trained passes through here)."""
+        if mlm_ids is None:
+            return super().forward(images, ids)
+        pooled, cells = self.backbone.encode_image(images)
+        img, txt = self._with_heads({"global": pooled}, self.embed_texts(ids))
+        words = self.backbone.encode_text(mlm_ids)[1]  # the tokens up to the longest caption's end
+        n = words.shape[1]
+        txt["mlm_logits"] = self.irr(words, torch.cat([pooled.unsqueeze(1), cells], 1), mlm_ids[:, :n] != 0, mlm_labels[:, :n] != 0)
+        return img, txt
+
+
 # ---------------------------------------------------------------------------------------------
 class _TPRTask:
     """Fine-tune on one TPR dataset's train split; select on its validation split (or, where the dataset
@@ -176,18 +252,33 @@ class _TPRTask:
 
 
 class IRRATask(_TPRTask):
-    """IRRA-style: similarity distribution matching (temperature 0.02) plus the identity loss.
-    (IRRA's implicit relation reasoning via masked language modelling is left out here.)"""
+    """IRRA-style: similarity distribution matching (temperature 0.02) plus the identity loss; with
+    ``irr=True`` also IRRA's implicit relation reasoning (masked words predicted across the image's tokens,
+    :class:`RelationReasoning`). ``irr`` is off by default: every committed IRRA row was trained without it."""
+
+    def __init__(self, *a, irr: bool = False, irr_layers: int = 4, mask_prob: float = 0.15, **kw):
+        super().__init__(*a, **kw)
+        self.irr, self.irr_layers, self.mask_prob = irr, irr_layers, mask_prob
 
     def build(self) -> DualEncoder:
+        if self.irr:
+            return IRRAModel(fixed_temperature(self.backbone), self.train_data().num_ids, self.irr_layers)
         return DualEncoder(fixed_temperature(self.backbone), num_ids=self.train_data().num_ids)
 
     def loss(self, model, batch, gather):
-        img, txt = model(batch["image"], batch["ids"])
+        logs = {}
+        if self.irr:
+            masked, labels = mask_words(batch["ids"], self.mask_prob)
+            img, txt = model(batch["image"], batch["ids"], masked, labels)
+            mlm = losses.mlm_loss(txt["mlm_logits"], labels[labels != 0])
+            logs["mlm"] = mlm.detach()
+        else:
+            img, txt = model(batch["image"], batch["ids"])
         i, t, pid = gather(img["global"]), gather(txt["global"]), gather(batch["pid"])
         sdm = losses.sdm_loss(F.normalize(i, dim=-1), F.normalize(t, dim=-1), pid, logit_scale=1 / 0.02)
         idl = losses.id_loss(img["logits"], txt["logits"], batch["pid"])
-        return sdm + idl, {"sdm": sdm.detach(), "id": idl.detach()}
+        total = sdm + idl + (mlm if self.irr else 0.0)
+        return total, {"sdm": sdm.detach(), "id": idl.detach(), **logs}
 
 
 class RDETask(_TPRTask):
@@ -201,7 +292,8 @@ class RDETask(_TPRTask):
         # measured on validation at small, seed 0 (2026-12-05), one layer moved RDE's R1 on the CUHK-PEDES /
         # ICFG-PEDES / RSTPReid styles from 70.2 / 85.1 / 51.9 to 72.6 / 87.6 / 56.5 (IRRA 71.9 / 86.5 / 57.1),
         # its TSE alone from 46.6 / 57.0 / 30.5 to 68.9 / 79.5 / 51.2. Adopting it regenerates every table that
-        # holds RDE (notebooks 01, 02_tips, 06, 08; CECA builds its own heads and is unchanged).
+        # holds an RDE run: notebooks 01, 02_tips, 05 (its RDE baseline rows; CECA's own model is unchanged),
+        # 06, 07 (the "Ours with RDE" rows and claims) and 08.
         self.image_context = image_context
 
     def build(self) -> RDEModel:
@@ -262,7 +354,8 @@ def fit_baseline(method: str, dataset: str, root, scale: str = "small", seed: in
     part of the cache key); ``context_length``: stretch the text positions to this length first (PES)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
-    return fit_tpr(method, METHODS[method], NEW_LAYERS[method], dataset, root, scale=scale, seed=seed, gpus=gpus, init=init,
+    new_layers = NEW_LAYERS[method] + (["irr."] if (task_kw or {}).get("irr") else [])  # IRRA: new modules 5x
+    return fit_tpr(method, METHODS[method], new_layers, dataset, root, scale=scale, seed=seed, gpus=gpus, init=init,
                    weights=weights, progress=progress, captions=captions, caption_field=caption_field,
                    context_length=context_length, task_kw=task_kw, **overrides)
 
