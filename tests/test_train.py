@@ -251,6 +251,16 @@ def test_cli_refuses_a_bad_config_before_spawning(tiny_world, tmp_path, change, 
     assert re.search(msg, capsys.readouterr().err)
 
 
+def test_check_run_follows_kwargs_passed_on_to_the_parent_task():
+    # IRRATask(irr=..., **kw) hands the rest to _TPRTask: its own, its parent's keywords pass, others do not
+    from person_retrieval.train import _check_passed_on_kwargs
+    from person_retrieval.papers.tpr import IRRATask
+
+    _check_passed_on_kwargs(IRRATask, {"irr": True, "mask_prob": 0.2, "dataset": "rstpreid", "root": "r", "lock_image": True})
+    with pytest.raises(TypeError, match="'learning_rate', 'lr'"):
+        _check_passed_on_kwargs(IRRATask, {"irr": True, "lr": 1, "learning_rate": 1, "dataset": "rstpreid"})
+
+
 def test_lit_pretraining_keeps_the_attribute_trained_trunk(tmp_path, monkeypatch):
     from person_retrieval.models import pretrain
 

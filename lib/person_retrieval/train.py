@@ -501,6 +501,28 @@ def fit(spec: TaskSpec, cfg: TrainConfig) -> FitResult:
 
 
 # ---------------------------------------------------------------------------------------------
+def _check_passed_on_kwargs(factory, kwargs: dict) -> None:
+    """A task class whose ``__init__`` passes ``**kw`` on to its parent (``IRRATask(irr=..., **kw)``) binds any
+    keyword; follow the chain of ``__init__``s up the class's MRO until one takes no ``**kw``, and refuse the
+    keywords that none of them names."""
+    import inspect
+
+    if not isinstance(factory, type):
+        return
+    named: set[str] = set()
+    for cls in factory.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        ps = inspect.signature(init).parameters.values()
+        named |= {p.name for p in ps if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind is p.VAR_KEYWORD for p in ps):
+            unknown = sorted(set(kwargs) - named)
+            if unknown:
+                raise TypeError(f"got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+            return
+
+
 def check_run(spec: TaskSpec, cfg: TrainConfig) -> str:
     """Check a run before anything starts (no process is spawned, no data read): the task can be imported
     and takes its keyword arguments, ``gpus`` fits this machine, the folders and files it names exist, real
@@ -520,6 +542,7 @@ def check_run(spec: TaskSpec, cfg: TrainConfig) -> str:
         raise ImportError(f"task target {spec.target!r} cannot be imported: {e}") from None
     try:
         inspect.signature(factory).bind(**spec.kwargs)
+        _check_passed_on_kwargs(factory, spec.kwargs)
     except TypeError as e:
         raise TypeError(f"task {spec.target} does not take these kwargs: {e}") from None
     kw = spec.kwargs
