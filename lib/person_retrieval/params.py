@@ -272,6 +272,8 @@ def check(values: dict, needs: Iterable[str] | str = (), **rules: Rule) -> dict:
         "gpus": lambda n, v: check_gpus(v, n),
         "weights": lambda n, v: check_weights(v, n),
         "vlm": lambda n, v: check_model(v, n), "llm": lambda n, v: check_model(v, n),
+        "epochs": integer(1, None, allow_none=True), "max_steps": integer(1, None, allow_none=True),
+        "batch_size": integer(1, None, allow_none=True),
     }
     files = ["data_root", "weights", "vlm", "llm"]
     names = sorted(values, key=lambda n: (n in files and n not in rules, files.index(n) if n in files else 0))
@@ -287,4 +289,8 @@ def check(values: dict, needs: Iterable[str] | str = (), **rules: Rule) -> dict:
         out[n] = rule(n, values[n])
     if out.get("scale") == "paper" and "data_root" in out and out["data_root"] is None:
         raise ValueError("scale='paper' needs real data: set parameter 'data_root' to the dataset folder")
+    if {"epochs", "max_steps", "batch_size"} & set(out):  # one way to shrink every training run of the notebook
+        from .train import set_limits
+
+        set_limits(out.get("epochs"), out.get("max_steps"), out.get("batch_size"))
     return {n: out[n] for n in values}

@@ -81,6 +81,50 @@ class TrainConfig:
     clip_grad: float | None = 5.0
     threads: int | None = None
     compile: bool = False  # torch.compile the training forward (GPU throughput; first steps compile)
+    max_steps: int | None = None  # stop after this many optimizer steps (a smoke run); None: the whole schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# One way to shrink any run, the same in every notebook: the notebook's ``epochs`` and ``max_steps``
+# parameters (params.check sets them) apply to every training run of the process, LoRA training included.
+_LIMITS: dict = {"epochs": None, "max_steps": None, "batch_size": None}
+
+
+def set_limits(epochs: int | None = None, max_steps: int | None = None, batch_size: int | None = None) -> None:
+    """Every later training run in this process trains ``epochs`` epochs (None: its own schedule), stops
+    after ``max_steps`` optimizer steps (None: no cap) and, with ``batch_size``, takes global batches of
+    that size (None: its own; a smoke run of a real-size model on a laptop needs a small one)."""
+    for k, v in (("epochs", epochs), ("max_steps", max_steps), ("batch_size", batch_size)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{k} must be a positive integer or None, got {v!r}")
+    _LIMITS.update(epochs=epochs, max_steps=max_steps, batch_size=batch_size)
+
+
+def limits() -> dict:
+    """The limits :func:`set_limits` set: ``{"epochs": ..., "max_steps": ...}``."""
+    return dict(_LIMITS)
+
+
+def limit_tag() -> str:
+    """A suffix for a cached run's folder when limits are set ("" when not), so a shortened run never
+    stands in for, or resumes into, a full one."""
+    e, m, b = _LIMITS["epochs"], _LIMITS["max_steps"], _LIMITS["batch_size"]
+    return "".join(f"-{k}{v}" for k, v in (("ep", e), ("steps", m), ("bs", b)) if v is not None)
+
+
+def apply_limits(cfg: "TrainConfig") -> "TrainConfig":
+    """``cfg`` under the process's limits, its ``out_dir`` suffixed by :func:`limit_tag`."""
+    e, m, b = _LIMITS["epochs"], _LIMITS["max_steps"], _LIMITS["batch_size"]
+    if e is None and m is None and b is None:
+        return cfg
+    over = {} if b is None else {"batch_size": b}
+    if e is not None:
+        over["epochs"] = e
+    if m is not None:
+        over["max_steps"] = m if cfg.max_steps is None else min(m, cfg.max_steps)
+    if cfg.out_dir and not str(cfg.out_dir).endswith(limit_tag()):
+        over["out_dir"] = str(cfg.out_dir) + limit_tag()
+    return TrainConfig(**{**asdict(cfg), **over})
 
 
 @dataclass
@@ -307,6 +351,8 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(data)} items) is smaller than one global batch ({global_bs})")
     opt_steps = max(1, steps_per_epoch * cfg.epochs // cfg.grad_accum)
+    if cfg.max_steps is not None:  # a capped run: its schedule is the capped one, and it ends at the cap
+        opt_steps = min(opt_steps, cfg.max_steps)
     opt = build_optimizer(model, cfg)
     sched = cosine_schedule(opt, opt_steps, int(cfg.warmup_epochs * steps_per_epoch / cfg.grad_accum), cfg.min_lr_ratio)
     out = Path(cfg.out_dir) if cfg.out_dir else None
@@ -336,6 +382,8 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
     log_path = out / "metrics.jsonl" if out is not None and rank == 0 else None
     end_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
     t_start = time.time()
+    if cfg.max_steps is not None:  # the epochs the cap reaches into
+        end_epoch = min(end_epoch, math.ceil(cfg.max_steps * cfg.grad_accum / steps_per_epoch))
     for epoch in range(start_epoch, end_epoch):
         model.train()
         order = epoch_order(len(data), cfg.seed, epoch, getattr(data, "lengths", None), global_bs)
@@ -345,8 +393,10 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
 
             it = tqdm(it, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, mininterval=2.0)
         sums: dict[str, float] = {}
-        t0 = time.time()
+        t0, done = time.time(), 0
         for step in it:
+            if cfg.max_steps is not None and (epoch * steps_per_epoch + step) // cfg.grad_accum >= cfg.max_steps:
+                break
             idx = order[step * global_bs + rank * local_bs: step * global_bs + (rank + 1) * local_bs]
             raw = data.batch(idx) if hasattr(data, "batch") else _collate([data[int(i)] for i in idx])
             batch = _to_device(raw, device)
@@ -363,13 +413,15 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
                 sched.step()
             for k, v in {"loss": loss.detach(), **logs}.items():  # summed on the device: no per-step sync
                 sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else float(v))
+            done += 1
             if cfg.progress and rank == 0 and hasattr(it, "set_postfix") and step % 20 == 0:
                 it.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         secs = time.time() - t0
-        rec = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "lr": sched.get_last_lr()[0], "seconds": secs,
-               "pairs_per_s": steps_per_epoch * global_bs / secs, **{k: float(v) / steps_per_epoch for k, v in sums.items()}}
+        done = max(done, 1)
+        rec = {"epoch": epoch, "step": epoch * steps_per_epoch + done, "lr": sched.get_last_lr()[0], "seconds": secs,
+               "pairs_per_s": done * global_bs / secs, **{k: float(v) / done for k, v in sums.items()}}
         improved = False
         rng_states = [torch.get_rng_state()]
         if world > 1:  # every process's generator goes into the checkpoint (a collective: all ranks call it)
@@ -473,6 +525,7 @@ def _spawn(world: int, args: tuple, result_file: str) -> None:
 
 def fit(spec: TaskSpec, cfg: TrainConfig) -> FitResult:
     """Train ``spec``'s task under ``cfg``; return the model with its best validation weights."""
+    cfg = apply_limits(cfg)
     device_type, backend = resolve_devices(cfg.gpus)
     world = max(1, cfg.gpus)
     _local_batch(cfg, world)  # before any process starts

@@ -249,6 +249,7 @@ def resolve_weights(weights: str) -> tuple[str, Path]:
     d = weights_dir()
     for cand in (d / f"{name}.safetensors", d / name / "open_clip_model.safetensors", d / f"{name}.bin"):
         if cand.is_file():
+            _register_config(name, cand)
             return arch, cand
     raise FileNotFoundError(
         f"no local weights for {weights!r}: put the open_clip checkpoint at {d / (name + '.safetensors')} "
@@ -256,6 +257,29 @@ def resolve_weights(weights: str) -> tuple[str, Path]:
         "the checkpoint's path as weights. Nothing is downloaded. OpenAI's CLIP weights use the quick-gelu "
         "variant: name the file ViT-B-16-quickgelu.safetensors."
     )
+
+
+def _register_config(name: str, checkpoint: Path) -> None:
+    """An architecture open_clip does not ship (a fine-tuned variant, the paper-path test's tiny ViT) is
+    described by an open_clip model config, ``<name>.json``, beside its checkpoint (or ``open_clip_config.json``
+    in its folder, as open_clip's hub exports are): registered under ``name`` before loading."""
+    import json
+
+    import open_clip
+
+    for cfg in (checkpoint.with_name(f"{name}.json"), checkpoint.parent / "open_clip_config.json"):
+        if cfg.is_file():
+            try:
+                model_cfg = json.loads(cfg.read_text())
+                model_cfg = model_cfg.get("model_cfg", model_cfg)
+                model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg["text_cfg"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{cfg}: not an open_clip model config (needs embed_dim, vision_cfg, text_cfg): {e}") from None
+            from open_clip.factory import _MODEL_CONFIGS
+
+            _MODEL_CONFIGS[name] = model_cfg
+            open_clip.get_model_config(name)
+            return
 
 
 def load_real_clip(weights: str, image_size: tuple[int, int] = (384, 128)) -> Backbone:
