@@ -33,8 +33,13 @@ test: $(STAMP)  ## every test, each notebook through papermill at scale="tiny"
 bench: $(STAMP)  ## benchmarks that print throughput figures
 	$(VPY) benchmarks/run_all.py
 
-lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+# JupyterLab with this project's setting defaults (tools/jupyter/labconfig: no news toast over the demos, no
+# request to a website; a user's own settings still win), and --allow-root when run as root (containers, cloud
+# notebooks). LAB_ARGS: more options, e.g. LAB_ARGS="--no-browser --port=8899".
+LAB_ARGS ?=
+lab: $(STAMP)  ## the notebooks in JupyterLab
+	JUPYTER_CONFIG_PATH="$(CURDIR)/tools/jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}" \
+	  $(VENV)/bin/jupyter lab $$([ "$$(id -u)" = 0 ] && echo --allow-root) $(LAB_ARGS) notebooks/
 
 clean-cache:
 	rm -rf .cache

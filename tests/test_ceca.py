@@ -1,5 +1,6 @@
 """CECA (notebook 05): CAWL's weights and loss, the mixer, the model, and CAM's summaries on disk."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,3 +234,34 @@ def test_evaluating_several_gallery_settings_at_once_matches_one_at_a_time(tiny_
         torch.testing.assert_close(res[f"omega={w:g}"][1], sim, rtol=1e-4, atol=1e-5)
     _, plain = evaluate_retrieval(m, ceca.without_summaries(data), return_similarity=True)
     torch.testing.assert_close(res["without summaries"][1], plain, rtol=1e-4, atol=1e-5)
+
+
+def test_an_empty_summary_is_counted_and_the_answers_stand_in(tiny_world, tmp_path):
+    """Before: a summary that came back empty (a weak or random LLM) stopped notebook 05 with a KeyError; now the
+    image's five answers stand in and the count says how many."""
+    split = load_split("rstpreid", tiny_world["rstpreid"], "test")
+    keys = [ceca.image_key(p, split.root) for p in split.image_paths]
+    table = {k: {**{q: f"answer {q}" for q in prompts.CECA_QUESTIONS}, "summary": "a man in red"} for k in keys}
+    table[keys[1]]["summary"] = " "
+    table[keys[2]]["Q3"] = ""
+    (tmp_path / "test.json").write_text(json.dumps(table))
+    texts = ceca.summaries_of(split.image_paths, split.root, tmp_path, "test")
+    assert texts[0] == "a man in red" and texts[1] == "answer Q1 answer Q2 answer Q3 answer Q4 answer Q5"
+    n = len(keys)
+    assert ceca.cam_counts(tmp_path) == {"images": n, "answers": 5 * n, "empty answers": 1, "empty summaries (answers used)": 1,
+                                         "images with no text": 0}
+
+
+def test_05_at_paper_needs_real_clip_weights(tmp_path, monkeypatch):
+    """At paper the mini CLIP is never trained: without `weights` the first cell says what to set."""
+    import papermill as pm
+    from test_tpr_paper import write_root
+
+    monkeypatch.setenv("PR_CACHE_DIR", str(tmp_path / "cache"))
+    root = write_root(tmp_path / "data")
+    nb = Path(__file__).resolve().parents[1] / "notebooks" / "05_ceca.ipynb"
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(nb), str(tmp_path / "out.ipynb"), parameters={"scale": "paper", "data_root": str(root), "max_steps": 2},
+                            kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    assert "scale='paper' needs real CLIP weights: set parameter 'weights'" in e.value.evalue and e.value.exec_count == 3
+    assert not (tmp_path / "cache" / "models").exists()

@@ -225,3 +225,44 @@ def test_ctgi_stages_run_on_transformers_assistants(setup, tmp_path):
             assert int(b.vlm_calls[q]) == 3 and int(b.llm_calls[q]) == 0 and torch.equal(b.scores(0.5)[q], scores[q])
         elif not b.early_exit[q]:  # confirmed: refined by the reconstructor, the anchor ranked first
             assert int(b.llm_calls[q]) == 1 and isinstance(b.refined[q], str) and float(b.scores(0.5)[q, a]) == 1.0
+
+
+class _Mumbler(A.VisionLanguageModel):
+    """An MLLM whose every answer is noise the grammar cannot read (an untrained stand-in)."""
+
+    name = "mumbler"
+
+    def _answer(self, images, questions):
+        return ["zzz qqq"] * len(images)
+
+    def _describe(self, images, instructions):
+        return ["a person"] * len(images)
+
+
+def test_mtg_counts_the_answers_that_did_not_parse(setup):
+    """Notebook 07 at paper with stand-in assistants: MTG must finish and say how much was noise, not hide it."""
+    from person_retrieval.papers.ctgi import mtg_counts
+
+    vlm, ims = setup
+    res = mtg_captions(ims[:3], _Mumbler(), A.MiniLM(seed=0), rounds=2, seed=0)
+    assert all(r.asked == 2 and r.qa == [] for r in res)
+    data = {str(i): {"initial": r.initial, "caption": r.caption, "qa": r.qa, "asked": r.asked} for i, r in enumerate(res)}
+    c = mtg_counts(data)
+    assert c["images"] == 3 and c["questions asked"] == 6 and c["answers kept"] == 0 and c["answers unparsed (dropped)"] == 6
+    assert c["initial captions unparsed"] == 3
+    good = mtg_captions(ims[:3], A.MiniVLM(vlm.recognizer, seed=0), A.MiniLM(seed=0), rounds=2, seed=0)
+    c2 = mtg_counts({str(i): {"initial": r.initial, "caption": r.caption, "qa": r.qa, "asked": r.asked} for i, r in enumerate(good)})
+    assert c2["answers kept"] > 0 and c2["answers unparsed (dropped)"] == c2["questions asked"] - c2["answers kept"]
+    assert np.isnan(mtg_counts({"x": {"initial": "", "caption": "", "qa": []}})["questions asked"])  # a file written before counting
+
+
+def test_subset_root_cuts_the_training_splits_and_keeps_the_test_split(tiny_world, tmp_path):
+    from person_retrieval.datasets import load_split
+    from person_retrieval.papers.ctgi import subset_root
+
+    for d in ("cuhk_pedes", "icfg_pedes"):
+        sub = subset_root(d, tiny_world[d], 5, tmp_path / d)
+        assert len(load_split(d, sub, "train").image_paths) == 5
+        full, cut = load_split(d, tiny_world[d], "test"), load_split(d, sub, "test")
+        assert cut.captions == full.captions and [p.split("/")[-1] for p in cut.image_paths] == [p.split("/")[-1] for p in full.image_paths]
+    assert len(load_split("cuhk_pedes", tmp_path / "cuhk_pedes", "val").image_paths) == 5

@@ -220,3 +220,45 @@ def test_decoded_images_are_reused_until_a_file_changes(tiny_world):
     os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # the file "changed": decoded again
     b = load_images(paths, (64, 32))
     assert b is not a and torch.equal(b, a)
+
+
+# --- validate: what every notebook's first cell runs on data_root -------------------------------
+def test_validate_reads_every_world_dataset(tiny_world):
+    from person_retrieval.datasets import validate
+
+    for name, root in tiny_world.items():
+        counts = validate(name, root)
+        assert counts and all(n > 0 for n in counts.values()), (name, counts)
+    assert set(validate("chatpedes", tiny_world["chatpedes"])) == {"train_reid.json", "test_reid.json"}
+
+
+@pytest.mark.parametrize("name, file", [("cuhk_pedes", "reid_raw.json"), ("itcpr", "gallery.json"), ("syncpr", "SynCPR.json"),
+                                        ("chatpedes", "test_reid.json")])
+def test_validate_names_a_truncated_file_and_the_cause(tiny_world, tmp_path, name, file):
+    from person_retrieval.datasets import validate
+
+    root = tmp_path / name
+    shutil.copytree(tiny_world[name], root, ignore=shutil.ignore_patterns("*.png", "*.jpg"))  # images are not opened
+    text = (root / file).read_text()
+    (root / file).write_text(text[: len(text) // 2])  # cut mid-file
+    with pytest.raises(DatasetFormatError, match=rf"{root / file}: not valid JSON \(.* at line \d+, column \d+\); the file may be truncated"):
+        validate(name, root)
+
+
+def test_validate_names_the_entry_and_the_field(tiny_world, tmp_path):
+    from person_retrieval.datasets import validate
+
+    root = tmp_path / "chat"
+    shutil.copytree(tiny_world["chatpedes"], root, ignore=shutil.ignore_patterns("*.png", "*.jpg"))
+    entries = json.loads((root / "train_reid.json").read_text())
+    del entries[3]["file_path"]
+    (root / "train_reid.json").write_text(json.dumps(entries))
+    with pytest.raises(DatasetFormatError, match=r"train_reid.json: entry 3 has no field 'file_path'"):
+        validate("chatpedes", root)
+    (root / "train_reid.json").unlink()  # a test-only copy is enough
+    assert list(validate("chatpedes", root)) == ["test_reid.json"]
+    (root / "test_reid.json").unlink()
+    with pytest.raises(DatasetFormatError, match="neither train_reid.json nor test_reid.json is here"):
+        validate("chatpedes", root)
+    with pytest.raises(ValueError, match="unknown dataset 'market'"):
+        validate("market", root)

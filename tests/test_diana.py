@@ -39,7 +39,7 @@ def test_a_careful_questioner_covers_new_ground_and_dialogues_are_reproducible(t
     from person_retrieval.assistants import grammar, mini_vlm
     from person_retrieval.viz import load_image
 
-    paths, _, _ = diana._records(tiny_world["cuhk_pedes"], "test")
+    paths, _, _, _ = diana._records(tiny_world["cuhk_pedes"], "test")
     ims = [load_image(p) for p in paths[:4]]
     vlm = mini_vlm("tiny", 0, progress=False)
     a = diana.generate_dialogues(ims, ["a", "b", "c", "d"], diana.GENERATORS[0], vlm, rounds=6)
@@ -280,3 +280,37 @@ def test_every_round_count_from_one_pass_equals_a_pass_per_cut():
             alone = diana.embed_dialogues(m, bb.tokenize([text(r[:n]) for r in chats]))
             for k in ("global", "refined"):
                 torch.testing.assert_close(e[k], alone[k], atol=1e-5, rtol=1e-4)
+
+
+def test_records_of_a_real_cuhk_pedes_folder_have_no_truth_and_released_ids(tiny_world, tmp_path):
+    """Notebook 06 at paper builds ChatPedes (when asked) on the user's CUHK-PEDES, where no world_meta.json says what
+    each image shows: the records read, with the released ids and no true person; ``limit`` keeps the first images."""
+    import shutil
+
+    from person_retrieval.datasets import load_split
+
+    real = tmp_path / "CUHK-PEDES"
+    shutil.copytree(tiny_world["cuhk_pedes"], real, ignore=shutil.ignore_patterns("world_meta.json", "world.json"))
+    paths, caps, people, ids = diana._records(real, "test", limit=3)
+    s = load_split("cuhk_pedes", real, "test")
+    assert len(paths) == len(caps) == 3 and people == [None] * 3 and ids == [int(p) + 1 for p in s.image_pids[:3]]
+    assert all(caps) and diana._records(tiny_world["cuhk_pedes"], "test", limit=3)[3] == ids  # the world's ids agree
+    with pytest.raises(ValueError, match="needs vlm"):
+        diana.build_chatpedes("paper", 0, root=real, limit=1)
+    with pytest.raises(ValueError, match="true category"):
+        diana.evaluator_quality([{"truth": None, "rounds": [], "labels": {}, "vote": [], "kept": []}])
+
+
+def test_cleaning_table_counts_unparsed_answers():
+    recs = [{"generator": "A", "rounds": [("q", "a")] * 2, "kept": [True, False], "labels": {"x": ["Matched", "Repeated"], "y": None}}]
+    t = diana.cleaning_table(recs).set_index("evaluator")
+    assert t.loc["x", "unparsed"] == 0 and t.loc["y", "unparsed"] == 2 and t.loc["y", "Matched"] == 0
+
+
+def test_paper_checks_name_the_parameter():
+    diana.check_paper_models("paper", "/data", "ViT-B-16", None)  # the release read, nothing built: fine
+    with pytest.raises(ValueError, match="parameter 'weights'"):
+        diana.check_paper_models("paper", "/data", None, "qwen")
+    with pytest.raises(ValueError, match="parameter 'n_live'"):
+        diana.check_paper_models("paper", "/data", "ViT-B-16", None, n_live=4)
+    diana.check_paper_models("small", None, None, None, n_dialogues=4)  # the mini world: the mini MLLM writes

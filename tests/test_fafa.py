@@ -147,3 +147,107 @@ def test_blip2_real_path_at_a_tiny_size(tmp_path):
     q = comp.compose(tok, ids, mask)
     assert q.shape == (2, 16) and torch.isfinite(q).all()
     assert fafa.losses.fda_scores(q, comp.targets(tok)).shape == (2, 2)
+
+
+def _blip2_folder(tmp_path):
+    from person_retrieval import standins
+
+    return standins.write_blip2(tmp_path / "blip2-itm-vit-g")
+
+
+def _tiny_syncpr(root, groups=20, seed=0):
+    """A SynCPR-format folder of ``groups`` cpr_id groups, two triplets each, with small images on disk."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    trip = []
+    for g in range(groups):
+        for k in range(2):
+            names = [f"images/{g:03d}_{k}_{w}.jpg" for w in ("ref", "tgt")]
+            for n in names:
+                Image.fromarray(rng.integers(0, 255, (48, 24, 3), dtype=np.uint8)).save(root / n)
+            trip.append({"reference_caption": "a man", "target_caption": "a man in red", "reference_image_path": names[0],
+                         "target_image_path": names[1], "edit_caption": ["wearing a red jacket", "with a black bag"][k], "cpr_id": g})
+    (root / "SynCPR.json").write_text(json.dumps(trip))
+    return root
+
+
+def test_load_blip2_reads_the_tokenizer_beside_the_weights(tmp_path):
+    """The release's folder holds the model and BERT's tokenizer (a processor file is optional): load_blip2 reads
+    both (it once asked AutoProcessor, which fails on a folder without preprocessor_config.json)."""
+    folder = _blip2_folder(tmp_path)
+    itr, inputs = fafa.load_blip2(folder)
+    ids, mask = inputs.tokens(["wearing a red jacket", "with a bag"])
+    assert ids.shape[0] == 2 and mask[1].sum() < mask[0].sum() and int(ids.max()) < itr.config.qformer_config.vocab_size
+    from PIL import Image
+
+    Image.new("RGB", (20, 40), (200, 10, 10)).save(tmp_path / "p.png")
+    px = inputs.pixels([tmp_path / "p.png"])
+    s = itr.config.vision_config.image_size
+    assert px.shape == (1, 3, s, s)
+    assert px[0, :, s // 2, 0].abs().sum() != px[0, :, s // 2, s // 2].abs().sum()  # square-padded: black bars at the sides
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer beside the BLIP-2 weights"):
+        fafa.load_blip2(folder)
+
+
+def test_fafa_trains_blip2s_qformer_without_any_mini_model(tmp_path, monkeypatch):
+    """The paper's path: a copy of BLIP-2's Q-Former trained on SynCPR through the loop (max_steps honoured), the
+    ViT frozen and left out of the checkpoint, the loaded model untouched, and nothing mini in the cache."""
+    from person_retrieval import train
+
+    monkeypatch.setenv("PR_CACHE_DIR", str(tmp_path / "cache"))
+    folder, root = _blip2_folder(tmp_path), _tiny_syncpr(tmp_path / "SynCPR")
+    itr, _ = fafa.blip2_model(folder)
+    before = {k: v.clone() for k, v in itr.state_dict().items()}
+    try:
+        train.set_limits(max_steps=2, batch_size=4)
+        assert fafa.groups_needed(blip2=True) == 17 and fafa.can_train(root, blip2=True)
+        res = fafa.fit_fafa_blip2(root, folder, seed=0, progress=False)
+    finally:
+        train.set_limits()
+    assert res.history[-1]["step"] == 2 and {"fda", "fd", "mfr"} <= set(res.history[0]) and 0 <= res.best["R1"] <= 100
+    saved = load_file(f"{res.out_dir}/checkpoints/last.safetensors")
+    assert not any("vision" in k and "projection" not in k for k in saved) and any(k.startswith("qformer.") for k in saved)
+    assert all(torch.equal(before[k], v) for k, v in itr.state_dict().items())  # runs train copies
+    trained = res.model.state_dict()
+    assert any(not torch.equal(trained[k], before[k]) for k in trained if k.startswith("qformer.") and k in before)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["runs"]  # no mini CLIP, no mini world
+
+
+def test_blip2_rows_of_table_1_on_itcpr(tmp_path):
+    from person_retrieval.datasets import ITCPR
+
+    folder = _blip2_folder(tmp_path)
+    itr, inputs = fafa.blip2_model(folder)
+    root = _tiny_syncpr(tmp_path / "ITCPR", groups=3)
+    ims = sorted(p.relative_to(root).as_posix() for p in (root / "images").iterdir())
+    bench = ITCPR(root=root, queries=[{"file_path": ims[0], "caption": "wearing red", "instance_id": 1, "person_id": 1}],
+                  gallery=[{"file_path": p, "instance_id": 1 if i == 1 else -1, "person_id": i} for i, p in enumerate(ims)])
+    sims = fafa.blip2_baseline_similarities(fafa.Blip2Composer(itr), inputs, bench)
+    assert set(sims) == {"image only", "text only", "late fusion", "BLIP-2 Q-Former, no CPR training"}
+    assert all(s.shape == (1, len(ims)) and torch.isfinite(s).all() for s in sims.values())
+    assert abs(float(sims["image only"][0, 0]) - 1) < 1e-4  # the reference against itself
+
+
+def test_04_at_paper_needs_blip2_weights(tmp_path, monkeypatch):
+    """At paper the mini CLIP and the mini Q-Former are never trained (notebook 04 once trained the mini CLIP for
+    17 CPU-minutes first): without `weights` the first cell says what to set."""
+    from pathlib import Path
+
+    import papermill as pm
+    from test_tpr_paper import write_root
+
+    monkeypatch.setenv("PR_CACHE_DIR", str(tmp_path / "cache"))
+    root = write_root(tmp_path / "data")
+    nb = Path(__file__).resolve().parents[1] / "notebooks" / "04_fafa.ipynb"
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(nb), str(tmp_path / "out.ipynb"), parameters={"scale": "paper", "data_root": str(root), "max_steps": 2},
+                            kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+    assert "scale='paper' needs BLIP-2 weights: set parameter 'weights'" in e.value.evalue and e.value.exec_count == 3
+    assert not (tmp_path / "cache" / "models").exists()

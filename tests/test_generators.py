@@ -751,3 +751,78 @@ def test_idpg_training_drops_the_reference_for_a_tenth_of_batches(mini_gen, tiny
         task.loss(None, batch, None)
     kept = [r for r in refs if r is not None]
     assert 0.06 < 1 - len(kept) / len(refs) < 0.14 and all(torch.equal(r, batch["ref"]) for r in kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 41: the paper path of notebook 02_generators and the LoRAs notebooks 02_tips and 03 read
+def _tiny_flux_gen(tiny_flux, steps=2):
+    from person_retrieval.generators import flux
+
+    pipe = flux.load_flux(tiny_flux, dtype=torch.float32)
+    return pipe, flux.flux_generator(pipe, height=32, width=16, steps=steps)
+
+
+def _random_target(n_ids=3, per_id=2, seed=0):
+    from person_retrieval.generators.mini import TargetSet
+
+    g = torch.Generator().manual_seed(seed)
+    n = n_ids * per_id
+    return TargetSet(images=torch.randint(0, 256, (n, 3, 32, 16), generator=g, dtype=torch.uint8), pids=[i // per_id for i in range(n)],
+                     captions=[[f"a person number {i // per_id} ."] for i in range(n)], sizes=[(16, 32), (8, 16)] * (n // 2),
+                     paths=[f"{i}.jpg" for i in range(n)])
+
+
+def test_flow_path_figure_decodes_through_a_vae_whose_weights_require_grad():
+    """02_generators at paper: after the LoRAs trained, the flow-path figure failed with "Can't call numpy() on
+    Tensor that requires grad" (FLUX.1-dev's VAE as built keeps requires_grad): it now decodes without grad."""
+    from person_retrieval.generators import flux, lora, quality
+
+    pipe = flux.tiny_flux_pipeline()
+    assert any(p.requires_grad for p in pipe.vae.parameters())
+    lora.add_lora(pipe.transformer, "spg", rank=2)
+    gen = flux.flux_generator(pipe, height=32, width=16, steps=2)
+    path = quality.flow_path(gen, torch.randint(0, 256, (1, 3, 32, 16), dtype=torch.uint8), (0.0, 0.5, 1.0))
+    assert len(path) == 3 and all(isinstance(p, np.ndarray) and p.shape == (32, 16, 3) and p.dtype == np.uint8 for p in path)
+    assert not np.array_equal(path[0], path[2])
+    real = quality.through_codec(gen.codec, torch.randint(0, 256, (2, 3, 32, 16), dtype=torch.uint8))
+    assert not real.requires_grad and real.numpy().shape == (2, 3, 32, 16)
+
+
+def test_lora_training_honours_max_steps(tiny_flux, tmp_path):
+    """max_steps caps the FLUX LoRA steps as it caps every train.fit run, and the capped adapters are saved
+    apart from a full run's (a -steps<N> folder)."""
+    from person_retrieval import train
+    from person_retrieval.generators import flux
+
+    _, gen = _tiny_flux_gen(tiny_flux)
+    try:
+        train.set_limits(max_steps=3)
+        hist = flux.train_flux_lora(gen, "spg", _random_target(), steps=50, rank=2, progress=False)
+        assert len(hist) == 3
+        assert flux.lora_folder("cuhk_pedes", 0, 32, steps=50).name == "flux-cuhk_pedes-seed0-r32-steps3"
+    finally:
+        train.set_limits()
+    assert flux.lora_folder("cuhk_pedes", 0, 32).name == "flux-cuhk_pedes-seed0-r32"
+    assert not any(p.requires_grad for p in gen.transformer.parameters())  # trained: sampling and figures carry no grad
+
+
+def test_lora_folder_is_found_for_any_rank_and_the_rank_read_from_the_files(tiny_flux, tmp_path, monkeypatch):
+    """02_generators with rank 4 saves under ...-r4; 02_tips and 03 looked under ...-r32 only ("run
+    02_generators"). They find the folder whatever its rank and load the adapters at the rank saved."""
+    from person_retrieval.generators import flux, lora
+
+    monkeypatch.setenv("PR_CACHE_DIR", str(tmp_path))
+    pipe, gen = _tiny_flux_gen(tiny_flux)
+    folder = flux.lora_folder("cuhk_pedes", 0, 4)
+    assert folder.name == "flux-cuhk_pedes-seed0-r4"
+    for kind in ("spg", "idpg"):
+        flux.train_flux_lora(gen, kind, _random_target(), steps=1, rank=4, out_file=folder / f"{kind}.safetensors", progress=False)
+    assert flux.find_lora_folder("cuhk_pedes", 0, ("spg", "idpg")) == folder
+    assert flux.find_lora_folder("cuhk_pedes", 0, ("spg", "idpg"), rank=32) is None
+    assert flux.find_lora_folder("cuhk_pedes", 0, ("dual",)) is None
+    assert flux.find_lora_folder("cuhk_pedes", 1, ("spg",)) is None
+    fresh, fresh_gen = _tiny_flux_gen(tiny_flux)
+    said = []
+    got, trained = flux.flux_loras(fresh, fresh_gen, "cuhk_pedes", None, 0, ("spg", "idpg"), log=said.append, progress=False)
+    assert got == folder and trained == {} and said == []
+    assert {m.r["spg"] for _, m in lora._lora_layers(fresh.transformer, "spg")} == {4}

@@ -283,3 +283,36 @@ def test_malformed_itcpr_names_file_and_entry(tmp_path):
 def test_quadruples_are_counted_from_group_ids():
     t = [{"cpr_id": c} for c in (1, 2, 1, 5, 6)]
     assert syncpr.quadruple_count(t) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 41: an LLM whose quadruples do not parse (a random stand-in at paper) is said plainly, and the run goes on
+class _Babbler:
+    """A language model whose answers never hold the four lines."""
+
+    def generate(self, prompts, max_new_tokens=64):
+        return [f"lorem ipsum {i} dolor" for i, _ in enumerate(prompts)]
+
+
+def test_unparsed_quadruples_are_counted_plainly_and_draw_nothing(tmp_path):
+    quads, answers = syncpr.make_quadruples(_Babbler(), range(3), answers=True)
+    assert quads == [None] * 3 and len(answers) == 3
+    msg = syncpr.parse_summary(quads, answers)
+    assert msg.startswith("0 of 3 quadruples parsed") and "lorem ipsum 0 dolor" in msg and "Reference:" in msg
+
+    class NoGen:  # the dual panel is never asked for an empty batch (the FLUX tokenizer raised IndexError on one)
+        image_size = (32, 16)
+
+        def dual(self, *a, **k):
+            raise AssertionError("drew with no quadruple")
+
+    refs, tgts = syncpr.dual_pairs(NoGen(), [], [], [])
+    assert refs.shape == tgts.shape == (0, 3, 32, 16) and refs.dtype == torch.uint8
+    cfg = syncpr.paper_config(4, (0.5, 1.0), 0, ("babbler", "nogen", "novlm"))
+    assert cfg.n_quadruples == 4 and cfg.shard_size == 4 and cfg.panels == 4
+    syncpr.synthesize(tmp_path / "syn", cfg, _Babbler(), NoGen(), None, progress=False)
+    manifest = syncpr.assemble(tmp_path / "syn")
+    assert manifest["triplets"] == 0 and manifest["kept"] == 0
+    assert syncpr.synthesis_summary(manifest).startswith("0 of 4 quadruples parsed; 0 candidate triplets, 0 kept")
+    assert syncpr.statistics([])["triplets"] == 0 and len(syncpr.rejection_table(syncpr.read_scores(tmp_path / "syn"))) == 5
+    assert syncpr.paper_config(None, (0.5, 1.0), 0, ()).n_quadruples == syncpr.REPORTED["quadruples"]

@@ -277,3 +277,48 @@ def test_the_flux_path_and_transformers_assistants_run_every_stage():
     assert vlm.usage.unparsed["score"] >= 4 and vlm.usage.unparsed["tips_variation"] == 2
     caps = tips.captions(vlm, seeds, np.random.default_rng(0))
     assert len(caps) == 2 and all(len(c) == 2 for c in caps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 41: 02_tips at paper retrieves with the user's CLIP (clip_weights), never the mini CLIP
+def test_02_tips_trains_its_retrieval_models_on_clip_weights(monkeypatch, tmp_path):
+    from person_retrieval import params
+    from person_retrieval.papers import tpr
+    from person_retrieval.standins import smoke_parameters
+
+    src = (Path(__file__).resolve().parents[1] / "notebooks" / "src" / "02_tips.py").read_text()
+    assert "clip_weights: Optional[str] = None" in src and "clip_weights=clip_weights" in src
+    with pytest.raises(ValueError, match="parameter 'clip_weights'"):
+        params.check(dict(clip_weights=str(tmp_path / "no-such-clip.safetensors")), clip_weights=lambda n, v: params.check_weights(v, n))
+    paths = {k: tmp_path / k for k in ("data_root", "flux", "vlm", "llm", "blip2")}
+    smoke = smoke_parameters("02_tips", {**paths, "clip_name": "ViT-B-16"})
+    assert smoke["clip_weights"] == "ViT-B-16" and smoke["weights"] == str(paths["flux"]) and smoke["n_synthetic"] == 2
+    calls = []
+    monkeypatch.setattr(tpr, "fit_baseline", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(tips, "_small_set_batch", lambda *a, **k: {})
+    tips.fine_tune("irra", "cuhk_pedes", tmp_path, "paper", 0, weights="ViT-B-16", init="phase1.safetensors", pretrained=True)
+    tips.fine_tune("rde", "cuhk_pedes", tmp_path, "paper", 0, weights="ViT-B-16")
+    assert [c["weights"] for c in calls] == ["ViT-B-16"] * 2
+    assert calls[0]["epochs"] == tpr.BASELINE_CONFIG["paper"]["epochs"] // 2 and calls[0]["init"] == "phase1.safetensors"
+
+
+def test_tta_query_subset_keeps_the_gallery():
+    from person_retrieval.datasets.torch_data import RetrievalData
+
+    n = 10
+    data = RetrievalData(images=torch.zeros(4, 3, 8, 4, dtype=torch.uint8), image_pids=torch.arange(4), tokens=torch.arange(n)[:, None],
+                         caption_pids=torch.arange(n) % 4, caption_image_ids=torch.arange(n) % 4, captions=[f"c{i}" for i in range(n)])
+    sub = tips.query_subset(data, 3)
+    assert sub.captions == ["c0", "c4", "c9"] and sub.tokens[:, 0].tolist() == [0, 4, 9] and sub.caption_pids.tolist() == [0, 0, 1]
+    assert sub.images is data.images and tips.query_subset(data, None) is data and tips.query_subset(data, 50) is data
+
+
+def test_domain_at_paper_reads_a_folder_with_fewer_than_tips_identities(tiny_world, tmp_path):
+    """At paper the prompts' examples and sizes come from the LoRAs' few-shot set: 100 identities x 3 images,
+    or as many as the folder has (a stand-in holds a few dozen) instead of an error."""
+    from person_retrieval.generators import flux
+
+    (tmp_path / "CUHK-PEDES").symlink_to(tiny_world["cuhk_pedes"], target_is_directory=True)
+    examples, sizes, _ = tips.domain("paper", 0, "cuhk_pedes", tmp_path, "zero_shot")
+    ts = flux.few_shot_target("cuhk_pedes", tmp_path / "CUHK-PEDES", (32, 16), 0)
+    assert 2 <= len(set(ts.pids)) < 100 and ts.images.shape[-2:] == (32, 16) and len(sizes) == len(ts.sizes) and len(examples) >= 3

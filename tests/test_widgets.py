@@ -10,7 +10,7 @@ from person_retrieval.assistants.grammar import parse_claims, render_claims
 from person_retrieval.datasets.torch_data import to_float
 from person_retrieval.models import DualEncoder, build_backbone, pretrained_mini_clip, split_data
 from person_retrieval.papers import ctgi
-from person_retrieval.widgets import ComposedRetrievalDemo, Gallery, GenerationDemo, TextRetrievalDemo, rank_of_first
+from person_retrieval.widgets import ComposedRetrievalDemo, Gallery, GenerationDemo, TextRetrievalDemo, rank_of_first, rank_plot
 
 pytest.importorskip("ipywidgets")
 
@@ -88,7 +88,7 @@ def test_the_text_demo_answers_through_its_widgets(cuhk, tiny_world):
     demo.caption.value = 4  # the widget's own observer searches again
     assert demo.last.text == data.captions[4]
     edited = demo.search(render_claims({"upper_color": str(people[0]["upper_color"])}))
-    assert edited.target_pid == int(data.caption_pids[4]) and edited.claims == {"upper_color": str(people[0]["upper_color"])}
+    assert edited.typed and edited.target_pid is None and edited.claims == {"upper_color": str(people[0]["upper_color"])}
     demo.model.value = "cosine"  # a plain cosine model: searched with faiss, same order as its similarity
     g = demo.gallery()
     assert g.index is not None
@@ -126,7 +126,78 @@ def test_a_model_whose_gallery_reads_summaries_ranks_over_them_in_the_text_demo(
         TextRetrievalDemo({"cuhk_pedes": data}, {"CECA": model}, gallery_data={"RDE": {"cuhk_pedes": with_s}})
 
 
-def test_the_chat_demo_reranks_by_the_whole_dialogue_after_every_answer(tiny_world):
+def _buttons(widget):
+    import ipywidgets as W
+
+    if isinstance(widget, W.Button):
+        yield widget
+    for c in getattr(widget, "children", ()):
+        yield from _buttons(c)
+
+
+def test_a_typed_query_is_not_judged_against_the_captions_person(cuhk):
+    """The query box starts with a test caption, whose person is the one to find; a query the user types is
+    nobody's caption: no "Rank-1 right/wrong", no one outlined, its claims against the top-1 only."""
+    data, people = cuhk
+    oracle = _AttributeOracle(data, people)
+    demo = TextRetrievalDemo({"cuhk_pedes": data}, {"oracle": oracle}, {"cuhk_pedes": people}, k=5)
+    demo._galleries["cuhk_pedes", "oracle"] = Gallery(oracle, data, tokenize=oracle.tokenize)
+    judged = demo.pick_caption(0)
+    assert judged.r1 is not None and "Rank-1" in demo.status.value and "the person to find" in demo.claims.value
+    demo.query.value = "A man in red shoes."  # typed into the box, then Search
+    demo.button.click()
+    typed = demo.last
+    assert typed.typed and typed.r1 is None and typed.text == "A man in red shoes."
+    assert "Rank-1" not in demo.status.value and "the person to find is id" not in demo.status.value
+    assert "your own query" in demo.status.value and "oracle on cuhk_pedes" in demo.status.value
+    assert "#2ca02c" not in demo.results.value and demo.results.value.count('class="pr-hit"') == 5  # no one outlined
+    assert "shoes_color = red" in demo.claims.value and "top-1" in demo.claims.value and "the person to find" not in demo.claims.value
+    assert demo.search(data.captions[0] + " ").r1 == judged.r1  # the caption itself (give or take a space) is judged
+    demo.caption.value = 2  # another test caption: judged again
+    assert demo.last.target_pid == int(data.caption_pids[2]) and "Rank-1" in demo.status.value
+
+
+def test_every_button_label_fits(cuhk):
+    """ipywidgets' default button width cuts a long label ("Answer from the image") short: each demo's
+    buttons size themselves to their labels."""
+    data, people = cuhk
+    demos = [TextRetrievalDemo({"cuhk_pedes": data}, {"oracle": _AttributeOracle(data, people)}),
+             ComposedRetrievalDemo(data.images[:2], ["a", "b"], [0, 1], data.images[:3], [0, 1, -1],
+                                   {"r": lambda i, t: torch.arange(3.0)}),
+             GenerationDemo(lambda *a: torch.zeros(1, 3, 8, 4, dtype=torch.uint8), {"none": None})]
+    buttons = [b for d in demos for b in _buttons(d.widget)]
+    assert {b.description for b in buttons} >= {"Search", "random", "Generate"}
+    assert all(b.layout.width == "max-content" for b in buttons), [(b.description, b.layout.width) for b in buttons]
+
+
+def test_the_rank_plot_reads_as_plain_ranks_rank_1_on_top():
+    import matplotlib.pyplot as plt
+
+    for ranks, refined in (([17, 4, 1], None), ([1], [1]), ([3, 2], [5, 1])):
+        fig = rank_plot(ranks, refined)
+        ax = fig.axes[0]
+        bottom, top = ax.get_ylim()
+        assert ax.get_yscale() == "linear" and top < 1 < bottom and bottom >= max(ranks + (refined or []))  # inverted: 1 on top
+        ticks = [t for t in ax.get_yticks() if top <= t <= bottom]
+        assert ticks and all(float(t).is_integer() for t in ticks) and min(ticks) <= 2, ticks
+        assert list(ax.get_xticks()) == list(range(1, len(ranks) + 1)), ax.get_xticks()
+        plt.close(fig)
+
+
+def test_the_generation_demo_says_tiny_models_draw_no_people():
+    gen = lambda prompts, size, beta, seed: torch.zeros(len(prompts), 3, 8, 4, dtype=torch.uint8)  # noqa: E731
+    tiny = GenerationDemo(gen, {"none": None}, prompt="a woman", n=2, scale="tiny")
+    tiny.run()
+    assert "draws no people" in tiny.note.value and "draws no people" in tiny.snapshot().data
+    small = GenerationDemo(gen, {"none": None}, prompt="a woman", n=2, scale="small")
+    assert small.note.value == "" and "draws no people" not in small.snapshot().data
+
+
+def test_the_chat_demo_reranks_by_the_whole_dialogue_after_every_answer(tiny_world, monkeypatch):
+    from person_retrieval import widgets
+
+    plotted = []
+    monkeypatch.setattr(widgets, "rank_plot", lambda ranks, refined=None: plotted.append((list(ranks), refined)) or rank_plot(ranks, refined))
     from person_retrieval import assistants
     from person_retrieval.datasets import read_chatpedes
     from person_retrieval.papers import diana
@@ -141,7 +212,8 @@ def test_the_chat_demo_reranks_by_the_whole_dialogue_after_every_answer(tiny_wor
     first_answer = diana.rounds_of(entries[2]["chats"][0])[0][1]
     assert demo.target_pid == entries[2]["id"] and len(demo.ranks) == 1 and first_answer in demo.transcript.value
     q1 = demo.question.value
-    assert q1 and "pr-plot" in demo.plot.value
+    assert q1 and "pr-plot" in demo.plot.value and plotted[-1] == (demo.ranks, None)  # plain ranks, rank 1 on top
+    assert all(b.layout.width == "max-content" for b in _buttons(demo.widget))
     demo.answer_box.value = "they wear a red hat"
     demo.send.click()  # the button's own handler
     assert demo.rounds[-1] == (q1, "they wear a red hat") and demo.answer_box.value == ""
@@ -189,6 +261,9 @@ def test_the_composed_demo_steps_through_queries_and_ranks_with_each_method():
 
     demo = ComposedRetrievalDemo(refs, ["the same, id 13", "id 11", "id 12", "red"], [13, 11, 12, 10], gal, gal_ids,
                                  {"oracle": names_an_id, "image only": lambda i, text: torch.arange(6.0) * (1 if i % 2 else -1)}, k=3)
+    demo.step(1)  # the image-only ranking puts the distractor (id -1) first: it says so
+    assert "1. distractor" in demo.results.value and "id -1" not in demo.results.value
+    demo.step(-1)
     assert demo.last.query == 0 and demo.last.target_rank == {"oracle": 1, "image only": 4}
     assert demo.results.value.count('class="pr-hit"') == 6 and "reference of query 0" in demo.reference.value
     demo.next.click()

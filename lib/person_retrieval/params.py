@@ -3,12 +3,14 @@
     P = params.check(dict(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights, lam=lam),
                      needs=["cuhk_pedes"], lam=params.number(0, 1))
 
-Every bad value fails there, before any work, with a ``ValueError`` that names the parameter, what it
-accepts and, for files, where to put them:
+Every bad value fails there, before any work, with a :class:`ParameterError` (a ``ValueError``) that names
+the parameter, what it accepts and, for files, where to put them; in a notebook it shows as that one line
+and a hint, not as a traceback:
 
 * the common parameters are known by name: ``scale``, ``gpus`` (against the GPUs present, or for CPU
   processes against the cores), ``seed``, ``seeds``, ``data_root`` (each dataset the notebook needs must be
-  there: every missing one is named), ``weights`` (real CLIP weights resolved to a file on disk), ``vlm``
+  there: every missing one is named, and each one's annotation files are parsed and their fields checked,
+  :func:`person_retrieval.datasets.validate`), ``weights`` (real CLIP weights resolved to a file on disk), ``vlm``
   and ``llm`` (model folders on disk);
 * a notebook's own knobs get a rule each: :func:`number`, :func:`integer`, :func:`choice`, :func:`choices`;
 * lists and numbers given as text, as ``papermill -p methods '["irra"]'`` passes them, are read as JSON.
@@ -25,6 +27,18 @@ from typing import Any, Callable, Iterable
 from .config import SCALE_NAMES
 
 Rule = Callable[[str, Any], Any]
+
+
+class ParameterError(ValueError):
+    """A notebook parameter's bad value. IPython shows an exception's ``_render_traceback_()`` in place of its
+    traceback: here the one-line message and a hint, since the stack (the checks inside this module) says
+    nothing the message does not. papermill still reports the message (its ``evalue`` and traceback)."""
+
+    HINT = ("(the notebook's first cell checks its parameters: change the value in the parameters cell, "
+            "or pass another with papermill -p NAME VALUE, and run again)")
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}", self.HINT]
 
 
 def _kind(v) -> str:
@@ -52,7 +66,7 @@ def number(lo: float | None = None, hi: float | None = None) -> Rule:
     def rule(name, value):
         value = _from_text(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"parameter {name!r} must be a number, got {_kind(value)}")
+            raise ParameterError(f"parameter {name!r} must be a number, got {_kind(value)}")
         _bounds(name, value, lo, hi)
         return value
     return rule
@@ -65,7 +79,7 @@ def integer(lo: int | None = None, hi: int | None = None, allow_none: bool = Fal
         if value is None and allow_none:
             return None
         if not _is_int(value):
-            raise ValueError(f"parameter {name!r} must be an integer, got {_kind(value)}")
+            raise ParameterError(f"parameter {name!r} must be an integer, got {_kind(value)}")
         _bounds(name, value, lo, hi)
         return value
     return rule
@@ -77,12 +91,12 @@ def number_range(lo: float | None = None, hi: float | None = None) -> Rule:
         value = _from_text(value)
         if isinstance(value, str) or not isinstance(value, (list, tuple)) or len(value) != 2 or \
                 any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
-            raise ValueError(f"parameter {name!r} must be a pair of numbers [low, high] (with papermill: -p {name} '[0.5, 1.0]'), "
+            raise ParameterError(f"parameter {name!r} must be a pair of numbers [low, high] (with papermill: -p {name} '[0.5, 1.0]'), "
                              f"got {_kind(value)}")
         for v in value:
             _bounds(name, v, lo, hi)
         if value[0] > value[1]:
-            raise ValueError(f"parameter {name!r} must be [low, high] with low <= high, got {list(value)!r}")
+            raise ParameterError(f"parameter {name!r} must be [low, high] with low <= high, got {list(value)!r}")
         return [float(v) for v in value]
     return rule
 
@@ -90,7 +104,7 @@ def number_range(lo: float | None = None, hi: float | None = None) -> Rule:
 def _bounds(name, value, lo, hi):
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         span = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-        raise ValueError(f"parameter {name!r} must lie in {span}, got {value!r}")
+        raise ParameterError(f"parameter {name!r} must lie in {span}, got {value!r}")
 
 
 def choice(options: Iterable, allow_none: bool = False) -> Rule:
@@ -101,7 +115,7 @@ def choice(options: Iterable, allow_none: bool = False) -> Rule:
         if value is None and allow_none:
             return None
         if value not in options:
-            raise ValueError(f"parameter {name!r} must be one of {options}, got {_kind(value)}")
+            raise ParameterError(f"parameter {name!r} must be one of {options}, got {_kind(value)}")
         return value
     return rule
 
@@ -113,14 +127,17 @@ def choices(options: Iterable, unique: bool = True) -> Rule:
     def rule(name, value):
         value = _from_text(value)
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise ValueError(f"parameter {name!r} must be a non-empty list from {options} "
+            raise ParameterError(f"parameter {name!r} must be a non-empty list from {options} "
                              f"(with papermill: -p {name} '[\"{options[0]}\"]'), got {_kind(value)}")
+        if not value:
+            raise ParameterError(f"parameter {name!r} is an empty list: give at least one of {options} "
+                                 f"(with papermill: -p {name} '[\"{options[0]}\"]')")
         bad = [v for v in value if v not in options]
-        if not value or bad:
-            raise ValueError(f"parameter {name!r} must be a non-empty list from {options}, got {value!r}"
+        if bad:
+            raise ParameterError(f"parameter {name!r} must be a non-empty list from {options}, got {value!r}"
                              + (f" (unknown: {bad})" if bad else ""))
         if unique and len(set(value)) != len(value):
-            raise ValueError(f"parameter {name!r} repeats an item: {value!r}")
+            raise ParameterError(f"parameter {name!r} repeats an item: {value!r}")
         return list(value)
     return rule
 
@@ -131,13 +148,17 @@ def seeds(name, value) -> list[int]:
 
     if isinstance(value, str) and re.fullmatch(r"\s*\[?\s*\d+(\s*[, ]\s*\d+)*\s*\]?\s*", value):
         value = [int(v) for v in re.findall(r"\d+", value)]
+    elif isinstance(value, str) and re.fullmatch(r"\s*(\[\s*\])?\s*", value):
+        value = []  # papermill -p seeds '[]' (or an empty string)
+    if isinstance(value, (list, tuple)) and not value:
+        raise ParameterError(f"parameter {name!r} is an empty list: give at least one seed (with papermill: -p {name} '[0]')")
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise ValueError(f"parameter {name!r} must be a list of non-negative integers, got {_kind(value)}")
+        raise ParameterError(f"parameter {name!r} must be a list of non-negative integers, got {_kind(value)}")
     out = list(value)
     if not out or any(not _is_int(v) or v < 0 for v in out):
-        raise ValueError(f"parameter {name!r} must be a non-empty list of non-negative integers, got {value!r}")
+        raise ParameterError(f"parameter {name!r} must be a non-empty list of non-negative integers, got {value!r}")
     if len(set(out)) != len(out):
-        raise ValueError(f"parameter {name!r} repeats a seed: {value!r}")
+        raise ParameterError(f"parameter {name!r} repeats a seed: {value!r}")
     return out
 
 
@@ -145,14 +166,14 @@ def seeds(name, value) -> list[int]:
 # The common parameters.
 def _scale(name, value):
     if value not in SCALE_NAMES:
-        raise ValueError(f"parameter {name!r} must be one of {SCALE_NAMES}, got {_kind(value)}")
+        raise ParameterError(f"parameter {name!r} must be one of {SCALE_NAMES}, got {_kind(value)}")
     return value
 
 
 def _seed(name, value):
     value = _from_text(value)
     if not _is_int(value) or value < 0:
-        raise ValueError(f"parameter {name!r} must be a non-negative integer, got {_kind(value)}")
+        raise ParameterError(f"parameter {name!r} must be a non-negative integer, got {_kind(value)}")
     return value
 
 
@@ -162,7 +183,7 @@ def check_gpus(value, name: str = "gpus", cuda: int | None = None, cores: int | 
     default to what torch and the OS report."""
     value = _from_text(value)
     if not _is_int(value) or value < 0:
-        raise ValueError(f"parameter {name!r} must be a non-negative integer (0 = CPU), got {_kind(value)}")
+        raise ParameterError(f"parameter {name!r} must be a non-negative integer (0 = CPU), got {_kind(value)}")
     if value == 0:
         return 0
     if cuda is None:
@@ -173,28 +194,48 @@ def check_gpus(value, name: str = "gpus", cuda: int | None = None, cores: int | 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if cuda:
         if value > cuda:
-            raise ValueError(f"parameter {name!r} asks for {value} GPUs, but this machine has {cuda}: use at most {cuda}, or 0 for the CPU")
+            raise ParameterError(f"parameter {name!r} asks for {value} GPUs, but this machine has {cuda}: use at most {cuda}, or 0 for the CPU")
         return value
     if value == 1:
-        raise ValueError(f"parameter {name!r}=1 asks for a GPU, but this machine has none: use 0 (the CPU), "
+        raise ParameterError(f"parameter {name!r}=1 asks for a GPU, but this machine has none: use 0 (the CPU), "
                          f"or 2 to {max(2, cores)} for that many CPU processes (DistributedDataParallel over gloo)")
     if value > cores:
-        raise ValueError(f"parameter {name!r}={value} would start {value} CPU processes (this machine has no GPU), "
+        raise ParameterError(f"parameter {name!r}={value} would start {value} CPU processes (this machine has no GPU), "
                          f"but it has {cores} cores: use 0 (the CPU) or at most {cores}")
     return value
 
 
+def _spelled_path(value) -> Path | None:
+    """The path ``value`` spells when it is plainly a path (absolute, or starting with ``~``, ``./``, ``../``),
+    else None (a name, such as ``ViT-B-16`` or ``Qwen/Qwen2-VL-7B-Instruct``, looked up elsewhere)."""
+    v = str(value).strip()
+    p = Path(v).expanduser()
+    return p if p.is_absolute() or v.startswith(("~", "./", "../", ".\\", "..\\")) else None
+
+
+def _no_such_path(name: str, p: Path, none_means: str, what: str) -> ParameterError:
+    """"``p`` does not exist", with the nearest folder above it that does."""
+    up = p.absolute().parent
+    while not up.exists() and up != up.parent:
+        up = up.parent
+    return ParameterError(f"parameter {name!r}: {str(p)!r} does not exist (no such file or folder; the nearest folder "
+                          f"that exists is {str(up)!r}): give {what}, or None ({none_means})")
+
+
 def _on_disk(name: str, value, none_means: str, what: str, resolve: Callable):
-    """``None`` or a name or path that ``resolve`` finds on disk; its FileNotFoundError (which says where
-    to put the files) becomes the parameter's error."""
+    """``None`` or a name or path that ``resolve`` finds on disk; a path that does not exist says so, and
+    ``resolve``'s FileNotFoundError (which says where to put the files) becomes the parameter's error."""
     if value is None:
         return None
     if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
-        raise ValueError(f"parameter {name!r} must be None ({none_means}) or {what}, got {_kind(value)}")
+        raise ParameterError(f"parameter {name!r} must be None ({none_means}) or {what}, got {_kind(value)}")
+    p = _spelled_path(value)
+    if p is not None and not p.exists():
+        raise _no_such_path(name, p, none_means, what)
     try:
         resolve(str(value))
     except FileNotFoundError as e:
-        raise ValueError(f"parameter {name!r}: {e}") from None
+        raise ParameterError(f"parameter {name!r}: {e}") from None
     return str(value)
 
 
@@ -202,6 +243,12 @@ def check_weights(value, name: str = "weights"):
     """``None`` (the mini CLIP) or real CLIP weights, resolved to a checkpoint on disk now."""
     from .models.backbone import resolve_weights
 
+    p = _spelled_path(value) if isinstance(value, (str, os.PathLike)) and str(value).strip() else None
+    if p is not None and p.is_dir():  # a folder, not the checkpoint in it
+        found = sorted(str(f) for f in p.glob("*.safetensors"))[:3]
+        raise ParameterError(f"parameter {name!r}: {str(p)!r} is a folder; give the checkpoint file in it"
+                             + (f" (it holds {', '.join(found)})" if found else " (it holds no .safetensors file)")
+                             + ", or set PR_WEIGHTS_DIR to it and give the model's name (e.g. ViT-B-16)")
     return _on_disk(name, value, "the mini backbone", "a model name or checkpoint path", resolve_weights)
 
 
@@ -217,10 +264,13 @@ def blip2_weights(name, value):
     if value is None:
         return None
     if not isinstance(value, (str, os.PathLike)):
-        raise ValueError(f"parameter {name!r} must be None (the mini Q-Former) or a folder path, got {_kind(value)}")
+        raise ParameterError(f"parameter {name!r} must be None (the mini Q-Former) or a folder path, got {_kind(value)}")
     p = Path(value).expanduser()
+    if not p.exists():
+        raise _no_such_path(name, p, "the mini Q-Former", "a local folder holding Blip2ForImageTextRetrieval weights "
+                            "(e.g. Salesforce/blip2-itm-vit-g)")
     if not (p / "config.json").is_file():
-        raise ValueError(f"parameter {name!r}: {str(p)!r} holds no Blip2ForImageTextRetrieval weights (no config.json); copy a "
+        raise ParameterError(f"parameter {name!r}: {str(p)!r} holds no Blip2ForImageTextRetrieval weights (no config.json); copy a "
                          "local BLIP-2 ITM checkpoint there (e.g. Salesforce/blip2-itm-vit-g), or use None for the mini Q-Former")
     return p
 
@@ -234,27 +284,36 @@ def check_model(value, name: str):
 
 def check_data_root(value, datasets: Iterable[str] = (), name: str = "data_root"):
     """``None`` (the mini world) or a folder holding every dataset in ``datasets`` in its real layout
-    (``CUHK-PEDES/reid_raw.json``, ...); every missing one is named."""
+    (``CUHK-PEDES/reid_raw.json``, ...); every missing one is named. Each present one's annotation files are
+    then parsed and their fields checked (:func:`person_retrieval.datasets.validate`: a truncated file or a
+    missing field fails here, naming the file, the entry and the cause; images are not opened)."""
     if value is None:
         return None
     if not isinstance(value, (str, os.PathLike)):
-        raise ValueError(f"parameter {name!r} must be None (the mini world) or a folder path, got {_kind(value)}")
+        raise ParameterError(f"parameter {name!r} must be None (the mini world) or a folder path, got {_kind(value)}")
     root = Path(value).expanduser()
     if not root.is_dir():
-        raise ValueError(f"parameter {name!r}: folder {str(root)!r} does not exist (None uses the mini world)")
+        raise ParameterError(f"parameter {name!r}: folder {str(root)!r} does not exist (None uses the mini world)")
     from .datasets.formats import REAL_FOLDERS, TPR_FORMATS
 
     missing = []
     for d in datasets:
         if d not in REAL_FOLDERS:
-            raise ValueError(f"unknown dataset {d!r}; expected one of {sorted(REAL_FOLDERS)}")
+            raise ParameterError(f"unknown dataset {d!r}; expected one of {sorted(REAL_FOLDERS)}")
         folder = root / REAL_FOLDERS[d]
         need = folder / TPR_FORMATS[d].annotation if d in TPR_FORMATS else folder
         if not need.exists():
             missing.append(f"{d} (expected {need})")
     if missing:
-        raise ValueError(f"parameter {name!r}: {root} lacks datasets this notebook needs: " + "; ".join(missing)
+        raise ParameterError(f"parameter {name!r}: {root} lacks datasets this notebook needs: " + "; ".join(missing)
                          + ". Put them there in their released layout, or use data_root=None for the mini world.")
+    from .datasets.formats import DatasetFormatError, validate
+
+    for d in datasets:
+        try:
+            validate(d, root / REAL_FOLDERS[d])
+        except DatasetFormatError as e:
+            raise ParameterError(f"parameter {name!r}: {REAL_FOLDERS[d]} is not in its released format: {e}") from None
     return root
 
 
@@ -286,9 +345,14 @@ def check(values: dict, needs: Iterable[str] | str = (), **rules: Rule) -> dict:
         rule = rules.get(n) or known.get(n)
         if rule is None:
             raise TypeError(f"no rule for parameter {n!r}: pass one (params.number(...), params.choice(...), ...)")
-        out[n] = rule(n, values[n])
+        try:
+            out[n] = rule(n, values[n])
+        except ParameterError:
+            raise
+        except ValueError as e:  # a notebook's own rule: shown as one line too
+            raise ParameterError(str(e) if f"{n!r}" in str(e) else f"parameter {n!r}: {e}") from None
     if out.get("scale") == "paper" and "data_root" in out and out["data_root"] is None:
-        raise ValueError("scale='paper' needs real data: set parameter 'data_root' to the dataset folder")
+        raise ParameterError("scale='paper' needs real data: set parameter 'data_root' to the dataset folder")
     if {"epochs", "max_steps", "batch_size"} & set(out):  # one way to shrink every training run of the notebook
         from .train import set_limits
 

@@ -113,6 +113,15 @@ def _bert_tokenizer():
         return BertTokenizerFast(str(Path(d) / "vocab.txt"), do_lower_case=True)
 
 
+#: A random model never stops on its own: the stand-ins' generation_config.json caps an answer at this many
+#: tokens (``assistants.hf`` honours it), so a smoke run asks for hundreds of answers in seconds.
+STANDIN_MAX_NEW_TOKENS = 6
+
+
+def _cap_generation(model) -> None:
+    model.generation_config.max_new_tokens = STANDIN_MAX_NEW_TOKENS
+
+
 def write_vlm(folder: str | Path, seed: int = 0) -> Path:
     """A tiny Qwen2-VL (the real class, its processor) saved with ``save_pretrained``."""
     from .assistants import tiny
@@ -120,6 +129,7 @@ def write_vlm(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         model, proc = tiny.qwen2_vl(seed)
+        _cap_generation(model)
         model.save_pretrained(str(folder))
         proc.save_pretrained(str(folder))
     return folder
@@ -132,6 +142,7 @@ def write_llm(folder: str | Path, seed: int = 0) -> Path:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         model, tok = tiny.llama_lm(seed)
+        _cap_generation(model)
         model.save_pretrained(str(folder))
         tok.save_pretrained(str(folder))
     return folder
@@ -167,12 +178,12 @@ def smoke_parameters(notebook: str, paths: dict, max_steps: int = 2, batch_size:
         "00_world_and_backbone": dict(weights=clip),
         "01_tpr_baselines": dict(weights=clip),
         "02_generators": dict(weights=flux, n_eval=2),
-        "02_tips": dict(weights=flux, clip_weights=clip, llm=llm, vlm=vlm, seeds=[seed], n_synthetic=4),
-        "03_syncpr_itcpr": dict(weights=flux, llm=llm, vlm=vlm, n_quadruples=4),
+        "02_tips": dict(weights=flux, clip_weights=clip, llm=llm, vlm=vlm, seeds=[seed], n_synthetic=2, max_tries=1, n_previews=4),
+        "03_syncpr_itcpr": dict(weights=flux, clip_weights=clip, llm=llm, vlm=vlm, n_quadruples=4),
         "04_fafa": dict(weights=blip2, seeds=[seed]),
         "05_ceca": dict(weights=clip, vlm=vlm, llm=llm, seeds=[seed]),
-        "06_diana": dict(weights=clip, llm=llm, vlm=vlm, seeds=[seed]),
-        "07_ctgi": dict(weights=clip, vlm=vlm, llm=llm, seeds=[seed]),
+        "06_diana": dict(weights=clip, llm=llm, vlm=vlm, seeds=[seed], n_dialogues=1, n_live=1, rounds=2),
+        "07_ctgi": dict(weights=clip, vlm=vlm, llm=llm, seeds=[seed], n_captions=16, rounds=2, top_k=2),
         "08_demos": dict(weights=clip),
     }
     if notebook not in own:

@@ -8,7 +8,8 @@ similarity such as RDE's two embeddings or DiaNA's refined one).
 
 * :class:`TextRetrievalDemo`: a caption (a test caption, editable), a dataset and a model; the top-10 with
   the true person outlined, whether the query's Rank-1 is right, and what the query says by the world's
-  grammar, checked against the top-1 person and the true one.
+  grammar, checked against the top-1 person and the true one. A query the user typed has no true person:
+  it gets its top-10 and its claims against the top-1, and no verdict.
 * :class:`ChatRetrievalDemo`: chat-based retrieval (DiaNA, built by ``papers.diana.chat_demo``: shared code
   imports no paper). A test dialogue's first round starts it; the
   questioner asks about what has not been said, the user answers (or the MLLM answers from the target
@@ -17,6 +18,8 @@ similarity such as RDE's two embeddings or DiaNA's refined one).
 * :class:`ComposedRetrievalDemo`: a reference image and a relative text (FAFA on ITCPR, built by
   ``papers.fafa.composed_demo``), beside image-only and text-only rankings.
 * :class:`GenerationDemo`: a prompt, the size condition and the LoRA strength beta, the generator's samples.
+
+Every button sizes itself to its label (``layout.width = "max-content"``): none is cut short.
 """
 from __future__ import annotations
 
@@ -91,6 +94,14 @@ def rank_of_first(ranked_ids: np.ndarray, target) -> int:
     return int(hits[0]) + 1 if len(hits) else len(ranked_ids) + 1
 
 
+def button(description: str, **kw):
+    """An ``ipywidgets.Button`` as wide as its label (the default width cuts a long one short)."""
+    import ipywidgets as W
+
+    kw.setdefault("layout", W.Layout(width="max-content"))  # not "auto": in a VBox that stretches it
+    return W.Button(description=description, **kw)
+
+
 class _Demo:
     """What every demo shares: its ``widget`` (a box of widgets) shown live in JupyterLab, and a static
     snapshot of what its HTML outputs show now, for an executed copy read without a kernel (papermill)."""
@@ -133,11 +144,15 @@ def thumbnail_html(image, caption: str = "", outline: bool = False, height: int 
             f'<figcaption style="font-size:11px">{html.escape(caption)}</figcaption></figure>')
 
 
-def hits_html(images, idx, pids, target: int, scores=None, height: int = 128) -> str:
+def hits_html(images, idx, pids, target: int | None, scores=None, height: int = 128, distractor: int | None = None) -> str:
     """A ranked row of thumbnails: ``images[idx[r]]`` captioned "rank. id pid" (and its score), the target
-    person's outlined (every demo's result row)."""
-    return "".join(thumbnail_html(images[int(i)], f"{r + 1}. id {p}" + (f" ({scores[r]:.2f})" if scores is not None else ""),
-                                  outline=int(p) == int(target), height=height)
+    person's outlined (every demo's result row; ``target`` None: no one is outlined). Items whose id is
+    ``distractor`` (ITCPR's -1) are captioned "distractor"."""
+    def label(r, p):
+        who = "distractor" if distractor is not None and int(p) == int(distractor) else f"id {p}"
+        return f"{r + 1}. {who}" + (f" ({scores[r]:.2f})" if scores is not None else "")
+
+    return "".join(thumbnail_html(images[int(i)], label(r, p), outline=target is not None and int(p) == int(target), height=height)
                    for r, (i, p) in enumerate(zip(idx, pids)))
 
 
@@ -160,14 +175,21 @@ def claims_html(claims: dict, people: dict[str, dict | None]) -> str:
 @dataclass
 class TextResult:
     text: str
-    target_pid: int
+    target_pid: int | None  # the test caption's person; None for a query the user typed (no true person)
     ranked: np.ndarray  # gallery indices, best first
     ranked_pids: np.ndarray
     scores: np.ndarray
     claims: dict
 
     @property
-    def r1(self) -> bool:
+    def typed(self) -> bool:
+        return self.target_pid is None
+
+    @property
+    def r1(self) -> bool | None:
+        """Whether the top-1 is the person to find (None for a typed query: nothing to judge it by)."""
+        if self.target_pid is None:
+            return None
         return bool(len(self.ranked_pids)) and int(self.ranked_pids[0]) == self.target_pid
 
 
@@ -175,8 +197,9 @@ class TextRetrievalDemo(_Demo):
     """Type a description, see who the model retrieves. ``datasets``: name -> test :class:`RetrievalData`;
     ``models``: name -> model (zero-shot, IRRA, RDE, CECA, any with ``embed_images``/``embed_texts``/
     ``similarity``), or name -> {dataset: model} for models fine-tuned per style; ``people``: name -> the
-    true person record of every gallery image (the world's; None on real data), for the claims table. The query box starts with test caption ``caption``; editing it keeps
-    that caption's person as the one to find. ``gallery_data``: model name -> {dataset: split} for a model
+    true person record of every gallery image (the world's; None on real data), for the claims table. The query box starts with test caption ``caption``; a query
+    typed over it is no longer that caption's, so it has no person to find: no verdict, no outline, its claims
+    checked against the top-1 only. ``gallery_data``: model name -> {dataset: split} for a model
     whose gallery reads more than the images (CECA: the same test images, each with its MLLM summary,
     ``papers.ceca.with_summaries``); the images, their order and the captions must be the dataset's own."""
 
@@ -202,7 +225,7 @@ class TextRetrievalDemo(_Demo):
         self.model = W.Dropdown(options=list(models), value=next(iter(models)), description="model")
         self.caption = W.BoundedIntText(value=caption, min=0, max=len(datasets[first].captions) - 1, description="caption #")
         self.query = W.Textarea(value=datasets[first].captions[caption], layout=W.Layout(width="95%", height="4em"), description="query")
-        self.button = W.Button(description="Search", button_style="primary")
+        self.button = button("Search", button_style="primary")
         self.status = W.HTML()
         self.results = W.HTML()
         self.claims = W.HTML()
@@ -242,18 +265,27 @@ class TextRetrievalDemo(_Demo):
         if text is not None:
             self.query.value = text
         data = self.datasets[self.dataset.value]
-        target = int(data.caption_pids[self.caption.value])
+        # a test caption has its person to find; a query typed over it describes whoever the user has in mind
+        typed = self.query.value.strip() != data.captions[self.caption.value].strip()
+        target = None if typed else int(data.caption_pids[self.caption.value])
         idx, scores = self.gallery().search(self.query.value, self.k)
         pids = data.image_pids.numpy()[idx]
         res = TextResult(self.query.value, target, idx, pids, scores, parse_claims(self.query.value))
         self.last = res
-        self.status.value = (f"<b>Rank-1 {'right' if res.r1 else 'wrong'}</b>: the person to find is id {target} "
-                             f"(outlined in green); {self.model.value} on {self.dataset.value}")
+        where = f"{html.escape(self.model.value)} on {html.escape(self.dataset.value)}"
+        if typed:
+            self.status.value = (f"<b>your own query</b>: no person to find, so no right or wrong (pick a caption # for a test "
+                                 f"caption and its person); {where}")
+        else:
+            self.status.value = (f"<b>Rank-1 {'right' if res.r1 else 'wrong'}</b>: the person to find is id {target} "
+                                 f"(outlined in green); {where}")
         self.results.value = hits_html(data.images, idx, pids, target, scores)
         people = self.people.get(self.dataset.value)
         if people is not None:
-            true_img = int(data.caption_image_ids[self.caption.value])
-            self.claims.value = claims_html(res.claims, {"top-1": people[int(idx[0])], "the person to find": people[true_img]})
+            named = {"top-1": people[int(idx[0])]}
+            if not typed:
+                named["the person to find"] = people[int(data.caption_image_ids[self.caption.value])]
+            self.claims.value = claims_html(res.claims, named)
         else:
             self.claims.value = claims_html(res.claims, {})
         return res
@@ -302,9 +334,9 @@ class ChatRetrievalDemo(_Demo):
         self.entry = W.BoundedIntText(value=start, min=0, max=len(first_rounds) - 1, description="person #")
         self.question = W.Text(description="system", disabled=True, layout=W.Layout(width="95%"))
         self.answer_box = W.Text(placeholder="your answer (or your own line), then Send", description="you", layout=W.Layout(width="95%"))
-        self.send = W.Button(description="Send", button_style="primary")
-        self.from_image = W.Button(description="Answer from the image", disabled=vlm is None,
-                                   tooltip="the MLLM answers from the target image" if vlm is not None else "no MLLM given")
+        self.send = button("Send", button_style="primary")
+        self.from_image = button("Answer from the image", disabled=vlm is None,
+                                 tooltip="the MLLM answers from the target image" if vlm is not None else "no MLLM given")
         self.transcript, self.results, self.refined_results, self.plot = W.HTML(), W.HTML(), W.HTML(), W.HTML()
         self.send.on_click(lambda _: self.answer(self.answer_box.value))
         self.from_image.on_click(lambda _: self.answer(None))
@@ -356,8 +388,6 @@ class ChatRetrievalDemo(_Demo):
         return self.text(self.rounds)
 
     def _rerank(self) -> ChatResult:
-        import matplotlib.pyplot as plt
-
         data = self.gallery.data
         n, pids_all = len(data.images), data.image_pids.numpy()
         text = self.dialogue()
@@ -379,19 +409,36 @@ class ChatRetrievalDemo(_Demo):
         self.transcript.value = "<br>".join(f"<b>system</b>: {html.escape(q)}<br><b>you</b>: {html.escape(a)}" for q, a in self.rounds)
         self.results.value = (f"<div>round {len(self.rounds)}: the person to find is at rank <b>{self.ranks[-1]}</b></div>"
                               + hits_html(data.images, top, top_pids, self.target_pid))
-        fig, ax = plt.subplots(figsize=(3, 2))
-        rounds = range(1, len(self.ranks) + 1)
-        ax.plot(rounds, self.ranks, "o-", label="dialogue")
-        if self.refine is not None:
-            ax.plot(rounds, self.refined_ranks, "s--", label="+ MTI")
-            ax.legend(fontsize=7)
-        ax.set(xlabel="round", ylabel="rank of the target", yscale="log", title="the target's rank")
-        ax.invert_yaxis()
-        self.plot.value = figure_html(fig)
+        self.plot.value = figure_html(rank_plot(self.ranks, self.refined_ranks if self.refine is not None else None))
         self.ask()
         if self.refine is None:
             return ChatResult(list(self.rounds), list(self.ranks), top_pids)
         return ChatResult(list(self.rounds), list(self.ranks), top_pids, list(self.refined_ranks), self._refined_text)
+
+
+def rank_plot(ranks: list[int], refined: list[int] | None = None):
+    """The target's rank after each round as plain ranks: rank 1 on top (the axis inverted), whole-number
+    ticks on both axes; ``refined``: the ranks with CTGI's MTI, beside."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(3, 2))
+    rounds = range(1, len(ranks) + 1)
+    ax.plot(rounds, ranks, "o-", label="dialogue")
+    worst = max(ranks)
+    if refined is not None:
+        ax.plot(rounds, refined, "s--", label="+ MTI")
+        ax.legend(fontsize=7)
+        worst = max(worst, *refined)
+    ax.set(xlabel="round", ylabel="rank of the target", title="the target's rank (1 = top)")
+    ax.set_ylim(max(worst, 2) + 0.5, 0.5)  # bottom > top: rank 1 at the top
+    ax.set_xlim(0.5, len(ranks) + 0.5)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=2))
+    if len(ranks) <= 10:
+        ax.set_xticks(list(rounds))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,10 +460,11 @@ class ComposedRetrievalDemo(_Demo):
     ``gallery``, ``gallery_ids``: the gallery's images and ids; ``rankers``: name -> ``score(i, text)``, the
     scores over the gallery of reference ``i`` with ``text`` (the first is the method shown first; an
     image-only ranker ignores the text, a text-only one the image). Arrows step through the queries, *random*
-    jumps to one, and the text box (pre-filled with the query's caption) can be edited."""
+    jumps to one, and the text box (pre-filled with the query's caption) can be edited. Gallery items whose
+    id is ``distractor`` (ITCPR's -1: no query's target) are captioned "distractor"."""
 
     def __init__(self, references, captions: list[str], targets, gallery, gallery_ids, rankers: dict, k: int = 10,
-                 start: int = 0, seed: int = 0):
+                 start: int = 0, seed: int = 0, distractor: int | None = -1):
         import ipywidgets as W
 
         if not rankers:
@@ -427,13 +475,14 @@ class ComposedRetrievalDemo(_Demo):
             raise ValueError(f"{len(gallery)} gallery images but {len(gallery_ids)} gallery ids")
         self.references, self.captions, self.targets = references, list(captions), np.asarray(targets)
         self.gallery, self.gallery_ids, self.rankers, self.k = gallery, np.asarray(gallery_ids), dict(rankers), k
+        self.distractor = distractor
         self.rng = np.random.default_rng(seed)
         self.query_no = W.BoundedIntText(value=start, min=0, max=len(captions) - 1, description="query #")
-        self.prev, self.next = W.Button(description="\u25c0", layout=W.Layout(width="3em")), W.Button(description="\u25b6", layout=W.Layout(width="3em"))
-        self.random = W.Button(description="random")
+        self.prev, self.next = button("\u25c0"), button("\u25b6")
+        self.random = button("random")
         self.reference = W.HTML()
         self.text = W.Textarea(layout=W.Layout(width="95%", height="3em"), description="change")
-        self.button = W.Button(description="Search", button_style="primary")
+        self.button = button("Search", button_style="primary")
         self.results = W.HTML()
         self.last: ComposedResult | None = None
         self.prev.on_click(lambda _: self.step(-1))
@@ -472,7 +521,7 @@ class ComposedRetrievalDemo(_Demo):
             ranked[name], ids[name] = order[: self.k], self.gallery_ids[order[: self.k]]
             ranks[name] = rank_of_first(self.gallery_ids[order], target)
             rows.append(f"<div><b>{html.escape(name)}</b>: the target at rank <b>{ranks[name]}</b></div>"
-                        + hits_html(self.gallery, ranked[name], ids[name], target, height=96))
+                        + hits_html(self.gallery, ranked[name], ids[name], target, height=96, distractor=self.distractor))
         self.results.value = "".join(rows)
         self.last = ComposedResult(i, self.text.value, target, ranked, ids, ranks)
         return self.last
@@ -480,26 +529,33 @@ class ComposedRetrievalDemo(_Demo):
 
 # ---------------------------------------------------------------------------------------------
 # Generation
+TINY_GENERATOR_NOTE = ('<div class="pr-note"><b>At scale tiny the generator draws no people</b>: trained for seconds on '
+                       "a few images, it makes blurs of colour. It shows how the controls work (the same settings and seed "
+                       "give the same images; beta and the size change them). Scale small trains it far longer.</div>")
+
+
 class GenerationDemo(_Demo):
     """A prompt, a size condition and the LoRA strength beta, and the generator's samples in a grid (TIPS's
     seed person generator, SynCPR's LoRA strength). ``generate(prompts, size, beta, seed)``: uint8 images
     ``[N, 3, H, W]`` for the prompts at capture size ``size`` (``(w, h)`` or None: no size condition);
-    ``sizes``: the sizes offered (label -> size). Same settings, same seed: the same images."""
+    ``sizes``: the sizes offered (label -> size). Same settings, same seed: the same images. ``scale``: the
+    scale the generator was trained at; at ``tiny`` the demo says above the grid that it draws no people."""
 
-    def __init__(self, generate, sizes: dict, prompt: str = "", n: int = 8, seed: int = 0):
+    def __init__(self, generate, sizes: dict, prompt: str = "", n: int = 8, seed: int = 0, scale: str | None = None):
         import ipywidgets as W
 
         self.generate_fn, self.n = generate, n
+        self.note = W.HTML(TINY_GENERATOR_NOTE if scale == "tiny" else "")
         self.prompt = W.Textarea(value=prompt, layout=W.Layout(width="95%", height="3em"), description="prompt")
         self.sizes = dict(sizes)
         self.size = W.Dropdown(options=list(self.sizes), description="size")  # labels: a None value would read as no choice
         self.beta = W.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.05, description="beta")
         self.seed = W.IntText(value=seed, description="seed")
-        self.button = W.Button(description="Generate", button_style="primary")
+        self.button = button("Generate", button_style="primary")
         self.grid = W.HTML()
         self.last: torch.Tensor | None = None
         self.button.on_click(lambda _: self.run())
-        self.widget = W.VBox([self.prompt, W.HBox([self.size, self.beta, self.seed]), self.button, self.grid])
+        self.widget = W.VBox([self.prompt, W.HBox([self.size, self.beta, self.seed]), self.button, self.note, self.grid])
 
     def run(self, prompt: str | None = None, size: str | None = None, beta: float | None = None, seed: int | None = None) -> torch.Tensor:
         """Generate ``n`` samples of the prompt (each argument, when given, is set in its widget first;

@@ -21,11 +21,14 @@
 # %% tags=["parameters"]
 from typing import Optional  # the types papermill --help-notebook shows
 
-scale: str = "small"           # "tiny" (seconds, for tests), "small" (classroom), "paper" (real data)
+scale: str = "small"           # "tiny" (seconds, for tests), "small" (classroom), "paper" (real data and weights)
 gpus: int = 0                  # 0: CPU; 1: one GPU (the mini CLIP's pretraining); N: DDP over N processes
-seed: int = 0
+seed: int = 0                  # an integer, 0 or more: the world, the mini CLIP and the mini MLLM recognizer
 data_root: Optional[str] = None   # None: the mini world; a folder holding all six datasets (CUHK-PEDES/, ... ChatPedes/)
-weights: Optional[str] = None     # None: the mini backbone (trained in the second part); "ViT-B-16" or a file: real CLIP
+weights: Optional[str] = None     # None: the mini backbone (trained in section 6); "ViT-B-16" or a file: real CLIP (paper: required)
+epochs: Optional[int] = None      # None: each schedule as set (here: the mini CLIP pretraining); N (1 or more): every training run trains N epochs
+max_steps: Optional[int] = None   # None: no cap; N (1 or more): every training run stops after N optimizer steps
+batch_size: Optional[int] = None  # None: the scale batch; N (1 or more): every training run takes batches of N
 
 # %%
 import json
@@ -35,9 +38,15 @@ import torch
 
 from person_retrieval import config, datasets, metrics, params, reports, viz, world
 
-P = params.check(dict(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights), needs=datasets.REAL_FOLDERS)
+# data_root: each dataset's annotation files are parsed and their fields checked here (a truncated file names itself)
+P = params.check(dict(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights, epochs=epochs,
+                      max_steps=max_steps, batch_size=batch_size), needs=datasets.REAL_FOLDERS)
+paper = scale == "paper"
+if paper and weights is None:
+    raise params.ParameterError("scale='paper' needs real CLIP weights: set parameter 'weights' (e.g. \"ViT-B-16\"); the mini CLIP is not trained at paper")
+source = reports.run_source(scale, seed, "mini world" if P["data_root"] is None else f"real data at {P['data_root']}")
 sc = config.get_scale(scale)
-H = sc.image_height if scale != "paper" else 128
+H = sc.image_height if not paper else 128
 print(f"scale={scale}: images {H}x{H // 2}; results go to {config.results_dirs(scale)[0]}")
 
 # %% [markdown]
@@ -50,16 +59,23 @@ print(f"scale={scale}: images {H}x{H // 2}; results go to {config.results_dirs(s
 # shorts with sneakers or sandals, coats with dark colours, grey hair with age). The result is what makes
 # real galleries hard: **many people look alike**, and the telling detail is often small.
 
-# %%
-rng = config.rng_for(seed, "notebook00", "people")
-people = world.sample_people(rng, 2000)
-counts = pd.Series([p.upper_color for p in people]).value_counts(normalize=True).mul(100).round(1)
-print("upper-garment colour, % of people:")
-print(counts.to_string())
+#
+# Sections 1 and 2 show the mini world itself; at `scale="paper"` they are skipped (section 3 reads your data).
 
 # %%
-look = pd.Series([(p.gender, p.upper_type, p.upper_color, p.lower_type, p.lower_color) for p in people]).value_counts()
-print(f"{(look[look > 1].sum() / len(people)):.0%} of people share gender, top and bottom (type and colour) with someone else")
+if paper:
+    print("scale='paper': sections 1-2 (the mini world's people and captions) are skipped; section 3 reads your data")
+else:
+    rng = config.rng_for(seed, "notebook00", "people")
+    people = world.sample_people(rng, 2000)
+    counts = pd.Series([p.upper_color for p in people]).value_counts(normalize=True).mul(100).round(1)
+    print("upper-garment colour, % of people:")
+    print(counts.to_string())
+
+# %%
+if not paper:
+    look = pd.Series([(p.gender, p.upper_type, p.upper_color, p.lower_type, p.lower_color) for p in people]).value_counts()
+    print(f"{(look[look > 1].sum() / len(people)):.0%} of people share gender, top and bottom (type and colour) with someone else")
 
 # %% [markdown]
 # Each image adds a **state**: pose (standing or walking), viewpoint (front, back, side), scene, light, and
@@ -67,27 +83,29 @@ print(f"{(look[look > 1].sum() / len(people)):.0%} of people share gender, top a
 # is downsampled and upsampled again. A back view hides the face (glasses, masks) and shows the backpack.
 
 # %%
-states = [world.sample_state(rng) for _ in people[:24]]
-imgs = [world.render(p, s, H) for p, s in zip(people[:24], states)]
-fig = viz.image_grid(imgs, [f"{p.upper_color} {p.upper_type}" for p in people[:24]], cols=12,
-                     title="24 people of the mini world (title: their top)")
-reports.save_figure(fig, "00_people_grid", scale)
+if not paper:
+    states = [world.sample_state(rng) for _ in people[:24]]
+    imgs = [world.render(p, s, H) for p, s in zip(people[:24], states)]
+    fig = viz.image_grid(imgs, [f"{p.upper_color} {p.upper_type}" for p in people[:24]], cols=12,
+                         title="24 people of the mini world (title: their top)")
+    reports.save_figure(fig, "00_people_grid", scale)
 
 # %% [markdown]
 # For this figure we dress one sampled person in distinct colours (a red top, a yellow backpack, glasses)
 # so each effect is easy to see.
 
 # %%
-p = people[3].replace(upper_color="red", upper_type="jacket", bag="backpack", bag_color="yellow",
-                      accessory="glasses", hat="none", lower_color="navy")
-views = [world.State(view=v, pose=pose, res_factor=r, brightness=b, scene=sc_)
-         for v, pose, r, b, sc_ in [("front", "standing", 1, 1.0, "street"), ("side", "walking", 1, 1.0, "street"),
-                                    ("back", "walking", 1, 1.0, "street"), ("front", "standing", 2, 0.8, "mall"),
-                                    ("front", "standing", 4, 1.2, "park"), ("back", "standing", 2, 0.65, "station")]]
-labels = ["front", "side, walking", "back (backpack)", "res/2, dim", "res/4, bright", "back, res/2"]
-fig = viz.image_grid([world.render(p, s, H) for s in views], labels, cols=6, scale=1.4,
-                     title="one identity across viewpoint, pose, light and camera resolution")
-reports.save_figure(fig, "00_identity_views", scale)
+if not paper:
+    p = people[3].replace(upper_color="red", upper_type="jacket", bag="backpack", bag_color="yellow",
+                          accessory="glasses", hat="none", lower_color="navy")
+    views = [world.State(view=v, pose=pose, res_factor=r, brightness=b, scene=sc_)
+             for v, pose, r, b, sc_ in [("front", "standing", 1, 1.0, "street"), ("side", "walking", 1, 1.0, "street"),
+                                        ("back", "walking", 1, 1.0, "street"), ("front", "standing", 2, 0.8, "mall"),
+                                        ("front", "standing", 4, 1.2, "park"), ("back", "standing", 2, 0.65, "station")]]
+    labels = ["front", "side, walking", "back (backpack)", "res/2, dim", "res/4, bright", "back, res/2"]
+    fig = viz.image_grid([world.render(p, s, H) for s in views], labels, cols=6, scale=1.4,
+                         title="one identity across viewpoint, pose, light and camera resolution")
+    reports.save_figure(fig, "00_identity_views", scale)
 
 # %% [markdown]
 # ## 2. Captions in three dataset styles
@@ -103,20 +121,23 @@ reports.save_figure(fig, "00_identity_views", scale)
 # (multi-turn questions, dialogues, composed queries, synthetic previews) exist to close.
 
 # %%
-s = world.State(view="front", pose="walking", scene="street")
-crng = config.rng_for(seed, "notebook00", "captions")
-print("visible:", ", ".join(world.visible_slots(p, s.view)), "\n")
-for style in world.STYLES:
-    for _ in range(2):
-        text, mentioned = world.caption(p, s, style, crng)
-        print(f"[{style}] {text}\n   mentions {len(mentioned)} of {len(world.visible_slots(p, s.view))} visible slots: {sorted(mentioned)}\n")
+if not paper:
+    s = world.State(view="front", pose="walking", scene="street")
+    crng = config.rng_for(seed, "notebook00", "captions")
+    print("visible:", ", ".join(world.visible_slots(p, s.view)), "\n")
+    for style in world.STYLES:
+        for _ in range(2):
+            text, mentioned = world.caption(p, s, style, crng)
+            print(f"[{style}] {text}\n   mentions {len(mentioned)} of {len(world.visible_slots(p, s.view))} visible slots: {sorted(mentioned)}\n")
 
 # %% [markdown]
 # ## 3. The datasets on disk
 #
 # The world writes six datasets, each in its public release's format and field names (see
 # `person_retrieval.datasets.formats`). They are cached by scale and seed under `.cache/world/`, so every
-# later notebook finds them ready. With `data_root` set, the same call returns your real folders instead.
+# later notebook finds them ready. With `data_root` set, the same call returns your real folders instead
+# (and the first cell has already parsed and checked each annotation file). Every entry shown below is read
+# through the library's reader, which names the file and the cause when a file is truncated or malformed.
 
 # %%
 roots = {name: world.dataset_root(name, P["data_root"], scale, seed) for name in datasets.REAL_FOLDERS
@@ -126,14 +147,13 @@ for name, root in roots.items():
     print(f"{name:11s} {root}\n            {files}")
 
 # %%
-def first_entry(path):
-    entry = json.loads(path.read_text())[0]
-    return json.dumps(entry, indent=1)[:700]
-
-for name, fname in [("cuhk_pedes", "reid_raw.json"), ("rstpreid", "data_captions.json"), ("itcpr", "query.json"),
-                    ("syncpr", "SynCPR.json")]:
+readers = {"cuhk_pedes": ("reid_raw.json", lambda r: datasets.read_tpr_annotations("cuhk_pedes", r)),
+           "rstpreid": ("data_captions.json", lambda r: datasets.read_tpr_annotations("rstpreid", r)),
+           "itcpr": ("query.json", lambda r: datasets.read_itcpr(r, check_images=False).queries),
+           "syncpr": ("SynCPR.json", lambda r: datasets.read_syncpr(r, check_images=False))}
+for name, (fname, read) in readers.items():
     if name in roots:
-        print(f"--- {name}/{fname}, first entry:\n{first_entry(roots[name] / fname)}\n")
+        print(f"--- {name}/{fname}, first entry:\n{json.dumps(read(roots[name])[0], indent=1)[:700]}\n")
 
 # %% [markdown]
 # One call reads any split of the three TPR datasets and returns IRRA's fields: `image_paths`,
@@ -159,7 +179,6 @@ for name in ("cuhk_pedes", "icfg_pedes", "rstpreid"):
     if name not in roots:
         continue
     fmt = datasets.TPR_FORMATS[name]
-    source = reports.run_source(scale, seed, "mini world" if P["data_root"] is None else f"real data at {P['data_root']}")
     for sp in fmt.splits:
         st = datasets.split_statistics(datasets.load_split(name, roots[name], sp))
         if P["data_root"] is None:
@@ -275,12 +294,15 @@ pd.DataFrame({k: v for k, v in dm.items() if k != "ranks"}, index=["round 0", "r
 #
 # One departure from CLIP's recipe: the mini CLIP trains for minutes, not weeks, and with so few steps a
 # fixed, sharper temperature ($\tau = 0.03$) learns faster than a learned one that starts at 0.07. Both stages
-# are cached by scale, seed and configuration.
+# are cached by scale, seed and configuration. With `weights` given (required at `scale="paper"`) neither
+# stage runs: the zero-shot test below uses your CLIP.
 
 # %%
 from person_retrieval import models, train
 
-if weights is None:
+if weights is not None:
+    print(f"weights={weights!r}: the real CLIP is used from here on; the mini CLIP is not trained")
+else:
     tower_path = models.pretrained_image_tower(scale, seed, gpus)
     tower_history = train.read_history(tower_path.parent)
     heads = {k[8:]: v for k, v in max(tower_history, key=lambda h: h["val_acc"]).items() if k.startswith("val_acc_")}
@@ -308,14 +330,12 @@ if weights is None:
 # %%
 backbone = models.build_backbone(weights, scale)
 if weights is None:
-    from person_retrieval.train import load_weights
-    load_weights(backbone, clip_path)
+    train.load_weights(backbone, clip_path)
 zero_shot = models.DualEncoder(backbone).eval()
 test_sets = {name: models.split_data(name, roots[name], "test", backbone) for name in ("cuhk_pedes", "icfg_pedes", "rstpreid")
              if name in roots}
 rows = [{"method": "mini CLIP zero-shot" if weights is None else f"{weights} zero-shot", "dataset": name,
-         **models.evaluate_retrieval(zero_shot, data), "source": reports.run_source(scale, seed, "mini world" if data_root is None else "real data")}
-        for name, data in test_sets.items()]
+         **models.evaluate_retrieval(zero_shot, data), "source": source} for name, data in test_sets.items()]
 ref = reports.reported("tpr_baselines")
 ref = ref[ref.method == "CLIP zero-shot"].drop(columns=["note"]).assign(source="paper (TIPS Table 1, real data)")
 zs = pd.concat([pd.DataFrame(rows), ref], ignore_index=True)
@@ -347,44 +367,54 @@ reports.save_figure(fig, "00_zero_shot_example", scale)
 # MLLM** sees through a small convolutional *attribute recognizer*, trained on rendered people who appear
 # in no dataset, and answers in the world's words from what it predicts, never from the true attributes
 # of the image it is asked about. So, like a real MLLM, it is good and imperfect.
+#
+# This section is about the mini assistants, so at `scale="paper"` it is skipped: no recognizer is trained.
+# The notebooks whose paper step asks an MLLM or an LLM take your models through their `vlm` and `llm`
+# parameters (None there: the mini ones).
 
 # %%
 from person_retrieval import assistants
 from person_retrieval.assistants import prompts
 
-vlm = assistants.mini_vlm(scale, seed)
-acc = pd.Series(vlm.recognizer.accuracy, name="accuracy (%)").round(1)
-reports.save_table(acc.rename_axis("attribute").reset_index().assign(source=reports.run_source(scale, seed, "mini world, held-out people")),
-                   "00_recognizer_accuracy", scale, title="Mini MLLM: attribute accuracy on held-out people")
-acc.to_frame().T
+if paper:
+    print("scale='paper': section 7 (the mini MLLM and mini LLM) is skipped; notebooks 02_tips-07 take real ones as vlm / llm")
+else:
+    vlm = assistants.mini_vlm(scale, seed)
+    acc = pd.Series(vlm.recognizer.accuracy, name="accuracy (%)").round(1)
+    reports.save_table(acc.rename_axis("attribute").reset_index().assign(source=reports.run_source(scale, seed, "mini world, held-out people")),
+                       "00_recognizer_accuracy", scale, title="Mini MLLM: attribute accuracy on held-out people")
+    display(acc.to_frame().T)
 
 # %% [markdown]
 # CECA's five questions (its supplement, word for word) asked about three test people, beside what is
 # true. The answers are sentences; CECA then asks for a summary, which the mini LLM writes.
 
 # %%
-data = test_sets[name]
-people = [0, 7, 21]
-ims = [data.images[i].permute(1, 2, 0).numpy() for i in people]
-fig = viz.image_grid(ims, [f"person {i}" for i in people], cols=3, scale=1.3)
-answers = {q: vlm.answer(ims, text) for q, text in prompts.CECA_QUESTIONS.items()}
-pd.DataFrame(answers, index=[f"person {i}" for i in people]).T
+if not paper:
+    data = test_sets[name]
+    people = [0, 7, 21]
+    ims = [data.images[i].permute(1, 2, 0).numpy() for i in people]
+    fig = viz.image_grid(ims, [f"person {i}" for i in people], cols=3, scale=1.3)
+    answers = {q: vlm.answer(ims, text) for q, text in prompts.CECA_QUESTIONS.items()}
+    display(pd.DataFrame(answers, index=[f"person {i}" for i in people]).T)
 
 # %%
 from person_retrieval.analysis import world_people  # noqa: E402
 from person_retrieval.assistants.grammar import render_claims  # noqa: E402
 
-lm = assistants.MiniLM(seed)
-if data_root is None:
-    truth = world_people(data, roots[name])
-for k, i in enumerate(people):
-    summary = lm.generate(prompts.CECA_SUMMARY.format(answers=" ".join(a[k] for a in answers.values())))[0]
-    print(f"person {i}\n  mini LLM summary: {summary}")
+if not paper:
+    lm = assistants.MiniLM(seed)
     if data_root is None:
-        print(f"  the truth:        {render_claims({s: v for s, v in truth[i].items() if isinstance(v, str) and v not in ('none', 'plain')})}")
+        truth = world_people(data, roots[name])
+    for k, i in enumerate(people):
+        summary = lm.generate(prompts.CECA_SUMMARY.format(answers=" ".join(a[k] for a in answers.values())))[0]
+        print(f"person {i}\n  mini LLM summary: {summary}")
+        if data_root is None:
+            print(f"  the truth:        {render_claims({s: v for s, v in truth[i].items() if isinstance(v, str) and v not in ('none', 'plain')})}")
 
 # %% [markdown]
 # Every call is counted, so later notebooks can say what a method costs in assistant calls:
 
 # %%
-pd.concat({"mini MLLM": vlm.usage.table(), "mini LLM": lm.usage.table()})
+if not paper:
+    display(pd.concat({"mini MLLM": vlm.usage.table(), "mini LLM": lm.usage.table()}))

@@ -19,6 +19,11 @@
 # world (diffusers' `FluxTransformer2DModel` class, in the latent space of a small autoencoder trained
 # here, the mini CLIP as text encoder); with
 # `weights="FLUX.1-dev"` the same code runs on FLUX.1-dev.
+#
+# At `scale="paper"` (`weights` required) nothing of the mini world is built: the three LoRAs train on
+# `data_root`'s dataset (`flux_steps` each, TIPS's 20,000, capped by `max_steps`) and are saved where
+# notebooks 02_tips and 03 find them; the measurements that need the mini world's recognizer or the mini
+# CLIP (IDPG's identity agreement, the Frechet distance) are skipped, each with a line saying so.
 
 # %% tags=["parameters"]
 from typing import Optional  # the types papermill --help-notebook shows
@@ -32,20 +37,23 @@ dataset: str = "cuhk_pedes"    # the target domain the LoRA adapters learn
 rank: Optional[int] = None        # LoRA rank; None: by scale (32 as TIPS; 4 at tiny)
 flux_steps: int = 20000        # FLUX.1-dev only: LoRA training steps per adapter (TIPS: 20,000)
 n_eval: Optional[int] = None      # prompts per measurement; None: by scale (96, or 8 at tiny)
+epochs: Optional[int] = None      # None: the paper's schedule (the mini generator's stages; FLUX's LoRAs count steps)
+max_steps: Optional[int] = None   # None: no cap; N: every training run stops after N optimizer steps, LoRA training included
+batch_size: Optional[int] = None  # None: the paper's / the scale's batch
 
 # %%
 import numpy as np
 import pandas as pd
 import torch
 
-from person_retrieval import config, params, reports, viz
+from person_retrieval import params, reports, viz
 from person_retrieval.datasets import TPR_FORMATS, load_split
 from person_retrieval.generators import quality
 from person_retrieval.generators.mini import STAGES, mini_config, mini_generators, studio_set, target_set
 from person_retrieval.world import dataset_root
 
 P = params.check(dict(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights, dataset=dataset, rank=rank,
-                      flux_steps=flux_steps, n_eval=n_eval), needs="dataset", weights=params.flux_weights,
+                      flux_steps=flux_steps, n_eval=n_eval, epochs=epochs, max_steps=max_steps, batch_size=batch_size), needs="dataset", weights=params.flux_weights,
                  dataset=params.choice(TPR_FORMATS),
                  rank=params.integer(1, 1024, allow_none=True), flux_steps=params.integer(1), n_eval=params.integer(2, allow_none=True))
 if weights is None and scale == "paper":
@@ -55,6 +63,7 @@ n_eval = n_eval if n_eval is not None else {"tiny": 8}.get(scale, 96)
 root = dataset_root(dataset, P["data_root"], scale, seed)
 source = reports.run_source(scale, seed, "mini world" if data_root is None else f"real data at {data_root}")
 cfg = mini_config(scale if scale != "paper" else "small", {"rank": rank})
+paper = scale == "paper"  # no mini model at paper: the recognizer and the mini CLIP's measurements are skipped
 print(source)
 
 # %% [markdown]
@@ -66,12 +75,23 @@ print(source)
 # backdrop, even light, a sharp camera). The **target** is a few images of the dataset's own training
 # split: TIPS's few-shot setting, 100 identities with 3 images each.
 
+#
+# With FLUX.1-dev there is no studio to show (its pretraining was the web): the target is TIPS's few-shot
+# set of the dataset at `data_root`, 100 identities x 3 images at 192x384 (all it has, when fewer).
+
 # %%
-studio_imgs, studio_caps = studio_set(cfg, seed)
-target = target_set(dataset, root, cfg, seed)
-print(f"studio: {len(studio_imgs)} images; target: {len(target.images)} images of {len(set(target.pids))} identities")
-fig = viz.image_grid([im.permute(1, 2, 0).numpy() for im in torch.cat([studio_imgs[:8], target.images[:8]])],
-                     titles=["studio"] * 8 + [f"target {w}x{h}" for w, h in target.sizes[:8]], cols=8)
+if weights is None:
+    studio_imgs, studio_caps = studio_set(cfg, seed)
+    target = target_set(dataset, root, cfg, seed)
+    shown, titles = torch.cat([studio_imgs[:8], target.images[:8]]), ["studio"] * 8
+    print(f"studio: {len(studio_imgs)} images; ", end="")
+else:
+    from person_retrieval.generators import flux
+
+    target = flux.few_shot_target(dataset, root, (flux.TIPS_DEFAULTS["height"], flux.TIPS_DEFAULTS["width"]), seed)
+    shown, titles = target.images[:8], []
+print(f"target: {len(target.images)} images of {len(set(target.pids))} identities")
+fig = viz.image_grid([im.permute(1, 2, 0).numpy() for im in shown], titles=titles + [f"target {w}x{h}" for w, h in target.sizes[:8]], cols=8)
 reports.save_figure(fig, "02_domains", scale)
 
 # %% [markdown]
@@ -122,26 +142,18 @@ reports.save_figure(fig, "02_domains", scale)
 # * `dual`: two images of one person side by side on one canvas, each panel's caption marked.
 #
 # Everything is cached by scale and seed; the first run trains the autoencoder, the base and the three
-# adapters (about 14 to 15 minutes at `small` on 2 cores).
+# adapters (about 14 to 15 minutes at `small` on 2 cores). With FLUX.1-dev the three LoRAs are trained with
+# TIPS's recipe for `flux_steps` steps each (capped by `max_steps`) and saved under
+# `.cache/models/flux-<dataset>-seed<seed>-r<rank>/`, where notebooks 02_tips and 03 find them (any rank).
 
 # %%
 if weights is None:
     gen, report = mini_generators(scale, seed, dataset, P["data_root"], gpus, rank=rank)
 else:
-    from person_retrieval.generators import flux
-
     pipe = flux.load_flux(weights, device="cuda" if gpus else None)
     gen = flux.flux_generator(pipe)
-    flux_target = target_set(dataset, root, mini_config("small", {"image_size": (gen.image_size)}), seed)
-    report = {}
-    for kind in STAGES[1:]:
-        lora_file = config.cache_dir() / "models" / f"flux-{dataset}-seed{seed}-r{rank}" / f"{kind}.safetensors"
-        if lora_file.is_file():
-            from person_retrieval.generators.lora import load_lora
-
-            load_lora(pipe.transformer, lora_file, kind)
-        else:
-            report[kind] = {"loss": flux.train_flux_lora(gen, kind, flux_target, flux_steps, rank=rank, seed=seed, out_file=lora_file)[-1]}
+    lora_dir, report = flux.flux_loras(pipe, gen, dataset, root, seed, STAGES[1:], rank=rank, steps=flux_steps)
+    print("FLUX.1-dev LoRAs:", lora_dir)
 train_table = pd.DataFrame([{"stage": k, **{c: v for c, v in report[k].items()}} for k in ("autoencoder", *STAGES) if k in report])
 train_table["source"] = source
 wall = reports.timing_columns(train_table)
@@ -156,11 +168,8 @@ train_table
 # generator's token space and drawn through its decoder.
 
 # %%
-x0 = gen.codec.encode(target.images[:1] if weights is None else flux_target.images[:1])
-eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-path = [gen.codec.decode((1 - t) * x0 + t * eps, *gen.image_size)[0] for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
-fig = viz.image_grid([(p.permute(1, 2, 0).numpy() * 255).astype(np.uint8) for p in path],
-                     titles=[f"t = {t}" for t in (0.0, 0.25, 0.5, 0.75, 1.0)], cols=5)
+path = quality.flow_path(gen, target.images[:1], (0.0, 0.25, 0.5, 0.75, 1.0))  # decoded without gradients
+fig = viz.image_grid(path, titles=[f"t = {t}" for t in (0.0, 0.25, 0.5, 0.75, 1.0)], cols=5)
 reports.save_figure(fig, "02_flow_path", scale)
 
 # %% [markdown]
@@ -187,7 +196,8 @@ reports.save_figure(fig, "02_base_samples", scale)
 # %%
 betas = [0.0, 0.5, 1.0]
 rows = [gen.spg(prompts[:6], None, seed=seed, beta=b) for b in betas]
-fig = viz.image_grid([im.permute(1, 2, 0).numpy() for r in rows for im in r], titles=[f"beta={b}" for b in betas for _ in range(6)], cols=6)
+fig = viz.image_grid([im.permute(1, 2, 0).numpy() for r in rows for im in r], titles=[f"beta={b}" for b in betas for _ in rows[0]],
+                     cols=len(rows[0]))
 reports.save_figure(fig, "02_beta_sweep", scale)
 
 # %% [markdown]
@@ -206,6 +216,7 @@ reports.save_figure(fig, "02_beta_sweep", scale)
 # %%
 H, W = gen.image_size
 sizes = sorted({s for s in target.sizes}, key=lambda s: -s[0])
+sizes = sizes if len(sizes) <= 4 else [sizes[0], sizes[len(sizes) // 2], sizes[-1]]  # real files: every size differs; three levels
 real_by_size = {s: target.images[[i for i, t in enumerate(target.sizes) if t == s]] for s in sizes}
 size_images, size_table = quality.size_sweep(gen, prompts, sizes + [None], seed=seed, real=real_by_size)
 size_table["source"] = source
@@ -218,8 +229,9 @@ reports.save_table(size_table, "02_spg_size_condition", scale, "SPG: high-freque
 size_table
 
 # %%
-fig = viz.image_grid([size_images[s][i].permute(1, 2, 0).numpy() for i in range(6) for s in sizes + [None]],
-                     titles=[("none" if s is None else f"{s[0]}x{s[1]}") for _ in range(6) for s in sizes + [None]], cols=len(sizes) + 1)
+shown = range(min(6, len(prompts)))
+fig = viz.image_grid([size_images[s][i].permute(1, 2, 0).numpy() for i in shown for s in sizes + [None]],
+                     titles=[("none" if s is None else f"{s[0]}x{s[1]}") for _ in shown for s in sizes + [None]], cols=len(sizes) + 1)
 reports.save_figure(fig, "02_spg_grid", scale)
 import matplotlib.pyplot as plt
 
@@ -252,18 +264,29 @@ reports.save_figure(fig, "02_spg_energy", scale)
 # prompts; 0 for FLUX.1-dev, whose adapter is not trained without the reference). The last term pushes
 # the sample towards what the reference adds over the empty prompt: the person in it.
 
-# %%
-from person_retrieval.assistants import trained_recognizer
+#
+# The recognizer is the mini world's (it learned the world's attributes): at `scale="paper"` this measurement
+# is skipped and the expansions are only drawn (TIPS judges identity with its MLLM filter, notebook 02_tips).
 
+# %%
 differences = ["the same person, seen from the back", "the same person, walking, in a park",
                "the same person, seen from the side", "the same person, facing the camera, on the street"]
-recognizer = trained_recognizer(scale if scale != "paper" else "small", seed)
 n_id = len(prompts)  # every prompt: the gap between two agreement rates needs the numbers
-id_images, id_table = quality.identity_study(gen, recognizer, prompts[:n_id], differences, size=sizes[0], seed=seed)
-id_table["source"] = source
-reports.save_table(id_table, "02_idpg_identity", scale, "IDPG: identity attributes read the same as in the seed image (%)",
-                   notes=f"{n_id} seed prompts x {len(differences)} difference prompts; reference guidance {gen.reference_guidance:g}; "
-                         "the mini MLLM's recognizer reads each image.")
+if paper:
+    print("scale='paper': no mini recognizer; IDPG's expansions are drawn, identity agreement is not measured here")
+    recognizer, id_table = None, None
+    seeds_img = gen.spg(prompts[:n_id], [sizes[0]] * n_id, seed=seed)
+    id_images = {"seeds": seeds_img, "expansions": gen.idpg(seeds_img.repeat_interleave(len(differences), 0), differences * n_id, seed=seed),
+                 "independent": gen.spg(prompts[:n_id], [sizes[0]] * n_id, seed=seed + 1).repeat_interleave(len(differences), 0)}
+else:
+    from person_retrieval.assistants import trained_recognizer
+
+    recognizer = trained_recognizer(scale, seed)
+    id_images, id_table = quality.identity_study(gen, recognizer, prompts[:n_id], differences, size=sizes[0], seed=seed)
+    id_table["source"] = source
+    reports.save_table(id_table, "02_idpg_identity", scale, "IDPG: identity attributes read the same as in the seed image (%)",
+                       notes=f"{n_id} seed prompts x {len(differences)} difference prompts; reference guidance {gen.reference_guidance:g}; "
+                             "the mini MLLM's recognizer reads each image.")
 id_table
 
 # %%
@@ -283,13 +306,14 @@ reports.save_figure(fig, "02_idpg_expansions", scale)
 
 # %%
 right_prompts = [p + " The person is walking." for p in prompts[:6]]
-dyn_beta = list(np.round(np.linspace(0.6, 1.0, 6), 2))
+dyn_beta = list(np.round(np.linspace(0.6, 1.0, len(right_prompts)), 2))  # 6 pairs (fewer when n_eval is smaller)
 left, right = gen.dual(prompts[:6], right_prompts, seed=seed, beta=dyn_beta)
 fig = viz.image_grid([im.permute(1, 2, 0).numpy() for pair in zip(left, right) for im in pair],
                      titles=[f"beta={b} {side}" for b in dyn_beta for side in ("left", "right")], cols=6)
 reports.save_figure(fig, "02_dual_pairs", scale)
-dual_agree = quality.identity_agreement(recognizer, left, right)["mean"]
-print(f"dual-panel pairs: identity attributes agree {100 * dual_agree:.1f}% of the time")
+if recognizer is not None:
+    dual_agree = quality.identity_agreement(recognizer, left, right)["mean"]
+    print(f"dual-panel pairs: identity attributes agree {100 * dual_agree:.1f}% of the time")
 
 # %% [markdown]
 # ## How close to the real images? A Frechet distance on mini-CLIP features
@@ -298,6 +322,7 @@ print(f"dual-panel pairs: identity attributes agree {100 * dual_agree:.1f}% of t
 # distance between the two. There is no Inception network here, so we use the mini CLIP's image encoder
 # (notebook 00): a **Frechet mini-CLIP distance (FmCD)**. Its values are not comparable with published FIDs;
 # compare the rows with each other. The floor is real against real (two halves of the test images).
+# At `scale="paper"` it is skipped (it needs the mini CLIP; the papers report no FID of their generators).
 
 # %%
 from person_retrieval.datasets.torch_data import load_images
@@ -305,39 +330,47 @@ from person_retrieval.models import build_backbone
 from person_retrieval.models import pretrained_mini_clip
 from person_retrieval.train import load_weights
 
-clip = build_backbone(None, scale if scale != "paper" else "small")
-load_weights(clip, pretrained_mini_clip(scale if scale != "paper" else "small", seed, gpus))
-real = load_images(test_split.image_paths[: 2 * len(prompts)], gen.image_size)
-feats = lambda x: quality.clip_image_features(clip, x)  # noqa: E731
-size_mix = [sizes[i % len(sizes)] for i in range(len(prompts))]
-rows = [("real vs real (floor)", real[len(prompts):]),
-        ("base model (studio, beta=0)", gen.spg(prompts, size_mix, seed=seed, beta=0.0)),
-        ("SPG (LoRA, sizes of the target)", gen.spg(prompts, size_mix, seed=seed)),
-        ("IDPG expansions", id_images["expansions"]),
-        ("dual-panel crops", torch.cat([left, right]))]
-fd_table = pd.DataFrame([{"images": name, "n": len(x), "FmCD to real": quality.frechet_distance(feats(x), feats(real[: len(prompts)]))}
-                         for name, x in rows])
-fd_table["source"] = source
-reports.save_table(fd_table, "02_frechet", scale, "Frechet mini-CLIP distance to real test images (lower is closer)",
-                   notes="Not FID: features are the mini CLIP's (notebook 00). Small n inflates every row alike.")
+fd_table = None
+if paper:
+    print("scale='paper': the Frechet mini-CLIP distance needs the mini CLIP; skipped")
+else:
+    clip = build_backbone(None, scale)
+    load_weights(clip, pretrained_mini_clip(scale, seed, gpus))
+    real = load_images(test_split.image_paths[: 2 * len(prompts)], gen.image_size)
+    feats = lambda x: quality.clip_image_features(clip, x)  # noqa: E731
+    size_mix = [sizes[i % len(sizes)] for i in range(len(prompts))]
+    rows = [("real vs real (floor)", real[len(prompts):]),
+            ("base model (studio, beta=0)", gen.spg(prompts, size_mix, seed=seed, beta=0.0)),
+            ("SPG (LoRA, sizes of the target)", gen.spg(prompts, size_mix, seed=seed)),
+            ("IDPG expansions", id_images["expansions"]),
+            ("dual-panel crops", torch.cat([left, right]))]
+    fd_table = pd.DataFrame([{"images": name, "n": len(x), "FmCD to real": quality.frechet_distance(feats(x), feats(real[: len(prompts)]))}
+                             for name, x in rows])
+    fd_table["source"] = source
+    reports.save_table(fd_table, "02_frechet", scale, "Frechet mini-CLIP distance to real test images (lower is closer)",
+                       notes="Not FID: features are the mini CLIP's (notebook 00). Small n inflates every row alike.")
 fd_table
 
 # %% [markdown]
 # ## The claims, checked
+#
+# At `scale="paper"` only the size condition's claim is measured here (the other two need the mini recognizer
+# and the mini CLIP).
 
 # %%
-a = id_table.set_index("attribute").loc["mean"]
-fd = fd_table.set_index("images")["FmCD to real"]
-claims = pd.DataFrame([
-    {"claim": "SPG: high-frequency energy falls monotonically as the size condition falls (beyond noise)", "holds": bool(monotonic),
-     "evidence": ", ".join(f"{r['size condition']}: {r['hf_energy']:.2f}%" for _, r in size_table.iterrows())},
+claims = [{"claim": "SPG: high-frequency energy falls monotonically as the size condition falls (beyond noise)", "holds": bool(monotonic),
+           "evidence": ", ".join(f"{r['size condition']}: {r['hf_energy']:.2f}%" for _, r in size_table.iterrows())}]
+if not paper:
+    a = id_table.set_index("attribute").loc["mean"]
+    fd = fd_table.set_index("images")["FmCD to real"]
+    claims += [
     {"claim": "IDPG keeps identity far more often than independent samples of the prompt",
      "holds": bool(a["IDPG expansion vs seed"] > a["independent SPG sample vs seed"] + 10),
      "evidence": f"{a['IDPG expansion vs seed']:.1f}% vs {a['independent SPG sample vs seed']:.1f}%"},
     {"claim": "LoRA on a few target images moves samples towards the target domain",
      "holds": bool(fd["SPG (LoRA, sizes of the target)"] < fd["base model (studio, beta=0)"]),
-     "evidence": f"FmCD {fd['SPG (LoRA, sizes of the target)']:.3f} vs {fd['base model (studio, beta=0)']:.3f}"},
-])
+     "evidence": f"FmCD {fd['SPG (LoRA, sizes of the target)']:.3f} vs {fd['base model (studio, beta=0)']:.3f}"}]
+claims = pd.DataFrame(claims)
 claims["source"] = source
 reports.save_table(claims, "02_generator_claims", scale, "What the generators are for, checked")
 claims

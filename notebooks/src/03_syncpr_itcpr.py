@@ -21,6 +21,13 @@
 # notebook 02 draws the panels with its dual adapter, the mini MLLM (an attribute recognizer trained on
 # other people) scores them. With `llm`, `weights` and `vlm` the same functions run a transformers LLM,
 # FLUX.1-dev with notebook 02's dual LoRA, and Qwen2-VL; with `data_root` the real ITCPR is read.
+#
+# At `scale="paper"` all three are required (`weights`, `llm`, `vlm`; the paper: FLUX.1-dev, an LLM, Qwen2-VL),
+# and nothing of the mini world runs. The dual LoRA is read from where notebook 02_generators saved it (any
+# rank); when it is missing it is trained first on `data_root`'s CUHK-PEDES by the same library call
+# (`generators.flux.flux_loras`: TIPS's recipe, 20,000 steps capped by `max_steps`), and a line says so.
+# `n_quadruples` sets the synthesis's size (SynCPR: 140.5 K quadruples). An LLM whose answers do not parse
+# gives no quadruple: the count is printed with what it wrote, and the notebook goes on with what it has.
 
 # %% tags=["parameters"]
 from typing import Optional  # the types papermill --help-notebook shows
@@ -34,6 +41,11 @@ llm: Optional[str] = None        # None: the mini LM; a transformers LLM (name o
 vlm: Optional[str] = None        # None: the mini MLLM; a transformers MLLM (the paper: Qwen2-VL) filters
 beta_range: list = [0.5, 1.0]   # dynamic beta: the LoRA strength is drawn uniformly from this range per pair
 keep_mean: float = 8.5          # the filter keeps a triplet when the mean of its four scores reaches this (the paper: 8.5)
+n_quadruples: Optional[int] = None  # quadruples the LLM writes; None: by scale (8 tiny, 1,024 small; at paper SynCPR's 140,500)
+clip_weights: Optional[str] = None  # the CLIP of ITCPR's zero-shot composition: "ViT-B-16" or a checkpoint; None: the mini CLIP (skipped at paper)
+epochs: Optional[int] = None        # None: the paper's schedule
+max_steps: Optional[int] = None     # None: no cap; N: every training run stops after N optimizer steps, LoRA training included
+batch_size: Optional[int] = None    # None: the paper's / the scale's batch
 
 # %%
 import time
@@ -48,15 +60,19 @@ from person_retrieval.papers import syncpr
 from person_retrieval.world import dataset_root, world_dataset
 
 P = params.check(dict(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights, llm=llm, vlm=vlm,
-                      beta_range=beta_range, keep_mean=keep_mean),
-                 needs=["itcpr"], weights=params.flux_weights, beta_range=params.number_range(0, 2), keep_mean=params.number(1, 10))
-if scale == "paper" and weights is None:
-    raise ValueError("scale='paper' needs weights='FLUX.1-dev' (the mini generator has tiny and small scales)")
+                      beta_range=beta_range, keep_mean=keep_mean, n_quadruples=n_quadruples, clip_weights=clip_weights, epochs=epochs,
+                      max_steps=max_steps, batch_size=batch_size),
+                 needs=["itcpr"], weights=params.flux_weights, beta_range=params.number_range(0, 2), keep_mean=params.number(1, 10),
+                 n_quadruples=params.integer(1, allow_none=True), clip_weights=lambda n, v: params.check_weights(v, n))
+if scale == "paper" and None in (weights, llm, vlm):
+    raise ValueError("scale='paper' needs weights='FLUX.1-dev', llm (a chat LLM writes the quadruples) and vlm (the paper: Qwen2-VL "
+                     "filters); the mini generator, LM and MLLM have tiny and small scales")
 beta_range = P["beta_range"]
 source = reports.run_source(scale, seed, "mini world" if data_root is None else f"real data at {data_root}")
 models = "+".join(n.split(":")[0] for n in ("mini-lm" if llm is None else "llm", "mini-generator" if weights is None else "FLUX.1-dev",
                                            "mini-vlm" if vlm is None else "vlm"))
-lm, gen, mllm, names = syncpr.load_models(scale, seed, gpus, weights=P["weights"], llm=P["llm"], vlm=P["vlm"])
+paper = scale == "paper"  # no mini world and no mini model: the world's demos are skipped, each with a line saying so
+lm, gen, mllm, names = syncpr.load_models(scale, seed, gpus, weights=P["weights"], llm=P["llm"], vlm=P["vlm"], data_root=P["data_root"])
 print(source, "|", names)
 
 # %% [markdown]
@@ -68,7 +84,8 @@ print(source, "|", names)
 
 # %%
 print(prompts.SYNCPR_QUADRUPLE.format(hint=syncpr.quadruple_hints([0], seed)[0]))
-quads = syncpr.make_quadruples(lm, range(6), seed)
+quads, answers = syncpr.make_quadruples(lm, range(6), seed, answers=True)
+print(syncpr.parse_summary(quads, answers))
 pd.DataFrame([vars(q) if q else {"reference": "(did not parse)"} for q in quads])
 
 # %% [markdown]
@@ -81,6 +98,8 @@ pd.DataFrame([vars(q) if q else {"reference": "(did not parse)"} for q in quads]
 
 # %%
 good = [q for q in quads if q is not None][:3]
+if not good:
+    print(f"{syncpr.parse_summary(quads)}: no panels to draw")
 betas_shown = [beta_range[0], (beta_range[0] + beta_range[1]) / 2, beta_range[1]]
 cells, titles = [], []
 for b in betas_shown:
@@ -89,8 +108,9 @@ for b in betas_shown:
         cells += [refs[j], tgts[j]]
         titles += [f"q{j} beta={b:.2f} ref", "target"]
 order = [k for j in range(len(good)) for bi in range(3) for k in (bi * 2 * len(good) + 2 * j, bi * 2 * len(good) + 2 * j + 1)]
-fig = viz.image_grid([cells[k].permute(1, 2, 0).numpy() for k in order], titles=[titles[k] for k in order], cols=6, fontsize=6)
-reports.save_figure(fig, "03_dual_panels_by_beta", scale)
+if good:
+    fig = viz.image_grid([cells[k].permute(1, 2, 0).numpy() for k in order], titles=[titles[k] for k in order], cols=6, fontsize=6)
+    reports.save_figure(fig, "03_dual_panels_by_beta", scale)
 
 # %% [markdown]
 # ## 3 · The MLLM filter
@@ -105,25 +125,37 @@ reports.save_figure(fig, "03_dual_panels_by_beta", scale)
 # The mini MLLM's 1-10 scale is calibrated once on real renders of people in no dataset: a real photo
 # with its true description scores 10 in the median, as a real MLLM scores such a pair 9 or 10, so that
 # the paper's bar of 8.5 means here what it means there. Below: purpose-made bad triplets beside good
-# ones from the world's own renders, one kind of fault each, and what the filter says.
+# ones from the world's own renders, one kind of fault each, and what the filter says. The faults are drawn
+# by the world's renderer: at `scale="paper"` this demo is skipped, and the released SynCPR (when `data_root`
+# holds `SynCPR/`) stands where the world's rendered triplets stand below.
 
 # %%
-wroot = world_dataset("syncpr", scale if scale != "paper" else "small", seed, progress=False)
-world_triplets = read_syncpr(wroot)
-demo = syncpr.fault_examples(world_triplets, wroot, seed=seed)
-demo_scores = syncpr.filter_scores(mllm, demo["references"], demo["targets"], demo["target_texts"], demo["edits"])
-demo_table = pd.DataFrame(demo_scores, columns=syncpr.DIMENSIONS)
-demo_table.insert(0, "example", demo["labels"])
-demo_table["mean"] = demo_scores.mean(1)
-demo_table["kept"] = syncpr.kept(demo_scores, keep_mean)
+if paper:
+    print("scale='paper': the filter's fault demo renders mini-world people; skipped")
+    wroot = P["data_root"] / "SynCPR" if (P["data_root"] / "SynCPR" / "SynCPR.json").is_file() else None
+    world_triplets = read_syncpr(wroot, check_images=False) if wroot else None
+    ref_label, demo_table, fault_check = "SynCPR release", None, None
+else:
+    wroot = world_dataset("syncpr", scale, seed, progress=False)
+    world_triplets, ref_label = read_syncpr(wroot), "world (rendered)"
+
+# %%
+if not paper:
+    demo = syncpr.fault_examples(world_triplets, wroot, seed=seed)
+    demo_scores = syncpr.filter_scores(mllm, demo["references"], demo["targets"], demo["target_texts"], demo["edits"])
+    demo_table = pd.DataFrame(demo_scores, columns=syncpr.DIMENSIONS)
+    demo_table.insert(0, "example", demo["labels"])
+    demo_table["mean"] = demo_scores.mean(1)
+    demo_table["kept"] = syncpr.kept(demo_scores, keep_mean)
 demo_table
 
 # %%
-fig = viz.image_grid([im for pair in zip(demo["references"], demo["targets"]) for im in pair],
-                     titles=[f"{lab}: {'kept' if k else 'rejected'}" if side else "reference"
-                             for lab, k in zip(demo["labels"], demo_table["kept"]) for side in (0, 1)], cols=10, fontsize=5)
-reports.save_figure(fig, "03_filter_examples", scale)
-fault_check = syncpr.fault_check(demo_table)
+if not paper:
+    fig = viz.image_grid([im for pair in zip(demo["references"], demo["targets"]) for im in pair],
+                         titles=[f"{lab}: {'kept' if k else 'rejected'}" if side else "reference"
+                                 for lab, k in zip(demo["labels"], demo_table["kept"]) for side in (0, 1)], cols=10, fontsize=5)
+    reports.save_figure(fig, "03_filter_examples", scale)
+    fault_check = syncpr.fault_check(demo_table)
 fault_check
 
 # %% [markdown]
@@ -138,17 +170,15 @@ fault_check
 # %%
 t0 = time.perf_counter()
 if weights is None and llm is None and vlm is None:
-    syn_root, manifest = syncpr.syncpr_dataset(scale, seed, gpus, beta_range=beta_range, keep_mean=keep_mean)
+    syn_root, manifest = syncpr.syncpr_dataset(scale, seed, gpus, n_quadruples=n_quadruples, beta_range=beta_range, keep_mean=keep_mean)
 else:
-    n_q = syncpr.SCALE_QUADRUPLES.get(scale, 140_500)
-    cfg = syncpr.SynthesisConfig(n_quadruples=n_q, panels=syncpr.SCALE_PANELS.get(scale, 4), beta_range=tuple(beta_range),
-                                 shard_size=syncpr.SCALE_SHARD.get(scale, 256), seed=seed, models=names)
+    cfg = syncpr.paper_config(n_quadruples, beta_range, seed, names, scale)
     syn_root = syncpr.synthesis_folder(scale, cfg)
     syncpr.synthesize(syn_root, cfg, lm, gen, mllm)
     manifest = syncpr.assemble(syn_root, keep_mean)
 synthesized = read_syncpr(syn_root)
 timing = syncpr.read_timing(syn_root)
-print(f"{manifest['triplets']} candidate triplets, {manifest['kept']} kept ({100 * manifest['kept'] / max(1, manifest['triplets']):.1f}%); "
+print(f"{syncpr.synthesis_summary(manifest)}; "
       f"synthesis {timing.get('seconds', float('nan')):.0f} s when it ran ({timing.get('triplets_per_s', float('nan')):.1f} triplets/s); "
       f"this cell {time.perf_counter() - t0:.0f} s")
 
@@ -159,10 +189,11 @@ print(f"{manifest['triplets']} candidate triplets, {manifest['kept']} kept ({100
 
 # %%
 all_scores = syncpr.read_scores(syn_root)
-world_scores = syncpr.score_triplets(mllm, world_triplets, wroot, limit=len(all_scores) or None, seed=seed)
-rej = syncpr.rejection_table(all_scores, keep_mean).assign(triplets="pipeline (generated)")
-rej_w = syncpr.rejection_table(world_scores, keep_mean).assign(triplets="world (rendered)")
-rejections = pd.concat([rej, rej_w], ignore_index=True)
+rej = [syncpr.rejection_table(all_scores, keep_mean).assign(triplets="pipeline (generated)")]
+if world_triplets:  # at paper a few of the release's triplets when the pipeline kept none
+    world_scores = syncpr.score_triplets(mllm, world_triplets, wroot, limit=len(all_scores) or (8 if paper else None), seed=seed)
+    rej.append(syncpr.rejection_table(world_scores, keep_mean).assign(triplets=ref_label))
+rejections = pd.concat(rej, ignore_index=True)
 rejections["source"] = source + f"; {models}"
 reports.save_table(rejections, "03_filter_rejections", scale, "SynCPR's filter: rejection rates per reason",
                    notes=f"keep when the mean of the four scores >= {keep_mean}; a rejected triplet counts under every dimension below the bar "
@@ -182,8 +213,9 @@ reports.save_figure(fig, "03_filter_scores", scale)
 # relative captions' mean length and vocabulary, and the share of men.
 
 # %%
-sets = {f"pipeline, kept ({models})": syncpr.statistics(synthesized, syncpr.quadruple_count(synthesized)),
-        "world's rendered triplets": syncpr.statistics(world_triplets, syncpr.quadruple_count(world_triplets))}
+sets = {f"pipeline, kept ({models})": syncpr.statistics(synthesized, syncpr.quadruple_count(synthesized))}
+if not paper:
+    sets["world's rendered triplets"] = syncpr.statistics(world_triplets, syncpr.quadruple_count(world_triplets))
 if data_root is not None and (P["data_root"] / "SynCPR" / "SynCPR.json").is_file():
     sets["SynCPR (the release, read here)"] = syncpr.statistics(read_syncpr(P["data_root"] / "SynCPR", check_images=False))
 stats = syncpr.statistics_table(sets)
@@ -227,15 +259,23 @@ it_stats
 # of the reference plus its text feature of the caption; notebook 04 compares it with FAFA): the ground
 # truth is framed green, distractors red.
 
+#
+# The CLIP is `clip_weights` (e.g. ViT-B/16) when given, else the mini CLIP of notebook 00; at `scale="paper"`
+# without `clip_weights` this ranking is skipped (no mini model at paper).
+
 # %%
 from person_retrieval.models import build_backbone, pretrained_mini_clip
 from person_retrieval.train import load_weights
 
-backbone = build_backbone(None, scale if scale != "paper" else "small")
-load_weights(backbone, pretrained_mini_clip(scale if scale != "paper" else "small", seed, gpus))
-sim = syncpr.zero_shot_composition(backbone, bench)
-zs = syncpr.evaluate_itcpr(sim, bench)
-print("zero-shot composition on ITCPR:", {k: round(v, 2) for k, v in zs.items()})
-rows = syncpr.ranking_rows(sim, bench, [0, 1, 2])
-fig = viz.ranking_rows(rows, k=5, first="reference")
-reports.save_figure(fig, "03_itcpr_query", scale)
+if clip_weights is None and paper:
+    print("scale='paper' without clip_weights: no CLIP to compose with; the zero-shot ranking is skipped")
+else:
+    backbone = build_backbone(clip_weights, scale)
+    if clip_weights is None:
+        load_weights(backbone, pretrained_mini_clip(scale, seed, gpus))
+    sim = syncpr.zero_shot_composition(backbone, bench)
+    zs = syncpr.evaluate_itcpr(sim, bench)
+    print("zero-shot composition on ITCPR:", {k: round(v, 2) for k, v in zs.items()})
+    rows = syncpr.ranking_rows(sim, bench, [0, 1, 2])
+    fig = viz.ranking_rows(rows, k=5, first="reference")
+    reports.save_figure(fig, "03_itcpr_query", scale)

@@ -31,12 +31,18 @@
 #
 # $$\mathcal{L} = \mathcal{L}_{fda} + \lambda_1 \mathcal{L}_{fd} + \lambda_2 \mathcal{L}_{mfr},\qquad \lambda_1 = 1,\ \lambda_2 = 0.5 .$$
 #
-# On the mini world the Q-Former is a small one of transformers' BLIP-2 classes, trained here over the
-# mini CLIP's locked image tower (its map cells are the image tokens) and its text tower's token
-# features. The release selects its checkpoint on ITCPR, the test set; here a held-out part of the
-# training triplets selects it.
+# **The paper's path** (`weights`: a `Blip2ForImageTextRetrieval` folder such as `blip2-itm-vit-g`, with its
+# tokenizer; `data_root`: a folder holding `SynCPR/SynCPR.json` and `ITCPR/`): BLIP-2's pretrained Q-Former
+# over its frozen ViT-g, trained on the user's SynCPR on the release's schedule (10 epochs, AdamW at 2e-6,
+# 256 triplets a batch, square-padded images) and tested zero-shot on ITCPR. Nothing of the mini world,
+# the mini CLIP or the mini Q-Former is built on that path.
 #
-# **One departure, chosen on validation.** BLIP-2's Q-Former arrives pretrained: its queries and its text
+# On the mini world (`weights=None`) the Q-Former is a small one of transformers' BLIP-2 classes, trained
+# here over the mini CLIP's locked image tower (its map cells are the image tokens) and its text tower's
+# token features. The release selects its checkpoint on ITCPR, the test set; here a held-out part of the
+# training triplets selects it, on both paths.
+#
+# **One departure on the mini path, chosen on validation.** BLIP-2's Q-Former arrives pretrained: its queries and its text
 # reading already meet. Ours is trained here in minutes and does not. So the mini path starts from the
 # frozen encoders' own composition and lets the Q-Former in through gates $\gamma$ that start at 0:
 #
@@ -47,6 +53,7 @@
 # $q$ the Q-Former's target tokens and composed reading. FAFA's three losses train all of it. Table 1
 # shows FAFA with this start and without it, each with its validation R1 (held-out training triplets, on
 # which the choice was made) and, with it, how far the gates opened.
+# The paper's path has no anchor: BLIP-2's Q-Former trains as it arrives.
 
 # %% tags=["parameters"]
 from typing import Optional  # the types papermill --help-notebook shows
@@ -55,13 +62,15 @@ scale: str = "small"           # "tiny", "small" or "paper"
 gpus: int = 0                  # 0: CPU; 1: one GPU; N: DistributedDataParallel over N processes (CPU: gloo)
 seed: int = 0                  # the world, the backbone, the synthesis
 seeds: list = [0, 1, 2]        # repeats of Table 2 (initialisation and data order)
-data_root: Optional[str] = None   # None: the mini world; a folder holding ITCPR/ (and SynCPR/): real data
-weights: Optional[str] = None     # None: the mini Q-Former; a folder with Blip2ForImageTextRetrieval weights (blip2-itm-vit-g)
+data_root: Optional[str] = None   # None: the mini world; a folder holding ITCPR/ (and SynCPR/, which the BLIP-2 path trains on): real data
+weights: Optional[str] = None     # None: the mini Q-Former; a folder with Blip2ForImageTextRetrieval weights and tokenizer (blip2-itm-vit-g): the paper's model (paper: required)
 lambda1: float = 1.0           # weight of the feature-diversity loss
 lambda2: float = 0.5           # weight of the masked-feature-reasoning loss
 mask_ratio: float = 0.3        # share of dimensions MFR masks
 top_k_tokens: int = 6          # FDA: the score is the mean of the k largest token cosines
-epochs: Optional[int] = None   # None: by scale (3 at small, chosen on validation; the paper: 10 over 1.15 M triplets)
+epochs: Optional[int] = None   # None: each run's own schedule (BLIP-2: the paper's 10 epochs; mini: 3 at small, chosen on validation); N: every training run trains N epochs
+max_steps: Optional[int] = None   # None: no cap; N: every training run stops after N optimizer steps
+batch_size: Optional[int] = None  # None: the paper's / the scale's batch (cpr_id groups of 2 triplets); N: every training run's global batch
 
 # %%
 import pandas as pd
@@ -72,79 +81,113 @@ from person_retrieval.papers import fafa, syncpr, tpr
 from person_retrieval.world import dataset_root, world_dataset
 
 P = params.check(dict(scale=scale, gpus=gpus, seed=seed, seeds=seeds, data_root=data_root, weights=weights, lambda1=lambda1,
-                      lambda2=lambda2, mask_ratio=mask_ratio, top_k_tokens=top_k_tokens, epochs=epochs),
-                 needs=["itcpr"], weights=params.blip2_weights, lambda1=params.number(0, 10), lambda2=params.number(0, 10),
-                 mask_ratio=params.number(0, 0.95), top_k_tokens=params.integer(1, 64), epochs=params.integer(1, allow_none=True))
+                      lambda2=lambda2, mask_ratio=mask_ratio, top_k_tokens=top_k_tokens, epochs=epochs, max_steps=max_steps,
+                      batch_size=batch_size),
+                 needs=["itcpr"] + (["syncpr"] if weights is not None else []), weights=params.blip2_weights,
+                 lambda1=params.number(0, 10), lambda2=params.number(0, 10), mask_ratio=params.number(0, 0.95),
+                 top_k_tokens=params.integer(1, 64))
+if scale == "paper" and weights is None:
+    raise params.ParameterError("scale='paper' needs BLIP-2 weights: set parameter 'weights' to a Blip2ForImageTextRetrieval folder "
+                                "(e.g. blip2-itm-vit-g, with its tokenizer); the mini Q-Former and the mini CLIP are not trained at paper")
 seeds = P["seeds"]
+real = weights is not None  # the paper's model, BLIP-2's Q-Former; else the mini Q-Former over the mini CLIP
 mini_scale = scale if scale != "paper" else "small"
 source = reports.run_source(scale, seed, "mini world" if data_root is None else f"real data at {data_root}")
 knobs = dict(lambda1=lambda1, lambda2=lambda2, mask_ratio=mask_ratio, top_k=top_k_tokens, epochs=epochs)
-init = str(models.pretrained_mini_clip(mini_scale, seed, gpus))
+device = "cuda" if gpus else "cpu"
+if real:  # no mini CLIP on this path: BLIP-2's own ViT and Q-Former
+    init, (itr, blip2_inputs) = None, fafa.blip2_model(P["weights"])
+else:
+    init = str(models.pretrained_mini_clip(mini_scale, seed, gpus))
 bench = read_itcpr(dataset_root("itcpr", P["data_root"], scale, seed))
-print(source, f"| ITCPR: {len(bench.queries)} queries, {len(bench.gallery)} gallery images")
+print(source, "| model:", f"BLIP-2 from {P['weights']}" if real else "the mini Q-Former",
+      f"| ITCPR: {len(bench.queries)} queries, {len(bench.gallery)} gallery images")
 
 # %% [markdown]
 # ## The training sets
 #
-# Two sets in SynCPR's format: the pipeline's (notebook 03: the mini LM, the mini generator's dual
-# panels, the mini MLLM's filter) and the world's own rendered triplets, the same kind of people drawn by
-# the world's renderer: what a perfect generator would give. Table 2 trains on the pipeline's set when it
-# holds enough groups to train on, else on the world's, and says which.
+# On the paper's path, one set: the user's SynCPR (`data_root/SynCPR/SynCPR.json`, the release's 1.15 M
+# triplets). On the mini path, two sets in SynCPR's format: the pipeline's (notebook 03: the mini LM, the
+# mini generator's dual panels, the mini MLLM's filter) and the world's own rendered triplets, the same kind
+# of people drawn by the world's renderer: what a perfect generator would give (and the release's SynCPR
+# first, when `data_root` holds one). Table 2 trains on the first set that holds enough groups to train on,
+# and says which.
 
 # %%
-syn_root, manifest = syncpr.syncpr_dataset(mini_scale, seed, gpus=0)
-world_root = world_dataset("syncpr", mini_scale, seed)
-train_sets = {"SynCPR (pipeline)": syn_root, "world's rendered triplets": world_root}
-if data_root is not None and (P["data_root"] / "SynCPR" / "SynCPR.json").is_file():
-    train_sets = {"SynCPR (release)": P["data_root"] / "SynCPR", **train_sets}
+if real:
+    train_sets = ({"SynCPR (release)": P["data_root"] / "SynCPR"} if data_root is not None
+                  else {"world's rendered triplets": world_dataset("syncpr", mini_scale, seed)})
+else:
+    syn_root, manifest = syncpr.syncpr_dataset(mini_scale, seed, gpus=0)
+    train_sets = {"SynCPR (pipeline)": syn_root, "world's rendered triplets": world_dataset("syncpr", mini_scale, seed)}
+    if data_root is not None and (P["data_root"] / "SynCPR" / "SynCPR.json").is_file():
+        train_sets = {"SynCPR (release)": P["data_root"] / "SynCPR", **train_sets}
 sizes = {k: syncpr.statistics(read_syncpr(v, check_images=False)) for k, v in train_sets.items()}
-trainable = {k: v for k, v in train_sets.items() if fafa.can_train(v, mini_scale)}
+trainable = {k: v for k, v in train_sets.items() if fafa.can_train(v, mini_scale, blip2=real)}
+if not trainable:
+    raise ValueError(f"no training set holds the {fafa.groups_needed(mini_scale, blip2=real)} cpr_id groups FAFA needs: {sizes}")
 main_set = next(iter(trainable))
 pd.DataFrame(sizes).T.assign(trainable=[k in trainable for k in sizes])
 
 # %% [markdown]
 # ## Table 1: FAFA against methods without composed training
 #
-# All zero-shot on ITCPR. **Image only**: the reference image's mini-CLIP feature against the gallery's.
-# **Text only**: notebook 01's IRRA-style model (fine-tuned on the CUHK-PEDES style) on the relative caption.
-# **Late fusion**: the mean of the two similarities. **Zero-shot composition**: the sum of the mini
-# CLIP's normalised image and text features. **ITC on SynCPR**: the same Q-Former trained with plain
-# image-text contrast against the target's mean feature, as the CIR baselines (CaLa, SPRC) are. Then FAFA.
+# All zero-shot on ITCPR. **Image only**: the reference image's feature against the gallery's. **Text
+# only**: the relative caption against the gallery. **Late fusion**: the mean of the two similarities.
+# On the paper's path all three are BLIP-2 as it arrives (its query tokens; its own text reading, scored
+# as its ITC scores it, by the best query token), beside its Q-Former's composed reading before any CPR
+# training. On the mini path: the mini CLIP's image features, notebook 01's IRRA-style model (fine-tuned
+# on the CUHK-PEDES style) for the text, and a **zero-shot composition** (the sum of the mini CLIP's
+# normalised image and text features).
 
 # %%
-cuhk_root = dataset_root("cuhk_pedes", None, mini_scale, seed)
-irra = tpr.fit_baseline("irra", "cuhk_pedes", cuhk_root, scale=mini_scale, seed=seed, gpus=gpus, init=init, progress=False).model
-backbone = fafa.mini_backbone(mini_scale, init)
-rows = [{"method": k, "trained on": "-", **syncpr.evaluate_itcpr(s, bench)}
-        for k, s in fafa.baseline_similarities(backbone, irra, bench).items()]
+def train_fafa(root, s, parts, **kw):
+    """One FAFA run (or ablation): BLIP-2's Q-Former on the paper's path, the mini one otherwise."""
+    if real:
+        return fafa.fit_fafa_blip2(root, P["weights"], s, gpus, parts=parts, progress=False, **kw)
+    return fafa.fit_fafa(root, mini_scale, s, gpus, init, parts=parts, progress=False, **kw)
+
+
+def on_itcpr(model):
+    if real:
+        return fafa.evaluate_blip2_on_itcpr(model, blip2_inputs, bench, top_k_tokens, device)
+    return fafa.evaluate_on_itcpr(model, bench, mini_scale, init, top_k_tokens)
+
+
+if real:
+    zero_shot = fafa.blip2_baseline_similarities(fafa.Blip2Composer(itr), blip2_inputs, bench, top_k_tokens, device)
+else:
+    irra = tpr.fit_baseline("irra", "cuhk_pedes", dataset_root("cuhk_pedes", None, mini_scale, seed), scale=mini_scale, seed=seed,
+                            gpus=gpus, init=init, progress=False).model
+    zero_shot = fafa.baseline_similarities(fafa.mini_backbone(mini_scale, init), irra, bench)
+rows = [{"method": k, "trained on": "-", **syncpr.evaluate_itcpr(s, bench)} for k, s in zero_shot.items()]
+
+# %% [markdown]
+# Then the trained rows. **ITC on SynCPR**: the same Q-Former trained with plain image-text contrast
+# against the target's mean feature, as the CIR baselines (CaLa, SPRC) are. Then FAFA, and on the mini
+# path FAFA without its anchor.
+
+# %%
 runs = {}
 for name, root in trainable.items():
-    for label, parts in (("ITC on " + name, fafa.LOSS_SETS["ITC"]), ("FAFA on " + name, fafa.LOSS_SETS["FDA + FD + MFR"])):
-        res = fafa.fit_fafa(root, mini_scale, seed, gpus, init, parts=parts, **knobs, progress=False)
-        runs[(name, parts, seed)] = res
-        rows.append({"method": label.split(" on ")[0], "trained on": name,
-                     **fafa.evaluate_on_itcpr(res.model, bench, mini_scale, init, top_k_tokens),
-                     "note": f"validation R1 {res.best.get('R1', float('nan')):.1f}; gates (target, query) "
-                             + ", ".join(f"{g:+.3f}" for g in res.model.gates.tolist())})
-    res = fafa.fit_fafa(root, mini_scale, seed, gpus, init, parts=fafa.LOSS_SETS["FDA + FD + MFR"], **knobs, progress=False, anchor=False)
-    rows.append({"method": "FAFA, the Q-Former alone (no anchor)", "trained on": name,
-                 **fafa.evaluate_on_itcpr(res.model, bench, mini_scale, init, top_k_tokens),
-                 "note": f"validation R1 {res.best.get('R1', float('nan')):.1f}"})
+    for label, parts in (("ITC", fafa.LOSS_SETS["ITC"]), ("FAFA", fafa.LOSS_SETS["FDA + FD + MFR"])):
+        res = runs[(name, parts, seed)] = train_fafa(root, seed, parts, **knobs)
+        rows.append({"method": label, "trained on": name, **on_itcpr(res.model), "note": fafa.run_note(res)})
+    if not real:  # the mini path's departure, measured: the Q-Former alone
+        res = fafa.fit_fafa(root, mini_scale, seed, gpus, init, parts=fafa.LOSS_SETS["FDA + FD + MFR"], **knobs, progress=False, anchor=False)
+        rows.append({"method": "FAFA, the Q-Former alone (no anchor)", "trained on": name, **on_itcpr(res.model), "note": fafa.run_note(res)})
 for name in [k for k in train_sets if k not in trainable]:  # said in the table, not left out: why there is no number
     rows.append({"method": "FAFA", "trained on": name,
                  "note": f"not trained: the filter kept {sizes[name]['group ids']} cpr_id groups "
-                         f"({sizes[name]['triplets']} triplets), {fafa.groups_needed(mini_scale)} needed"})
-if weights is not None:  # the real path: BLIP-2's own Q-Former, read as FAFA reads it, before any CPR training
-    itr, processor = fafa.load_blip2(P["weights"], device="cuda" if gpus else "cpu")
-    blip2 = fafa.Blip2Composer(itr)
-    rows.append({"method": "BLIP-2 Q-Former, no CPR training", "trained on": "-",
-                 **syncpr.evaluate_itcpr(fafa.blip2_itcpr_similarity(blip2, processor, bench, top_k_tokens), bench)})
+                         f"({sizes[name]['triplets']} triplets), {fafa.groups_needed(mini_scale, blip2=real)} needed"})
 table1 = pd.DataFrame(rows)
 table1["source"] = source
 ref1 = reports.reported("fafa_table1").assign(source="paper (Table 1)")
 table1_out = pd.concat([ref1, table1], ignore_index=True)
 reports.save_table(table1_out, "04_fafa_table_1", scale, "Table 1: composed person retrieval on ITCPR, zero-shot",
-                   notes="Paper rows: ITCPR with BLIP-2 / CLIP-scale models. This run: the mini world's ITCPR; every trained row "
+                   notes="Paper rows: ITCPR with BLIP-2 / CLIP-scale models. This run: "
+                         + (f"BLIP-2 from {P['weights']}" if real else "the mini Q-Former over the mini CLIP")
+                         + f" on the ITCPR of {'the mini world' if data_root is None else data_root}; every trained row "
                          "selected on held-out training triplets.")
 table1_out
 
@@ -162,11 +205,10 @@ table1_out
 abl = []
 for s in seeds:
     for label, parts in fafa.LOSS_SETS.items():
-        res = runs.get((main_set, parts, s)) or fafa.fit_fafa(trainable[main_set], mini_scale, s, gpus, init, parts=parts, **knobs,
-                                                              progress=False)
+        res = runs.get((main_set, parts, s)) or train_fafa(trainable[main_set], s, parts, **knobs)
         runs[(main_set, parts, s)] = res
-        abl.append({"seed": s, "components": label, **fafa.evaluate_on_itcpr(res.model, bench, mini_scale, init, top_k_tokens),
-                    "val R1": res.best.get("R1"), "train s": sum(h["seconds"] for h in res.history)})
+        abl.append({"seed": s, "components": label, **on_itcpr(res.model), "val R1": res.best.get("R1"),
+                    "train s": sum(h["seconds"] for h in res.history)})
 abl = pd.DataFrame(abl)
 table2 = reports.seed_summary(abl, ["components"])
 table2["trained on"] = main_set
@@ -189,9 +231,8 @@ if scale == "tiny":
 sens = []
 for knob, values in grid.items():
     for v in values:
-        kw = {**knobs, knob: v}
-        res = fafa.fit_fafa(trainable[main_set], mini_scale, seed, gpus, init, parts=fafa.LOSS_SETS["FDA + FD + MFR"], **kw, progress=False)
-        sens.append({"knob": knob, "value": v, **fafa.evaluate_on_itcpr(res.model, bench, mini_scale, init, top_k_tokens)})
+        res = train_fafa(trainable[main_set], seed, fafa.LOSS_SETS["FDA + FD + MFR"], **{**knobs, knob: v})
+        sens.append({"knob": knob, "value": v, **on_itcpr(res.model)})
 sens = pd.DataFrame(sens)
 sens["source"] = source
 reports.save_table(sens, "04_fafa_sensitivity", scale, "FAFA: R1 on ITCPR against lambda1, lambda2 and the mask ratio",
@@ -213,7 +254,8 @@ reports.save_figure(fig, "04_fafa_sensitivity", scale)
 
 # %%
 best = runs[(main_set, fafa.LOSS_SETS["FDA + FD + MFR"], seed)]
-sim = fafa.itcpr_similarity(best.model, bench, mini_scale, init, top_k_tokens)
+sim = (fafa.blip2_itcpr_similarity(best.model, blip2_inputs, bench, top_k_tokens, device=device) if real
+       else fafa.itcpr_similarity(best.model, bench, mini_scale, init, top_k_tokens))
 fig = viz.ranking_rows(syncpr.ranking_rows(sim, bench, [0, 1, 2]), k=5, first="reference")
 reports.save_figure(fig, "04_fafa_examples", scale)
 
@@ -225,5 +267,5 @@ reports.save_figure(fig, "04_fafa_examples", scale)
 # %%
 claims = fafa.claims(abl, table1)
 claims["source"] = source
-reports.save_table(claims, "04_fafa_claims", scale, "FAFA's claims on the mini world, checked")
+reports.save_table(claims, "04_fafa_claims", scale, "FAFA's claims on " + ("ITCPR with BLIP-2" if real else "the mini world") + ", checked")
 claims

@@ -26,12 +26,15 @@ gpus: int = 0                  # 0: CPU; 1: one GPU; N: DistributedDataParallel 
 seed: int = 0                  # the world, the mini CLIP, the mini MLLM and its summaries
 seeds: list = [0, 1, 2]        # repeats: fine-tuning initialisation and data order
 data_root: Optional[str] = None  # None: the mini world; a folder holding CUHK-PEDES/, ICFG-PEDES/, RSTPReid/: real data
-weights: Optional[str] = None    # None: the mini CLIP of notebook 00; "ViT-B-16" or a checkpoint path: real CLIP
-vlm: Optional[str] = None        # None: the mini MLLM; a name or folder: a transformers MLLM asked Q1-Q5
+weights: Optional[str] = None    # None: the mini CLIP of notebook 00; "ViT-B-16" or a checkpoint path: real CLIP (paper: required)
+vlm: Optional[str] = None        # None: the mini MLLM; a name or folder: a transformers MLLM asked Q1-Q5 (the paper: Qwen2-VL-7B-Instruct)
 llm: Optional[str] = None        # None: the mini LM writes the summary; a name or folder: a transformers LLM
 omega: float = 0.3             # test-time weight of the summary in the gallery's global feature
 gate_init: float = -3.0        # BCM: the gate's initial logit; sigmoid(-3) is 0.047
 cond_ratio: float = 0.3        # BCM: share of the other side's tokens (the most attended) used as keys and values
+epochs: Optional[int] = None   # None: the paper's schedule (60 epochs at paper; 3 at small, 2 at tiny); N: every training run trains N epochs
+max_steps: Optional[int] = None   # None: no cap; N: every training run stops after N optimizer steps
+batch_size: Optional[int] = None  # None: the paper's / the scale's batch; N: every training run's global batch
 
 # %%
 import time
@@ -47,8 +50,10 @@ from person_retrieval.world import dataset_root
 
 DATASETS = ["cuhk_pedes", "icfg_pedes", "rstpreid"]
 P = params.check(dict(scale=scale, gpus=gpus, seed=seed, seeds=seeds, data_root=data_root, weights=weights, vlm=vlm, llm=llm,
-                      omega=omega, gate_init=gate_init, cond_ratio=cond_ratio),
+                      omega=omega, gate_init=gate_init, cond_ratio=cond_ratio, epochs=epochs, max_steps=max_steps, batch_size=batch_size),
                  needs=DATASETS, omega=params.number(0, 1), gate_init=params.number(-10, 10), cond_ratio=params.number(0.01, 1))
+if scale == "paper" and weights is None:
+    raise params.ParameterError("scale='paper' needs real CLIP weights: set parameter 'weights' (e.g. \"ViT-B-16\"); the mini CLIP is not trained at paper")
 seeds = P["seeds"]
 ABLATION = "icfg_pedes"  # the supplement's ablations and its omega sweep are on ICFG-PEDES
 source = reports.run_source(scale, seed, "mini world" if data_root is None else f"real data at {data_root}")
@@ -66,13 +71,18 @@ pd.Series(prompts.CECA_QUESTIONS, name="question").to_frame()
 
 # %% [markdown]
 # and then its summary request, *"Based on the image and the answers to the previous questions, please
-# provide a summary description of the person."*, with the five answers appended. With `vlm=None` the MLLM is
-# the mini one (it sees through an attribute recognizer trained on people in no dataset, notebook 00, and
-# makes a real MLLM's kind of mistakes); the summary is written by the mini LM from the answers (`llm`: any
-# transformers LLM). Summaries are built once per dataset, split and assistant, in batches, resumable, and cached.
+# provide a summary description of the person."*, with the five answers appended. The MLLM is the parameter
+# `vlm` (a transformers image-text model by name or folder, e.g. `Qwen2-VL-7B-Instruct`), the summary's writer
+# `llm` (a transformers LLM, e.g. `Llama-3.2-1B-Instruct`). Their default, None, is the mini pair: the mini
+# MLLM sees through an attribute recognizer trained on people in no dataset (notebook 00) and makes a real
+# MLLM's kind of mistakes, and the mini LM writes from the answers. At `scale="paper"` with `vlm=None` that
+# recognizer is the one trained at small on the mini world (a mini model the CAM step needs when no MLLM is
+# given; it knows only the mini world's people: give `vlm` for real images). Summaries are built once per
+# dataset, split and assistant, in batches, resumable, and cached. An answer or a summary that comes back
+# empty is counted, never a crash: the answers stand in for an empty summary (table `05_cam_answers`).
 
 # %%
-assistant_v, assistant_l = assistants.load(scale, seed, P["vlm"], P["llm"], device="cuda" if gpus else "cpu")
+assistant_v, assistant_l = assistants.load("small" if scale == "paper" else scale, seed, P["vlm"], P["llm"], device="cuda" if gpus else "cpu")
 folders, cam_cost = {}, []
 for d in DATASETS:
     t0 = time.time()
@@ -82,7 +92,10 @@ for d in DATASETS:
 cam_cost = pd.DataFrame(cam_cost)
 reports.save_table(cam_cost, "05_cam_cost", scale, title="CAM: time to have every image's summary (built now, or read from the cache)",
                    timing=True)
-cam_cost
+cam_answers = pd.DataFrame([{"dataset": d, **ceca.cam_counts(folders[d]), "source": source} for d in DATASETS])
+reports.save_table(cam_answers, "05_cam_answers", scale, title="CAM: what the MLLM and the LLM gave, empty answers and summaries counted",
+                   notes="An empty summary is replaced by the image's five answers; an image with no text at all stops the run, naming it.")
+cam_answers
 
 # %% [markdown]
 # Three test images of the ICFG-PEDES style, their conversation and summary, beside the dataset's caption
@@ -90,7 +103,7 @@ cam_cost
 
 # %%
 demo = load_split(ABLATION, roots[ABLATION], "test")
-picks = [0, 5, 11]
+picks = [i for i in (0, 5, 11) if i < len(demo.image_paths)]
 recs = [ceca.read_summaries(folders[ABLATION], "test")[ceca.image_key(demo.image_paths[i], demo.root)] for i in picks]
 wrong = [[] for _ in picks]
 if data_root is None:
@@ -148,8 +161,10 @@ reports.save_figure(fig, "05_cam_examples", scale)
 # Per repeat: RDE and CECA on every style; on ICFG-PEDES also CECA without BCM and CECA without CAWL (TAL
 # only). The released CAWL and IRRA are trained once (IRRA with seed `seed`). Every run here follows one
 # schedule, notebook 07's (3 epochs at small, so that a repeat of 8 models stays near 10 minutes; notebook 01
-# trains 5), so the rows compare within it. Every run selects its epoch on validation (ICFG-PEDES: held-out
-# training identities), never on test; runs are cached.
+# trains 5), so the rows compare within it. At `scale="paper"` every run takes the paper's schedule with the
+# user's CLIP (`weights`): 60 epochs, every layer training, unless `epochs` or `max_steps` cut it (the same
+# cut for every run). Every run selects its epoch on validation (ICFG-PEDES: held-out training identities),
+# never on test; runs are cached.
 
 # %%
 backbone = models.build_backbone(weights, scale)

@@ -20,6 +20,12 @@
 # This notebook runs on the mini world with the mini MLLM (an attribute recognizer trained on other
 # people, notebook 00) and the mini LM. With `vlm`, `llm`, `weights` and `data_root`, the same code runs
 # Qwen2-VL, a reconstructor LLM, CLIP ViT-B/16 and the real datasets.
+#
+# **At `scale="paper"`** (`data_root`, `weights` required): MTG captions come from your `vlm` (the paper:
+# Qwen2-VL-7B-Instruct) and `llm` (the paper's reconstructor is GPT-4o; None: the mini LM, which reads only the
+# world's grammar), PES stretches your CLIP's 77 positions to 248, and MTI asks your `vlm`. MTG over every
+# training image is the long step (seven MLLM calls per image): `n_captions=N` captions the first N images per
+# split only. Answers the grammar cannot read are counted (the table after the experiment), not hidden.
 
 # %% tags=["parameters"]
 from typing import Optional  # the types papermill --help-notebook shows
@@ -37,6 +43,10 @@ top_k: int = 20               # MTI: candidates the MLLM may confirm
 lam: float = 0.5              # MTI: weight of the original query's scores (eq. 7)
 xi: float = 0.85              # MTI: early exit when the top-1 similarity passes this and the MLLM confirms it
 ablation_methods: list = ["irra"]  # Table 4's MTI-alone and no-PES runs; ["irra", "rde"] adds RDE's (about 90 s per repeat)
+epochs: Optional[int] = None     # None: the paper's schedule (at small: 3 epochs per run); N: every fine-tuning run trains N epochs
+max_steps: Optional[int] = None  # None: no cap; N: every training run stops after N optimizer steps
+batch_size: Optional[int] = None  # None: the paper's / the scale's batch; N: every training run takes batches of N
+n_captions: Optional[int] = None  # None: MTG captions every training and validation image; N: the first N per split (the runs train on those)
 
 # %%
 import re
@@ -54,13 +64,16 @@ from person_retrieval.train import load_weights
 from person_retrieval.world import dataset_root
 
 P = params.check(dict(scale=scale, gpus=gpus, seed=seed, seeds=seeds, data_root=data_root, weights=weights, vlm=vlm, llm=llm,
-                      rounds=rounds, top_k=top_k, lam=lam, xi=xi, ablation_methods=ablation_methods),
+                      rounds=rounds, top_k=top_k, lam=lam, xi=xi, ablation_methods=ablation_methods, epochs=epochs, max_steps=max_steps,
+                      batch_size=batch_size, n_captions=n_captions),
                  needs=ctgi.CTGISettings.datasets, rounds=params.integer(0, len(A.prompts.CTGI_QUESTION_POOL)),
                  top_k=params.integer(1), lam=params.number(0, 1), xi=params.number(0, 1),
-                 ablation_methods=params.choices(ctgi.METHOD_LABEL))
+                 ablation_methods=params.choices(ctgi.METHOD_LABEL), n_captions=params.integer(1, None, allow_none=True))
+if scale == "paper" and weights is None:
+    raise ValueError("parameter 'weights': scale='paper' fine-tunes real CLIP weights (e.g. 'ViT-B-16' under PR_WEIGHTS_DIR)")
 seeds, ablation_methods = P["seeds"], P["ablation_methods"]
 settings = ctgi.CTGISettings(rounds=rounds, top_k=top_k, lam=lam, xi=xi, ablation_methods=tuple(ablation_methods),
-                             epochs=ctgi.EPOCHS.get(scale))
+                             epochs=ctgi.EPOCHS.get(scale), n_captions=n_captions)
 data_label = "mini world" if data_root is None else f"real data at {data_root}"
 roots = {d: dataset_root(d, P["data_root"], scale, seed) for d in settings.datasets}
 
@@ -177,6 +190,10 @@ for s in seeds:
     pseudo[s] = c
     print(f"repeat seed={s}: {time.perf_counter() - t0:.0f} s")
 res = pd.DataFrame(rows)
+counts = pd.DataFrame([{"seed": s, "dataset": d, **ctgi.mtg_counts(pseudo[s][d])} for s in seeds for d in settings.datasets])
+reports.save_table(counts.assign(source=reports.run_source(scale, seed, data_label)), "07_mtg_answers", scale,
+                   title="MTG: captions and answers the grammar could not read (unparsed answers are dropped, as the paper's low-relevance filter)")
+print("MTG answers that did not parse:", counts["answers unparsed (dropped)"].sum(), "of", counts["questions asked"].sum(), "asked")
 
 # %%
 from person_retrieval.metrics import retrieval_metrics

@@ -16,16 +16,31 @@
 #
 # Everything runs on the mini world at the scale chosen; a model missing from the cache is trained now
 # (at `small`, from cold caches, that is the other notebooks' training time).
+#
+# **At `scale="paper"`** the text demo ranks your test splits (`data_root`) with your CLIP (`weights`): zero-shot,
+# and IRRA / RDE fine-tuned from it (notebook 01's runs, reused from the cache when 01 ran with the same
+# parameters; else trained now, `max_steps` caps them). The other demos' models exist only in the mini world
+# or in another notebook's paper run (CECA's MLLM summaries: 05; FAFA on BLIP-2: 04; DiaNA: 06; the mini
+# generator: 02), so at paper they are skipped, each with a printed line.
 
 # %% tags=["parameters"]
-scale: str = "small"           # "tiny" or "small" (the demos run on the mini world)
+from typing import Optional  # the types papermill --help-notebook shows
+
+scale: str = "small"           # "tiny", "small" (the mini world) or "paper" (the text demo on data_root with your CLIP)
 gpus: int = 0                  # 0: CPU; 1: one GPU; N: processes for any model still to train
 seed: int = 0                  # the world and the models' seed (the other notebooks' default)
-datasets: list = ["cuhk_pedes", "icfg_pedes", "rstpreid"]  # the text demo's styles
-methods: list = ["zero-shot", "irra", "rde", "ceca"]  # the text demo's models
+data_root: Optional[str] = None  # None: the mini world; a folder holding CUHK-PEDES/, ICFG-PEDES/, RSTPReid/ (the datasets listed): real data
+weights: Optional[str] = None    # None: the mini CLIP of notebook 00; "ViT-B-16" or a checkpoint path: real CLIP (needed at paper)
+datasets: list = ["cuhk_pedes", "icfg_pedes", "rstpreid"]  # the text demo's styles: any of "cuhk_pedes", "icfg_pedes", "rstpreid"
+methods: list = ["zero-shot", "irra", "rde", "ceca"]  # the text demo's models: any of "zero-shot", "irra", "rde", "ceca" (ceca: mini world only)
 top_k: int = 10                # images shown per ranking (the chat demo shows half)
+epochs: Optional[int] = None     # None: the paper's / the scale's schedule for a model still to train; N: N epochs
+max_steps: Optional[int] = None  # None: no cap; N: every training run stops after N optimizer steps
+batch_size: Optional[int] = None  # None: the paper's / the scale's batch; N: every training run takes batches of N
 
 # %%
+import pandas as pd
+
 from person_retrieval import analysis, assistants, models, params, reports
 from person_retrieval.datasets import read_chatpedes, read_itcpr
 from person_retrieval.generators.mini import mini_config, mini_generators, target_set
@@ -34,14 +49,16 @@ from person_retrieval.train import load_weights
 from person_retrieval.widgets import GenerationDemo, TextRetrievalDemo
 from person_retrieval.world import dataset_root, world_dataset
 
-P = params.check(dict(scale=scale, gpus=gpus, seed=seed, datasets=datasets, methods=methods, top_k=top_k),
-                 datasets=params.choices(["cuhk_pedes", "icfg_pedes", "rstpreid"]), methods=params.choices(["zero-shot", "irra", "rde", "ceca"]),
-                 top_k=params.integer(1, 50))
-if scale == "paper":
-    raise ValueError("parameter 'scale': the demos run on the mini world: use 'tiny' or 'small'")
+P = params.check(dict(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights, datasets=datasets, methods=methods, top_k=top_k,
+                      epochs=epochs, max_steps=max_steps, batch_size=batch_size),
+                 needs="datasets", datasets=params.choices(["cuhk_pedes", "icfg_pedes", "rstpreid"]),
+                 methods=params.choices(["zero-shot", "irra", "rde", "ceca"]), top_k=params.integer(1, 50))
+paper = data_root is not None  # the user's data: the text demo only, on real CLIP weights
+if scale == "paper" and weights is None:
+    raise ValueError("parameter 'weights': scale='paper' ranks with real CLIP weights (e.g. 'ViT-B-16' under PR_WEIGHTS_DIR)")
 datasets, methods = P["datasets"], P["methods"]
-source = reports.run_source(scale, seed, "mini world")
-init = str(models.pretrained_mini_clip(scale, seed, gpus))
+source = reports.run_source(scale, seed, "mini world" if data_root is None else f"real data at {data_root}")
+init = None if weights else str(models.pretrained_mini_clip(scale if scale != "paper" else "small", seed, gpus))
 print(source)
 
 # %% [markdown]
@@ -59,16 +76,19 @@ print(source)
 # * change the dataset: each style's captions read differently, and each fine-tuned model knows its own.
 
 # %%
-backbone = models.build_backbone(None, scale)
-load_weights(backbone, init)
-roots = {d: dataset_root(d, None, scale, seed) for d in datasets}
+backbone = models.build_backbone(weights, scale if scale != "paper" else "small")
+if init:
+    load_weights(backbone, init)
+roots = {d: dataset_root(d, P["data_root"], scale, seed) for d in datasets}
 test_sets = {d: models.split_data(d, roots[d], "test", backbone) for d in datasets}
-people = {d: analysis.world_people(test_sets[d], roots[d]) for d in datasets}
-vlm, lm = assistants.load(scale, seed)  # the mini MLLM and LM (00): CECA's summaries here, the chat demo below
+people = None if paper else {d: analysis.world_people(test_sets[d], roots[d]) for d in datasets}  # the world's records
+vlm, lm = (None, None) if paper else assistants.load(scale, seed)  # the mini MLLM and LM (00): CECA's summaries, the chat demo
 text_models, gallery_data = {}, {}
 for m in methods:
     if m == "zero-shot":
         text_models["zero-shot"] = models.DualEncoder(backbone).eval()
+    elif m == "ceca" and paper:
+        print("CECA skipped on real data: its gallery reads MLLM summaries (notebook 05 builds them with your vlm)")
     elif m == "ceca":  # notebook 05's run (its schedule), over the summaries it built
         folders = {d: ceca.build_summaries(d, roots[d], scale, seed, vlm=vlm, lm=lm, progress=False) for d in datasets}
         schedule = {} if ceca.EPOCHS.get(scale) is None else {"epochs": ceca.EPOCHS[scale]}
@@ -76,8 +96,8 @@ for m in methods:
                                                 **schedule).model for d in datasets}
         gallery_data["CECA"] = {d: ceca.with_summaries(test_sets[d], roots[d], folders[d], "test", backbone.tokenize) for d in datasets}
     else:
-        text_models[m.upper()] = {d: tpr.fit_baseline(m, d, roots[d], scale=scale, seed=seed, gpus=gpus, init=init, progress=False).model
-                                  for d in datasets}
+        text_models[m.upper()] = {d: tpr.fit_baseline(m, d, roots[d], scale=scale, seed=seed, gpus=gpus, init=init, weights=weights,
+                                                       progress=False).model for d in datasets}
 text_demo = TextRetrievalDemo(test_sets, text_models, people, k=top_k, gallery_data=gallery_data)
 first = text_demo.pick_caption(0)
 print(f"caption 0: {first.text!r} -> Rank-1 {'right' if first.r1 else 'wrong'}")
@@ -85,6 +105,19 @@ text_demo.snapshot()  # what the first interaction shows, kept in the executed c
 
 # %%
 text_demo  # the live demo
+
+# %% [markdown]
+# The demo's models on each whole test split, beside the papers' numbers (notebook 01 has the full tables):
+
+# %%
+rows = [{"method": name, "dataset": d, **models.evaluate_retrieval(per[d] if isinstance(per, dict) else per,
+                                                                    gallery_data.get(name, {}).get(d, test_sets[d]))}
+        for name, per in text_models.items() for d in datasets]
+ref = reports.reported("tpr_baselines").drop(columns=["note"]).assign(source="paper (real data; CTGI Tables 1-3, TIPS Table 1)")
+ref = ref[ref.dataset.isin(datasets)].assign(method=lambda x: x.method.replace({"CLIP zero-shot": "zero-shot"}))
+demo_table = pd.concat([pd.DataFrame(rows).assign(source=source), ref[ref.method.isin(text_models)]], ignore_index=True)
+reports.save_table(demo_table, "08_text_demo_models", scale, title="The text demo's models on the test splits, beside the papers")
+demo_table.round(2)
 
 # %% [markdown]
 # ## 2 · Composed retrieval
@@ -101,15 +134,19 @@ text_demo  # the live demo
 # should move FAFA's ranking, and never the image-only one.
 
 # %%
-bench = read_itcpr(dataset_root("itcpr", None, scale, seed))
-syn_root, _ = syncpr.syncpr_dataset(scale, seed, gpus=0)
-train_root = next(r for r in (syn_root, world_dataset("syncpr", scale, seed)) if fafa.can_train(r, scale))  # notebook 04's rule
-fafa_model = fafa.fit_fafa(train_root, scale, seed, gpus, init, parts=fafa.LOSS_SETS["FDA + FD + MFR"], progress=False).model
-irra_cuhk = tpr.fit_baseline("irra", "cuhk_pedes", dataset_root("cuhk_pedes", None, scale, seed), scale=scale, seed=seed, gpus=gpus,
-                             init=init, progress=False).model
-composed_demo = fafa.composed_demo(fafa_model, bench, scale, init, irra_cuhk, k=top_k)
-print("query 0's target rank:", composed_demo.last.target_rank)
-composed_demo.snapshot()  # what the first interaction shows, kept in the executed copy
+composed_demo = None
+if paper:
+    print("composed demo skipped on real data: FAFA runs on BLIP-2 there (notebook 04 at paper, its parameter 'weights')")
+else:
+    bench = read_itcpr(dataset_root("itcpr", None, scale, seed))
+    syn_root, _ = syncpr.syncpr_dataset(scale, seed, gpus=0)
+    train_root = next(r for r in (syn_root, world_dataset("syncpr", scale, seed)) if fafa.can_train(r, scale))  # notebook 04's rule
+    fafa_model = fafa.fit_fafa(train_root, scale, seed, gpus, init, parts=fafa.LOSS_SETS["FDA + FD + MFR"], progress=False).model
+    irra_cuhk = tpr.fit_baseline("irra", "cuhk_pedes", dataset_root("cuhk_pedes", None, scale, seed), scale=scale, seed=seed, gpus=gpus,
+                                 init=init, progress=False).model
+    composed_demo = fafa.composed_demo(fafa_model, bench, scale, init, irra_cuhk, k=top_k)
+    print("query 0's target rank:", composed_demo.last.target_rank)
+    display(composed_demo.snapshot())  # what the first interaction shows, kept in the executed copy
 
 # %%
 composed_demo  # the live demo
@@ -127,17 +164,21 @@ composed_demo  # the live demo
 # Try answering truthfully for a few rounds (the rank should fall), then answer something false.
 
 # %%
-chat_folder = diana.build_chatpedes(scale, seed, vlm=vlm, progress=False)
-chat_clean = chat_folder / "clean"
-stage1 = diana.pretrained_diana(scale, seed, gpus, init=init, progress=False)
-diana_model = diana.fit_diana(chat_clean, scale, seed, gpus, init=init, stage1=stage1, progress=False).model
-task = diana.DiaNATask(chat_root=str(chat_clean), scale=scale, init=init)
-chat_demo = diana.chat_demo(diana_model, read_chatpedes(chat_clean, "test"), chat_clean / "imgs", task._tokenize, task.backbone.image_size,
-                            vlm=vlm, k=max(1, top_k // 2), refine=ctgi.mti_refiner(vlm, lm))
-chat_demo.answer(None)
-res = chat_demo.answer(None)
-print("the target's rank by round:", res.ranks, "| with MTI:", res.refined_ranks)
-chat_demo.snapshot()  # what the first interaction shows, kept in the executed copy
+chat_demo = None
+if paper:
+    print("chat demo skipped on real data: DiaNA on the released ChatPedes is notebook 06's, and the demo's answers come from the mini MLLM")
+else:
+    chat_folder = diana.build_chatpedes(scale, seed, vlm=vlm, progress=False)
+    chat_clean = chat_folder / "clean"
+    stage1 = diana.pretrained_diana(scale, seed, gpus, init=init, progress=False)
+    diana_model = diana.fit_diana(chat_clean, scale, seed, gpus, init=init, stage1=stage1, progress=False).model
+    task = diana.DiaNATask(chat_root=str(chat_clean), scale=scale, init=init)
+    chat_demo = diana.chat_demo(diana_model, read_chatpedes(chat_clean, "test"), chat_clean / "imgs", task._tokenize, task.backbone.image_size,
+                                vlm=vlm, k=max(1, top_k // 2), refine=ctgi.mti_refiner(vlm, lm))
+    chat_demo.answer(None)
+    res = chat_demo.answer(None)
+    print("the target's rank by round:", res.ranks, "| with MTI:", res.refined_ranks)
+    display(chat_demo.snapshot())  # what the first interaction shows, kept in the executed copy
 
 # %%
 chat_demo  # the live demo
@@ -151,14 +192,18 @@ chat_demo  # the live demo
 # target domain. Same prompt, size, $\beta$ and seed: the same images.
 
 # %%
-gen, _ = mini_generators(scale, seed, rank=4 if scale == "tiny" else 32, progress=False)
-target = target_set("cuhk_pedes", roots.get("cuhk_pedes") or dataset_root("cuhk_pedes", None, scale, seed), mini_config(scale), seed)
-sizes = {"no size condition": None, **{f"{w}x{h}": (w, h) for w, h in sorted(set(target.sizes), reverse=True)}}
-gen_demo = GenerationDemo(lambda prompts, size, beta, s: gen.spg(prompts, size, seed=s, beta=beta), sizes,
-                          prompt=test_sets[datasets[0]].captions[0], n=8, seed=seed)
-images = gen_demo.run()
-print(f"{len(images)} samples of {tuple(images.shape[-2:])} pixels")
-gen_demo.snapshot()  # what the first interaction shows, kept in the executed copy
+gen_demo = None
+if paper:
+    print("generation demo skipped on real data: it draws with the mini generator (notebook 02 trains FLUX.1-dev's LoRAs at paper)")
+else:
+    gen, _ = mini_generators(scale, seed, rank=4 if scale == "tiny" else 32, progress=False)
+    target = target_set("cuhk_pedes", roots.get("cuhk_pedes") or dataset_root("cuhk_pedes", None, scale, seed), mini_config(scale), seed)
+    sizes = {"no size condition": None, **{f"{w}x{h}": (w, h) for w, h in sorted(set(target.sizes), reverse=True)}}
+    gen_demo = GenerationDemo(lambda prompts, size, beta, s: gen.spg(prompts, size, seed=s, beta=beta), sizes,
+                              prompt=test_sets[datasets[0]].captions[0], n=8, seed=seed)
+    images = gen_demo.run()
+    print(f"{len(images)} samples of {tuple(images.shape[-2:])} pixels")
+    display(gen_demo.snapshot())  # what the first interaction shows, kept in the executed copy
 
 # %%
 gen_demo  # the live demo

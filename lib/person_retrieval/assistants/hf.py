@@ -58,7 +58,10 @@ def _load(name_or_path, model_cls, pre_cls, device: str, dtype):
 
 
 def _generate(model, tok, enc: dict, max_new_tokens: int, temperature: float, seed: int) -> list[str]:
-    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+    # A model folder whose generation_config.json sets max_new_tokens caps every answer at it (the paper-path
+    # stand-ins, random models that never stop on their own, use it to keep a smoke run short).
+    cap = getattr(getattr(model, "generation_config", None), "max_new_tokens", None)
+    kw = dict(max_new_tokens=min(max_new_tokens, cap) if cap else max_new_tokens, pad_token_id=tok.pad_token_id)
     if temperature and temperature > 0:
         torch.manual_seed(seed)
         kw.update(do_sample=True, temperature=float(temperature), top_p=1.0)

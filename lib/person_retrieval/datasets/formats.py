@@ -25,7 +25,7 @@ from typing import Any, Iterable
 __all__ = [
     "DatasetFormatError", "TPRSplit", "TPR_FORMATS", "load_split", "read_tpr_annotations", "write_tpr_annotations",
     "read_itcpr", "write_itcpr", "read_syncpr", "write_syncpr", "read_chatpedes", "write_chatpedes",
-    "split_statistics", "write_json_atomic",
+    "split_statistics", "write_json_atomic", "validate", "validate_annotations",
 ]
 
 
@@ -64,9 +64,27 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+# What :func:`validate` parsed, kept for the next reader of the same unchanged file (and handed over once,
+# so nothing shared is ever mutated twice): a notebook's first cell validates, its next cells read, and
+# each file is parsed once.
+_PARSED: dict[Path, tuple[tuple, list]] = {}
+_KEEP = False
+
+
+def _file_key(path: Path) -> tuple:
+    st = path.stat()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _read_json_list(path: Path, what: str, expected: str) -> list:
     if not path.is_file():
         raise DatasetFormatError(f"{path}: file not found; expected the {what} annotation file ({expected})")
+    key = path.resolve()
+    kept = _PARSED.pop(key, None)
+    if kept is not None and kept[0] == _file_key(path):
+        if _KEEP:  # validated again: keep it for the reader still
+            _PARSED[key] = kept
+        return kept[1]
     try:
         with open(path) as f:
             data = json.load(f)
@@ -77,6 +95,8 @@ def _read_json_list(path: Path, what: str, expected: str) -> list:
         ) from None
     if not isinstance(data, list):
         raise DatasetFormatError(f"{path}: expected a JSON list of {expected}, found a {type(data).__name__}")
+    if _KEEP:
+        _PARSED[key] = (_file_key(path), data)
     return data
 
 
@@ -349,3 +369,57 @@ def write_chatpedes(root: str | Path, split: str, entries: list[dict]) -> None:
 #: Folder names under a ``data_root`` holding real datasets (IRRA's layout for the TPR three).
 REAL_FOLDERS = {"cuhk_pedes": "CUHK-PEDES", "icfg_pedes": "ICFG-PEDES", "rstpreid": "RSTPReid",
                 "itcpr": "ITCPR", "syncpr": "SynCPR", "chatpedes": "ChatPedes"}
+
+
+def validate_annotations(data_root: str | Path, names: Iterable[str]) -> dict[str, dict[str, int]]:
+    """Parse and check the fields of every annotation file of the datasets ``names`` under ``data_root``
+    (in their :data:`REAL_FOLDERS`), through the readers above; images are not opened. Returns
+    ``{dataset: {file: entries}}``; a truncated or malformed file raises :class:`DatasetFormatError` naming
+    the file and the cause. A notebook's first cell calls it, so bad files fail there, not an hour in."""
+    root = Path(data_root)
+    return {name: validate(name, root / REAL_FOLDERS.get(name, name)) for name in names}
+
+
+# ---------------------------------------------------------------------------------------------
+def validate(name: str, folder: str | Path) -> dict[str, int]:
+    """Parse and check every annotation file of dataset ``name`` (a key of :data:`REAL_FOLDERS`) in its
+    released layout in ``folder``: valid JSON, every entry with its fields of the right types, known splits
+    and, for ChatPedes, well-formed dialogues. Images are not opened. Raises :class:`DatasetFormatError`
+    naming the file, the entry and the cause; returns the number of entries per file read.
+
+    ``params.check_data_root`` (every notebook's first cell) calls it for each dataset the notebook needs.
+    What it parsed is handed to the next reader of the same unchanged file, so the file is parsed once."""
+    global _KEEP
+    if name not in REAL_FOLDERS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(REAL_FOLDERS)}")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetFormatError(f"{folder}: dataset folder not found; expected the {REAL_FOLDERS[name]} folder")
+    counts: dict[str, int] = {}
+    before = set(_PARSED)
+    _KEEP = True
+    try:
+        if name in TPR_FORMATS:
+            counts[TPR_FORMATS[name].annotation] = len(read_tpr_annotations(name, folder))
+        elif name == "itcpr":
+            bench = read_itcpr(folder, check_images=False)
+            counts.update({"query.json": len(bench.queries), "gallery.json": len(bench.gallery)})
+        elif name == "syncpr":
+            counts["SynCPR.json"] = len(read_syncpr(folder, check_images=False))
+        else:  # chatpedes: the splits released (a test-only copy is enough to evaluate)
+            present = [s for s, f in CHATPEDES_SPLITS.items() if (folder / f).is_file()]
+            if not present:
+                raise DatasetFormatError(f"{folder}: neither {' nor '.join(CHATPEDES_SPLITS.values())} is here; expected "
+                                         "ChatPedes' annotation files (lists of objects with fields id, file_path and chats)")
+            for split in present:
+                counts[CHATPEDES_SPLITS[split]] = len(read_chatpedes(folder, split, check_images=False))
+    except BaseException:
+        for k in set(_PARSED) - before:  # keep nothing of a file that failed
+            del _PARSED[k]
+        raise
+    finally:
+        _KEEP = False
+    for f, n in counts.items():
+        if n == 0:
+            raise DatasetFormatError(f"{folder / f}: holds no entries (an empty JSON list)")
+    return counts

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -57,11 +58,16 @@ def resolve_flux(weights: str | os.PathLike) -> Path:
     return p
 
 
-def load_flux(weights: str | os.PathLike = "FLUX.1-dev", dtype: torch.dtype = torch.bfloat16, device: str | None = None):
-    """``FluxPipeline.from_pretrained`` on a local folder, offline."""
+def load_flux(weights: str | os.PathLike = "FLUX.1-dev", dtype: torch.dtype | None = None, device: str | None = None):
+    """``FluxPipeline.from_pretrained`` on a local folder, offline; ``dtype`` None: bfloat16 on a GPU,
+    float32 on the CPU (where bfloat16 matmuls are several times slower)."""
     from diffusers import FluxPipeline
 
+    if dtype is None:
+        dtype = torch.bfloat16 if device and str(device).startswith("cuda") else torch.float32
     pipe = FluxPipeline.from_pretrained(str(resolve_flux(weights)), torch_dtype=dtype, local_files_only=True)
+    for part in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):  # frozen: only LoRA adapters learn
+        part.requires_grad_(False)
     if device:
         pipe.to(device)
     return pipe
@@ -146,8 +152,11 @@ def train_flux_lora(gen: FlowGenerator, kind: str, target, steps: int = TIPS_DEF
     """Train adapter ``kind`` (``"spg"``, ``"idpg"`` or ``"dual"``) on a few-shot :class:`~.mini.TargetSet`
     with TIPS's recipe (AdamW, linear warmup, batch 1 x 2 accumulation). IDPG's difference prompt is
     the target image's caption here (TIPS has an MLLM write one). Returns the loss per optimizer step;
-    ``out_file`` saves the adapter (:func:`~.lora.save_lora`)."""
+    ``out_file`` saves the adapter (:func:`~.lora.save_lora`). ``train.limits()["max_steps"]`` caps ``steps``
+    (the one cap every training run honours)."""
     from .lora import add_lora, save_lora, use_adapter
+
+    steps = lora_steps(steps)
 
     add_lora(gen.transformer, kind, rank)
     use_adapter(gen.transformer, kind)
@@ -185,9 +194,94 @@ def train_flux_lora(gen: FlowGenerator, kind: str, target, steps: int = TIPS_DEF
         opt.zero_grad(set_to_none=True)
         history.append(total)
     gen.transformer.eval()
+    for p in gen.transformer.parameters():  # trained: nothing downstream (sampling, figures) should carry grad
+        p.requires_grad_(False)
     if out_file is not None:
         save_lora(gen.transformer, kind, out_file)
     return history
+
+
+def lora_steps(steps: int = TIPS_DEFAULTS["steps"]) -> int:
+    """The LoRA training steps a run takes: ``steps`` capped by ``train.limits()["max_steps"]``."""
+    from ..train import limits
+
+    cap = limits()["max_steps"]
+    return int(steps) if cap is None else min(int(steps), int(cap))
+
+
+def lora_folder(dataset: str, seed: int, rank: int, steps: int = TIPS_DEFAULTS["steps"]) -> Path:
+    """Where the FLUX.1-dev LoRAs of ``(dataset, seed, rank)`` are saved: ``.cache/models/flux-<dataset>-seed<seed>-r<rank>``,
+    suffixed ``-steps<N>`` when they were trained for other than TIPS's 20,000 steps (``steps`` or the run's
+    ``max_steps`` cap), so a shortened run never stands in for a full one."""
+    from ..config import cache_dir
+
+    n = lora_steps(steps)
+    return cache_dir() / "models" / (f"flux-{dataset}-seed{seed}-r{int(rank)}" + ("" if n == TIPS_DEFAULTS["steps"] else f"-steps{n}"))
+
+
+def lora_rank(folder) -> int:
+    """The rank in a :func:`lora_folder` name."""
+    return int(re.search(r"-r(\d+)(-steps\d+)?$", Path(folder).name).group(1))
+
+
+def find_lora_folder(dataset: str, seed: int, adapters, steps: int = TIPS_DEFAULTS["steps"], rank: int | None = None) -> Path | None:
+    """The folder holding every LoRA of ``adapters`` for ``(dataset, seed)`` trained for ``steps`` (capped as
+    :func:`lora_folder` says), whatever its rank (``rank`` None; the rank is read from each file when it is
+    loaded): TIPS's rank 32 first, then the highest. None when there is none."""
+    from ..config import cache_dir
+
+    tail = lora_folder(dataset, seed, 1, steps).name.split("-r1", 1)[1]
+    found = []
+    for d in (cache_dir() / "models").glob(f"flux-{dataset}-seed{seed}-r*"):
+        m = re.fullmatch(rf"flux-{re.escape(dataset)}-seed{seed}-r(\d+){re.escape(tail)}", d.name)
+        if m and (rank is None or int(m.group(1)) == rank) and all((d / f"{a}.safetensors").is_file() for a in adapters):
+            found.append((int(m.group(1)) != TIPS_DEFAULTS["rank"], -int(m.group(1)), d))
+    return min(found)[2] if found else None
+
+
+def flux_loras(pipe, gen: FlowGenerator, dataset: str, root, seed: int = 0, adapters=("spg", "idpg", "dual"), rank: int | None = None,
+               steps: int = TIPS_DEFAULTS["steps"], progress: bool = True, log=print) -> tuple[Path, dict]:
+    """The LoRA ``adapters`` of FLUX.1-dev for ``dataset`` on ``pipe.transformer``: loaded from the folder that
+    holds them (:func:`find_lora_folder`, any rank when ``rank`` is None), or trained now on TIPS's few-shot
+    set of the dataset at ``root`` (100 identities x 3 images, fewer when the folder has fewer) with
+    :func:`train_flux_lora` (``steps`` capped by ``max_steps``; rank 32 when None) and saved, saying so through
+    ``log``. Returns ``(folder, {adapter: {"loss": last loss}} for those trained now)``."""
+    from .lora import load_lora
+
+    folder = find_lora_folder(dataset, seed, adapters, steps, rank) or lora_folder(dataset, seed, rank or TIPS_DEFAULTS["rank"], steps)
+    todo = [a for a in adapters if not (folder / f"{a}.safetensors").is_file()]
+    report = {}
+    if todo:
+        n = lora_steps(steps)
+        r = lora_rank(folder)
+        log(f"training FLUX.1-dev LoRA {', '.join(todo)} on {dataset} at {root} ({n} steps, rank {r}); saved to {folder}")
+        target = few_shot_target(dataset, root, gen.image_size, seed)
+        for a in todo:
+            report[a] = {"loss": train_flux_lora(gen, a, target, steps, rank=r, seed=seed,
+                                                 out_file=folder / f"{a}.safetensors", progress=progress)[-1]}
+    for a in adapters:
+        if a not in todo:
+            load_lora(pipe.transformer, folder / f"{a}.safetensors", a)
+    return folder, report
+
+
+def few_shot_target(dataset: str, root, image_size, seed: int = 0):
+    """TIPS's few-shot set for the LoRAs: 100 identities x 3 images of ``dataset``'s train split at ``root``
+    (as many as it has, at least 2, when fewer), at the generator's ``image_size``."""
+    from ..datasets import load_split
+    from .mini import mini_config, target_set
+
+    cfg = mini_config("small", {"image_size": tuple(image_size)})
+    split = load_split(dataset, root, "train", check_images=False)
+    counts = {}
+    for p in split.image_pids:
+        counts[p] = counts.get(p, 0) + 1
+    eligible = sum(c >= cfg.images_per_id for c in counts.values())
+    if eligible < 2:
+        raise ValueError(f"{dataset} at {root}: {eligible} identities with {cfg.images_per_id}+ images; the LoRAs' few-shot set needs 2")
+    if eligible < cfg.target_ids:
+        cfg = mini_config("small", {"image_size": tuple(image_size), "target_ids": eligible})
+    return target_set(dataset, root, cfg, seed)
 
 
 @torch.no_grad()
@@ -224,8 +318,9 @@ def tiny_flux_pipeline(seed: int = 0):
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
                                          num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                                          guidance_embeds=True, axes_dims_rope=[4, 4, 8])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        block_out_channels=[8, 16], layers_per_block=1, latent_channels=4, norm_num_groups=4,
+    # four blocks: 8x down, as FLUX.1-dev's VAE (a 192x384 image is 24x48 latents, 12x24 tokens)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        block_out_channels=[8, 8, 16, 16], layers_per_block=1, latent_channels=4, norm_num_groups=4,
                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
     sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                             max_image_seq_len=4096, shift=3.0)
@@ -233,5 +328,6 @@ def tiny_flux_pipeline(seed: int = 0):
                         transformer=transformer)
 
 
-__all__ = ["FLUX_ATTENTION", "TIPS_DEFAULTS", "FluxText", "flux_generator", "flux_shift", "load_flux", "lora_loss",
+__all__ = ["FLUX_ATTENTION", "TIPS_DEFAULTS", "FluxText", "find_lora_folder", "few_shot_target", "flux_generator", "flux_loras",
+           "flux_shift", "load_flux", "lora_folder", "lora_loss", "lora_steps",
            "lora_optimizer", "pipeline_sample", "train_flux_lora", "resolve_flux", "tiny_flux_pipeline"]

@@ -72,6 +72,21 @@ def clip_image_features(backbone, images: torch.Tensor, batch: int = 256) -> tor
 BLUR_CUTOFF = 0.125
 
 
+@torch.no_grad()
+def flow_path(gen, image: torch.Tensor, ts=(0.0, 0.25, 0.5, 0.75, 1.0), seed: int = 0) -> list[np.ndarray]:
+    """The rectified-flow path ``x_t = (1 - t) x_0 + t eps`` of one image (uint8 ``[3, H, W]`` or ``[1, 3, H, W]``),
+    mixed in the generator's token space and drawn through its decoder: one uint8 ``[H, W, 3]`` array per ``t``.
+    Without gradients: a decoder whose weights require them (FLUX.1-dev's VAE as loaded) gives plain arrays."""
+    x0 = gen.codec.encode(image.reshape(-1, *image.shape[-3:])[:1])
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(seed))).to(x0)
+    out = []
+    for t in ts:
+        x = gen.codec.decode((1 - t) * x0 + t * eps, *gen.image_size)[0]
+        out.append((x.permute(1, 2, 0).float().cpu().numpy() * 255).astype(np.uint8))
+    return out
+
+
+@torch.no_grad()
 def through_codec(codec, images: torch.Tensor) -> torch.Tensor:
     """uint8 images encoded and decoded by a generator's codec: the clarity its samples can reach."""
     x = codec.decode(codec.encode(images), *images.shape[-2:])

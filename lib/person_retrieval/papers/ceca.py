@@ -151,19 +151,40 @@ def read_summaries(folder, split: str) -> dict[str, dict]:
     return json.loads(path.read_text())
 
 
+def _text(x) -> str:
+    return x.strip() if isinstance(x, str) else ""
+
+
+def summary_text(rec: dict) -> str:
+    """The text that stands for an image: its summary or, where the LLM wrote nothing, the MLLM's five answers
+    joined (what the summary is written from; :func:`cam_counts` counts these). Empty when both are empty."""
+    return _text(rec.get("summary")) or " ".join(a for a in (_text(rec.get(q)) for q in QUESTIONS) if a)
+
+
 def summaries_of(image_paths, root, folder, split: str) -> list[str]:
-    """The summary of each image, in order. An image without one (or with an empty one) is an error that
-    names the image and the file, never a silent empty text."""
+    """The summary of each image, in order (:func:`summary_text`). An image without a record, or whose summary
+    and answers are all empty, is an error that names the image and the file, never a silent empty text."""
     table = read_summaries(folder, split)
     out = []
     for p in image_paths:
         rec = table.get(image_key(p, root))
-        text = (rec or {}).get("summary", "")
-        if not isinstance(text, str) or not text.strip():
-            what = "has no summary" if rec is None else "has an empty summary"
+        text = summary_text(rec) if isinstance(rec, dict) else ""
+        if not text:
+            what = "has no summary" if rec is None else "has an empty summary and no answers"
             raise KeyError(f"image {image_key(p, root)!r} {what} in {Path(folder) / f'{split}.json'}")
         out.append(text)
     return out
+
+
+def cam_counts(folder, splits=("train", "val", "test")) -> dict:
+    """What the assistants gave, counted over the splits present: images, answers (five per image), answers
+    that came back empty, summaries that came back empty (the answers stand in for them, :func:`summary_text`)
+    and images left with no text at all. Random or weak models give such answers; the count says how many."""
+    recs = [r for s in splits if (Path(folder) / f"{s}.json").is_file() for r in read_summaries(folder, s).values()]
+    return {"images": len(recs), "answers": len(recs) * len(QUESTIONS),
+            "empty answers": sum(not _text(r.get(q)) for r in recs for q in QUESTIONS),
+            "empty summaries (answers used)": sum(not _text(r.get("summary")) and bool(summary_text(r)) for r in recs),
+            "images with no text": sum(not summary_text(r) for r in recs)}
 
 
 def with_summaries(data: RetrievalData, root, folder, split: str, tokenize) -> RetrievalData:
@@ -401,6 +422,6 @@ def paired_claim(a: pd.DataFrame, b: pd.DataFrame, metric: str, not_hurt: bool =
     return verdict(d, not_hurt=not_hurt)
 
 
-__all__ = ["cam", "summarize_split", "build_summaries", "read_summaries", "summaries_of", "with_summaries", "image_key",
+__all__ = ["cam", "summarize_split", "build_summaries", "read_summaries", "summaries_of", "summary_text", "cam_counts", "with_summaries", "image_key",
            "MixerBlock", "BidirectionalMixer", "CECAModel", "CECATask", "VARIANTS", "fit_ceca", "without_summaries",
            "evaluate_settings", "identity_spread", "summary_errors", "paired_claim"]

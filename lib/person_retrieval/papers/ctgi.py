@@ -34,6 +34,7 @@ class MTGResult:
     initial: str  # T_s
     qa: list = field(default_factory=list)  # [(question, answer)] kept
     caption: str = ""  # the reconstructed T_e
+    asked: int = 0  # questions asked; those whose answer claimed nothing (did not parse) were dropped
 
 
 def mtg_captions(images, vlm: VisionLanguageModel, lm: LanguageModel, rounds: int = 6,
@@ -67,6 +68,7 @@ def mtg_captions(images, vlm: VisionLanguageModel, lm: LanguageModel, rounds: in
                 break
             answers = vlm.answer([ims[i] for i in ask_idx], ask_q)
             for i, q, a in zip(ask_idx, ask_q, answers):
+                res[i].asked += 1
                 said = grammar.claimed_groups(grammar.parse_claims(a))
                 if not said:  # low relevance: the answer claims nothing
                     continue
@@ -102,11 +104,49 @@ def mtg_split(splits, vlm: VisionLanguageModel, lm: LanguageModel, out_file, rou
             with Image.open(p) as im:
                 images.append(np.asarray(im.convert("RGB")))
     res = mtg_captions(images, vlm, lm, rounds=rounds, seed=seed, batch=batch, progress=progress)
-    data = {k: {"initial": r.initial, "caption": r.caption, "qa": [list(x) for x in r.qa]} for k, r in zip(keys, res)}
+    data = {k: {"initial": r.initial, "caption": r.caption, "qa": [list(x) for x in r.qa], "asked": r.asked} for k, r in zip(keys, res)}
     write_pseudo_captions(out, data)
     return data
 
 
+
+
+def mtg_counts(captions: dict) -> dict:
+    """What MTG's assistants said that the grammar could read, over one caption file's entries
+    (:func:`mtg_split`): images; initial captions T_s and reconstructed captions T_e that claim no attribute
+    (an answer that did not parse: a real MLLM's free phrasing, or noise from an untrained stand-in); questions
+    asked and answers kept (an answer claiming nothing is dropped as low relevance)."""
+    vals = list(captions.values())
+    asked = [v.get("asked") for v in vals]
+    kept = sum(len(v["qa"]) for v in vals)
+    none = lambda t: not grammar.claimed_groups(grammar.parse_claims(t))  # noqa: E731
+    return {"images": len(vals), "initial captions unparsed": sum(none(v["initial"]) for v in vals),
+            "reconstructed captions unparsed": sum(none(v["caption"]) for v in vals),
+            "questions asked": sum(asked) if None not in asked else float("nan"), "answers kept": kept,
+            "answers unparsed (dropped)": sum(asked) - kept if None not in asked else float("nan")}
+
+
+def subset_root(dataset: str, root, n: int, out) -> "Path":
+    """``dataset`` at ``root`` cut to the first ``n`` images of each training split (train, and val where it
+    has one), the test split whole, written to ``out`` in the dataset's own format, its images linked:
+    MTG then captions, and the runs train on, ``n`` images per split (a smoke run, or a budget)."""
+    from pathlib import Path
+
+    from ..datasets import read_tpr_annotations, write_tpr_annotations
+    from .diana import link_images
+
+    fmt, out = TPR_FORMATS[dataset], Path(out)
+    if not (out / fmt.annotation).is_file():
+        seen: dict = {}
+        keep = []
+        for e in read_tpr_annotations(dataset, root):
+            seen[e["split"]] = seen.get(e["split"], 0) + 1
+            if e["split"] == "test" or seen[e["split"]] <= n:
+                keep.append(e)
+        out.mkdir(parents=True, exist_ok=True)
+        write_tpr_annotations(dataset, out, keep)
+    link_images(Path(root) / fmt.image_dir, out / fmt.image_dir)
+    return out
 
 
 @dataclass
@@ -279,6 +319,8 @@ class CTGISettings:
     #: Fine-tuning epochs of every run here, the fully supervised reference included (None: notebook 01's
     #: schedule). One repeat trains 10 models; at small, 3 epochs keep a repeat near 10 minutes.
     epochs: int | None = None
+    #: MTG captions (and the runs train on) the first ``n_captions`` images of each training split (None: all).
+    n_captions: int | None = None
 
     def fit_overrides(self) -> dict:
         return {} if self.epochs is None else {"epochs": int(self.epochs)}
@@ -336,9 +378,12 @@ def run_repeat(seed: int, roots: dict, test_sets: dict, vlm: VisionLanguageModel
 
     s = settings
     rows, mti, captions, files = [], {}, {}, {}
+    if s.n_captions is not None:  # the datasets cut to n_captions training images per split, the test split whole
+        roots = {d: subset_root(d, roots[d], s.n_captions, Path(caption_dir) / f"{d}-first{s.n_captions}") for d in s.datasets}
     for d in s.datasets:
         splits = [load_split(d, roots[d], x) for x in ("train", "val") if x in TPR_FORMATS[d].splits]
-        files[d] = Path(caption_dir) / f"{d}-seed{seed}-rounds{s.rounds}.json"
+        cut = "" if s.n_captions is None else f"-first{s.n_captions}"
+        files[d] = Path(caption_dir) / f"{d}-seed{seed}-rounds{s.rounds}{cut}.json"
         captions[d] = mtg_split(splits, vlm, lm, files[d], rounds=s.rounds, seed=seed, progress=progress)
     for method, d, caps, pes in s.runs():
         tag = f"{METHOD_LABEL[method]} on {caps} captions{'' if pes else ', no PES'} ({d})"

@@ -220,26 +220,36 @@ class ChatPedesConfig:
                            for g in self.generators], self.rounds)
 
 
-def _records(root, split: str) -> tuple[list[str], list[list[str]], list[dict]]:
-    """Image paths, their captions and the true person of every image of a CUHK-PEDES-style world split."""
+def _records(root, split: str, limit: int | None = None) -> tuple[list[str], list[list[str]], list[dict | None], list[int]]:
+    """Image paths, their captions, the true person (None outside the mini world: no ``world_meta.json``) and
+    the ChatPedes id (the released CUHK-PEDES person id) of every image of a CUHK-PEDES-style split, or of its
+    first ``limit`` images."""
     s = load_split("cuhk_pedes", root, split)
-    caps: list[list[str]] = [[] for _ in s.image_paths]
+    n = len(s.image_paths) if limit is None else min(limit, len(s.image_paths))
+    caps: list[list[str]] = [[] for _ in range(n)]
     for c, i in zip(s.captions, s.caption_image_ids):
-        caps[i].append(c)
-    meta = read_world_meta(root)
-    by_path = {rec["path"]: meta["people"][str(rec["person"])] for rec in meta["images"]}
-    base = Path(root) / "imgs"
-    people = [by_path[str(Path(p).relative_to(base))] for p in s.image_paths]
-    return s.image_paths, caps, people
+        if i < n:
+            caps[i].append(c)
+    paths = list(s.image_paths[:n])
+    if (Path(root) / "world_meta.json").is_file():
+        meta = read_world_meta(root)
+        by_path = {rec["path"]: meta["people"][str(rec["person"])] for rec in meta["images"]}
+        base = Path(root) / "imgs"
+        people = [by_path[str(Path(p).relative_to(base))] for p in paths]
+        ids = [int(p["pid"]) + 1 for p in people]
+    else:
+        people, ids = [None] * n, [int(p) + 1 for p in s.image_pids[:n]]  # CUHK-PEDES ids as released (the reader subtracts 1)
+    return paths, caps, people, ids
 
 
 def construct_split(root, split: str, vlm, evaluators, config: ChatPedesConfig = ChatPedesConfig(), seed: int = 0,
-                    progress: bool = True) -> list[dict]:
-    """Every image of ``split`` gets one dialogue per generator; each dialogue's rounds are categorised by
-    every evaluator, voted on and given their true category. One record per dialogue."""
+                    progress: bool = True, limit: int | None = None) -> list[dict]:
+    """Every image of ``split`` (or its first ``limit``) gets one dialogue per generator; each dialogue's rounds
+    are categorised by every evaluator, voted on and given their true category (``truth``: None on real data,
+    where no one knows it). One record per dialogue."""
     from ..datasets.torch_data import load_images, native_size
 
-    paths, caps, people = _records(root, split)
+    paths, caps, people, ids = _records(root, split, limit)
     rel = [Path(os.path.relpath(p, Path(root) / "imgs")).as_posix() for p in paths]
     out = []
     starts = range(0, len(paths), config.batch)
@@ -256,8 +266,8 @@ def construct_split(root, split: str, vlm, evaluators, config: ChatPedesConfig =
             for k, d in enumerate(dias):
                 i = s + k
                 cats, keep = vote([lab[k] for lab in labels])
-                out.append({"split": split, "file_path": rel[i], "id": int(people[i]["pid"]) + 1, "generator": gen.name,
-                            "rounds": [list(r) for r in d], "truth": true_categories(people[i], d),
+                out.append({"split": split, "file_path": rel[i], "id": ids[i], "generator": gen.name,
+                            "rounds": [list(r) for r in d], "truth": None if people[i] is None else true_categories(people[i], d),
                             "labels": {ev.role: lab[k] for ev, lab in zip(evaluators, labels)}, "vote": cats, "kept": keep})
     return out
 
@@ -287,25 +297,32 @@ def link_images(target, link) -> None:
 
 
 def build_chatpedes(scale: str = "small", seed: int = 0, vlm=None, llm=None, config: ChatPedesConfig = ChatPedesConfig(),
-                    progress: bool = True) -> Path:
-    """ChatPedes from the world's CUHK-PEDES-style images (train and test), cached by scale, seed, the
-    assistants and ``config``: ``records.json`` (every dialogue, its labels, votes and truth) and two
-    release-format folders, ``raw/`` (every round) and ``clean/`` (the rounds the vote kept), each with
-    ``train_reid.json``, ``test_reid.json`` and ``imgs/`` (a link to the CUHK-PEDES-style images)."""
+                    progress: bool = True, root=None, limit: int | None = None) -> Path:
+    """ChatPedes from the CUHK-PEDES-style images (train and test), cached by scale, seed, the assistants,
+    ``config``, the annotations and ``limit``: ``records.json`` (every dialogue, its labels, votes and truth) and
+    two release-format folders, ``raw/`` (every round) and ``clean/`` (the rounds the vote kept), each with
+    ``train_reid.json``, ``test_reid.json`` and ``imgs/`` (a link to the CUHK-PEDES-style images).
+
+    ``root``: a CUHK-PEDES folder (the user's, at paper; then ``vlm`` must be given, and the rounds have no true
+    category); None: the mini world's. ``limit``: the first ``limit`` images of each split only (None: all)."""
     from .. import assistants as A
     from ..world import world_dataset
 
-    root = world_dataset("cuhk_pedes", scale, seed, progress=progress)
+    if root is None:
+        root = world_dataset("cuhk_pedes", scale, seed, progress=progress)
+    elif vlm is None:
+        raise ValueError("build_chatpedes on a real CUHK-PEDES folder needs vlm, a transformers MLLM (the mini one knows only the mini world)")
     vlm = vlm or A.mini_vlm(scale, seed, progress=progress)
     evaluators = default_evaluators(vlm, llm, seed)
     who = [vlm.name] + [f"{e.role}:{e.name}" for e in evaluators]
     ann = hashlib.sha1((Path(root) / "reid_raw.json").read_bytes()).hexdigest()[:12]
-    folder = cache_dir() / "chatpedes" / f"{scale}-seed{seed}-{config_tag(config.tag(), who, ann, seed)}"
+    extra = [] if limit is None else [f"first{limit}"]
+    folder = cache_dir() / "chatpedes" / f"{scale}-seed{seed}-{config_tag(config.tag(), who, ann, seed, *extra)}"
     if (folder / "records.json").is_file():
         for kind in ("raw", "clean"):
             link_images(Path(root) / "imgs", folder / kind / "imgs")
         return folder
-    records = [r for split in ("train", "test") for r in construct_split(root, split, vlm, evaluators, config, seed, progress)]
+    records = [r for split in ("train", "test") for r in construct_split(root, split, vlm, evaluators, config, seed, progress, limit)]
     for kind, clean in (("raw", False), ("clean", True)):
         d = folder / kind
         d.mkdir(parents=True, exist_ok=True)
@@ -316,6 +333,19 @@ def build_chatpedes(scale: str = "small", seed: int = 0, vlm=None, llm=None, con
     return folder
 
 
+def check_paper_models(scale: str, data_root, weights, vlm, n_dialogues: int | None = None, n_live: int | None = None) -> None:
+    """Notebook 06's checks across parameters, in its first cell: at ``scale="paper"`` DiaNA starts from real CLIP
+    weights (None would train the mini CLIP); on real data (``data_root``) building ChatPedes (``n_dialogues``)
+    and the live simulated user (``n_live``) need the user's MLLM (``vlm``): the mini one knows only the mini world."""
+    if scale == "paper" and weights is None:
+        raise ValueError("parameter 'weights': scale='paper' trains DiaNA from real CLIP weights (e.g. 'ViT-B-16' under PR_WEIGHTS_DIR); "
+                         "None would train the mini CLIP")
+    if data_root is not None and vlm is None:
+        for name, v in (("n_dialogues", n_dialogues), ("n_live", n_live)):
+            if v is not None:
+                raise ValueError(f"parameter {name!r}: on real data (data_root) your MLLM writes and answers the dialogues: set parameter 'vlm'")
+
+
 def read_records(folder) -> list[dict]:
     return json.loads((Path(folder) / "records.json").read_text())
 
@@ -324,7 +354,8 @@ def read_records(folder) -> list[dict]:
 # Table 2 and the evaluators' quality
 def cleaning_table(records: list[dict]) -> pd.DataFrame:
     """The supplement's Table 2: per generator and evaluator, the rounds in each category (count and share of
-    the generator's rounds), the total and the rounds the vote retained."""
+    the generator's rounds), the rounds whose answer did not parse (the evaluator abstained), the total and the
+    rounds the vote retained."""
     rows = []
     gens = sorted({r["generator"] for r in records})
     roles = list(records[0]["labels"]) if records else []
@@ -338,6 +369,7 @@ def cleaning_table(records: list[dict]) -> pd.DataFrame:
             for cat in CATEGORIES:
                 row[cat] = c[cat]
                 row[f"{cat} %"] = 100.0 * c[cat] / total if total else float("nan")
+            row["unparsed"] = c["(unparsed)"]
             row.update({"total": total, "retained": kept, "retained %": 100.0 * kept / total if total else float("nan")})
             rows.append(row)
     return pd.DataFrame(rows)
@@ -346,7 +378,9 @@ def cleaning_table(records: list[dict]) -> pd.DataFrame:
 def evaluator_quality(records: list[dict]) -> pd.DataFrame:
     """Each evaluator's (and the vote's) precision and recall per category against the rounds' true
     categories, and the vote's cleaning: of the rounds kept, the share truly matched (precision of
-    "kept"), and of the truly matched rounds, the share kept."""
+    "kept"), and of the truly matched rounds, the share kept. Needs the true categories (the mini world's)."""
+    if any(r["truth"] is None for r in records):
+        raise ValueError("evaluator_quality needs each round's true category, which only the mini world knows")
     truth = [t for r in records for t in r["truth"]]
     judges = {role: [x for r in records for x in (r["labels"][role] or [None] * len(r["rounds"]))] for role in records[0]["labels"]}
     judges["vote"] = [x for r in records for x in r["vote"]]
@@ -913,12 +947,16 @@ def chat_demo(model, entries: list[dict], image_root, tokenize, size, vlm=None, 
                              refine=refine)
 
 
-def tpr_as_chatpedes(dataset: str, root, out, seed: int = 0) -> Path:
+def tpr_as_chatpedes(dataset: str, root, out=None, seed: int = 0) -> Path:
     """A TPR dataset written as ChatPedes (release format) with one-round dialogues: an instruction of the
     supplement's Fig. 1c, answered by the caption (how DiaNA reads single-shot texts). ``train_reid.json``
-    from the train split, ``test_reid.json`` from test; ``imgs`` links to the dataset's image folder."""
+    from the train split, ``test_reid.json`` from test; ``imgs`` links to the dataset's image folder. ``out``:
+    the folder (None: in the cache, named by the dataset folder's path and ``seed``)."""
     from ..datasets import TPR_FORMATS
 
+    if out is None:
+        where = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:12]
+        out = cache_dir() / "chatpedes" / f"{dataset}-as-dialogues-{where}-seed{seed}"
     out = Path(out)
     img_dir = Path(root).resolve() / TPR_FORMATS[dataset].image_dir
     if (out / "test_reid.json").is_file():

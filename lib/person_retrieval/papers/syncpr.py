@@ -121,10 +121,26 @@ def quadruple_hints(indices: Sequence[int], seed: int = 0) -> list[str]:
     return out
 
 
-def make_quadruples(lm: LanguageModel, indices: Sequence[int], seed: int = 0) -> list[Quadruple | None]:
-    """Ask ``lm`` for one quadruple per index (None where its answer does not parse)."""
+def make_quadruples(lm: LanguageModel, indices: Sequence[int], seed: int = 0, answers: bool = False):
+    """Ask ``lm`` for one quadruple per index (None where its answer does not parse); with ``answers``,
+    ``(quadruples, the LLM's answers)``."""
     asks = [prompts.SYNCPR_QUADRUPLE.format(hint=h) for h in quadruple_hints(indices, seed)]
-    return [parse_quadruple(t) for t in lm.generate(asks, max_new_tokens=160)]
+    texts = list(lm.generate(asks, max_new_tokens=160))
+    quads = [parse_quadruple(t) for t in texts]
+    return (quads, texts) if answers else quads
+
+
+def parse_summary(quads: Sequence[Quadruple | None], answers: Sequence[str] | None = None, width: int = 200) -> str:
+    """"k of N quadruples parsed", and when some did not, what the LLM wrote for the first of them (an answer
+    needs the four lines Reference:, Target:, Forward:, Reverse:)."""
+    n, k = len(quads), sum(q is not None for q in quads)
+    msg = f"{k} of {n} quadruples parsed"
+    bad = [i for i, q in enumerate(quads) if q is None]
+    if bad and answers is not None:
+        said = " ".join(str(answers[bad[0]]).split())
+        msg += (f"; an answer needs the four lines 'Reference:', 'Target:', 'Forward:', 'Reverse:'. For quadruple {bad[0]} the LLM "
+                f"wrote: {said[:width]!r}" + ("..." if len(said) > width else ""))
+    return msg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +154,12 @@ def draw_betas(n: int, beta_range: Sequence[float], rng: np.random.Generator) ->
 
 def dual_pairs(gen, left: Sequence[str], right: Sequence[str], betas: Sequence[float], seed: int = 0):
     """``(references, targets)``, uint8 ``[N, 3, H, W]`` each: the left and right halves of one two-panel
-    canvas per pair, prompted with the reference and the target text."""
+    canvas per pair, prompted with the reference and the target text. No pairs: two empty tensors."""
+    if len(left) != len(right) or len(left) != len(betas):
+        raise ValueError(f"dual_pairs: {len(left)} reference texts, {len(right)} target texts and {len(betas)} betas")
+    if not len(left):
+        empty = torch.zeros(0, 3, *gen.image_size, dtype=torch.uint8)
+        return empty, empty.clone()
     return gen.dual(list(left), list(right), seed=seed, beta=list(betas))
 
 
@@ -334,12 +355,16 @@ def mini_models(scale: str, seed: int = 0, gpus: int = 0, progress: bool = True)
     return MiniLM(seed), gen, vlm, ("mini-lm", f"mini-generator:{Path(report['dir']).name}", f"mini-vlm:{scale}-seed{seed}")
 
 
-def load_models(scale: str, seed: int = 0, gpus: int = 0, weights=None, llm=None, vlm=None, rank: int = 32,
-                dataset: str = "cuhk_pedes", progress: bool = True, adapters: Sequence[str] = ("dual",)):
+def load_models(scale: str, seed: int = 0, gpus: int = 0, weights=None, llm=None, vlm=None, rank: int | None = None,
+                dataset: str = "cuhk_pedes", progress: bool = True, adapters: Sequence[str] = ("dual",), data_root=None,
+                log=print):
     """``(lm, gen, vlm, names)`` for a synthesis: each the mini one unless named. ``weights``: FLUX.1-dev
-    (a name or a diffusers folder) with the LoRA ``adapters`` notebook 02 trained on ``dataset`` (SynCPR: the
-    dual panel; TIPS: ``("spg", "idpg")``; their files are looked for where notebook 02 saves them, a missing
-    one says so); ``llm`` / ``vlm``: transformers models (names or folders). Nothing is downloaded."""
+    (a name or a diffusers folder) with the LoRA ``adapters`` notebook 02_generators trained on ``dataset``
+    (SynCPR: the dual panel; TIPS: ``("spg", "idpg")``), found where it saves them whatever their rank
+    (``rank`` None; the rank is read from the files); when they are missing and ``data_root`` holds the
+    dataset, they are trained now by the call 02_generators makes (:func:`~person_retrieval.generators.flux.flux_loras`,
+    TIPS's 20,000 steps capped by ``max_steps``), saying so; ``llm`` / ``vlm``: transformers models (names or
+    folders). Nothing is downloaded."""
     mini = mini_models(scale if scale != "paper" else "small", seed, gpus, progress) if None in (weights, llm, vlm) else (None,) * 4
     dev = "cuda" if gpus else "cpu"
     names = list(mini[3] or ("", "", ""))
@@ -353,18 +378,18 @@ def load_models(scale: str, seed: int = 0, gpus: int = 0, weights=None, llm=None
 
         vlm_, names[2] = TransformersVLM.load(vlm, device=dev, seed=seed), f"vlm:{vlm}"
     if weights is not None:
+        from ..datasets.formats import REAL_FOLDERS
         from ..generators import flux
-        from ..generators.lora import load_lora
 
-        folder = cache_dir() / "models" / f"flux-{dataset}-seed{seed}-r{rank}"
-        for a in adapters:
-            if not (folder / f"{a}.safetensors").is_file():
-                raise FileNotFoundError(f"{folder / f'{a}.safetensors'}: no {a} LoRA for FLUX.1-dev; run notebook 02_generators with "
-                                        f"weights={weights!r} (it trains and saves it there), or put a LoRA file there")
+        if flux.find_lora_folder(dataset, seed, adapters, rank=rank) is None and data_root is None:
+            where = flux.lora_folder(dataset, seed, rank or flux.TIPS_DEFAULTS["rank"])
+            raise FileNotFoundError(f"{where}: no {', '.join(adapters)} LoRA for FLUX.1-dev; run notebook 02_generators with "
+                                    f"weights={weights!r} (it trains and saves them there), or pass data_root to train them here")
         pipe = flux.load_flux(weights, device=dev if gpus else None)
-        for a in adapters:
-            load_lora(pipe.transformer, folder / f"{a}.safetensors", a)
-        gen, names[1] = flux.flux_generator(pipe), f"flux:{weights}:{folder.name}"
+        gen = flux.flux_generator(pipe)
+        root = Path(data_root) / REAL_FOLDERS[dataset] if data_root is not None else None
+        folder, _ = flux.flux_loras(pipe, gen, dataset, root, seed, adapters, rank=rank, progress=progress, log=log)
+        names[1] = f"flux:{weights}:{folder.name}"
     return lm_, gen, vlm_, tuple(names)
 
 
@@ -394,6 +419,27 @@ def syncpr_dataset(scale: str = "small", seed: int = 0, gpus: int = 0, n_quadrup
                                                  "triplets_per_s": round(n / max(seconds, 1e-9), 2)})
     manifest = assemble(root, keep_mean)
     return root, manifest
+
+
+def paper_config(n_quadruples: int | None, beta_range: Sequence[float], seed: int, models: Sequence[str], scale: str = "paper") -> SynthesisConfig:
+    """A synthesis with the user's models: ``n_quadruples`` (None: by scale; at paper SynCPR's 140.5 K),
+    SynCPR's 4 pairs per quadruple at paper, shards of 256 (or fewer when the run is smaller)."""
+    n_q = int(n_quadruples or SCALE_QUADRUPLES.get(scale, REPORTED["quadruples"]))
+    return SynthesisConfig(n_quadruples=n_q, panels=SCALE_PANELS.get(scale, 4), beta_range=tuple(float(b) for b in beta_range),
+                           shard_size=min(n_q, SCALE_SHARD.get(scale, 256)), seed=seed, models=tuple(models))
+
+
+def synthesis_summary(manifest: dict) -> str:
+    """"k of N quadruples parsed; T candidate triplets, K kept (p%)" from an assembled folder's manifest."""
+    n = sum(s["quadruples"] for s in manifest["shards"])
+    k = sum(s["parsed"] for s in manifest["shards"])
+    t, kept_ = manifest["triplets"], manifest["kept"]
+    msg = f"{k} of {n} quadruples parsed; {t} candidate triplets, {kept_} kept ({100 * kept_ / max(1, t):.1f}%)"
+    if not k:
+        msg += " (the language model's answers did not parse: nothing was drawn; see the quadruples' cell)"
+    elif not kept_:
+        msg += " (the filter kept none)"
+    return msg
 
 
 def synthesis_folder(scale: str, cfg: SynthesisConfig) -> Path:

@@ -444,12 +444,19 @@ def domain(scale: str, seed: int, dataset: str, data_root, scenario: str, gen=No
     """What the prompts and the sizes draw from: ``(examples, sizes, camera profile)``. Zero-shot examples
     are SPG's training captions (its few-shot target set); few-shot ones the few-shot split's captions (at
     ``few_shot_root``). Sizes: the target set's capture sizes. The profile: the world's camera of the
-    dataset's style (the oracle's; a real folder gets the world's CUHK-PEDES camera)."""
+    dataset's style (the oracle's; a real folder gets the world's CUHK-PEDES camera). At ``scale="paper"`` the
+    target set is the FLUX.1-dev LoRAs' few-shot set (:func:`~person_retrieval.generators.flux.few_shot_target`)."""
     from ..generators.mini import mini_config, target_set
     from ..world import PROFILES, dataset_root
 
     root = dataset_root(dataset, data_root, scale, seed)
-    ts = target_set(dataset, root, mini_config(scale), seed)
+    if scale == "paper":
+        from ..generators.flux import TIPS_DEFAULTS, few_shot_target
+
+        size = gen.image_size if gen is not None else (TIPS_DEFAULTS["height"], TIPS_DEFAULTS["width"])
+        ts = few_shot_target(dataset, root, size, seed)
+    else:
+        ts = target_set(dataset, root, mini_config(scale), seed)
     if scenario == "zero_shot":
         examples = sorted({c for caps in ts.captions for c in caps if c})
     else:
@@ -468,7 +475,7 @@ def tips_dataset(scale: str = "small", seed: int = 0, gpus: int = 0, dataset: st
     image each, so every source offers the same number of images. ``models``: ``(lm, gen, vlm, names)``
     to use instead of the mini ones (then ``gpus`` > 1 is not used). Returns ``(folder, manifest)``; the
     folder is a CUHK-PEDES folder (``load_split("cuhk_pedes", folder, "train")``)."""
-    n = int(n_prompts or SCALE_PROMPTS[scale])
+    n = int(n_prompts or SCALE_PROMPTS.get(scale, 40_000))  # the paper: 40k identities per scenario
     exp = int(cfg_kw.pop("expansions", 4))
     if source in ("spg", "base"):
         n, exp = n * (1 + exp), 0
@@ -476,7 +483,8 @@ def tips_dataset(scale: str = "small", seed: int = 0, gpus: int = 0, dataset: st
     examples, sizes, profile = domain(scale, seed, dataset, data_root, scenario, gen, few_shot_root)
     ex_key = hashlib.sha1("\n".join(examples).encode()).hexdigest()[:12]
     cfg = TIPSConfig(n_prompts=n, scenario=scenario, source=source, expansions=exp, seed=seed, models=tuple(names), examples=ex_key,
-                     shard_size=cfg_kw.pop("shard_size", SCALE_SHARD[scale]), val_every=cfg_kw.pop("val_every", SCALE_VAL_EVERY[scale]),
+                     shard_size=cfg_kw.pop("shard_size", min(n, SCALE_SHARD.get(scale, 256))),
+                     val_every=cfg_kw.pop("val_every", SCALE_VAL_EVERY.get(scale, 20)),
                      **cfg_kw)
     key = hashlib.blake2b(json.dumps([scale, dataset, str(data_root), cfg.as_json(), TIPS_VERSION], sort_keys=True).encode(),
                           digest_size=4).hexdigest()
@@ -568,16 +576,16 @@ def web_corpus(scale: str, seed: int, n_pairs: int, height: int = 64) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Training: pretrain on a synthetic set, then fine-tune (the few-shot protocol)
-def pretrain(method: str, root, scale: str, seed: int, gpus: int = 0, init=None, progress: bool = False):
+def pretrain(method: str, root, scale: str, seed: int, gpus: int = 0, init=None, progress: bool = False, weights=None):
     """Phase 1: train ``method`` on a CUHK-PEDES-format set (synthetic or web) with the baselines' schedule,
-    selected on that set's own val split. Returns ``(run, backbone weights file)``: the file holds the
+    selected on that set's own val split, from ``init`` (a mini CLIP file) or real CLIP ``weights``. Returns ``(run, backbone weights file)``: the file holds the
     trained backbone alone (the identity classifier is left behind, as TIPS does for IRRA in phase 2)."""
     from safetensors.torch import save_model
 
     from . import tpr
 
-    run = tpr.fit_baseline(method, "cuhk_pedes", root, scale=scale, seed=seed, gpus=gpus, init=init, progress=progress,
-                           **_small_set_batch("cuhk_pedes", root, scale, gpus))
+    run = tpr.fit_baseline(method, "cuhk_pedes", root, scale=scale, seed=seed, gpus=gpus, init=init, weights=weights, progress=progress,
+                           **_small_set_batch("cuhk_pedes", root, "paper" if weights else scale, gpus))
     path = Path(run.out_dir) / "backbone.safetensors"
     if not path.is_file():
         tmp = path.with_name(path.name + ".tmp")
@@ -587,15 +595,16 @@ def pretrain(method: str, root, scale: str, seed: int, gpus: int = 0, init=None,
 
 
 def fine_tune(method: str, dataset: str, root, scale: str, seed: int, gpus: int = 0, init=None, pretrained: bool = False,
-              progress: bool = False):
-    """Phase 2 (or the only phase): ``method`` on ``dataset`` at ``root`` from ``init``. After pretraining
-    (``pretrained=True``), epochs and learning rate are halved (TIPS Sec. 4.1)."""
+              progress: bool = False, weights=None):
+    """Phase 2 (or the only phase): ``method`` on ``dataset`` at ``root`` from ``init`` (a weights file: the
+    mini CLIP's, or a phase-1 backbone) on the real CLIP ``weights``' architecture when given. After
+    pretraining (``pretrained=True``), epochs and learning rate are halved (TIPS Sec. 4.1)."""
     from . import tpr
 
-    base = tpr.BASELINE_CONFIG[scale]
+    base = tpr.BASELINE_CONFIG["paper" if weights else scale]
     over = dict(epochs=max(1, base["epochs"] // 2), lr=base["lr"] / 2) if pretrained else {}
-    return tpr.fit_baseline(method, dataset, root, scale=scale, seed=seed, gpus=gpus, init=init, progress=progress, **over,
-                            **_small_set_batch(dataset, root, scale, gpus))
+    return tpr.fit_baseline(method, dataset, root, scale=scale, seed=seed, gpus=gpus, init=init, weights=weights, progress=progress, **over,
+                            **_small_set_batch(dataset, root, "paper" if weights else scale, gpus))
 
 
 def _small_set_batch(dataset: str, root, scale: str, gpus: int) -> dict:
@@ -606,6 +615,8 @@ def _small_set_batch(dataset: str, root, scale: str, gpus: int) -> dict:
 
     split = load_split(dataset, root, "train", check_images=False)
     n = len(split.captions)
+    if not n:
+        return {}
     if dataset == "icfg_pedes":  # 10% of its identities are held out for validation
         n = int(n * 0.9)
     want = tpr.BASELINE_CONFIG[scale]["batch_size"]
@@ -618,6 +629,18 @@ def _small_set_batch(dataset: str, root, scale: str, gpus: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Test-time augmentation
+def query_subset(data, n: int | None):
+    """``data`` (a :class:`~person_retrieval.datasets.torch_data.RetrievalData`) with ``n`` of its queries,
+    evenly spaced, and the whole gallery (None: all of them): TTA's previews for a smoke run."""
+    from dataclasses import replace
+
+    if n is None or n >= len(data.captions):
+        return data
+    idx = torch.from_numpy(np.unique(np.linspace(0, len(data.captions) - 1, int(n)).round().astype(np.int64)))
+    return replace(data, tokens=data.tokens[idx], caption_pids=data.caption_pids[idx], caption_image_ids=data.caption_image_ids[idx],
+                   captions=[data.captions[int(i)] for i in idx])
+
+
 def preview_sizes(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """The size condition of the previews: the target's most common capture size."""
     vals, counts = np.unique(np.asarray(sizes), axis=0, return_counts=True)
