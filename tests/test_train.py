@@ -67,6 +67,22 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     assert full.best["epoch"] in (0, 1, 2)
 
 
+def test_a_finished_run_keeps_weights_only_and_reloads_from_its_cache(tmp_path):
+    """The optimizer state (twice the model under AdamW) is kept only while a run can still resume: a paused run
+    keeps it, a finished one drops it, and when its last epoch is also its best, last and best are one file."""
+    paused = fit(TINY, cfg(out_dir=str(tmp_path), stop_after_epochs=1))
+    ck = tmp_path / "checkpoints"
+    assert len(paused.history) == 1 and (ck / "last_optim.pt").is_file()
+    done = fit(TINY, cfg(out_dir=str(tmp_path)))
+    assert not (ck / "last_optim.pt").exists() and json.loads((ck / "last_state.json").read_text())["final"] is True
+    if done.best["epoch"] == done.history[-1]["epoch"]:
+        assert (ck / "last.safetensors").stat().st_ino == (ck / "best.safetensors").stat().st_ino
+    again = fit(TINY, cfg(out_dir=str(tmp_path)))  # the cached run: loads, trains nothing
+    assert again.history == done.history and again.best == done.best
+    a, b = dict(done.model.named_parameters()), dict(again.model.named_parameters())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_model_selection_uses_the_best_validation_epoch(tmp_path):
     res = fit(TINY, cfg(out_dir=str(tmp_path)))
     best = max(res.history, key=lambda h: h["val_R1"])
@@ -291,15 +307,18 @@ def test_cache_keys_name_cached_files_relative_to_the_cache(tmp_path, monkeypatc
 def test_a_finished_run_loads_under_another_process_count(tmp_path):
     """A run cached by one process is only loaded when another process count asks for it (notebook 04 asks
     with gpus=2 for notebook 01's run); an unfinished one refuses to resume inexactly, saying how."""
-    fit(TINY, cfg(out_dir=str(tmp_path), epochs=1))
+    fit(TINY, cfg(out_dir=str(tmp_path / "done"), epochs=1))
+    fit(TINY, cfg(out_dir=str(tmp_path / "paused"), epochs=3, stop_after_epochs=1))
     task = TINY.build()
     model = task.build()
     c = cfg(epochs=1)
     opt = train.build_optimizer(model, c)
     sched = train.cosine_schedule(opt, 10, 1, 0.0)
-    assert train._load_checkpoint(tmp_path, model, opt, sched, rank=1, epochs=1)["epoch"] == 0
+    assert train._load_checkpoint(tmp_path / "done", model, opt, sched, rank=1, epochs=1)["epoch"] == 0
     with pytest.raises(ValueError, match="checkpointed by 1 process"):
-        train._load_checkpoint(tmp_path, model, opt, sched, rank=1, epochs=3)
+        train._load_checkpoint(tmp_path / "paused", model, opt, sched, rank=1, epochs=3)
+    with pytest.raises(ValueError, match="finished after epoch 1 and kept only its weights, so it cannot go on to 3 epochs"):
+        train._load_checkpoint(tmp_path / "done", model, opt, sched, rank=0, epochs=3)
 
 
 def test_two_processes_train_what_one_process_trains(tmp_path):

@@ -25,7 +25,7 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
 def library_files() -> list[Path]:
     lib = ROOT / "lib" / "person_retrieval"
     files = [p for p in lib.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"]
-    return sorted(files + [ROOT / "pyproject.toml"])
+    return sorted(files + [f for f in (ROOT / "pyproject.toml", ROOT / "constraints.txt") if f.is_file()])
 
 
 def inputs_hash(nb: Path, parameters: dict) -> str:
@@ -79,6 +79,43 @@ def run(nb: Path, out_dir: Path, parameters: dict, label: str = "", force: bool 
     seconds = time.time() - t
     stamp.write_text(json.dumps({"inputs": digest, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
     return Outcome(nb.stem, "ran", seconds, round(seconds, 1), out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance: which inputs produced the committed tables. make tables records, per notebook, the hash of
+# its inputs and when it ran (tables/provenance.json at small, tables/<scale>/provenance.json otherwise);
+# --check recomputes the hashes and names the notebooks whose tables the code no longer matches.
+def provenance_file(scale: str, root: Path = ROOT) -> Path:
+    return root / "tables" / ("" if scale == "small" else scale) / "provenance.json"
+
+
+def read_provenance(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_provenance(path: Path, notebook: str, inputs: str, seconds: float, parameters: dict) -> None:
+    """Note that ``notebook``'s tables under ``path``'s folder were written from ``inputs`` (atomically)."""
+    data = read_provenance(path)
+    data[notebook] = {"inputs": inputs, "parameters": parameters, "seconds": round(seconds, 1),
+                      "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(dict(sorted(data.items())), indent=1) + "\n")
+    tmp.replace(path)
+
+
+def stale(nbs: list[Path], parameters: dict, path: Path) -> list[tuple[str, str]]:
+    """``(notebook, why)`` for each notebook whose recorded tables were not made from today's inputs."""
+    data, out = read_provenance(path), []
+    for nb in nbs:
+        rec = data.get(nb.stem)
+        if rec is None:
+            out.append((nb.stem, "no make tables run recorded"))
+        elif rec.get("parameters", parameters) != parameters:
+            out.append((nb.stem, f"recorded with other parameters {rec['parameters']}"))
+        elif rec["inputs"] != inputs_hash(nb, parameters):
+            out.append((nb.stem, f"its source, the library or the pins changed since its run of {rec['finished']}"))
+    return out
 
 
 def fmt_seconds(s: float | None) -> str:

@@ -1,12 +1,16 @@
 """Regenerate every table and figure: run each notebook through papermill (what `make tables` runs).
 
-    python tools/run_notebooks.py --scale small --seed 0 [--only 00 07] [--force] [--log-output]
+    python tools/run_notebooks.py --scale small --seed 0 [--only 00 07] [--force] [--log-output] [--check]
 
 Each notebook shows "[N/M] name", a progress bar of its cells and the elapsed time. A notebook whose inputs
 (its source, the library, the parameters) are those of its last successful run is skipped as up to date,
 unless --force. At the end: seconds per notebook and the total, also written to tables/timing/make_tables.md
 (at scale small; tables/<scale>/timing/ otherwise). A failed notebook names its cell and keeps its executed
 copy under .cache/executed/<scale>/; the committed notebooks stay output-free.
+
+Each successful run records the hash of its inputs and the date in tables/provenance.json (committed with
+the tables); --check runs nothing and lists the notebooks whose tables today's code would not reproduce
+(exit status 1 when there is one).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nbrun import ROOT, fmt_seconds, notebooks, run  # noqa: E402
+from nbrun import ROOT, fmt_seconds, inputs_hash, notebooks, provenance_file, read_provenance, record_provenance, run, stale  # noqa: E402
 
 
 def write_summary(outcomes, scale: str, seed: int) -> Path:
@@ -43,6 +47,7 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", help="notebook number prefixes to run, e.g. 00 07")
     ap.add_argument("--force", action="store_true", help="run even the notebooks that are up to date")
     ap.add_argument("--log-output", action="store_true", help="stream each cell's output (training progress) to the log")
+    ap.add_argument("--check", action="store_true", help="run nothing: list the notebooks whose recorded tables the code no longer matches")
     args = ap.parse_args()
 
     nbs = notebooks(args.only)
@@ -51,6 +56,13 @@ def main() -> int:
         return 2
     out_dir = ROOT / ".cache" / "executed" / args.scale
     params = {"scale": args.scale, "seed": args.seed}
+    prov = provenance_file(args.scale)
+    if args.check:
+        old = stale(nbs, params, prov)
+        for name, why in old:
+            print(f"{name}: out of date ({why})")
+        print(f"{len(nbs) - len(old)} of {len(nbs)} notebooks' tables match the code ({prov.relative_to(ROOT)})")
+        return 1 if old else 0
     t0, outcomes = time.time(), []
     for i, nb in enumerate(nbs, 1):
         label = f"[{i}/{len(nbs)}] {nb.stem}"
@@ -59,11 +71,15 @@ def main() -> int:
         o = run(nb, out_dir, params, label=label, force=args.force, log_output=args.log_output)
         outcomes.append(o)
         if o.status == "up to date":
+            digest = inputs_hash(nb, params)
+            if read_provenance(prov).get(nb.stem, {}).get("inputs") != digest:  # its tables are today's: say so
+                record_provenance(prov, nb.stem, digest, o.last_seconds or 0.0, params)
             print(f"   up to date (inputs unchanged since its last run, {fmt_seconds(o.last_seconds)}); --force reruns it", flush=True)
         elif o.status == "failed":
             print(f"!! {nb.name} failed in {o.error}\n   executed copy: {o.executed}", file=sys.stderr, flush=True)
             break
         else:
+            record_provenance(prov, nb.stem, inputs_hash(nb, params), o.seconds, params)
             print(f"   done in {fmt_seconds(o.seconds)} -> {o.executed.relative_to(ROOT)}", flush=True)
     print("\n| notebook | this run | last successful run |\n|---|---|---|")
     for o in outcomes:

@@ -254,7 +254,7 @@ def check_weights(value, name: str = "weights"):
 
 def flux_weights(name, value):
     """A rule: ``None`` (the mini generator) or a FLUX.1-dev folder in diffusers' layout, found on disk now."""
-    from .generators.flux import resolve_flux
+    from .generators.weights import resolve_flux
 
     return _on_disk(name, value, "the mini generator", "a FLUX.1-dev name or folder", resolve_flux)
 
@@ -354,7 +354,7 @@ def check(values: dict, needs: Iterable[str] | str = (), **rules: Rule) -> dict:
     if out.get("scale") == "paper" and "data_root" in out and out["data_root"] is None:
         raise ParameterError("scale='paper' needs real data: set parameter 'data_root' to the dataset folder")
     if {"epochs", "max_steps", "batch_size"} & set(out):  # one way to shrink every training run of the notebook
-        from .train import set_limits
+        from .limits import set_limits
 
         set_limits(out.get("epochs"), out.get("max_steps"), out.get("batch_size"))
     return {n: out[n] for n in values}

@@ -45,6 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .limits import _LIMITS, limit_tag, limits, set_limits  # noqa: F401  (train.set_limits stays public)
+
 __all__ = ["TaskSpec", "TrainConfig", "FitResult", "fit", "resolve_devices", "build_optimizer", "cosine_schedule"]
 
 
@@ -84,34 +86,8 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (a smoke run); None: the whole schedule
 
 
-# ---------------------------------------------------------------------------------------------
-# One way to shrink any run, the same in every notebook: the notebook's ``epochs`` and ``max_steps``
-# parameters (params.check sets them) apply to every training run of the process, LoRA training included.
-_LIMITS: dict = {"epochs": None, "max_steps": None, "batch_size": None}
-
-
-def set_limits(epochs: int | None = None, max_steps: int | None = None, batch_size: int | None = None) -> None:
-    """Every later training run in this process trains ``epochs`` epochs (None: its own schedule), stops
-    after ``max_steps`` optimizer steps (None: no cap) and, with ``batch_size``, takes global batches of
-    that size (None: its own; a smoke run of a real-size model on a laptop needs a small one)."""
-    for k, v in (("epochs", epochs), ("max_steps", max_steps), ("batch_size", batch_size)):
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            raise ValueError(f"{k} must be a positive integer or None, got {v!r}")
-    _LIMITS.update(epochs=epochs, max_steps=max_steps, batch_size=batch_size)
-
-
-def limits() -> dict:
-    """The limits :func:`set_limits` set: ``{"epochs": ..., "max_steps": ...}``."""
-    return dict(_LIMITS)
-
-
-def limit_tag() -> str:
-    """A suffix for a cached run's folder when limits are set ("" when not), so a shortened run never
-    stands in for, or resumes into, a full one."""
-    e, m, b = _LIMITS["epochs"], _LIMITS["max_steps"], _LIMITS["batch_size"]
-    return "".join(f"-{k}{v}" for k, v in (("ep", e), ("steps", m), ("bs", b)) if v is not None)
-
-
+# One way to shrink any run, the same in every notebook: the limits live in :mod:`.limits` (a leaf module, so
+# params and the generators set and read them without importing the trainer); fit applies them here.
 def apply_limits(cfg: "TrainConfig") -> "TrainConfig":
     """``cfg`` under the process's limits, its ``out_dir`` suffixed by :func:`limit_tag`."""
     e, m, b = _LIMITS["epochs"], _LIMITS["max_steps"], _LIMITS["batch_size"]
@@ -246,18 +222,30 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
-def _save_checkpoint(out: Path, model: nn.Module, opt, sched, state: dict, best: bool, rng_states: list) -> None:
+def _save_checkpoint(out: Path, model: nn.Module, opt, sched, state: dict, best: bool, rng_states: list, final: bool = False) -> None:
+    """The epoch's checkpoint. After the run's last epoch (``final``) only weights stay: the optimizer state
+    (twice the model for AdamW) is what resuming needs, and a finished run only loads; when that epoch is also
+    the best, ``last`` and ``best`` are one file (a hard link). A ViT-B/16 run keeps 0.6 GB, not 2.4."""
     from safetensors.torch import save_model
 
     ck = out / "checkpoints"
     ck.mkdir(parents=True, exist_ok=True)
     _write_atomic(ck / "last.safetensors", lambda p: save_model(model, str(p)))
-    _write_atomic(ck / "last_optim.pt", lambda p: torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                                             "torch_rng": rng_states}, p))
+    if not final:
+        _write_atomic(ck / "last_optim.pt", lambda p: torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                                                 "torch_rng": rng_states}, p))
     if best:
-        _write_atomic(ck / "best.safetensors", lambda p: save_model(model, str(p)))
-    # The JSON goes last: it is what marks the epoch as complete.
-    _write_atomic(ck / "last_state.json", lambda p: p.write_text(json.dumps(state)))
+        def link_or_save(p: Path) -> None:
+            try:
+                os.link(ck / "last.safetensors", p)
+            except OSError:  # a file system without hard links
+                save_model(model, str(p))
+
+        _write_atomic(ck / "best.safetensors", link_or_save if final else (lambda p: save_model(model, str(p))))
+    # The JSON goes last: it is what marks the epoch as complete (and, with "final", the run as finished).
+    _write_atomic(ck / "last_state.json", lambda p: p.write_text(json.dumps({**state, "final": bool(final)})))
+    if final:
+        (ck / "last_optim.pt").unlink(missing_ok=True)
 
 
 def _load_checkpoint(out: Path, model: nn.Module, opt, sched, rank: int = 0, epochs: int | None = None) -> dict | None:
@@ -268,6 +256,12 @@ def _load_checkpoint(out: Path, model: nn.Module, opt, sched, rank: int = 0, epo
         return None
     state = json.loads((ck / "last_state.json").read_text())
     load_model(model, str(ck / "last.safetensors"))
+    if state.get("final") and not (ck / "last_optim.pt").is_file():  # a finished run keeps weights only: nothing to resume
+        if epochs is not None and state["epoch"] + 1 < epochs:
+            raise ValueError(f"{out}: this run finished after epoch {state['epoch'] + 1} and kept only its weights, so it cannot "
+                             f"go on to {epochs} epochs; give the longer run its own out_dir, or delete this folder to start again")
+        random.setstate((state["py_rng"][0], tuple(state["py_rng"][1]), state["py_rng"][2]))
+        return state
     extra = torch.load(ck / "last_optim.pt", weights_only=True)
     opt.load_state_dict(extra["optimizer"])
     sched.load_state_dict(extra["scheduler"])
@@ -382,8 +376,10 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
     log_path = out / "metrics.jsonl" if out is not None and rank == 0 else None
     end_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
     t_start = time.time()
+    run_end = cfg.epochs  # the run's last epoch (a pause by stop_after_epochs is not its end)
     if cfg.max_steps is not None:  # the epochs the cap reaches into
-        end_epoch = min(end_epoch, math.ceil(cfg.max_steps * cfg.grad_accum / steps_per_epoch))
+        run_end = min(run_end, math.ceil(cfg.max_steps * cfg.grad_accum / steps_per_epoch))
+        end_epoch = min(end_epoch, run_end)
     for epoch in range(start_epoch, end_epoch):
         model.train()
         order = epoch_order(len(data), cfg.seed, epoch, getattr(data, "lengths", None), global_bs)
@@ -443,7 +439,7 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
                 pyr = random.getstate()
                 state = {"epoch": epoch, "history": history, "best": best, "config": asdict(cfg),
                          "py_rng": [pyr[0], list(pyr[1]), pyr[2]]}
-                _save_checkpoint(out, model, opt, sched, state, improved, rng_states)
+                _save_checkpoint(out, model, opt, sched, state, improved, rng_states, final=epoch + 1 == run_end)
             if cfg.progress:
                 shown = ", ".join(f"{k}={v:.2f}" for k, v in val.items())
                 print(f"epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f}, {rec['pairs_per_s']:.0f} pairs/s, val {shown}", flush=True)

@@ -200,7 +200,7 @@ else:
     target = target_set("cuhk_pedes", roots.get("cuhk_pedes") or dataset_root("cuhk_pedes", None, scale, seed), mini_config(scale), seed)
     sizes = {"no size condition": None, **{f"{w}x{h}": (w, h) for w, h in sorted(set(target.sizes), reverse=True)}}
     gen_demo = GenerationDemo(lambda prompts, size, beta, s: gen.spg(prompts, size, seed=s, beta=beta), sizes,
-                              prompt=test_sets[datasets[0]].captions[0], n=8, seed=seed)
+                              prompt=test_sets[datasets[0]].captions[0], n=8, seed=seed, scale=scale)
     images = gen_demo.run()
     print(f"{len(images)} samples of {tuple(images.shape[-2:])} pixels")
     display(gen_demo.snapshot())  # what the first interaction shows, kept in the executed copy

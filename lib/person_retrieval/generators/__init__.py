@@ -6,6 +6,7 @@
 * :mod:`.autoencoder`: the mini generator's latent space (a small autoencoder trained here);
 * :mod:`.mini`: the mini generator trained here on the world, cached by scale and seed;
 * :mod:`.flux`: FLUX.1-dev through diffusers' ``FluxPipeline``, TIPS's settings as defaults;
+* :mod:`.weights`: where the FLUX.1-dev folder is (``resolve_flux``), for parameter checks;
 * :mod:`.quality`: high-frequency energy, identity agreement, Frechet distance on mini-CLIP features.
 """
 from .flow import Condition, PackedLatentCodec, PixelCodec, VaeCodec, dual_condition, euler_sample, flow_matching_loss, spg_condition

@@ -23,6 +23,7 @@ import torch
 from .flow import Condition, VaeCodec, dual_condition, flow_matching_loss, spg_condition
 from .lora import FLUX_ATTENTION
 from .sampling import FlowGenerator
+from .weights import resolve_flux  # noqa: F401  (re-exported)
 
 TIPS_DEFAULTS = dict(rank=32, lr=1e-5, warmup_steps=10, weight_decay=0.01, batch_size=1, grad_accum=2, steps=20000,
                      width=192, height=384, sample_steps=28, guidance=3.5, size_drop=0.2, prompt_drop=0.1)
@@ -40,22 +41,6 @@ class FluxText:
         seq, pooled, _ = self.pipe.encode_prompt(prompt=list(texts), prompt_2=list(texts), device=dev,
                                                  max_sequence_length=int(length or self.max_sequence_length))
         return Condition(seq, pooled)
-
-
-def resolve_flux(weights: str | os.PathLike) -> Path:
-    """A FLUX.1-dev folder (diffusers layout: ``model_index.json``, ``transformer/``, ``vae/``, ...): a path,
-    or a name looked up under ``PR_WEIGHTS_DIR`` (default ``.cache/weights``)."""
-    from ..models.backbone import weights_dir
-
-    p = Path(weights)
-    if not p.is_dir():
-        p = weights_dir() / str(weights)
-    if not (p / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"no FLUX.1-dev folder at {weights!r} (looked for {p / 'model_index.json'}). Nothing is downloaded here: "
-            f"put the diffusers-format FLUX.1-dev folder (black-forest-labs/FLUX.1-dev) at {weights_dir() / 'FLUX.1-dev'} "
-            "or pass its path.")
-    return p
 
 
 def load_flux(weights: str | os.PathLike = "FLUX.1-dev", dtype: torch.dtype | None = None, device: str | None = None):
@@ -203,7 +188,7 @@ def train_flux_lora(gen: FlowGenerator, kind: str, target, steps: int = TIPS_DEF
 
 def lora_steps(steps: int = TIPS_DEFAULTS["steps"]) -> int:
     """The LoRA training steps a run takes: ``steps`` capped by ``train.limits()["max_steps"]``."""
-    from ..train import limits
+    from ..limits import limits
 
     cap = limits()["max_steps"]
     return int(steps) if cap is None else min(int(steps), int(cap))

@@ -473,7 +473,7 @@ def groups_needed(scale: str = "small", batches: int = 4, blip2: bool = False) -
     """The ``cpr_id`` groups a training set needs: ``batches`` batches of groups beside the held-out 5%; the
     batch is the run limits' (``batch_size``) where set, else the mini path's at ``scale`` or, with ``blip2``,
     the release's (:data:`BLIP2_FAFA_CONFIG`)."""
-    from ..train import limits
+    from ..limits import limits
 
     own = BLIP2_FAFA_CONFIG if blip2 else FAFA_CONFIG[scale if scale in FAFA_CONFIG else "small"]
     return math.ceil(batches * (limits()["batch_size"] or own["batch_size"]) / 0.95)
