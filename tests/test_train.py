@@ -81,6 +81,10 @@ def test_a_finished_run_keeps_weights_only_and_reloads_from_its_cache(tmp_path):
     assert again.history == done.history and again.best == done.best
     a, b = dict(done.model.named_parameters()), dict(again.model.named_parameters())
     assert all(torch.equal(a[k], b[k]) for k in a)
+    capped = cfg(out_dir=str(tmp_path / "capped"), epochs=3, max_steps=1)  # a cap ends the run in its first epoch
+    first = fit(TINY, capped)
+    assert not (tmp_path / "capped" / "checkpoints" / "last_optim.pt").exists()
+    assert fit(TINY, capped).history == first.history  # and the capped run loads from its cache
 
 
 def test_model_selection_uses_the_best_validation_epoch(tmp_path):

@@ -8,7 +8,7 @@ BLIP-2, Qwen2-VL and Llama folders written by ``save_pretrained``; the CLIP is a
 (random weights) with ``--full-clip``, else ViT-B/16's layout at a tiny width. Each notebook runs in a cache of its
 own (so nothing a previous notebook built is reused) and writes its executed copy and tables under ``--out``.
 A table of wall times, what each read and wrote, goes to ``<out>/paper_smoke.md`` (and, with ``--record``, to
-``tables/timing/paper_smoke.md``). On a GPU machine, ``--gpus 1`` also records steps/s and peak memory.
+``tables/timing/paper_smoke.md``); with ``--only`` it updates those notebooks' rows of the last walk in ``--out``. On a GPU machine, ``--gpus 1`` also records steps/s and peak memory.
 """
 from __future__ import annotations
 
@@ -73,6 +73,15 @@ def main(argv=None) -> int:
 
     from person_retrieval.reports import _markdown
 
+    earlier = out / "paper_smoke.json"
+    if a.only and earlier.is_file():  # a partial walk updates its notebooks' rows of the last whole one
+        ran = {r["notebook"] for r in rows}
+        rows = sorted([r for r in json.loads(earlier.read_text()) if r["notebook"] not in ran] + rows, key=lambda r: r["notebook"])
+    for r in rows:  # what each left on disk (checkpoints, cached features, synthesized sets)
+        cache = out / "runs" / r["notebook"] / "cache"
+        files = {(st.st_dev, st.st_ino): st.st_size for st in (f.stat() for f in cache.rglob("*") if f.is_file())} if cache.is_dir() else {}
+        size = sum(files.values())  # a hard-linked checkpoint counted once
+        r["cache written (MB)"] = round(size / 2**20)
     df = pd.DataFrame(rows)
     clip = "full-size ViT-B/16" if a.full_clip else "ViT-B/16 layout at a tiny width"
     head = (f"# Paper path on stand-ins: wall time per notebook\n\nCLIP: {clip}; max_steps {a.max_steps}, batch_size "

@@ -359,8 +359,11 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
                 f.unlink()
     if world > 1:
         dist.barrier()
+    run_end = cfg.epochs  # the epochs the run takes: a cap (max_steps) ends it early; a pause (stop_after_epochs) does not
+    if cfg.max_steps is not None:
+        run_end = min(run_end, math.ceil(cfg.max_steps * cfg.grad_accum / steps_per_epoch))
     if out is not None and cfg.resume:
-        st = _load_checkpoint(out, model, opt, sched, rank, cfg.epochs)
+        st = _load_checkpoint(out, model, opt, sched, rank, run_end)
         if st is not None:
             start_epoch, history, best = st["epoch"] + 1, st["history"], st["best"]
     # Some parameters may take no part in a task's loss (the image tokens' projection when only pooled
@@ -376,10 +379,7 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
     log_path = out / "metrics.jsonl" if out is not None and rank == 0 else None
     end_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, start_epoch + cfg.stop_after_epochs)
     t_start = time.time()
-    run_end = cfg.epochs  # the run's last epoch (a pause by stop_after_epochs is not its end)
-    if cfg.max_steps is not None:  # the epochs the cap reaches into
-        run_end = min(run_end, math.ceil(cfg.max_steps * cfg.grad_accum / steps_per_epoch))
-        end_epoch = min(end_epoch, run_end)
+    end_epoch = min(end_epoch, run_end)
     for epoch in range(start_epoch, end_epoch):
         model.train()
         order = epoch_order(len(data), cfg.seed, epoch, getattr(data, "lengths", None), global_bs)
