@@ -1,6 +1,5 @@
 """make tables' provenance: each notebook's tables are recorded with the hash of the inputs that made them, and
 --check names the notebooks whose tables today's code would not reproduce."""
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,10 +28,31 @@ def test_the_inputs_cover_the_library_and_the_pins():
     assert {"pyproject.toml", "constraints.txt", "lib/person_retrieval/train.py"} <= files
 
 
-def test_check_runs_nothing_and_fails_when_a_notebook_is_out_of_date(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "run_notebooks.py"), "--check", "--scale", "tiny", "--only", "07"],
-                       capture_output=True, text=True, cwd=tmp_path)
-    recorded = nbrun.read_provenance(nbrun.provenance_file("tiny")).get("07_ctgi")
-    expect_stale = recorded is None or recorded["inputs"] != nbrun.inputs_hash(nbrun.notebooks(["07"])[0], {"scale": "tiny", "seed": 0})
-    assert r.returncode == (1 if expect_stale else 0), r.stdout + r.stderr
-    assert ("07_ctgi: out of date" in r.stdout) == expect_stale and "notebooks' tables match the code" in r.stdout
+def test_check_runs_nothing_and_names_what_is_out_of_date(tmp_path, monkeypatch, capsys):
+    import run_notebooks
+
+    prov = tmp_path / "provenance.json"
+    monkeypatch.setattr(run_notebooks, "provenance_file", lambda scale: prov)
+    monkeypatch.setattr(run_notebooks, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("--check ran a notebook")))
+    params = {"scale": "small", "seed": 0}
+    nb = nbrun.notebooks(["07"])[0]
+    assert run_notebooks.main(["--check", "--only", "07"]) == 1
+    assert "07_ctgi: out of date (no make tables run recorded)" in capsys.readouterr().out
+    nbrun.record_provenance(prov, "07_ctgi", nbrun.inputs_hash(nb, params), 1.0, params)
+    assert run_notebooks.main(["--check", "--only", "07"]) == 0
+    assert "1 of 1 notebooks' tables match the code" in capsys.readouterr().out
+
+
+def test_a_successful_run_records_its_inputs_and_a_failed_one_does_not(tmp_path, monkeypatch):
+    import run_notebooks
+
+    prov = tmp_path / "provenance.json"
+    monkeypatch.setattr(run_notebooks, "provenance_file", lambda scale: prov)
+    outcome = {"07_ctgi": "ran", "06_diana": "failed"}
+    monkeypatch.setattr(run_notebooks, "run", lambda nb, out_dir, params, **k: nbrun.Outcome(
+        nb.stem, outcome[nb.stem], 3.0, 3.0, nbrun.ROOT / ".cache" / "executed" / "small" / nb.name, inputs=f"hash of {nb.stem}", finished="2026-12-07 12:00:00"))
+    assert run_notebooks.main(["--only", "07"]) == 0
+    assert nbrun.read_provenance(prov)["07_ctgi"] == {"inputs": "hash of 07_ctgi", "parameters": {"scale": "small", "seed": 0},
+                                                      "seconds": 3.0, "finished": "2026-12-07 12:00:00"}
+    assert run_notebooks.main(["--only", "06"]) == 1
+    assert "06_diana" not in nbrun.read_provenance(prov)

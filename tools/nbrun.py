@@ -45,6 +45,8 @@ class Outcome:
     last_seconds: float | None  # the last successful run's
     executed: Path
     error: str = ""
+    inputs: str = ""  # the hash of the inputs it ran (or was up to date) with
+    finished: str = ""  # when its tables were written
 
 
 def run(nb: Path, out_dir: Path, parameters: dict, label: str = "", force: bool = False, env: dict | None = None,
@@ -62,7 +64,7 @@ def run(nb: Path, out_dir: Path, parameters: dict, label: str = "", force: bool 
     digest = inputs_hash(nb, parameters)
     last = json.loads(stamp.read_text()) if stamp.is_file() else {}
     if not force and last.get("inputs") == digest and out.is_file():
-        return Outcome(nb.stem, "up to date", 0.0, last.get("seconds"), out)
+        return Outcome(nb.stem, "up to date", 0.0, last.get("seconds"), out, inputs=digest, finished=last.get("finished", ""))
     stamp.unlink(missing_ok=True)  # a run that fails leaves no stamp: the next one reruns
     old_env = dict(os.environ)
     os.environ.update(env or {})
@@ -76,9 +78,9 @@ def run(nb: Path, out_dir: Path, parameters: dict, label: str = "", force: bool 
     finally:
         os.environ.clear()
         os.environ.update(old_env)
-    seconds = time.time() - t
-    stamp.write_text(json.dumps({"inputs": digest, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
-    return Outcome(nb.stem, "ran", seconds, round(seconds, 1), out)
+    seconds, finished = time.time() - t, time.strftime("%Y-%m-%d %H:%M:%S")
+    stamp.write_text(json.dumps({"inputs": digest, "seconds": round(seconds, 1), "finished": finished}))
+    return Outcome(nb.stem, "ran", seconds, round(seconds, 1), out, inputs=digest, finished=finished)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,11 +95,12 @@ def read_provenance(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def record_provenance(path: Path, notebook: str, inputs: str, seconds: float, parameters: dict) -> None:
-    """Note that ``notebook``'s tables under ``path``'s folder were written from ``inputs`` (atomically)."""
+def record_provenance(path: Path, notebook: str, inputs: str, seconds: float, parameters: dict, finished: str = "") -> None:
+    """Note that ``notebook``'s tables under ``path``'s folder were written from ``inputs`` at ``finished``
+    (default: now), atomically."""
     data = read_provenance(path)
     data[notebook] = {"inputs": inputs, "parameters": parameters, "seconds": round(seconds, 1),
-                      "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+                      "finished": finished or time.strftime("%Y-%m-%d %H:%M:%S")}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(dict(sorted(data.items())), indent=1) + "\n")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nbrun import ROOT, fmt_seconds, inputs_hash, notebooks, provenance_file, read_provenance, record_provenance, run, stale  # noqa: E402
+from nbrun import ROOT, fmt_seconds, notebooks, provenance_file, read_provenance, record_provenance, run, stale  # noqa: E402
 
 
 def write_summary(outcomes, scale: str, seed: int) -> Path:
@@ -40,7 +40,7 @@ def write_summary(outcomes, scale: str, seed: int) -> Path:
                                     "generators) includes that build; with the caches warm it takes less.", timing=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", default="small", choices=["tiny", "small", "paper"])
     ap.add_argument("--seed", type=int, default=0)
@@ -48,7 +48,7 @@ def main() -> int:
     ap.add_argument("--force", action="store_true", help="run even the notebooks that are up to date")
     ap.add_argument("--log-output", action="store_true", help="stream each cell's output (training progress) to the log")
     ap.add_argument("--check", action="store_true", help="run nothing: list the notebooks whose recorded tables the code no longer matches")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     nbs = notebooks(args.only)
     if not nbs:
@@ -61,7 +61,7 @@ def main() -> int:
         old = stale(nbs, params, prov)
         for name, why in old:
             print(f"{name}: out of date ({why})")
-        print(f"{len(nbs) - len(old)} of {len(nbs)} notebooks' tables match the code ({prov.relative_to(ROOT)})")
+        print(f"{len(nbs) - len(old)} of {len(nbs)} notebooks' tables match the code ({prov.relative_to(ROOT) if prov.is_relative_to(ROOT) else prov})")
         return 1 if old else 0
     t0, outcomes = time.time(), []
     for i, nb in enumerate(nbs, 1):
@@ -71,15 +71,14 @@ def main() -> int:
         o = run(nb, out_dir, params, label=label, force=args.force, log_output=args.log_output)
         outcomes.append(o)
         if o.status == "up to date":
-            digest = inputs_hash(nb, params)
-            if read_provenance(prov).get(nb.stem, {}).get("inputs") != digest:  # its tables are today's: say so
-                record_provenance(prov, nb.stem, digest, o.last_seconds or 0.0, params)
+            if read_provenance(prov).get(nb.stem, {}).get("inputs") != o.inputs:  # its tables are today's: say so
+                record_provenance(prov, nb.stem, o.inputs, o.last_seconds or 0.0, params, o.finished)
             print(f"   up to date (inputs unchanged since its last run, {fmt_seconds(o.last_seconds)}); --force reruns it", flush=True)
         elif o.status == "failed":
             print(f"!! {nb.name} failed in {o.error}\n   executed copy: {o.executed}", file=sys.stderr, flush=True)
             break
         else:
-            record_provenance(prov, nb.stem, inputs_hash(nb, params), o.seconds, params)
+            record_provenance(prov, nb.stem, o.inputs, o.seconds, params, o.finished)
             print(f"   done in {fmt_seconds(o.seconds)} -> {o.executed.relative_to(ROOT)}", flush=True)
     print("\n| notebook | this run | last successful run |\n|---|---|---|")
     for o in outcomes:

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .limits import _LIMITS, limit_tag, limits, set_limits  # noqa: F401  (train.set_limits stays public)
+from .limits import limit_tag, limits, set_limits  # noqa: F401  (train.set_limits stays public)
 
 __all__ = ["TaskSpec", "TrainConfig", "FitResult", "fit", "resolve_devices", "build_optimizer", "cosine_schedule"]
 
@@ -90,7 +90,8 @@ class TrainConfig:
 # params and the generators set and read them without importing the trainer); fit applies them here.
 def apply_limits(cfg: "TrainConfig") -> "TrainConfig":
     """``cfg`` under the process's limits, its ``out_dir`` suffixed by :func:`limit_tag`."""
-    e, m, b = _LIMITS["epochs"], _LIMITS["max_steps"], _LIMITS["batch_size"]
+    lim = limits()
+    e, m, b = lim["epochs"], lim["max_steps"], lim["batch_size"]
     if e is None and m is None and b is None:
         return cfg
     over = {} if b is None else {"batch_size": b}
