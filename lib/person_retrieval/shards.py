@@ -109,3 +109,101 @@ def threads_per_process(nprocs: int) -> int:
     import os
 
     return max(1, (os.cpu_count() or 1) // max(1, nprocs))
+
+
+# ---------------------------------------------------------------------------------------------
+# One synthesis over many processes: torchrun's ranks, or processes started by hand
+def share_from(launch, shard: int | None, num_shards: int | None) -> tuple[int, int]:
+    """This process's ``(shard, num_shards)``: the launcher's ``(RANK, WORLD_SIZE)`` when there is one (a
+    share given besides must agree with it), else the one given (by default the whole run)."""
+    if launch is None:
+        s, n = (0 if shard is None else shard), (1 if num_shards is None else num_shards)
+        check_share(s, n)
+        return s, n
+    for name, given, env, var in (("shard", shard, launch.rank, "RANK"), ("num_shards", num_shards, launch.world, "WORLD_SIZE")):
+        if given is not None and given != env:
+            raise ValueError(f"{name}={given}, but the launcher set {var}={env}: under torchrun leave the share out "
+                             "(each rank takes shards u with u % WORLD_SIZE == RANK)")
+    return launch.rank, launch.world
+
+
+def distributed_run(prepare: Callable[[bool], object], work: Callable[[object, int, int], object],
+                    finish: Callable[[object], object], shard: int | None = None, num_shards: int | None = None,
+                    timeout_hours: float = 48.0, log=print):
+    """A sharded synthesis as one of many processes; returns ``finish``'s result where this process ran it,
+    else None.
+
+    * ``prepare(lead)`` loads the models and names the folder (``lead``: this process builds what is missing
+      from the caches); ``work(state, shard, num_shards)`` synthesizes this process's share;
+      ``finish(state)`` merges the finished shards (assembles the dataset) once all are done.
+    * Under torchrun (:func:`person_retrieval.train.launched`) the share is ``(RANK, WORLD_SIZE)``; global
+      rank 0 prepares first while the others wait (so one process builds a missing cache), then every rank
+      works, and rank 0 merges after all have finished (gloo barriers, each allowed ``timeout_hours``).
+      On GPUs each rank takes ``cuda:LOCAL_RANK``. The folder must be one every node sees.
+    * By hand (``shard=i, num_shards=n`` in n processes with no launcher): each works its share, and whichever
+      finds every shard done when it ends merges (merging twice writes the same files).
+    """
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from .train import launched
+
+    launch = launched()
+    s, n = share_from(launch, shard, num_shards)
+    if launch is None or launch.world == 1:
+        state = prepare(True)
+        work(state, s, n)
+        try:
+            return finish(state)
+        except RuntimeError as e:  # another process's shards are not done yet: the last one to finish merges
+            if n == 1 or "not synthesized yet" not in str(e):
+                raise
+            log(f"shard {s} of {n}: this share is done; {e}")
+            return None
+    if torch.cuda.is_available():
+        torch.cuda.set_device(launch.local_rank)
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", timeout=timedelta(hours=timeout_hours))
+    try:
+        lead = launch.rank == 0
+        state = prepare(True) if lead else None
+        dist.barrier()
+        if not lead:
+            state = prepare(False)
+        work(state, s, n)
+        dist.barrier()
+        return finish(state) if lead else None
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def command_line(prog: str, description: str, uses: dict[str, str]):
+    """The options every synthesis's command line shares: ``--scale``, ``--seed``, the real models (``uses``:
+    what each of ``weights``, ``llm``, ``vlm`` is for) and the share (``--shard``, ``--num-shards``,
+    ``--timeout-hours``). Returns the parser; the caller adds its own options and checks with :func:`parse`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=prog, description=description + " Under torchrun, each rank synthesizes its share "
+                                 "(shards u with u % WORLD_SIZE == RANK) and rank 0 assembles.")
+    ap.add_argument("--scale", default="small", choices=["tiny", "small", "paper"], help="counts by scale (default small)")
+    ap.add_argument("--seed", type=int, default=0, help="the world, the mini models and the synthesis (the notebook's seed)")
+    ap.add_argument("--weights", help=f"FLUX.1-dev (a name or a diffusers folder) with {uses['weights']}")
+    ap.add_argument("--llm", help=f"a transformers chat model (name or folder) for {uses['llm']}")
+    ap.add_argument("--vlm", help=f"a transformers vision-language model for {uses['vlm']}")
+    ap.add_argument("--shard", type=int, help="this process's share (by hand; torchrun sets it from RANK)")
+    ap.add_argument("--num-shards", type=int, help="how many processes share the run (by hand; torchrun: WORLD_SIZE)")
+    ap.add_argument("--timeout-hours", type=float, default=48.0, help="how long a rank waits for the others (torchrun)")
+    return ap
+
+
+def parse(ap, argv=None):
+    """``(args, real)``: the parsed options and whether any real model is named; ``--scale paper`` needs one."""
+    args = ap.parse_args(argv)
+    real = any(v is not None for v in (args.weights, args.llm, args.vlm))
+    if args.scale == "paper" and not real:
+        ap.error("--scale paper needs real models: --weights, --llm and/or --vlm")
+    return args, real

@@ -15,8 +15,11 @@
   ``(seed, epoch)``, so a run interrupted and resumed ends with the same weights as one that was not.
 * Model selection on a validation split (the task's ``evaluate``), never on test.
 * A JSON-lines metrics log per run; progress bars that work in Jupyter and in papermill logs.
-* ``python -m person_retrieval.train --config run.json`` runs the same thing from a shell (torchrun or a
-  cluster launcher can then take over).
+* ``python -m person_retrieval.train --config run.json`` runs the same thing from a shell. Launched by
+  ``torchrun`` (or any launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+  ``MASTER_PORT`` as torchrun does: SLURM's ``srun torchrun ...``, Kubernetes' PyTorchJob), it spawns nothing:
+  every process joins the launcher's world (:func:`launched`, ``fit(..., launch=...)``), on ``cuda:LOCAL_RANK``
+  where there are GPUs, and global rank 0 writes the checkpoints (``out_dir`` must be a folder every node sees).
 
 A *task* says what is trained: ``build() -> nn.Module``, ``train_data() -> Dataset`` (items are dicts
 of tensors), ``loss(model, batch, gather) -> (loss, logs)`` and ``evaluate(model) -> metrics``. Tasks
@@ -47,7 +50,8 @@ import torch.nn as nn
 
 from .limits import limit_tag, limits, set_limits  # noqa: F401  (train.set_limits stays public)
 
-__all__ = ["TaskSpec", "TrainConfig", "FitResult", "fit", "resolve_devices", "build_optimizer", "cosine_schedule"]
+__all__ = ["TaskSpec", "TrainConfig", "FitResult", "Launch", "fit", "launched", "resolve_devices", "build_optimizer",
+           "cosine_schedule"]
 
 
 @dataclass
@@ -293,6 +297,59 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
+@dataclass(frozen=True)
+class Launch:
+    """Where a launcher put this process: its global ``rank`` in a world of ``world`` processes, and its
+    ``local_rank`` among the ``local_world`` processes of its node (which GPU it takes)."""
+
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched(env: dict | None = None) -> Launch | None:
+    """The world torchrun (or a launcher that sets the same variables) started this process in, read from
+    ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``LOCAL_WORLD_SIZE``, which torchrun sets too); None when
+    ``RANK`` and ``WORLD_SIZE`` are not set. Half a launch (``RANK`` without ``MASTER_ADDR``, say) is an
+    error naming what is missing: the process could only hang at the rendezvous."""
+    env = os.environ if env is None else env
+    if "RANK" not in env and "WORLD_SIZE" not in env:
+        return None
+    missing = [v for v in LAUNCH_VARIABLES if v not in env]
+    if missing:
+        raise RuntimeError(f"{', '.join(v for v in LAUNCH_VARIABLES if v in env)} set but not {', '.join(missing)}: "
+                           "launch with torchrun (which sets all of them), or set all five as it does")
+    try:
+        rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
+        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+    except ValueError:
+        raise RuntimeError(f"RANK={env['RANK']!r}, WORLD_SIZE={env['WORLD_SIZE']!r}, LOCAL_RANK={env['LOCAL_RANK']!r}: "
+                           "each must be an integer") from None
+    if not (world >= 1 and 0 <= rank < world and 0 <= local < local_world <= world):
+        raise RuntimeError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local}, LOCAL_WORLD_SIZE={local_world}: need "
+                           "0 <= RANK < WORLD_SIZE and 0 <= LOCAL_RANK < LOCAL_WORLD_SIZE <= WORLD_SIZE")
+    return Launch(rank, world, local, local_world)
+
+
+def check_launch(cfg: "TrainConfig", launch: Launch) -> tuple[str, str | None]:
+    """``(device type, backend)`` for a run in a launcher's world, or a clear error: ``gpus`` must count the
+    world's processes (0 or 1 for a world of one), and on GPUs each node needs a GPU per local process."""
+    if max(1, cfg.gpus) != launch.world:
+        raise ValueError(f"train.gpus={cfg.gpus}, but the launcher started {launch.world} process(es) (WORLD_SIZE={launch.world}): "
+                         f"set gpus to {launch.world} or leave it out of the config")
+    if not torch.cuda.is_available() or cfg.gpus == 0:
+        return "cpu", ("gloo" if launch.world > 1 else None)
+    n = torch.cuda.device_count()
+    if launch.local_rank >= n:
+        raise ValueError(f"LOCAL_RANK={launch.local_rank}, but this node has {n} GPU(s): start at most {n} processes per node "
+                         f"(torchrun --nproc_per_node {n})")
+    return "cuda", ("nccl" if launch.world > 1 else None)
+
+
 def process_tag(gpus: int) -> tuple:
     """What a cached run's key adds for its process count: nothing for one process (one-process keys stay as they
     were), ``("processes", N)`` for N. N processes see the same global batches, but each draws its own dropout and
@@ -318,14 +375,21 @@ def _local_batch(cfg: TrainConfig, world: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type: str, backend: str | None, port: int | None) -> dict:
-    if world > 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(port)
+def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type: str, backend: str | None, port: int | None,
+           local: tuple[int, int] | None = None) -> dict:
+    """One process's training. ``port``: the rendezvous port of a world this module spawned; None in a
+    launcher's world (torchrun set ``MASTER_ADDR`` and ``MASTER_PORT``). ``local``: ``(local rank, processes on
+    this node)``, by default ``(rank, world)`` (one node)."""
+    local_rank, local_world = local or (rank, world)
+    own_group = world > 1 and not dist.is_initialized()  # a group the caller made is the caller's to end
+    if own_group:
+        if port is not None:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ["MASTER_PORT"] = str(port)
         dist.init_process_group(backend, rank=rank, world_size=world)
     if cfg.threads or world > 1:
-        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2) // world))
-    device = torch.device(f"cuda:{rank}") if device_type == "cuda" else torch.device("cpu")
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 2) // local_world))
+    device = torch.device(f"cuda:{local_rank}") if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     random.seed(cfg.seed + rank)
@@ -446,9 +510,13 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
                 print(f"epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f}, {rec['pairs_per_s']:.0f} pairs/s, val {shown}", flush=True)
         if world > 1:
             dist.barrier()
-    if world > 1:
+    if world > 1:  # every rank returns rank 0's record of the run
+        shared = [history, best]
+        dist.broadcast_object_list(shared, src=0)
+        history, best = shared
+    if own_group:
         dist.destroy_process_group()
-    return {"history": history, "best": best, "seconds": time.time() - t_start, "model": model if world == 1 else None}
+    return {"history": history, "best": best, "seconds": time.time() - t_start, "model": model}
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -520,13 +588,19 @@ def _spawn(world: int, args: tuple, result_file: str) -> None:
         f.unlink(missing_ok=True)
 
 
-def fit(spec: TaskSpec, cfg: TrainConfig) -> FitResult:
-    """Train ``spec``'s task under ``cfg``; return the model with its best validation weights."""
+def fit(spec: TaskSpec, cfg: TrainConfig, launch: Launch | None = None) -> FitResult:
+    """Train ``spec``'s task under ``cfg``; return the model with its best validation weights.
+
+    ``launch``: this process's place in a world a launcher started (:func:`launched`, e.g. under torchrun):
+    then nothing is spawned, this process trains as rank ``launch.rank``, and every rank returns the same
+    model (read back from ``out_dir`` when there is one, as a spawned run's is)."""
     cfg = apply_limits(cfg)
+    t = time.time()
+    if launch is not None:
+        return _fit_launched(spec, cfg, launch, t)
     device_type, backend = resolve_devices(cfg.gpus)
     world = max(1, cfg.gpus)
     _local_batch(cfg, world)  # before any process starts
-    t = time.time()
     if world == 1:
         res = _train(0, 1, spec, cfg, device_type, backend, None)
         model = res["model"].cpu()
@@ -547,6 +621,24 @@ def fit(spec: TaskSpec, cfg: TrainConfig) -> FitResult:
     if best_file is not None and best_file.is_file():
         load_weights(model, best_file)  # model selection: the best validation epoch
     model.eval()
+    return FitResult(model=model, history=res["history"], best=res["best"], out_dir=cfg.out_dir, seconds=time.time() - t)
+
+
+def _fit_launched(spec: TaskSpec, cfg: TrainConfig, launch: Launch, t: float) -> FitResult:
+    device_type, backend = check_launch(cfg, launch)
+    _local_batch(cfg, launch.world)
+    if cfg.progress and launch.rank == 0:
+        where = f"{launch.world} GPU process(es) (NCCL)" if device_type == "cuda" else f"{launch.world} CPU process(es) (gloo)"
+        print(f"in the launcher's world: {where}, {launch.local_world} on this node; global rank 0 writes the checkpoints",
+              flush=True)
+    res = _train(launch.rank, launch.world, spec, cfg, device_type, backend, None, (launch.local_rank, launch.local_world))
+    model = res["model"]
+    if cfg.out_dir:  # every rank ends with rank 0's weights, the best epoch's where selection kept one
+        ck = Path(cfg.out_dir) / "checkpoints"
+        for name in ("last", "best"):
+            if (ck / f"{name}.safetensors").is_file():
+                load_weights(model, ck / f"{name}.safetensors")
+    model.cpu().eval()
     return FitResult(model=model, history=res["history"], best=res["best"], out_dir=cfg.out_dir, seconds=time.time() - t)
 
 
@@ -573,15 +665,19 @@ def _check_passed_on_kwargs(factory, kwargs: dict) -> None:
             return
 
 
-def check_run(spec: TaskSpec, cfg: TrainConfig) -> str:
+def check_run(spec: TaskSpec, cfg: TrainConfig, launch: Launch | None = None) -> str:
     """Check a run before anything starts (no process is spawned, no data read): the task can be imported
-    and takes its keyword arguments, ``gpus`` fits this machine, the folders and files it names exist, real
-    weights are on disk. Returns a line saying what will run; raises with the first problem found."""
+    and takes its keyword arguments, ``gpus`` fits this machine (or, under a launcher, ``launch``'s world), the
+    folders and files it names exist, real weights are on disk. Returns a line saying what will run; raises
+    with the first problem found."""
     import inspect
 
     from . import params
 
-    params.check_gpus(cfg.gpus, "train.gpus")
+    if launch is None:
+        params.check_gpus(cfg.gpus, "train.gpus")
+    else:
+        check_launch(cfg, launch)
     _local_batch(cfg, max(1, cfg.gpus))
     mod, _, name = spec.target.partition(":")
     if not name:
@@ -612,6 +708,8 @@ def check_run(spec: TaskSpec, cfg: TrainConfig) -> str:
         params.check_weights(kw["weights"], "task kwargs 'weights'")
     n = max(1, cfg.gpus)
     dev = "the CPU" if cfg.gpus == 0 else (f"{n} GPU(s)" if torch.cuda.is_available() else f"{n} CPU processes (gloo, DDP)")
+    if launch is not None:
+        dev += f" in the launcher's world (WORLD_SIZE={launch.world}, {launch.local_world} per node; nothing spawned)"
     out = "no checkpoints (out_dir not set)"
     if cfg.out_dir:
         last = Path(cfg.out_dir) / "checkpoints" / "last_state.json"
@@ -644,16 +742,25 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(**conf.get("train", {}))
     if args.gpus is not None:
         cfg.gpus = args.gpus
+    try:
+        launch = launched()
+    except RuntimeError as e:
+        ap.error(str(e))
+    if launch is not None and args.gpus is None and "gpus" not in conf.get("train", {}):
+        cfg.gpus = launch.world if launch.world > 1 else int(torch.cuda.is_available())
     spec = TaskSpec(conf["task"]["target"], conf["task"].get("kwargs", {}))
     try:
-        plan = check_run(spec, cfg)
+        plan = check_run(spec, cfg, launch)
     except (ValueError, FileNotFoundError, ImportError, TypeError) as e:
         ap.error(f"{p}: {e}")
-    print(plan, flush=True)
+    lead = launch is None or launch.rank == 0
+    if lead:
+        print(plan, flush=True)
     if args.dry_run:
         return 0
-    res = fit(spec, cfg)
-    print(json.dumps({"best": res.best, "seconds": round(res.seconds, 1), "out_dir": res.out_dir}))
+    res = fit(spec, cfg, launch)
+    if lead:
+        print(json.dumps({"best": res.best, "seconds": round(res.seconds, 1), "out_dir": res.out_dir}), flush=True)
     return 0
 
 

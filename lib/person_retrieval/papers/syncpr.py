@@ -400,9 +400,7 @@ def syncpr_dataset(scale: str = "small", seed: int = 0, gpus: int = 0, n_quadrup
     ``gpus`` > 1 splits the shards over that many processes. Returns ``(folder, manifest)``; the folder
     reads with :func:`person_retrieval.datasets.read_syncpr`. ``keep_mean`` only re-assembles."""
     names = mini_models(scale, seed, gpus, progress)[3]
-    cfg = SynthesisConfig(n_quadruples=n_quadruples or SCALE_QUADRUPLES[scale], panels=panels or SCALE_PANELS[scale],
-                          beta_range=tuple(float(b) for b in beta_range), shard_size=shard_size or SCALE_SHARD[scale], seed=seed,
-                          models=names)
+    cfg = mini_config(scale, seed, names, n_quadruples, panels, beta_range, shard_size)
     root = synthesis_folder(scale, cfg)
     t0 = time.time()
     if not (root / "manifest.json").is_file() or missing_shards(root):
@@ -413,12 +411,24 @@ def syncpr_dataset(scale: str = "small", seed: int = 0, gpus: int = 0, n_quadrup
         else:
             lm, gen, vlm, _ = mini_models(scale, seed, gpus, progress=False)
             synthesize(root, cfg, lm, gen, vlm, progress=progress)
-        seconds = time.time() - t0
-        n = sum(len(r["triplets"]) for r in shards.read(root))
-        write_json_atomic(root / "timing.json", {"seconds": round(seconds, 1), "processes": max(1, gpus), "candidate_triplets": n,
-                                                 "triplets_per_s": round(n / max(seconds, 1e-9), 2)})
+        record_timing(root, time.time() - t0, max(1, gpus))
     manifest = assemble(root, keep_mean)
     return root, manifest
+
+
+def mini_config(scale: str, seed: int, names: Sequence[str], n_quadruples: int | None = None, panels: int | None = None,
+                beta_range: Sequence[float] = (0.5, 1.0), shard_size: int | None = None) -> SynthesisConfig:
+    """The mini pipeline's synthesis for ``scale`` (counts by scale unless given), as notebook 03 runs it."""
+    return SynthesisConfig(n_quadruples=n_quadruples or SCALE_QUADRUPLES[scale], panels=panels or SCALE_PANELS[scale],
+                           beta_range=tuple(float(b) for b in beta_range), shard_size=shard_size or SCALE_SHARD[scale], seed=seed,
+                           models=tuple(names))
+
+
+def record_timing(root: Path, seconds: float, processes: int) -> None:
+    """``timing.json``: how long the synthesis took, over how many processes (not part of the manifest)."""
+    n = sum(len(r["triplets"]) for r in shards.read(root))
+    write_json_atomic(Path(root) / "timing.json", {"seconds": round(seconds, 1), "processes": processes, "candidate_triplets": n,
+                                                   "triplets_per_s": round(n / max(seconds, 1e-9), 2)})
 
 
 def paper_config(n_quadruples: int | None, beta_range: Sequence[float], seed: int, models: Sequence[str], scale: str = "paper") -> SynthesisConfig:
@@ -579,3 +589,58 @@ def zero_shot_composition(backbone, bench: ITCPR, batch: int = 256) -> torch.Ten
     txt = torch.cat([norm(backbone.encode_text(backbone.tokenize(caps[s: s + batch]))[0].float(), dim=-1) for s in range(0, len(caps), batch)])
     query = norm(pooled_image_features(backbone, bench.query_paths(), batch) + txt, dim=-1)
     return query @ pooled_image_features(backbone, bench.gallery_paths(), batch).T
+
+
+# ---------------------------------------------------------------------------------------------
+# From a shell: one process, n processes by hand, or torchrun's ranks
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m person_retrieval.papers.syncpr``: synthesize SynCPR into the folder notebook 03 reads (or
+    ``--out``), then assemble it. Under torchrun each rank takes the shards ``u % WORLD_SIZE == RANK`` and
+    rank 0 assembles; by hand, ``--shard i --num-shards n`` in n processes."""
+    ap = shards.command_line("python -m person_retrieval.papers.syncpr",
+                             "Synthesize SynCPR (the mini pipeline by default; real models with --weights, --llm, --vlm) in "
+                             "resumable shards, then assemble SynCPR.json.",
+                             {"weights": "notebook 02_generators' dual LoRA", "llm": "the quadruples", "vlm": "the filter"})
+    ap.add_argument("--n-quadruples", type=int, help="quadruples to write (default: by scale; paper: SynCPR's 140.5 K)")
+    ap.add_argument("--panels", type=int, help="image pairs per quadruple (default: by scale)")
+    ap.add_argument("--beta-range", type=float, nargs=2, default=(0.5, 1.0), metavar=("LO", "HI"), help="dynamic LoRA strength")
+    ap.add_argument("--keep-mean", type=float, default=KEEP_MEAN, help=f"the filter's bar on the mean score (default {KEEP_MEAN})")
+    ap.add_argument("--shard-size", type=int, help="quadruples per shard (default: by scale)")
+    ap.add_argument("--out", help="the synthesis folder (default: the cache folder notebook 03 reads)")
+    ap.add_argument("--data-root", help="the folder holding CUHK-PEDES/ (trains a missing LoRA)")
+    args, real = shards.parse(ap, argv)
+
+    def prepare(lead: bool):
+        if real:
+            dev_gpus = 1 if torch.cuda.is_available() else 0
+            lm, gen, vlm, names = load_models(args.scale, args.seed, dev_gpus, weights=args.weights, llm=args.llm, vlm=args.vlm,
+                                              data_root=args.data_root, progress=lead)
+            cfg = paper_config(args.n_quadruples, args.beta_range, args.seed, names, args.scale)
+        else:
+            lm, gen, vlm, names = mini_models(args.scale, args.seed, progress=lead)
+            cfg = mini_config(args.scale, args.seed, names, args.n_quadruples, args.panels, args.beta_range, args.shard_size)
+        root = Path(args.out) if args.out else synthesis_folder(args.scale, cfg)
+        if lead:
+            root.mkdir(parents=True, exist_ok=True)
+            shards.check_config(root, cfg.as_json())
+            print(f"synthesis folder: {root} ({cfg.n_shards} shards of {cfg.shard_size} quadruples)", flush=True)
+        return {"models": (lm, gen, vlm), "cfg": cfg, "root": root, "t0": time.time()}
+
+    def work(st, shard: int, num_shards: int):
+        st["processes"] = num_shards
+        synthesize(st["root"], st["cfg"], *st["models"], shard=shard, num_shards=num_shards, progress=shard == 0)
+
+    def finish(st):
+        record_timing(st["root"], time.time() - st["t0"], st["processes"])
+        manifest = assemble(st["root"], args.keep_mean)
+        print(f"{synthesis_summary(manifest)}; SynCPR.json in {st['root']}", flush=True)
+        return manifest
+
+    shards.distributed_run(prepare, work, finish, args.shard, args.num_shards, args.timeout_hours)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

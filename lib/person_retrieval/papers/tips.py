@@ -475,6 +475,26 @@ def tips_dataset(scale: str = "small", seed: int = 0, gpus: int = 0, dataset: st
     image each, so every source offers the same number of images. ``models``: ``(lm, gen, vlm, names)``
     to use instead of the mini ones (then ``gpus`` > 1 is not used). Returns ``(folder, manifest)``; the
     folder is a CUHK-PEDES folder (``load_split("cuhk_pedes", folder, "train")``)."""
+    plan = tips_plan(scale, seed, gpus, dataset, data_root, scenario, source, n_prompts, few_shot_root, models, progress, **cfg_kw)
+    root, cfg = plan["root"], plan["cfg"]
+    t0 = time.time()
+    if not (root / "manifest.json").is_file() or missing_shards(root):
+        if gpus > 1 and models is None:
+            root.mkdir(parents=True, exist_ok=True)
+            shards.check_config(root, cfg.as_json())
+            shards.spawn(_worker, gpus, (str(root), cfg.as_json(), scale, seed, dataset, data_root,
+                                         few_shot_root and str(few_shot_root), shards.threads_per_process(gpus)))
+        else:
+            synthesize(root, cfg, *plan["models"], *plan["domain"], progress=progress)
+        record_timing(root, time.time() - t0, max(1, gpus) if models is None else 1)
+    return root, assemble(root)
+
+
+def tips_plan(scale: str = "small", seed: int = 0, gpus: int = 0, dataset: str = "cuhk_pedes", data_root=None,
+              scenario: str = "few_shot", source: str = "spg+idpg", n_prompts: int | None = None, few_shot_root=None,
+              models=None, progress: bool = True, **cfg_kw) -> dict:
+    """What :func:`tips_dataset` synthesizes, without synthesizing: ``{"cfg", "root", "models": (lm, gen, vlm),
+    "domain": (examples, sizes, profile)}`` (the models loaded, or built when missing)."""
     n = int(n_prompts or SCALE_PROMPTS.get(scale, 40_000))  # the paper: 40k identities per scenario
     exp = int(cfg_kw.pop("expansions", 4))
     if source in ("spg", "base"):
@@ -489,23 +509,17 @@ def tips_dataset(scale: str = "small", seed: int = 0, gpus: int = 0, dataset: st
     key = hashlib.blake2b(json.dumps([scale, dataset, str(data_root), cfg.as_json(), TIPS_VERSION], sort_keys=True).encode(),
                           digest_size=4).hexdigest()
     root = cache_dir() / "tips" / f"{dataset}-{scale}-seed{seed}-{scenario}-{source.replace('+', '_')}-{key}"
-    t0 = time.time()
-    if not (root / "manifest.json").is_file() or missing_shards(root):
-        if gpus > 1 and models is None:
-            root.mkdir(parents=True, exist_ok=True)
-            shards.check_config(root, cfg.as_json())
-            shards.spawn(_worker, gpus, (str(root), cfg.as_json(), scale, seed, dataset, data_root,
-                                         few_shot_root and str(few_shot_root), shards.threads_per_process(gpus)))
-        else:
-            synthesize(root, cfg, lm, gen, vlm, examples, sizes, profile, progress=progress)
-        seconds = time.time() - t0
-        recs = shards.read(root)
-        n_img = sum(len(r["images"]) for r in recs)
-        draws = sum(len(r["seed_draws"]) + len(r["expansion_draws"]) for r in recs)
-        write_json_atomic(root / "timing.json", {"seconds": round(seconds, 1), "processes": max(1, gpus), "kept_images": n_img,
-                                                 "drawn_images": draws, "kept_pairs_per_s": round(2 * n_img / max(seconds, 1e-9), 3),
-                                                 "drawn_images_per_s": round(draws / max(seconds, 1e-9), 3)})
-    return root, assemble(root)
+    return {"cfg": cfg, "root": root, "models": (lm, gen, vlm), "domain": (examples, sizes, profile)}
+
+
+def record_timing(root: Path, seconds: float, processes: int) -> None:
+    """``timing.json``: how long the synthesis took, over how many processes (not part of the manifest)."""
+    recs = shards.read(root)
+    n_img = sum(len(r["images"]) for r in recs)
+    draws = sum(len(r["seed_draws"]) + len(r["expansion_draws"]) for r in recs)
+    write_json_atomic(Path(root) / "timing.json", {"seconds": round(seconds, 1), "processes": processes, "kept_images": n_img,
+                                                   "drawn_images": draws, "kept_pairs_per_s": round(2 * n_img / max(seconds, 1e-9), 3),
+                                                   "drawn_images_per_s": round(draws / max(seconds, 1e-9), 3)})
 
 
 def read_timing(root: str | Path) -> dict:
@@ -723,3 +737,71 @@ def evaluate_tta(model, data, preview_images: torch.Tensor, alphas: Sequence[flo
     for a in alphas:
         rows.append({"alpha": float(a), **retrieval_metrics(tta_similarity(s_t, s_p, float(a)), data.caption_pids, data.image_pids)})
     return rows, extra
+
+
+# ---------------------------------------------------------------------------------------------
+# From a shell: one process, n processes by hand, or torchrun's ranks
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m person_retrieval.papers.tips``: synthesize one TIPS set into the folder notebook 02_tips
+    reads, then assemble it. Under torchrun each rank takes the shards ``u % WORLD_SIZE == RANK`` and rank 0
+    assembles; by hand, ``--shard i --num-shards n`` in n processes."""
+    from ..world import dataset_root
+
+    ap = shards.command_line("python -m person_retrieval.papers.tips",
+                             "Synthesize one TIPS set (the mini pipeline by default; real models with --weights, --llm, --vlm) "
+                             "in resumable shards, then assemble it as a CUHK-PEDES folder.",
+                             {"weights": "notebook 02_generators' SPG and IDPG LoRAs", "llm": "the prompts",
+                              "vlm": "the filter and the captions"})
+    ap.add_argument("--dataset", default="cuhk_pedes", help="the target domain (SPG's; default cuhk_pedes)")
+    ap.add_argument("--data-root", help="the folder holding CUHK-PEDES/ (default: the mini world)")
+    ap.add_argument("--scenario", default="few_shot", choices=list(SCENARIOS))
+    ap.add_argument("--source", default="spg+idpg", choices=list(SOURCES))
+    ap.add_argument("--n-prompts", type=int, help="identities (default: by scale; the paper: 40,000)")
+    ap.add_argument("--few-shot-share", type=float, default=0.01, help="the few-shot split's share of identities (the paper: 1%%)")
+    ap.add_argument("--few-shot-seed", type=int, default=0, help="which few-shot split gives the examples (notebook: seeds[0])")
+    ap.add_argument("--keep-score", type=int, default=KEEP_SCORE, help=f"the filter's bar on every score (default {KEEP_SCORE})")
+    ap.add_argument("--max-tries", type=int, default=3, help="draws per image before it is given up")
+    ap.add_argument("--shard-size", type=int, help="identities per shard (default: by scale, as the notebook's)")
+    args, real = shards.parse(ap, argv)
+    if args.scale == "paper" and args.data_root is None:
+        ap.error("--scale paper needs --data-root (the target's folder: its few-shot split and capture sizes)")
+    if args.source == "oracle" and args.scale == "paper":
+        ap.error("--source oracle is the mini world's renderer: not at --scale paper")
+
+    def prepare(lead: bool):
+        models = None
+        if real:
+            from .syncpr import load_models
+
+            models = load_models(args.scale, args.seed, 1 if torch.cuda.is_available() else 0, weights=args.weights, llm=args.llm,
+                                 vlm=args.vlm, dataset=args.dataset, adapters=("spg", "idpg"), data_root=args.data_root, progress=lead)
+        root = dataset_root(args.dataset, args.data_root, args.scale, args.seed)
+        few = few_shot_split(args.dataset, root, args.few_shot_share, args.few_shot_seed) if args.scenario == "few_shot" else None
+        plan = tips_plan(args.scale, args.seed, 0, args.dataset, args.data_root, args.scenario, args.source, args.n_prompts, few, models,
+                         lead, keep_score=args.keep_score, max_tries=args.max_tries,
+                         **({} if args.shard_size is None else {"shard_size": args.shard_size}))
+        if lead:
+            plan["root"].mkdir(parents=True, exist_ok=True)
+            shards.check_config(plan["root"], plan["cfg"].as_json())
+            print(f"synthesis folder: {plan['root']} ({plan['cfg'].n_shards} shards of {plan['cfg'].shard_size} identities)", flush=True)
+        return {**plan, "t0": time.time()}
+
+    def work(st, shard: int, num_shards: int):
+        st["processes"] = num_shards
+        synthesize(st["root"], st["cfg"], *st["models"], *st["domain"], shard=shard, num_shards=num_shards, progress=shard == 0)
+
+    def finish(st):
+        record_timing(st["root"], time.time() - st["t0"], st["processes"])
+        man = assemble(st["root"])
+        print(f"{man['identities']} identities, {man['images']} images, {man['pairs']} pairs kept; a CUHK-PEDES folder in {st['root']}",
+              flush=True)
+        return man
+
+    shards.distributed_run(prepare, work, finish, args.shard, args.num_shards, args.timeout_hours)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
