@@ -14,6 +14,7 @@ import torch
 
 from person_retrieval import shards, train
 from person_retrieval.config import cache_dir
+from person_retrieval.world import dataset_root
 from person_retrieval.train import Launch, TaskSpec, TrainConfig, fit, launched
 
 LIB = str(Path(__file__).resolve().parents[1] / "lib")
@@ -63,9 +64,18 @@ def test_gpus_must_count_the_launchers_world():
     two = Launch(rank=0, world=2, local_rank=0, local_world=2)
     with pytest.raises(ValueError, match=r"train.gpus=3, but the launcher started 2 process\(es\).*set gpus to 2 or leave it out"):
         train.check_launch(TrainConfig(gpus=3), two)
+    with pytest.raises(ValueError, match="needs train.out_dir, a folder every node sees"):
+        train.check_launch(TrainConfig(gpus=2), two)
     if not torch.cuda.is_available():
-        assert train.check_launch(TrainConfig(gpus=2), two) == ("cpu", "gloo")
+        assert train.check_launch(TrainConfig(gpus=2, out_dir="runs/x"), two) == ("cpu", "gloo")
         assert train.check_launch(TrainConfig(gpus=0), Launch(0, 1, 0, 1)) == ("cpu", None)
+
+
+def test_a_spawning_fit_inside_a_launchers_world_is_refused(monkeypatch):
+    """Under torchrun, fit without launch= and gpus=N would start N processes on every rank: refused, saying how."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="pass launch=train.launched"):
+        fit(TINY, TrainConfig(**TRAIN, gpus=2))
 
 
 def test_the_command_line_refuses_a_disagreeing_gpus_before_the_rendezvous(tmp_path):
@@ -101,8 +111,10 @@ def test_torchrun_trains_to_the_weights_the_loop_spawns(tmp_path):
     assert _checkpoint_bytes(tmp_path / "launched") == want
     torchrun("person_retrieval.train", "--config", str(_config(tmp_path / "b.json", tmp_path / "resumed", stop_after_epochs=1)))
     assert json.loads((tmp_path / "resumed" / "checkpoints" / "last_state.json").read_text())["epoch"] == 0
-    torchrun("person_retrieval.train", "--config", str(_config(tmp_path / "b.json", tmp_path / "resumed")))
-    assert _checkpoint_bytes(tmp_path / "resumed") == want
+    r = torchrun("person_retrieval.train", "--config", str(_config(tmp_path / "b.json", tmp_path / "resumed")))
+    assert "(resuming)" in r.stdout and _checkpoint_bytes(tmp_path / "resumed") == want
+    logged = [json.loads(line)["epoch"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [0, 1]  # epoch 0 from the first launch, epoch 1 from the second
     history = [json.loads(line) for line in (tmp_path / "launched" / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [0, 1]  # one log, written by global rank 0
 
@@ -116,16 +128,24 @@ def _folder_digest(root: Path, skip=("timing.json",)) -> dict:
 
 @needs_cpu_processes
 def test_syncpr_under_torchrun_merges_into_what_one_process_writes(tmp_path):
+    """One process writes to --out; torchrun's two ranks to the default folder, the one notebook 03 reads
+    (syncpr_dataset finds it done and synthesizes nothing). Same files, images included."""
     from person_retrieval.papers import syncpr
 
     args = ["--scale", "tiny", "--n-quadruples", "6", "--shard-size", "2", "--keep-mean", "1"]  # keep all: the merge, not the filter
     assert syncpr.main([*args, "--out", str(tmp_path / "one")]) == 0
-    r = torchrun("person_retrieval.papers.syncpr", *args, "--out", str(tmp_path / "two"))
+    r = torchrun("person_retrieval.papers.syncpr", *args)
+    assert "share 0 of 2: 2 shard(s) synthesized now [0, 2]" in r.stdout and "share 1 of 2: 1 shard(s) synthesized now [1]" in r.stdout
     assert r.stdout.count("candidate triplets") == 1  # rank 0 assembles
-    one, two = _folder_digest(tmp_path / "one"), _folder_digest(tmp_path / "two")
+    folder = Path(r.stdout.split("synthesis folder: ")[1].split(" (")[0])
+    timing = (folder / "timing.json").read_text()
+    assert json.loads(timing)["processes"] == 2
+    root, manifest = syncpr.syncpr_dataset("tiny", 0, n_quadruples=6, shard_size=2, keep_mean=1, progress=False)
+    assert root == folder and (folder / "timing.json").read_text() == timing  # found done: nothing redone, timing kept
+    one, two = _folder_digest(tmp_path / "one"), _folder_digest(folder)
     assert one == two and "SynCPR.json" in one and sum(k.endswith(".jpg") for k in one) == 6 * 2 * 2
-    assert json.loads((tmp_path / "two" / "timing.json").read_text())["processes"] == 2
-    assert len(json.loads((tmp_path / "two" / "SynCPR.json").read_text())) == 6 * 2 * 2
+    assert len(json.loads((folder / "SynCPR.json").read_text())) == 6 * 2 * 2 == manifest["kept"]
+    shutil.rmtree(folder)
 
 
 def test_syncpr_shared_by_hand_merges_when_the_last_share_ends(tmp_path, capsys):
@@ -134,7 +154,7 @@ def test_syncpr_shared_by_hand_merges_when_the_last_share_ends(tmp_path, capsys)
     args = ["--scale", "tiny", "--n-quadruples", "6", "--shard-size", "2", "--keep-mean", "1"]
     assert syncpr.main([*args, "--out", str(tmp_path / "one")]) == 0
     assert syncpr.main([*args, "--out", str(tmp_path / "split"), "--shard", "1", "--num-shards", "2"]) == 0
-    assert not (tmp_path / "split" / "manifest.json").exists() and "this share is done" in capsys.readouterr().out
+    assert not (tmp_path / "split" / "manifest.json").exists() and "share 1 of 2 is done" in capsys.readouterr().out
     assert syncpr.main([*args, "--out", str(tmp_path / "split"), "--shard", "0", "--num-shards", "2"]) == 0
     assert _folder_digest(tmp_path / "split") == _folder_digest(tmp_path / "one")
 
@@ -152,9 +172,21 @@ def test_tips_under_torchrun_merges_into_what_one_process_writes(tmp_path):
     folder.rename(tmp_path / "one")
     r = torchrun("person_retrieval.papers.tips", *args)
     assert r.stdout.count("pairs kept") == 1 and _folder_digest(folder) == one
+    assert "share 0 of 2: 2 shard(s) synthesized now [0, 2]" in r.stdout and "share 1 of 2: 1 shard(s) synthesized now [1]" in r.stdout
     man = json.loads((folder / "manifest.json").read_text())
     assert man["identities"] == 6 and man["images"] == 30 and len(man["shards"]) == 3
+    # the notebook's call finds the same folder done
+    world = dataset_root("cuhk_pedes", None, "tiny", 0)
+    root, _ = tips.tips_dataset("tiny", 0, 0, n_prompts=6, shard_size=2, keep_score=1, max_tries=3, progress=False,
+                                few_shot_root=tips.few_shot_split("cuhk_pedes", world, 0.01, 0))
+    assert root == folder and json.loads((folder / "timing.json").read_text())["processes"] == 2
     shutil.rmtree(folder)
+
+
+def test_a_half_set_launch_is_refused_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "person_retrieval.papers.syncpr", "--scale", "tiny", "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True, env=_env(WORLD_SIZE="1"), timeout=120)
+    assert r.returncode == 2 and "error: WORLD_SIZE set but not RANK" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_each_synthesis_has_a_command_line_with_help():

@@ -127,21 +127,24 @@ def share_from(launch, shard: int | None, num_shards: int | None) -> tuple[int, 
     return launch.rank, launch.world
 
 
-def distributed_run(prepare: Callable[[bool], object], work: Callable[[object, int, int], object],
+def distributed_run(prepare: Callable[[bool], object], work: Callable[[object, int, int], list],
                     finish: Callable[[object], object], shard: int | None = None, num_shards: int | None = None,
-                    timeout_hours: float = 48.0, log=print):
+                    timeout_hours: float = 48.0, log=None):
     """A sharded synthesis as one of many processes; returns ``finish``'s result where this process ran it,
     else None.
 
     * ``prepare(lead)`` loads the models and names the folder (``lead``: this process builds what is missing
-      from the caches); ``work(state, shard, num_shards)`` synthesizes this process's share;
-      ``finish(state)`` merges the finished shards (assembles the dataset) once all are done.
+      from the caches); ``work(state, shard, num_shards)`` synthesizes this process's share and returns what
+      :func:`run` did; ``finish(state)`` merges the finished shards (assembles the dataset) once all are done.
     * Under torchrun (:func:`person_retrieval.train.launched`) the share is ``(RANK, WORLD_SIZE)``; global
       rank 0 prepares first while the others wait (so one process builds a missing cache), then every rank
-      works, and rank 0 merges after all have finished (gloo barriers, each allowed ``timeout_hours``).
-      On GPUs each rank takes ``cuda:LOCAL_RANK``. The folder must be one every node sees.
+      works, and rank 0 merges after all have finished (gloo barriers, each allowed ``timeout_hours``). Each
+      rank takes ``cuda:LOCAL_RANK`` where the node has that GPU, and its share of the node's cores. The
+      folder must be one every node sees. The process group stays up to the end of the process.
     * By hand (``shard=i, num_shards=n`` in n processes with no launcher): each works its share, and whichever
-      finds every shard done when it ends merges (merging twice writes the same files).
+      finds every shard done when it ends merges, under a lock (another merging at that moment is left to
+      it). Build the model caches first (the notebook, or one run of the command): processes started by hand
+      do not wait for one another.
     """
     from datetime import timedelta
 
@@ -152,33 +155,60 @@ def distributed_run(prepare: Callable[[bool], object], work: Callable[[object, i
 
     launch = launched()
     s, n = share_from(launch, shard, num_shards)
+    log = log or (lambda msg: print(msg, flush=True))
+
+    def say(done):
+        log(f"share {s} of {n}: {len(done)} shard(s) synthesized now {[d['shard'] for d in done]}")
+
     if launch is None or launch.world == 1:
         state = prepare(True)
-        work(state, s, n)
-        try:
-            return finish(state)
-        except RuntimeError as e:  # another process's shards are not done yet: the last one to finish merges
-            if n == 1 or "not synthesized yet" not in str(e):
-                raise
-            log(f"shard {s} of {n}: this share is done; {e}")
+        say(work(state, s, n))
+        if n > 1 and missing_count(state) > 0:
+            log(f"share {s} of {n} is done; the process that finishes last assembles")
             return None
-    if torch.cuda.is_available():
+        return merge_once(state, finish) if n > 1 else finish(state)
+    if torch.cuda.is_available() and launch.local_rank < torch.cuda.device_count():
         torch.cuda.set_device(launch.local_rank)
-    own = not dist.is_initialized()
-    if own:
+    torch.set_num_threads(threads_per_process(launch.local_world))  # torchrun's OMP_NUM_THREADS=1 would leave cores idle
+    if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timedelta(hours=timeout_hours))
+    lead = launch.rank == 0
+    state = prepare(True) if lead else None
+    dist.barrier()
+    if not lead:
+        state = prepare(False)
+    say(work(state, s, n))
+    dist.barrier()
+    return finish(state) if lead else None
+
+
+def missing_count(state) -> int:
+    """Shards of ``state``'s synthesis (its ``root`` and ``cfg``) not on disk yet."""
+    return len(missing(state["root"], state["cfg"].n_shards))
+
+
+def merge_once(state, finish: Callable[[object], object]):
+    """``finish(state)`` under a lock file in the synthesis folder: of processes finishing together, one merges."""
+    import os
+
+    lock = Path(state["root"]) / ".assembling"
     try:
-        lead = launch.rank == 0
-        state = prepare(True) if lead else None
-        dist.barrier()
-        if not lead:
-            state = prepare(False)
-        work(state, s, n)
-        dist.barrier()
-        return finish(state) if lead else None
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return None
+    try:
+        os.close(fd)
+        return finish(state)
     finally:
-        if own:
-            dist.destroy_process_group()
+        lock.unlink(missing_ok=True)
+
+
+def end_group() -> None:
+    """End a launcher's process group at the end of a command (the group lives as long as the process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def command_line(prog: str, description: str, uses: dict[str, str]):
@@ -191,6 +221,8 @@ def command_line(prog: str, description: str, uses: dict[str, str]):
                                  "(shards u with u % WORLD_SIZE == RANK) and rank 0 assembles.")
     ap.add_argument("--scale", default="small", choices=["tiny", "small", "paper"], help="counts by scale (default small)")
     ap.add_argument("--seed", type=int, default=0, help="the world, the mini models and the synthesis (the notebook's seed)")
+    ap.add_argument("--gpus", type=int, default=0, help="the gpus the notebook runs with (default 0): it names the cached mini models "
+                    "on a GPU machine, so the notebook finds this synthesis; with N > 1 build those models first (the notebook)")
     ap.add_argument("--weights", help=f"FLUX.1-dev (a name or a diffusers folder) with {uses['weights']}")
     ap.add_argument("--llm", help=f"a transformers chat model (name or folder) for {uses['llm']}")
     ap.add_argument("--vlm", help=f"a transformers vision-language model for {uses['vlm']}")
@@ -201,9 +233,19 @@ def command_line(prog: str, description: str, uses: dict[str, str]):
 
 
 def parse(ap, argv=None):
-    """``(args, real)``: the parsed options and whether any real model is named; ``--scale paper`` needs one."""
+    """``(args, real)``: the parsed options and whether any real model is named; ``--scale paper`` needs one,
+    a half-set launcher environment is refused in one line, and ``--data-root`` is read as the notebooks read it."""
+    from .params import ParameterError, check_data_root
+    from .train import launched
+
     args = ap.parse_args(argv)
     real = any(v is not None for v in (args.weights, args.llm, args.vlm))
     if args.scale == "paper" and not real:
         ap.error("--scale paper needs real models: --weights, --llm and/or --vlm")
+    try:
+        share_from(launched(), args.shard, args.num_shards)
+        if getattr(args, "data_root", None) is not None:
+            args.data_root = check_data_root(args.data_root, [getattr(args, "dataset", "cuhk_pedes")], "--data-root")
+    except (RuntimeError, ValueError, ParameterError) as e:
+        ap.error(str(e))
     return args, real

@@ -17,7 +17,7 @@
 * A JSON-lines metrics log per run; progress bars that work in Jupyter and in papermill logs.
 * ``python -m person_retrieval.train --config run.json`` runs the same thing from a shell. Launched by
   ``torchrun`` (or any launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
-  ``MASTER_PORT`` as torchrun does: SLURM's ``srun torchrun ...``, Kubernetes' PyTorchJob), it spawns nothing:
+  ``MASTER_PORT`` as torchrun does, e.g. torchrun started by SLURM's ``srun``), it spawns nothing:
   every process joins the launcher's world (:func:`launched`, ``fit(..., launch=...)``), on ``cuda:LOCAL_RANK``
   where there are GPUs, and global rank 0 writes the checkpoints (``out_dir`` must be a folder every node sees).
 
@@ -341,12 +341,15 @@ def check_launch(cfg: "TrainConfig", launch: Launch) -> tuple[str, str | None]:
     if max(1, cfg.gpus) != launch.world:
         raise ValueError(f"train.gpus={cfg.gpus}, but the launcher started {launch.world} process(es) (WORLD_SIZE={launch.world}): "
                          f"set gpus to {launch.world} or leave it out of the config")
+    if launch.world > 1 and not cfg.out_dir:
+        raise ValueError(f"a run in a launcher's world of {launch.world} processes needs train.out_dir, a folder every node sees: "
+                         "global rank 0 writes the checkpoints there and every rank reads the selected weights back")
     if not torch.cuda.is_available() or cfg.gpus == 0:
         return "cpu", ("gloo" if launch.world > 1 else None)
     n = torch.cuda.device_count()
-    if launch.local_rank >= n:
-        raise ValueError(f"LOCAL_RANK={launch.local_rank}, but this node has {n} GPU(s): start at most {n} processes per node "
-                         f"(torchrun --nproc_per_node {n})")
+    if launch.local_world > n:  # every rank of the node sees it, so all of them stop, not only the excess ones
+        raise ValueError(f"torchrun started {launch.local_world} processes on this node, but it has {n} GPU(s): start at most {n} "
+                         f"per node (torchrun --nproc_per_node {n}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) for CPU processes")
     return "cuda", ("nccl" if launch.world > 1 else None)
 
 
@@ -381,8 +384,10 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
     launcher's world (torchrun set ``MASTER_ADDR`` and ``MASTER_PORT``). ``local``: ``(local rank, processes on
     this node)``, by default ``(rank, world)`` (one node)."""
     local_rank, local_world = local or (rank, world)
-    own_group = world > 1 and not dist.is_initialized()  # a group the caller made is the caller's to end
-    if own_group:
+    # A world this module spawned makes and ends its group. A launcher's world makes it once and keeps it to the end of
+    # the process: destroying a group and making another on torchrun's store can hang (the second reuses the first's keys).
+    own_group = world > 1 and port is not None and not dist.is_initialized()
+    if world > 1 and not dist.is_initialized():
         if port is not None:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ["MASTER_PORT"] = str(port)
@@ -431,6 +436,12 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
         st = _load_checkpoint(out, model, opt, sched, rank, run_end)
         if st is not None:
             start_epoch, history, best = st["epoch"] + 1, st["history"], st["best"]
+    if world > 1:  # every rank must resume from the same epoch: a folder some node sees stale or not at all would hang
+        starts = [None] * world
+        dist.all_gather_object(starts, start_epoch)
+        if len(set(starts)) > 1:
+            raise RuntimeError(f"the processes found different checkpoints in {out} (epoch to start from, by rank: {starts}): "
+                               "out_dir must be one folder every node sees")
     # Some parameters may take no part in a task's loss (the image tokens' projection when only pooled
     # features are aligned, a stage-1 tower's projection heads): DDP must look for them each step.
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
@@ -592,12 +603,16 @@ def fit(spec: TaskSpec, cfg: TrainConfig, launch: Launch | None = None) -> FitRe
     """Train ``spec``'s task under ``cfg``; return the model with its best validation weights.
 
     ``launch``: this process's place in a world a launcher started (:func:`launched`, e.g. under torchrun):
-    then nothing is spawned, this process trains as rank ``launch.rank``, and every rank returns the same
-    model (read back from ``out_dir`` when there is one, as a spawned run's is)."""
+    then nothing is spawned, this process trains as rank ``launch.rank`` (a world of more than one needs
+    ``out_dir``, a folder every node sees), and every rank returns the same model, read back from ``out_dir`` as a
+    spawned run's is. The launcher's process group stays up for further runs; the command line ends it."""
     cfg = apply_limits(cfg)
     t = time.time()
     if launch is not None:
         return _fit_launched(spec, cfg, launch, t)
+    if cfg.gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(f"this process is one of a launcher's {os.environ['WORLD_SIZE']} ranks (WORLD_SIZE is set), and gpus={cfg.gpus} "
+                           "would spawn a world of its own on each: pass launch=train.launched() to fit to join the launcher's world")
     device_type, backend = resolve_devices(cfg.gpus)
     world = max(1, cfg.gpus)
     _local_batch(cfg, world)  # before any process starts
@@ -632,13 +647,15 @@ def _fit_launched(spec: TaskSpec, cfg: TrainConfig, launch: Launch, t: float) ->
         print(f"in the launcher's world: {where}, {launch.local_world} on this node; global rank 0 writes the checkpoints",
               flush=True)
     res = _train(launch.rank, launch.world, spec, cfg, device_type, backend, None, (launch.local_rank, launch.local_world))
-    model = res["model"]
-    if cfg.out_dir:  # every rank ends with rank 0's weights, the best epoch's where selection kept one
+    model = res["model"].cpu()
+    if cfg.out_dir:  # as a spawned run returns it: a fresh model with rank 0's weights, the best epoch's where selection kept one
         ck = Path(cfg.out_dir) / "checkpoints"
-        for name in ("last", "best"):
-            if (ck / f"{name}.safetensors").is_file():
-                load_weights(model, ck / f"{name}.safetensors")
-    model.cpu().eval()
+        if launch.world > 1:
+            model = spec.build().build()
+            load_weights(model, ck / "last.safetensors")
+        if (ck / "best.safetensors").is_file():
+            load_weights(model, ck / "best.safetensors")
+    model.eval()
     return FitResult(model=model, history=res["history"], best=res["best"], out_dir=cfg.out_dir, seconds=time.time() - t)
 
 
@@ -761,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     res = fit(spec, cfg, launch)
     if lead:
         print(json.dumps({"best": res.best, "seconds": round(res.seconds, 1), "out_dir": res.out_dir}), flush=True)
+    if dist.is_initialized():  # the launcher's group, kept for the process's life, ends with it
+        dist.destroy_process_group()
     return 0
 
 

@@ -53,7 +53,9 @@ def _load(name_or_path, model_cls, pre_cls, device: str, dtype):
     """(model, tokenizer or processor) from a local folder, offline."""
     path = resolve_model(name_or_path)
     pre = pre_cls.from_pretrained(path, local_files_only=True)
-    model = model_cls.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32).to(device)
+    if dtype is None:  # bf16 on a GPU (a 7B model: 15 GB, not 30), fp32 on the CPU
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model = model_cls.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
     return model, pre
 
 

@@ -288,7 +288,7 @@ def assemble(root: str | Path, keep_mean: float = KEEP_MEAN) -> dict:
     write_syncpr(root, [{f: t[f] for f in fields} for t, k in zip(triplets, keep) if k])
     write_json_atomic(root / "scores.json", [{"reference_image_path": t["reference_image_path"], "target_image_path": t["target_image_path"],
                                               "scores": dict(zip(DIMENSIONS, t["scores"])), "kept": bool(k)} for t, k in zip(triplets, keep)])
-    manifest = {"config": cfg, "keep_mean": keep_mean,
+    manifest = {"config": cfg, "keep_mean": float(keep_mean),
                 "shards": [{"shard": s["shard"], "quadruples": s["quadruples"], "parsed": s["parsed"], "triplets": len(s["triplets"]),
                             "sha1": shards.digest(root, s["shard"])} for s in recs],
                 "triplets": len(triplets), "kept": int(keep.sum())}
@@ -609,6 +609,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", help="the synthesis folder (default: the cache folder notebook 03 reads)")
     ap.add_argument("--data-root", help="the folder holding CUHK-PEDES/ (trains a missing LoRA)")
     args, real = shards.parse(ap, argv)
+    if real and (args.panels is not None or args.shard_size is not None):
+        ap.error("--panels and --shard-size set the mini pipeline's synthesis; with real models SynCPR's are used (4 panels, shards of 256)")
 
     def prepare(lead: bool):
         if real:
@@ -617,26 +619,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                                               data_root=args.data_root, progress=lead)
             cfg = paper_config(args.n_quadruples, args.beta_range, args.seed, names, args.scale)
         else:
-            lm, gen, vlm, names = mini_models(args.scale, args.seed, progress=lead)
+            lm, gen, vlm, names = mini_models(args.scale, args.seed, args.gpus, progress=lead)
             cfg = mini_config(args.scale, args.seed, names, args.n_quadruples, args.panels, args.beta_range, args.shard_size)
         root = Path(args.out) if args.out else synthesis_folder(args.scale, cfg)
         if lead:
             root.mkdir(parents=True, exist_ok=True)
             shards.check_config(root, cfg.as_json())
             print(f"synthesis folder: {root} ({cfg.n_shards} shards of {cfg.shard_size} quadruples)", flush=True)
-        return {"models": (lm, gen, vlm), "cfg": cfg, "root": root, "t0": time.time()}
+        fresh = not (root / "manifest.json").is_file() or bool(shards.missing(root, cfg.n_shards))  # a finished one keeps its timing
+        return {"models": (lm, gen, vlm), "cfg": cfg, "root": root, "t0": time.time(), "fresh": fresh}
 
     def work(st, shard: int, num_shards: int):
         st["processes"] = num_shards
-        synthesize(st["root"], st["cfg"], *st["models"], shard=shard, num_shards=num_shards, progress=shard == 0)
+        return synthesize(st["root"], st["cfg"], *st["models"], shard=shard, num_shards=num_shards, progress=shard == 0)
 
     def finish(st):
-        record_timing(st["root"], time.time() - st["t0"], st["processes"])
         manifest = assemble(st["root"], args.keep_mean)
+        if st["fresh"]:
+            record_timing(st["root"], time.time() - st["t0"], st["processes"])
         print(f"{synthesis_summary(manifest)}; SynCPR.json in {st['root']}", flush=True)
         return manifest
 
     shards.distributed_run(prepare, work, finish, args.shard, args.num_shards, args.timeout_hours)
+    shards.end_group()
     return 0
 
 

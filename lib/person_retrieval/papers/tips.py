@@ -777,27 +777,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  vlm=args.vlm, dataset=args.dataset, adapters=("spg", "idpg"), data_root=args.data_root, progress=lead)
         root = dataset_root(args.dataset, args.data_root, args.scale, args.seed)
         few = few_shot_split(args.dataset, root, args.few_shot_share, args.few_shot_seed) if args.scenario == "few_shot" else None
-        plan = tips_plan(args.scale, args.seed, 0, args.dataset, args.data_root, args.scenario, args.source, args.n_prompts, few, models,
+        plan = tips_plan(args.scale, args.seed, args.gpus, args.dataset, args.data_root, args.scenario, args.source, args.n_prompts, few, models,
                          lead, keep_score=args.keep_score, max_tries=args.max_tries,
                          **({} if args.shard_size is None else {"shard_size": args.shard_size}))
         if lead:
             plan["root"].mkdir(parents=True, exist_ok=True)
             shards.check_config(plan["root"], plan["cfg"].as_json())
             print(f"synthesis folder: {plan['root']} ({plan['cfg'].n_shards} shards of {plan['cfg'].shard_size} identities)", flush=True)
-        return {**plan, "t0": time.time()}
+        root = plan["root"]
+        fresh = not (root / "manifest.json").is_file() or bool(shards.missing(root, plan["cfg"].n_shards))  # a finished one keeps its timing
+        return {**plan, "t0": time.time(), "fresh": fresh}
 
     def work(st, shard: int, num_shards: int):
         st["processes"] = num_shards
-        synthesize(st["root"], st["cfg"], *st["models"], *st["domain"], shard=shard, num_shards=num_shards, progress=shard == 0)
+        return synthesize(st["root"], st["cfg"], *st["models"], *st["domain"], shard=shard, num_shards=num_shards, progress=shard == 0)
 
     def finish(st):
-        record_timing(st["root"], time.time() - st["t0"], st["processes"])
         man = assemble(st["root"])
+        if st["fresh"]:
+            record_timing(st["root"], time.time() - st["t0"], st["processes"])
         print(f"{man['identities']} identities, {man['images']} images, {man['pairs']} pairs kept; a CUHK-PEDES folder in {st['root']}",
               flush=True)
         return man
 
     shards.distributed_run(prepare, work, finish, args.shard, args.num_shards, args.timeout_hours)
+    shards.end_group()
     return 0
 
 
