@@ -73,3 +73,18 @@ def test_r1_by_resolution_has_a_row_per_camera(tiny_world):
     bb = build_backbone(None, "tiny")
     table = r1_by_resolution(DualEncoder(bb).eval(), split_data("cuhk_pedes", root, "test", bb), root)
     assert list(table.capture) == ["full", "half", "quarter"] and table.R1.between(0, 100).all()
+
+
+def test_the_backbones_spread_summary_known_answer():
+    """Mean, standard deviation (n - 1), lowest, highest and range of R1 over backbone seeds, per dataset and stage."""
+    import pandas as pd
+
+    from person_retrieval.papers.tpr import spread_summary
+
+    runs = pd.DataFrame({"backbone_seed": [0, 1, 2, 0, 1, 2], "dataset": ["cuhk_pedes"] * 6,
+                         "stage": ["zero-shot"] * 3 + ["IRRA"] * 3, "R1": [20.0, 22.0, 27.0, 50.0, 51.0, 52.0]})
+    s = spread_summary(runs).set_index("stage")
+    assert list(s.index) == ["zero-shot", "IRRA"]  # in the order the runs came
+    assert s.loc["zero-shot", "mean"] == 23.0 and s.loc["zero-shot", "range"] == 7.0 and s.loc["zero-shot", "seeds"] == 3
+    assert abs(s.loc["zero-shot", "std"] - (((3 ** 2 + 1 ** 2 + 4 ** 2) / 2) ** 0.5)) < 1e-12
+    assert s.loc["IRRA", "lowest"] == 50.0 and s.loc["IRRA", "highest"] == 52.0 and s.loc["IRRA", "std"] == 1.0

@@ -33,7 +33,7 @@ def test_notebooks_have_no_outputs_and_a_parameters_cell():
 # Notebooks 02_tips and 03 split their synthesis's shards over two processes (02_tips also trains over two). Notebooks 04, 05
 # and 06 train over two gloo processes, as the user's `papermill notebooks/04_fafa.ipynb out.ipynb -p gpus 2` does.
 # Notebooks 04-07 repeat over two seeds (the spread needs more than one).
-EXTRA = {"01_tpr_baselines": {"gpus": 2}, "02_tips": {"gpus": 2, "seeds": [0, 1]}, "03_syncpr_itcpr": {"gpus": 2}, "04_fafa": {"gpus": 2, "seeds": [0, 1]},
+EXTRA = {"01_tpr_baselines": {"gpus": 2, "backbone_seeds": [0, 1]}, "02_tips": {"gpus": 2, "seeds": [0, 1]}, "03_syncpr_itcpr": {"gpus": 2}, "04_fafa": {"gpus": 2, "seeds": [0, 1]},
          "05_ceca": {"gpus": 2, "seeds": [0, 1]},
          "06_diana": {"gpus": 2, "seeds": [0, 1]},
          "07_ctgi": {"seeds": [0, 1]}}
@@ -46,6 +46,9 @@ def test_notebook_runs_at_tiny(nb, tmp_path):
     params = {"scale": "tiny", "seed": 0, **EXTRA.get(nb.stem, {})}
     pm.execute_notebook(str(nb), str(tmp_path / nb.name), parameters=params, kernel_name="python3", cwd=str(tmp_path),
                         progress_bar=False)
+    if nb.stem == "01_tpr_baselines":  # the backbone's spread: one verdict per dataset and stage, over two backbone seeds
+        out = (tmp_path / nb.name).read_text()
+        assert out.count("over 2 backbone seed(s) -> ") == 6 and "under every backbone seed and dataset -> " in out
     if nb.stem == "08_demos":  # at tiny the generation demo says that its generator draws no people
         assert "At scale tiny the generator draws no people" in (tmp_path / nb.name).read_text()
 

@@ -76,6 +76,34 @@ def bar_chart(values: dict, title: str = "", ylabel: str = "", sort: bool = True
     return fig
 
 
+def seed_strips(df, x: str, hue: str, y: str, seed: str, title: str = ""):
+    """One dot per seed (labelled with it) for each ``x`` category, the ``hue`` groups side by side, and each
+    group's mean as a short bar: how far the seeds fall apart, at a glance."""
+    import matplotlib.pyplot as plt
+
+    xs, hues = list(dict.fromkeys(df[x])), list(dict.fromkeys(df[hue]))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(xs) + 1), 3))
+    width = 0.8 / max(1, len(hues))
+    for j, h in enumerate(hues):
+        color = f"C{j}"
+        for i, c in enumerate(xs):
+            part = df[(df[x] == c) & (df[hue] == h)]
+            pos = i - 0.4 + width * (j + 0.5)
+            ax.scatter([pos] * len(part), part[y], color=color, s=18, label=h if i == 0 else None, zorder=3)
+            for _, r in part.iterrows():
+                ax.annotate(str(r[seed]), (pos, r[y]), xytext=(4, 0), textcoords="offset points", fontsize=6, va="center")
+            if len(part):
+                m = part[y].mean()
+                ax.plot([pos - width / 3, pos + width / 3], [m, m], color=color, lw=1.5)
+    ax.set_xticks(range(len(xs)), xs)
+    ax.set_ylabel(y)
+    ax.legend(fontsize=7, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def heatmaps(tables: dict, fmt: str = "{:.1f}", cmap: str = "viridis"):
     """Side-by-side annotated heatmaps of equally shaped DataFrames (e.g. train x test R1)."""
     import matplotlib.pyplot as plt
