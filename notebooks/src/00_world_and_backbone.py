@@ -185,7 +185,7 @@ for name in ("cuhk_pedes", "icfg_pedes", "rstpreid"):
             st["caption coverage"] = world.caption_coverage(roots[name], sp)
         rows.append({"dataset": name, "split": sp, **st, "source": source})
 ref = reports.reported("dataset_statistics")
-ref = ref[ref.dataset != "itcpr"].assign(source="paper (TIPS App. A)").drop(columns=["note"])
+ref = ref[ref.dataset != "itcpr"].assign(source="paper (TIPS App. C.1; the 'train (CECA)' row: CECA's supplement)").drop(columns=["note"])
 stats = pd.concat([pd.DataFrame(rows), ref], ignore_index=True)
 stats = stats.sort_values(["dataset", "source"], kind="stable").reset_index(drop=True)
 reports.save_table(stats, "00_dataset_statistics", scale, title="Dataset statistics: this run beside the real datasets",

@@ -125,7 +125,7 @@ res = pd.DataFrame(results)
 # %%
 ours = res[(res.train == res.test) | (res.method == "zero-shot backbone")].rename(columns={"test": "dataset"})
 ours = ours.drop(columns=["train"]).assign(source=source)
-ref = reports.reported("tpr_baselines").drop(columns=["note"]).assign(source="paper (real data; CTGI Tables 1-3, TIPS Table 1)")
+ref = reports.reported("tpr_baselines").drop(columns=["note"]).assign(source="paper (real data; CTGI Tables 1-3, TIPS Table 1, DiaNA Table 3)")
 table = pd.concat([ours, ref], ignore_index=True).sort_values(["dataset", "source", "method"], kind="stable")
 reports.save_table(table, "01_tpr_baselines", scale, title="TPR baselines: R1/R5/R10/mAP/mINP per dataset")
 table.round(2)

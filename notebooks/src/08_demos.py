@@ -113,7 +113,7 @@ text_demo  # the live demo
 rows = [{"method": name, "dataset": d, **models.evaluate_retrieval(per[d] if isinstance(per, dict) else per,
                                                                     gallery_data.get(name, {}).get(d, test_sets[d]))}
         for name, per in text_models.items() for d in datasets]
-ref = reports.reported("tpr_baselines").drop(columns=["note"]).assign(source="paper (real data; CTGI Tables 1-3, TIPS Table 1)")
+ref = reports.reported("tpr_baselines").drop(columns=["note"]).assign(source="paper (real data; CTGI Tables 1-3, TIPS Table 1, DiaNA Table 3)")
 ref = ref[ref.dataset.isin(datasets)].assign(method=lambda x: x.method.replace({"CLIP zero-shot": "zero-shot"}))
 demo_table = pd.concat([pd.DataFrame(rows).assign(source=source), ref[ref.method.isin(text_models)]], ignore_index=True)
 reports.save_table(demo_table, "08_text_demo_models", scale, title="The text demo's models on the test splits, beside the papers")
