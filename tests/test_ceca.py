@@ -1,5 +1,6 @@
 """CECA (notebook 05): CAWL's weights and loss, the mixer, the model, and CAM's summaries on disk."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -41,36 +42,93 @@ def test_cawl_is_near_zero_when_every_view_agrees_and_large_when_the_summary_poi
     assert float(wrong) > 10
 
 
-def test_our_cawl_differs_from_the_released_one_exactly_where_one_minus_w_is_negative():
+def test_clipped_cawl_differs_from_the_released_one_exactly_where_one_minus_w_is_negative():
     c, t, i = _feats(1, n=8)
     pids = torch.tensor([0, 0, 1, 1, 2, 3, 4, 5])
-    ours = losses.cawl_loss(c, t, i, pids, logit_scale=20.0)
-    released = losses.cawl_loss(c, t, i, pids, logit_scale=20.0, released=True)
+    released = losses.cawl_loss(c, t, i, pids, logit_scale=20.0)
+    clipped = losses.cawl_loss(c, t, i, pids, logit_scale=20.0, clip_one_minus_w=True)
     w = losses.cawl_weights(c, t, i, pids, logit_scale=20.0)
-    q = (pids.view(-1, 1) == pids.view(1, -1)).float()
-    q = q / q.sum(1, keepdim=True)
+    pos = (pids.view(-1, 1) == pids.view(1, -1)).float()
     it = i @ t.T * 20.0
-    ce_it = (-(q * F.log_softmax(it, 1)).sum(1) - (q * F.log_softmax(it.T, 1)).sum(1)) / 2
+    ce = lambda m: -torch.log((F.softmax(m, 1) * pos).sum(1))  # noqa: E731  minus the log of the positives' mass
+    ce_it = (ce(it) + ce(it.T)) / 2
     assert (w > 1).any()
-    torch.testing.assert_close(released - ours, ((1 - w).clamp(max=0) * ce_it).mean())
+    torch.testing.assert_close(released - clipped, ((1 - w).clamp(max=0) * ce_it).mean())
 
 
-def test_released_cawl_pushes_a_confident_image_away_from_its_caption_and_ours_does_not():
-    """A sample whose summary is sure of itself (w > 1): the released loss falls as its image moves away from
-    its caption (a negative weight on the image-text term); ours has no such incentive from CAWL."""
-    c, t, i = _feats(2, n=8)
-    pids = torch.arange(8)
-    c = t.clone()  # every summary finds its caption; sample 0's also finds its image best
-    i = i.clone()
-    i[0] = t[0]
-    w = losses.cawl_weights(c, t, i, pids, logit_scale=20.0)
-    assert w[0] > 1
-    away = F.normalize(t[0] + 0.8 * F.normalize(torch.randn(8, generator=torch.Generator().manual_seed(5)), dim=0), dim=-1)
-    moved = i.clone()
-    moved[0] = away
-    d_rel = losses.cawl_loss(c, t, moved, pids, 20.0, released=True) - losses.cawl_loss(c, t, i, pids, 20.0, released=True)
-    d_ours = losses.cawl_loss(c, t, moved, pids, 20.0) - losses.cawl_loss(c, t, i, pids, 20.0)
-    assert d_ours > d_rel
+# A 3-sample batch with hand-computed values: C = identity, similarities in {0, 1} and logit scale ln 2, so
+# every exp(logit) is 1 or 2 and every softmax mass a fraction. pids (0, 0, 1): samples 0 and 1 are one person.
+LN2 = math.log(2)
+HAND_PIDS = torch.tensor([0, 0, 1])
+HAND_C = torch.eye(3)
+HAND_T = torch.eye(3)  # S_ct = C T^T = identity
+HAND_I = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])  # S_ci = I^T = [[0,0,1],[0,1,0],[0,0,1]]
+# p_ct = (3/4, 3/4, 2/4), p_ci = (2/4, 3/4, 2/4): products 6/16, 9/16, 4/16, mean 19/48 -> w = (18, 27, 12) / 19
+HAND_W = torch.tensor([18 / 19, 27 / 19, 12 / 19])
+# CE = -log(positives' mass): c->t (4/3, 4/3, 2), c->i (2, 4/3, 2) inside the logs; S_it = I: i->t masses (2/3, 3/4, 2/5),
+# t->i (2/4, 3/4, 2/4)
+HAND_CE_C = torch.tensor([math.log(8 / 3), math.log(16 / 9), math.log(4)])
+HAND_CE_IT = torch.tensor([math.log(3) / 2, math.log(4 / 3), math.log(5) / 2])
+
+
+def test_cawl_weights_hand_computed():
+    w = losses.cawl_weights(HAND_C, HAND_T, HAND_I, HAND_PIDS, logit_scale=LN2)
+    torch.testing.assert_close(w, HAND_W)
+
+
+def test_cawl_hand_computed_released_form_and_the_clipped_option():
+    released = (18 * math.log(8 / 3) + math.log(3) / 2 + 27 * math.log(16 / 9) - 8 * math.log(4 / 3)
+                + 12 * math.log(4) + 7 * math.log(5) / 2) / 19 / 3  # 1/B sum_i [w_i CE_c + (1 - w_i) CE_it]
+    got = losses.cawl_loss(HAND_C, HAND_T, HAND_I, HAND_PIDS, logit_scale=LN2)
+    assert got.item() == pytest.approx(released, rel=1e-6)
+    assert got.item() == pytest.approx(float((HAND_W * HAND_CE_C + (1 - HAND_W) * HAND_CE_IT).mean()), rel=1e-6)
+    # sample 1 has w = 27/19 > 1: clipping 1 - w = -8/19 to 0 removes its -8/19 CE_it(1), over B = 3
+    clipped = losses.cawl_loss(HAND_C, HAND_T, HAND_I, HAND_PIDS, logit_scale=LN2, clip_one_minus_w=True)
+    assert clipped.item() - got.item() == pytest.approx(8 / 19 * math.log(4 / 3) / 3, rel=1e-5)
+
+
+def test_cawl_defaults_are_the_release_s():
+    import inspect
+
+    assert inspect.signature(losses.cawl_loss).parameters["logit_scale"].default == 50.0
+    assert inspect.signature(losses.cawl_loss).parameters["clip_one_minus_w"].default is False
+    assert inspect.signature(losses.cawl_weights).parameters["clip"].default == (0.2, 5.0)
+    task = inspect.signature(ceca.CECATask.__init__).parameters
+    assert {k: task[k].default for k in ceca.RELEASE_LOSS} == ceca.RELEASE_LOSS == {"cawl": "released", "cawl_scale": 50.0,
+                                                                                     "tal_reduction": "sum"}
+
+
+def test_the_task_adds_summed_tal_and_averaged_cawl_as_the_release_does():
+    """L = sum_i TAL_global(i) + sum_i TAL_tokens(i) + 1/B sum_i CAWL(i), weights 1 (the release's processor sums
+    the model's three losses; compute_rbs sums TAL, build.py averages CAWL)."""
+    c, t, i = _feats(3, n=5)
+    g, tok_i, tok_t = _feats(4, n=5)
+    pids = torch.tensor([0, 0, 1, 2, 3])
+    img = {"global": g, "tse": tok_i, "summary": c, "image": i}
+    txt = {"global": t, "tse": tok_t}
+    task = ceca.CECATask.__new__(ceca.CECATask)  # the loss alone: no data, no backbone
+    task.tau, task.margin, task.cawl, task.cawl_scale, task.tal_reduction = 0.015, 0.1, "released", 50.0, "sum"
+    batch = {"image": None, "ids": None, "image_text": None, "pid": pids}
+    total, logs = task.loss(lambda *a: (img, txt), batch, lambda x: x)
+    tal_g = losses.tal_loss(g, t, pids, reduction="sum")
+    tal_t = losses.tal_loss(tok_i, tok_t, pids, reduction="sum")
+    cawl = losses.cawl_loss(c, t, i, pids, logit_scale=50.0)
+    torch.testing.assert_close(total, tal_g + tal_t + cawl)
+    torch.testing.assert_close(logs["tal_global"], 5 * losses.tal_loss(g, t, pids))  # the sum is B times the mean
+    task.tal_reduction, task.cawl = "mean", "clipped"  # the earlier balance, and the named option
+    total, _ = task.loss(lambda *a: (img, txt), batch, lambda x: x)
+    torch.testing.assert_close(total, losses.tal_loss(g, t, pids) + losses.tal_loss(tok_i, tok_t, pids)
+                               + losses.cawl_loss(c, t, i, pids, clip_one_minus_w=True))
+
+
+def test_fit_ceca_keys_runs_by_the_loss_settings(monkeypatch):
+    monkeypatch.setattr(ceca, "fit_tpr", lambda *a, **k: k["task_kw"])
+    kw = ceca.fit_ceca("icfg_pedes", "root", "summaries")
+    assert {k: kw[k] for k in ceca.RELEASE_LOSS} == ceca.RELEASE_LOSS
+    assert ceca.fit_ceca("icfg_pedes", "root", "summaries", variant="CECA, CAWL with 1 - w clipped at 0")["cawl"] == "clipped"
+    assert ceca.fit_ceca("icfg_pedes", "root", "summaries", variant="CECA without CAWL (TAL only)")["cawl"] is None
+    with pytest.raises(ValueError):
+        ceca.CECATask(summaries="s", cawl="ours")
 
 
 # ---------------------------------------------------------------------------------------------- BCM

@@ -125,3 +125,33 @@ def test_mfr_known_value_on_the_masked_dimensions():
     x = losses.mfr_loss(torch.randn(16, 2), torch.randn(16, 2), net, mask_ratio=0.3, generator=g)
     x.backward()
     assert x.item() > 0 and net[0].weight.grad is not None
+
+
+# S = img @ txt.T with img = I: S = txt.T. Distinct ids, tau 0.015, margin 0.1. Active hinges (the smooth max
+# tau log sum exp(S / tau) over each anchor's two negatives): i->t row 0: 0.1 - 0.2 + smax(0.5, 0.1),
+# row 1: 0.1 - 0.4 + smax(0.35, 0.0); t->i column 0: 0.1 - 0.2 + smax(0.35, 0.0), column 1: 0.1 - 0.4 + smax(0.5, 0.6);
+# the others are below zero (row 2: 0.1 - 0.9 + smax(0, 0.6); column 2: 0.1 - 0.9 + smax(0.1, 0)).
+TAL_S = torch.tensor([[0.2, 0.5, 0.1], [0.35, 0.4, 0.0], [0.0, 0.6, 0.9]])
+
+
+def _smax(*v, tau=0.015):
+    return tau * math.log(sum(math.exp(x / tau) for x in v))
+
+
+def test_tal_sum_and_mean_reductions_hand_computed():
+    total = (0.1 - 0.2 + _smax(0.5, 0.1)) + (0.1 - 0.4 + _smax(0.35, 0.0)) \
+        + (0.1 - 0.2 + _smax(0.35, 0.0)) + (0.1 - 0.4 + _smax(0.5, 0.6))  # about 0.4 + 0.05 + 0.25 + 0.3
+    pids = torch.arange(3)
+    summed = losses.tal_loss(torch.eye(3), TAL_S.T, pids, reduction="sum")
+    assert summed.item() == pytest.approx(total, abs=1e-6)
+    assert losses.tal_loss(torch.eye(3), TAL_S.T, pids).item() == pytest.approx(total / 3, abs=1e-6)  # "mean", the default
+    with pytest.raises(ValueError):
+        losses.tal_loss(torch.eye(3), TAL_S.T, pids, reduction="none")
+
+
+def test_multi_positive_ce_is_minus_the_log_of_the_positives_mass():
+    logits = torch.log(torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]))  # softmax (1/6, 2/6, 3/6) on both rows
+    pos = torch.tensor([[True, True, False], [False, False, True]])
+    # row 0: -log(1/6 + 2/6) = log 2 (the soft-target mean would be (log 6 + log 3) / 2); row 1: -log(3/6) = log 2
+    torch.testing.assert_close(losses.multi_positive_ce(logits, pos), torch.tensor([math.log(2), math.log(2)]))
+    torch.testing.assert_close(losses.multi_positive_ce(logits, pos.float()), torch.tensor([math.log(2), math.log(2)]))

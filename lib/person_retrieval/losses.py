@@ -72,14 +72,23 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
-def tal_loss(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor, tau: float = 0.015, margin: float = 0.1) -> torch.Tensor:
+def tal_loss(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor, tau: float = 0.015, margin: float = 0.1,
+             reduction: str = "mean") -> torch.Tensor:
     """RDE's triplet alignment loss, both directions.
 
     For an anchor, the positive score is the softmax(S/tau)-weighted mean over its positives (weights
     not back-propagated), the negative score a smooth maximum ``tau * log sum exp(S/tau)`` over its
     negatives, and the loss a hinge ``[margin - positive + negative]_+``. As tau -> 0 this is the hardest
     -negative triplet loss; a larger tau spreads the gradient over many negatives.
+
+    ``reduction``: how the anchors' hinges combine, per direction: "mean" (notebook 01's RDE) or "sum", as
+    the released code returns it (CECA's ``compute_rbs``: ``loss.sum()``), which weighs TAL B times more
+    than a mean does against a term that is averaged.
     """
+    # L = sum_{S in (S, S^T)} R_i [ m - sum_{j in P(i)} a_ij S_ij + tau log sum_{k not in P(i)} exp(S_ik / tau) ]_+,
+    # a_ij = softmax_{j in P(i)}(S_ij / tau) (no gradient), R_i = 1/B sum_i ("mean") or sum_i ("sum")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     pos = positive_mask(pids).bool()
     sim = img @ txt.T
     big = -1e4  # a finite "minus infinity": exp(big / tau) underflows to exactly 0, with no NaN gradients
@@ -88,7 +97,8 @@ def tal_loss(img: torch.Tensor, txt: torch.Tensor, pids: torch.Tensor, tau: floa
         w = torch.softmax(s.detach().masked_fill(~pos, big) / tau, dim=1)  # weights over positives only
         p = (w * s).sum(1)
         n = tau * torch.logsumexp(s.masked_fill(pos, big) / tau, dim=1)  # smooth max over negatives
-        loss = loss + F.relu(margin - p + n).mean()
+        hinge = F.relu(margin - p + n)
+        loss = loss + (hinge.sum() if reduction == "sum" else hinge.mean())
     return loss
 
 
@@ -155,37 +165,46 @@ def mfr_loss(query: torch.Tensor, target_mean: torch.Tensor, phi, mask_ratio: fl
 
 # ---------------------------------------------------------------------------------------------
 # CECA (notebook 05): the MLLM's summary of each image as a third view.
-def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-row cross-entropy against a target distribution (rows of ``target`` sum to 1)."""
-    return -(target * F.log_softmax(logits, dim=1)).sum(1)
+def multi_positive_ce(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy with several positives, as CECA's release computes it (``_row_multi_pos_ce``):
+    minus the log of the softmax mass on the row's positives (not the mean of their log-probabilities).
+    ``logits`` [B, N], ``pos`` [B, N] (1 or True: a positive; every row has one) -> [B]."""
+    # CE_i = -log sum_{j in P(i)} softmax_j(l_i) = logsumexp_k l_ik - logsumexp_{j in P(i)} l_ij
+    return torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~pos.bool(), float("-inf")), 1)
 
 
 def cawl_weights(summary: torch.Tensor, txt: torch.Tensor, img: torch.Tensor, pids: torch.Tensor,
                  logit_scale: float = 50.0, clip: tuple[float, float] = (0.2, 5.0)) -> torch.Tensor:
     """CECA's confidence per sample (no gradient): w_i = p_ct(i) * p_ci(i), the softmax mass that summary i
-    puts on its positive captions and on its positive images, divided by the batch mean, clipped to ``clip``."""
+    puts on its positive captions and on its positive images, divided by the batch mean, clipped to ``clip``
+    (the release's floors too: each p at least 1e-8, their product at least 1e-8)."""
+    # w_i = clip( p_ct(i) p_ci(i) / (1/B sum_k p_ct(k) p_ci(k)), 0.2, 5 ),  p_cx(i) = sum_{j in P(i)} softmax_j(s C_i . X_j)
     with torch.no_grad():
         pos = positive_mask(pids)
-        p_ct = (F.softmax(summary @ txt.T * logit_scale, dim=1) * pos).sum(1)
-        p_ci = (F.softmax(summary @ img.T * logit_scale, dim=1) * pos).sum(1)
-        w = p_ct * p_ci
-        return (w / w.mean().clamp_min(1e-12)).clamp(*clip)  # w / mean(w), clipped to [0.2, 5]
+        p_ct = (F.softmax(summary @ txt.T * logit_scale, dim=1) * pos).sum(1).clamp(1e-8, 1.0)
+        p_ci = (F.softmax(summary @ img.T * logit_scale, dim=1) * pos).sum(1).clamp(1e-8, 1.0)
+        w = (p_ct * p_ci).clamp_min(1e-8)
+        return (w / w.mean().clamp_min(1e-8)).clamp(*clip)  # w / mean(w), clipped to [0.2, 5]
 
 
 def cawl_loss(summary: torch.Tensor, txt: torch.Tensor, img: torch.Tensor, pids: torch.Tensor, logit_scale: float = 50.0,
-              clip: tuple[float, float] = (0.2, 5.0), released: bool = False) -> torch.Tensor:
+              clip: tuple[float, float] = (0.2, 5.0), clip_one_minus_w: bool = False) -> torch.Tensor:
     """CECA's confidence-aware weighting loss over normalised summary ``C``, caption ``T`` and image ``I``
-    features (row i one sample; positives by person id):
-    L = 1/B sum_i [ w_i (CE_c->t + CE_c->i) + (1 - w_i) (CE_i->t + CE_t->i) / 2 ],  w = :func:`cawl_weights`.
-    A confident summary teaches the caption and the image; an unsure one hands the sample back to plain
-    image-text alignment. ``released=False`` (ours) uses max(1 - w, 0): w is divided by its batch mean, so
-    its mean is 1 and some samples of every batch have w > 1, and the released code's negative 1 - w would then *raise* those
-    samples' image-text loss (push an image away from its own caption). ``released=True`` keeps it."""
+    features (row i one sample; positives by person id), averaged over the batch as the release averages it:
+    L = 1/B sum_i [ w_i (CE_c->t(i) + CE_c->i(i)) + (1 - w_i) (CE_i->t(i) + CE_t->i(i)) / 2 ],  w = :func:`cawl_weights`,
+    each CE :func:`multi_positive_ce` (minus the log of the positives' summed softmax mass) at ``logit_scale``
+    50, the release's. A confident summary teaches the caption and the image; an unsure one hands the sample
+    back to plain image-text alignment. The supplement gives no formula for CAWL; this is the release's form
+    (``compute_gate_infonce_per_from_scores``), which wins where the two could differ.
+
+    w is divided by its batch mean, so its mean is 1 and some samples of every batch have w > 1, where the
+    release's 1 - w is negative and *raises* those samples' image-text loss (pushes an image away from its own
+    caption). ``clip_one_minus_w=True`` takes max(1 - w_i, 0) instead (this project's earlier default)."""
+    # L = 1/B sum_i [ w_i (CE_ct + CE_ci) + r_i (CE_it + CE_ti) / 2 ],  r_i = 1 - w_i, or max(1 - w_i, 0) (clip_one_minus_w)
     w = cawl_weights(summary, txt, img, pids, logit_scale, clip)
-    pos = positive_mask(pids)
-    q = pos / pos.sum(1, keepdim=True)  # uniform over the positives
-    ce_c = _soft_ce(summary @ txt.T * logit_scale, q) + _soft_ce(summary @ img.T * logit_scale, q)  # CE_c->t + CE_c->i
+    pos = positive_mask(pids).bool()
+    ce_c = multi_positive_ce(summary @ txt.T * logit_scale, pos) + multi_positive_ce(summary @ img.T * logit_scale, pos)
     it = img @ txt.T * logit_scale
-    ce_it = (_soft_ce(it, q) + _soft_ce(it.T, q)) / 2  # (CE_i->t + CE_t->i) / 2; row i of it.T is caption i
-    rest = (1 - w) if released else (1 - w).clamp_min(0)
+    ce_it = (multi_positive_ce(it, pos) + multi_positive_ce(it.T, pos)) / 2  # (CE_i->t + CE_t->i) / 2; row i of it.T is caption i
+    rest = (1 - w).clamp_min(0) if clip_one_minus_w else 1 - w
     return (w * ce_c + rest * ce_it).mean()

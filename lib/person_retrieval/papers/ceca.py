@@ -281,23 +281,38 @@ class CECAModel(RDEModel):
 
 
 # ---------------------------------------------------------------------------------------------
+#: The loss as the release has it (CECATask's defaults): TAL summed over the batch (``compute_rbs``), CAWL
+#: averaged with 1 - w as it comes, its cross-entropies at logit scale 50. They enter every run's cache key
+#: (:func:`fit_ceca`), so a run trained under another loss is never read back as this one.
+RELEASE_LOSS = {"cawl": "released", "cawl_scale": 50.0, "tal_reduction": "sum"}
+
+
 class CECATask(RDETask):
     """CECA on one TPR dataset: TAL on the global features (0.7 image + 0.3 summary against the caption),
-    TAL on the token-level features, plus CAWL (``cawl``: "ours" clips 1 - w at 0, "released" does not,
-    None leaves CAWL out: TAL only). ``summaries``: the folder :func:`build_summaries` wrote.
+    TAL on the token-level features, plus CAWL, with weights 1, 1, 1 as the release adds them:
+    L = sum_i TAL_global(i) + sum_i TAL_tokens(i) + 1/B sum_i CAWL(i). ``summaries``: the folder
+    :func:`build_summaries` wrote.
 
-    ``cawl_scale``: the inverse temperature of CAWL's cross-entropies. Chosen on validation (ICFG-PEDES style
-    at small, seed 0, held-out training identities, notebook 01's 5 epochs): 1/0.07 (CLIP's initial
-    temperature) gave R1 86.2, 50 (IRRA's 1/0.02) 80.6; TAL alone 86.0, RDE 85.7. The released CAWL at 50:
-    63.8."""
+    ``cawl``: "released" (the default, :func:`losses.cawl_loss` as released: 1 - w may go negative),
+    "clipped" (max(1 - w, 0): ``clip_one_minus_w``) or None (CAWL left out: TAL only). ``cawl_scale``: the
+    inverse temperature of CAWL's cross-entropies, 50 as released. ``tal_reduction``: "sum" as released, or
+    "mean" (each TAL averaged over the batch; CAWL then weighs about B times more against TAL). The supplement
+    says only that the objective adds the global and local TAL and CAWL; where it is silent, the release's
+    reading is followed. (Before the balance matched the release, with both averaged and a soft-target
+    cross-entropy, validation at small had preferred a CAWL scale of 1/0.07 over 50; that choice predates
+    this loss.)"""
 
-    def __init__(self, *a, summaries: str, cawl: str | None = "ours", use_bcm: bool = True, omega: float = 0.3,
-                 cond_ratio: float = 0.3, gate_init: float = -3.0, cawl_scale: float = 1 / 0.07, **kw):
+    def __init__(self, *a, summaries: str, cawl: str | None = RELEASE_LOSS["cawl"], use_bcm: bool = True, omega: float = 0.3,
+                 cond_ratio: float = 0.3, gate_init: float = -3.0, cawl_scale: float = RELEASE_LOSS["cawl_scale"],
+                 tal_reduction: str = RELEASE_LOSS["tal_reduction"], **kw):
+        if cawl not in ("released", "clipped", None):
+            raise ValueError(f"cawl must be 'released', 'clipped' or None, got {cawl!r}")
+        if tal_reduction not in ("sum", "mean"):
+            raise ValueError(f"tal_reduction must be 'sum' or 'mean', got {tal_reduction!r}")
         super().__init__(*a, **kw)
-        if cawl not in ("ours", "released", None):
-            raise ValueError(f"cawl must be 'ours', 'released' or None, got {cawl!r}")
         self.summaries, self.cawl, self.use_bcm = summaries, cawl, use_bcm
         self.omega, self.cond_ratio, self.gate_init, self.cawl_scale = omega, cond_ratio, gate_init, cawl_scale
+        self.tal_reduction = tal_reduction
 
     def build(self) -> CECAModel:
         return CECAModel(fixed_temperature(self.backbone), self.ratio, self.cond_ratio, self.gate_init,
@@ -315,12 +330,13 @@ class CECATask(RDETask):
         img, txt = model(batch["image"], batch["ids"], batch["image_text"])
         pid = gather(batch["pid"])
         n = lambda k, d: F.normalize(gather(d[k]), dim=-1)  # noqa: E731
-        parts = {k: losses.tal_loss(n(k, img), n(k, txt), pid, tau=self.tau, margin=self.margin) for k in ("global", "tse")}
+        parts = {k: losses.tal_loss(n(k, img), n(k, txt), pid, tau=self.tau, margin=self.margin, reduction=self.tal_reduction)
+                 for k in ("global", "tse")}
         total = parts["global"] + parts["tse"]
         logs = {"tal_global": parts["global"].detach(), "tal_tokens": parts["tse"].detach()}
         if self.cawl is not None:
             c = losses.cawl_loss(n("summary", img), n("global", txt), n("image", img), pid, logit_scale=self.cawl_scale,
-                                released=self.cawl == "released")
+                                 clip_one_minus_w=self.cawl == "clipped")
             total = total + c
             logs["cawl"] = c.detach()
         return total, logs
@@ -331,7 +347,7 @@ VARIANTS = {
     "CECA": {},
     "CECA without BCM": {"use_bcm": False},
     "CECA without CAWL (TAL only)": {"cawl": None},
-    "CECA, released CAWL (1 - w may go negative)": {"cawl": "released"},
+    "CECA, CAWL with 1 - w clipped at 0": {"cawl": "clipped"},
 }
 NEW_LAYERS = ["tse_img", "tse_txt", "bcm"]
 
@@ -343,7 +359,8 @@ def fit_ceca(dataset: str, root, summaries, scale: str = "small", seed: int = 0,
     the baselines' runs are."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    kw = {"summaries": str(summaries), "cond_ratio": cond_ratio, "gate_init": gate_init, **VARIANTS[variant], **(task_kw or {})}
+    kw = {"summaries": str(summaries), "cond_ratio": cond_ratio, "gate_init": gate_init, **RELEASE_LOSS, **VARIANTS[variant],
+          **(task_kw or {})}
     return fit_tpr("ceca", "person_retrieval.papers.ceca:CECATask", NEW_LAYERS, dataset, root, scale=scale, seed=seed,
                    gpus=gpus, init=init, weights=weights, progress=progress, task_kw=kw, **overrides)
 
@@ -423,5 +440,5 @@ def paired_claim(a: pd.DataFrame, b: pd.DataFrame, metric: str, not_hurt: bool =
 
 
 __all__ = ["cam", "summarize_split", "build_summaries", "read_summaries", "summaries_of", "summary_text", "cam_counts", "with_summaries", "image_key",
-           "MixerBlock", "BidirectionalMixer", "CECAModel", "CECATask", "VARIANTS", "fit_ceca", "without_summaries",
+           "MixerBlock", "BidirectionalMixer", "CECAModel", "CECATask", "RELEASE_LOSS", "VARIANTS", "fit_ceca", "without_summaries",
            "evaluate_settings", "identity_spread", "summary_errors", "paired_claim"]
