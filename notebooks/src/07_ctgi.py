@@ -40,7 +40,7 @@ vlm: Optional[str] = None        # None: the mini MLLM; a name or folder: a tran
 llm: Optional[str] = None        # None: the mini LM; a name or folder: a transformers LLM as the reconstructor (the paper: GPT-4o)
 rounds: int = 6               # MTG question-answer rounds per image
 top_k: int = 20               # MTI: candidates the MLLM may confirm
-lam: float = 0.5              # MTI: weight of the original query's scores (eq. 7)
+lam: float = 0.5              # MTI: weight of the original query's scores (eq. 7; the paper gives no value: ours)
 xi: float = 0.85              # MTI: early exit when the top-1 similarity passes this and the MLLM confirms it
 ablation_methods: list = ["irra"]  # Table 4's MTI-alone and no-PES runs; ["irra", "rde"] adds RDE's (about 90 s per repeat)
 epochs: Optional[int] = None     # None: the paper's schedule (at small: 3 epochs per run); N: every fine-tuning run trains N epochs
@@ -127,9 +127,12 @@ reports.save_figure(fig, "07_mtg_examples", scale)
 # ## 2 · PES: room for longer captions
 #
 # CLIP's text encoder has 77 learned position embeddings. CTGI keeps the first 20, which are the best
-# trained, and stretches the other 57 four times by linear interpolation, to 248 positions (eq. 4):
+# trained, and stretches the other 57 four times by linear interpolation, to 248 positions:
 # $PE^*(20 + 4j + r) = (1 - \tfrac{r}{4})\,PE(20 + j) + \tfrac{r}{4}\,PE(21 + j)$, $r = 0..3$. The
-# pretrained model needs no retraining to read 248 tokens. Below, two coordinates of the mini CLIP's
+# pretrained model needs no retraining to read 248 tokens. This is Long-CLIP's interpolation, which CTGI
+# cites; CTGI's eq. 4 as printed is a misprint of it (it indexes $PE(\lfloor pos/\lambda_2 \rfloor)$ for
+# $21 \le pos \le 77$ only, with the first 20 positions not subtracted, so it neither fills 78-248 nor
+# continues from position 20), and the code uses the corrected form above. Below, two coordinates of the mini CLIP's
 # table before (dots) and after (line) stretching, plotted against the relative position in the text.
 
 # %%
@@ -389,7 +392,8 @@ cost_mean.round(2)
 # %% [markdown]
 # ## The weight $\lambda$
 #
-# $\lambda = 1$ keeps the original scores, so only the anchor moves to the top; $\lambda = 0$ ranks by the
+# CTGI does not give the value of $\lambda$ in eq. 7; the default `lam = 0.5` is this project's choice, and
+# the sweep below shows what it costs. $\lambda = 1$ keeps the original scores, so only the anchor moves to the top; $\lambda = 0$ ranks by the
 # refined query alone. R1 barely depends on $\lambda$ (the anchor is ranked first either way); the rest of
 # the ranking, and so mAP, does.
 
