@@ -49,15 +49,96 @@ def test_the_anchor_starts_at_the_zero_shot_composition_and_lets_the_qformer_in(
         assert m.targets(gal).std(1).max() > 1e-3  # the Q-Former's tokens now differ
 
 
-def test_batches_are_whole_groups():
+def _triplet_batches(sampler=None):
     groups = [[0, 1], [2], [3, 4, 5]]
     n = 6
-    d = fafa._GroupBatches(groups, torch.arange(n), torch.arange(n), torch.arange(n), torch.randn(n, 3, 4), torch.randn(n, 5, 4),
-                           torch.tensor([[1, 1, 0, 0, 0]] * n))
+    kw = {} if sampler is None else {"sampler": sampler}
+    return fafa._TripletBatches(groups, torch.arange(n), torch.arange(n), torch.arange(n), torch.randn(n, 3, 4), torch.randn(n, 5, 4),
+                                torch.tensor([[1, 1, 0, 0, 0]] * n), **kw)
+
+
+def test_batches_are_whole_groups_with_the_grouped_sampler():
+    d = _triplet_batches("groups")
     b = d.batch([2, 1])
     assert b["gid"].tolist() == [2, 2, 1, 1] and b["ref"].shape == (4, 3, 4)
+    assert b["ref"][:, 0, 0].tolist() == d.img[[3, 4, 2, 2], 0, 0].tolist()  # group 2's first two, group 1's one twice
     assert b["text"].shape[1] == 2  # trimmed to the longest caption of the batch
     assert len(d) == 3
+
+
+def test_the_default_sampler_gives_shuffled_batches_of_triplets():
+    """As the release trains (a shuffled DataLoader of triplets; its grouped sampler is switched off): the loop's items
+    are the triplets themselves, each with its cpr_id group's index, in the loop's random order."""
+    from person_retrieval.train import epoch_order
+
+    assert fafa.SAMPLER == "shuffled" and fafa.ITC_SCORE == "max_token"
+    d = _triplet_batches()
+    assert d.sampler == "shuffled" and len(d) == 6  # triplets, not groups
+    order = epoch_order(len(d), seed=0, epoch=0)
+    assert sorted(order.tolist()) == list(range(6)) and order.tolist() != list(range(6))
+    rows, gids = d.rows(order[:4])
+    assert rows == order[:4].tolist() and gids == [{0: 0, 1: 0, 2: 1}.get(r, 2) for r in rows]
+    b = d.batch([5, 0, 2])
+    assert b["gid"].tolist() == [2, 0, 1] and torch.equal(b["ref"], d.img[[5, 0, 2]])
+    # the tasks and the run functions draw shuffled batches unless told otherwise
+    assert fafa.FAFATask("nowhere").sampler == "shuffled" and fafa.Blip2FAFATask("nowhere", "none").sampler == "shuffled"
+    assert fafa.FAFATask("nowhere", sampler="groups").sampler == "groups"
+    import inspect
+
+    for f in (fafa.fit_fafa, fafa.fit_fafa_blip2, fafa.can_train, fafa.items_needed):
+        assert inspect.signature(f).parameters["sampler"].default == "shuffled"
+    for f in (fafa.fit_fafa, fafa.fit_fafa_blip2, fafa.fafa_loss):
+        assert inspect.signature(f).parameters["itc_score"].default == "max_token"
+    with pytest.raises(ValueError, match="unknown sampler"):
+        fafa.FAFATask("nowhere", sampler="grouped")
+    with pytest.raises(ValueError, match="unknown itc_score"):
+        fafa.Blip2FAFATask("nowhere", "none", itc_score="mean")
+    # the batch is counted in triplets: the grouped sampler's loop takes groups of PER_GROUP
+    assert fafa._loop_batch(256, "shuffled") == 256 and fafa._loop_batch(256, "groups") == 128
+    assert fafa.BLIP2_FAFA_CONFIG["batch_size"] == 256  # the release's --batch-size 256
+
+
+def _itc_example():
+    """Two composed queries and two targets of three tokens in R^4 (a 2x3x4 example)."""
+    e = torch.eye(4)
+    comp = torch.stack([e[0], e[1]])
+    tgt = torch.stack([torch.stack([e[0], e[2], e[3]]),  # target 0: its mean token (1, 0, 1, 1) / 3
+                       torch.stack([e[1], e[1], -e[0]])])  # target 1: its mean token (-1, 2, 0, 0) / 3
+    return comp, tgt
+
+
+def test_itc_is_blip2s_max_over_query_tokens_by_default():
+    comp, tgt = _itc_example()
+    got = fafa.itc_scores(comp, tgt)
+    assert torch.allclose(got, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # the best token cosine
+    r3, r5 = 3 ** -0.5, 5 ** -0.5
+    mean = fafa.itc_scores(comp, tgt, "mean_token")
+    assert torch.allclose(mean, torch.tensor([[r3, -r5], [0.0, 2 * r5]]), atol=1e-6)  # the cosine to the mean token
+    gids, phi = torch.tensor([0, 1]), torch.nn.Identity()
+    loss, logs = fafa.fafa_loss(comp, tgt, gids, torch.tensor(1.0), phi, parts=("itc",))
+    # InfoNCE both ways on scores [[1, 0], [0, 1]] at scale 1: every row -log(e / (e + 1)) = log(1 + 1/e)
+    want = torch.log1p(torch.exp(torch.tensor(-1.0)))
+    assert torch.allclose(loss, want) and torch.allclose(logs["itc"], want)
+    old, _ = fafa.fafa_loss(comp, tgt, gids, torch.tensor(1.0), phi, parts=("itc",), itc_score="mean_token")
+    n = torch.nn.functional.normalize  # the earlier reading, kept as the named option, exactly
+    assert torch.allclose(old, fafa.losses.itc_loss(n(comp, dim=-1), n(tgt.mean(1), dim=-1), gids, 1.0))
+    assert not torch.allclose(old, loss)
+    with pytest.raises(ValueError, match="unknown itc_score"):
+        fafa.itc_scores(comp, tgt, "max")
+
+
+def test_run_keys_carry_the_sampler_and_the_itc_score():
+    """A cached run of other batches or another ITC is never read back as this one: the run key holds both options
+    (the ITC score only where ITC trains), so the keys of runs made before they existed differ too."""
+    from person_retrieval.config import config_tag
+
+    base = dict(root="r", seed=0, parts=["itc"], sampler="shuffled", itc_score="max_token")
+    key = lambda **kw: config_tag(fafa._run_key({**base, **kw}, root="k"))  # noqa: E731
+    assert len({key(), key(sampler="groups"), key(itc_score="mean_token")}) == 3
+    assert key(parts=["fda"]) == key(parts=["fda"], itc_score="mean_token")  # no ITC trained: no matter
+    assert key(parts=["fda"]) != key(parts=["fda"], sampler="groups")
+    old = {k: v for k, v in base.items() if k not in ("sampler", "itc_score")}  # before the options: grouped, mean token
+    assert config_tag({**old, "root": "k"}) not in {key(), key(sampler="groups", itc_score="mean_token")}
 
 
 def test_fafa_trains_through_the_loop_and_resumes_exactly(tiny_world, tmp_path):
@@ -117,13 +198,22 @@ def test_claims_need_every_seed():
 def test_a_set_too_small_to_train_on_is_told(tmp_path):
     import json
 
-    need = fafa.groups_needed("tiny")
+    need = fafa.items_needed("tiny")  # triplets: the default batches are shuffled triplets
     assert need == -(-4 * fafa.FAFA_CONFIG["tiny"]["batch_size"] * 100 // 95)
-    for groups, ok in ((need - 1, False), (need, True)):
+    need_groups = fafa.items_needed("tiny", sampler="groups")  # cpr_id groups of PER_GROUP triplets
+    assert need_groups == -(-4 * fafa.FAFA_CONFIG["tiny"]["batch_size"] // fafa.PER_GROUP * 100 // 95)
+
+    def write(triplets, per_group):
         (tmp_path / "SynCPR.json").write_text(json.dumps([
             {"reference_caption": "a man", "target_caption": "a man", "reference_image_path": "r.jpg", "target_image_path": "t.jpg",
-             "edit_caption": "wearing red", "cpr_id": g} for g in range(groups) for _ in range(2)]))
+             "edit_caption": "wearing red", "cpr_id": i // per_group} for i in range(triplets)]))
+
+    for triplets, ok in ((need - 1, False), (need, True)):
+        write(triplets, 1)
         assert fafa.can_train(tmp_path, "tiny") is ok
+    for groups, ok in ((need_groups - 1, False), (need_groups, True)):
+        write(3 * groups, 3)  # enough triplets; the grouped sampler counts groups
+        assert fafa.can_train(tmp_path, "tiny", sampler="groups") is ok
 
 
 def test_blip2_real_path_at_a_tiny_size(tmp_path):
@@ -150,9 +240,17 @@ def test_blip2_real_path_at_a_tiny_size(tmp_path):
 
 
 def _blip2_folder(tmp_path):
+    """The stand-in BLIP-2 as the paper path writes it; its query tokens are drawn, not zero (with zeros, as
+    transformers initialises them, the Q-Former's gradient through them is unbounded and the clipped step
+    zeroes every gradient: a run would move its weights by the weight decay alone)."""
     from person_retrieval import standins
 
-    return standins.write_blip2(tmp_path / "blip2-itm-vit-g")
+    folder = standins.write_blip2(tmp_path / "blip2-itm-vit-g")
+    from safetensors.torch import load_file
+
+    q = next(v for k, v in load_file(str(folder / "model.safetensors")).items() if k.endswith("query_tokens"))
+    assert q.abs().sum() > 0
+    return folder
 
 
 def _tiny_syncpr(root, groups=20, seed=0):
@@ -207,7 +305,7 @@ def test_fafa_trains_blip2s_qformer_without_any_mini_model(tmp_path, monkeypatch
     before = {k: v.clone() for k, v in itr.state_dict().items()}
     try:
         train.set_limits(max_steps=2, batch_size=4)
-        assert fafa.groups_needed(blip2=True) == 17 and fafa.can_train(root, blip2=True)
+        assert fafa.items_needed(blip2=True) == 17 and fafa.can_train(root, blip2=True)
         res = fafa.fit_fafa_blip2(root, folder, seed=0, progress=False)
     finally:
         train.set_limits()

@@ -93,7 +93,10 @@ def write_blip2(folder: str | Path, seed: int = 0) -> Path:
                                               use_qformer_text_input=True, max_position_embeddings=64),
                           num_query_tokens=4, image_text_hidden_size=16)
         torch.manual_seed(seed)
-        Blip2ForImageTextRetrieval(cfg).eval().save_pretrained(str(folder))
+        model = Blip2ForImageTextRetrieval(cfg).eval()
+        with torch.no_grad():  # a released checkpoint's query tokens are trained; transformers starts them at zero, where
+            model.query_tokens.normal_(0.0, 0.02)  # LayerNorm's gradient is unbounded and clipping stops every step
+        model.save_pretrained(str(folder))
         _bert_tokenizer().save_pretrained(str(folder))
     return folder
 

@@ -17,17 +17,24 @@
 # **FDA**, fine-grained dynamic alignment: the score of query $i$ and target $j$ is the mean of the
 # $k = 6$ largest cosines between $f_q(i)$ and the tokens of $f_t(j)$, so that a query matches the few
 # tokens that carry what it asks for; $p_i = \mathrm{softmax}_j(s_{ij}/\tau)$ is matched to the true
-# distribution $q_i$ (uniform over the targets of the query's `cpr_id` group):
+# distribution $q_i$ (uniform over the batch's targets of the query's `cpr_id` group, its own among them):
 #
 # $$\mathcal{L}_{q2t} = \frac{1}{B}\sum_{i=1}^{B}\sum_{j=1}^{B} p_{i,j}\log\frac{p_{i,j}}{q_{i,j}+\epsilon},\qquad
 # \mathcal{L}_{fda} = \mathcal{L}_{q2t} + \mathcal{L}_{t2q}.$$
 #
-# **FD**, feature diversity: the target tokens should not all say the same thing,
-# $\mathcal{L}_{fd} = \frac{1}{N(N-1)}\sum_{i\neq j}\max\big(\cos(f_t(i), f_t(j)) - m,\ 0\big)$, $m = 0.5$.
+# **FD**, feature diversity: the target tokens should not all say the same thing. The code pools all $N = B\cdot Q$
+# projected target tokens of the (global) batch (every target's $Q$ tokens, across the batch's targets, so tokens of
+# different images push apart too) and averages over every ordered pair of distinct tokens:
+# $\mathcal{L}_{fd} = \frac{1}{N(N-1)}\sum_{i\neq j}\max\big(\cos(f_i, f_j) - m,\ 0\big)$, $f_1, \dots, f_N$ the
+# batch's target tokens, $m = 0.5$.
 #
-# **MFR**, masked feature reasoning: mask 30% of the dimensions of the query and of the mean target
-# feature, and rebuild each from the other with one shared network $\Phi$:
-# $\mathcal{L}_{mfr} = \mathbb{E}\big[\lVert f_q - \Phi([\bar f_t, \tilde f_q])\rVert^2 + \lVert \bar f_t - \Phi([f_q, \tilde f_t])\rVert^2\big]$.
+# **MFR**, masked feature reasoning, on the projected features, each normalised to unit length: the composed
+# query $f_q$ and the mean target token $\bar f_t = \mathrm{norm}\big(\frac{1}{Q}\sum_{k} f_t(k)\big)$. Each
+# dimension of each is masked (zeroed: $\tilde f$) with probability 0.3, and each is rebuilt from its masked copy
+# and the other by one shared network $\Phi$ (linear, GELU, linear), the squared error averaged over the masked dimensions
+# ($M_q$, $M_t$) of the batch:
+# $\mathcal{L}_{mfr} = \frac{1}{|M_q|}\sum_{(i,d)\in M_q}\big(f_q - \Phi([\bar f_t, \tilde f_q])\big)_{i,d}^2
+# + \frac{1}{|M_t|}\sum_{(i,d)\in M_t}\big(\bar f_t - \Phi([f_q, \tilde f_t])\big)_{i,d}^2$.
 #
 # $$\mathcal{L} = \mathcal{L}_{fda} + \lambda_1 \mathcal{L}_{fd} + \lambda_2 \mathcal{L}_{mfr},\qquad \lambda_1 = 1,\ \lambda_2 = 0.5 .$$
 #
@@ -36,6 +43,12 @@
 # over its frozen ViT-g, trained on the user's SynCPR on the release's schedule (10 epochs, AdamW at 2e-6,
 # 256 triplets a batch, square-padded images) and tested zero-shot on ITCPR. Nothing of the mini world,
 # the mini CLIP or the mini Q-Former is built on that path.
+#
+# **Batches, on both paths, as the release draws them: shuffled triplets.** The release's training script
+# (`FAFA_SynCPR/src/blip_fine_tune_new.py`) builds a shuffled `DataLoader` of triplets; its grouped
+# `MultiCprBatchSampler` stands behind an `if False:`. A triplet's positives in FDA's $q_i$ are the batch's
+# triplets of its `cpr_id` group, where they happen to meet. `fafa.fit_fafa(..., sampler="groups")` draws whole
+# `cpr_id` groups instead (2 triplets each, so every batch holds positives).
 #
 # On the mini world (`weights=None`) the Q-Former is a small one of transformers' BLIP-2 classes, trained
 # here over the mini CLIP's locked image tower (its map cells are the image tokens) and its text tower's
@@ -70,7 +83,7 @@ mask_ratio: float = 0.3        # share of dimensions MFR masks
 top_k_tokens: int = 6          # FDA: the score is the mean of the k largest token cosines
 epochs: Optional[int] = None   # None: each run's own schedule (BLIP-2: the paper's 10 epochs; mini: 3 at small, chosen on validation); N: every training run trains N epochs
 max_steps: Optional[int] = None   # None: no cap; N: every training run stops after N optimizer steps
-batch_size: Optional[int] = None  # None: the paper's / the scale's batch (cpr_id groups of 2 triplets); N: every training run's global batch
+batch_size: Optional[int] = None  # None: the paper's / the scale's batch (shuffled triplets, as the release); N: every training run's global batch, in triplets
 
 # %%
 import pandas as pd
@@ -110,7 +123,7 @@ print(source, "| model:", f"BLIP-2 from {P['weights']}" if real else "the mini Q
 # triplets). On the mini path, two sets in SynCPR's format: the pipeline's (notebook 03: the mini LM, the
 # mini generator's dual panels, the mini MLLM's filter) and the world's own rendered triplets, the same kind
 # of people drawn by the world's renderer: what a perfect generator would give (and the release's SynCPR
-# first, when `data_root` holds one). Table 2 trains on the first set that holds enough groups to train on,
+# first, when `data_root` holds one). Table 2 trains on the first set that holds enough triplets to train on,
 # and says which.
 
 # %%
@@ -125,7 +138,8 @@ else:
 sizes = {k: syncpr.statistics(read_syncpr(v, check_images=False)) for k, v in train_sets.items()}
 trainable = {k: v for k, v in train_sets.items() if fafa.can_train(v, mini_scale, blip2=real)}
 if not trainable:
-    raise ValueError(f"no training set holds the {fafa.groups_needed(mini_scale, blip2=real)} cpr_id groups FAFA needs: {sizes}")
+    raise ValueError(f"no training set holds the {fafa.items_needed(mini_scale, blip2=real)} {fafa.SAMPLER_ITEMS[fafa.SAMPLER]} "
+                     f"FAFA needs: {sizes}")
 main_set = next(iter(trainable))
 pd.DataFrame(sizes).T.assign(trainable=[k in trainable for k in sizes])
 
@@ -163,9 +177,11 @@ else:
 rows = [{"method": k, "trained on": "-", **syncpr.evaluate_itcpr(s, bench)} for k, s in zero_shot.items()]
 
 # %% [markdown]
-# Then the trained rows. **ITC on SynCPR**: the same Q-Former trained with plain image-text contrast
-# against the target's mean feature, as the CIR baselines (CaLa, SPRC) are. Then FAFA, and on the mini
-# path FAFA without its anchor.
+# Then the trained rows. **ITC on SynCPR**: the same Q-Former trained with image-text contrast (InfoNCE) as
+# BLIP-2 defines ITC: the composed query is compared with each of the target's $Q$ query-token outputs and the
+# highest cosine is the pair's score, $s_{ij} = \max_k \cos(f_q(i), f_t(j)_k)$ (FDA's score with $k = 1$).
+# (`itc_score="mean_token"`, the cosine to the target's mean token, is kept as an option.) Then FAFA, and on
+# the mini path FAFA without its anchor.
 
 # %%
 runs = {}
@@ -179,7 +195,8 @@ for name, root in trainable.items():
 for name in [k for k in train_sets if k not in trainable]:  # said in the table, not left out: why there is no number
     rows.append({"method": "FAFA", "trained on": name,
                  "note": f"not trained: the filter kept {sizes[name]['group ids']} cpr_id groups "
-                         f"({sizes[name]['triplets']} triplets), {fafa.groups_needed(mini_scale, blip2=real)} needed"})
+                         f"({sizes[name]['triplets']} triplets), {fafa.items_needed(mini_scale, blip2=real)} "
+                         f"{fafa.SAMPLER_ITEMS[fafa.SAMPLER]} needed"})
 table1 = pd.DataFrame(rows)
 table1["source"] = source
 ref1 = reports.reported("fafa_table1").assign(source="paper (Table 1)")

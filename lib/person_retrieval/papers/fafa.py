@@ -11,9 +11,14 @@ The model is BLIP-2's Q-Former over a frozen image encoder (transformers' ``Blip
 * a query scores a target by the mean of its ``k = 6`` largest token cosines (:func:`..losses.fda_scores`).
 
 Training is :func:`..losses.fda_loss` + lambda1 :func:`..losses.fd_loss` + lambda2 :func:`..losses.mfr_loss`
-(lambda1 = 1.0, lambda2 = 0.5), through the one loop (:func:`person_retrieval.train.fit`), with every batch
-made of whole ``cpr_id`` groups so that it holds positives (as the release's sampler does). The checkpoint is
-selected on a held-out part of SynCPR, never on ITCPR (the release selects on ITCPR, its test set).
+(lambda1 = 1.0, lambda2 = 0.5), through the one loop (:func:`person_retrieval.train.fit`). Batches are shuffled
+triplets, as the release trains: its training script (``FAFA_SynCPR/src/blip_fine_tune_new.py``) builds a
+``DataLoader(..., shuffle=True, drop_last=True)`` of triplets, its grouped ``MultiCprBatchSampler`` standing behind
+an ``if False:``; a triplet's positives are the batch's triplets of its ``cpr_id`` group, wherever they happen to
+meet. ``sampler="groups"`` (:data:`SAMPLERS`) draws whole ``cpr_id`` groups instead, :data:`PER_GROUP` triplets
+each, so that every batch holds positives. Table 2's ITC baseline scores a query and a target as BLIP-2's ITC
+does, by the best of the target's query-token cosines (:data:`ITC_SCORES`). The checkpoint is selected on a
+held-out part of SynCPR, never on ITCPR (the release selects on ITCPR, its test set).
 
 Mini path: a small Q-Former trained here, over the mini CLIP's locked image tower (its map cells are the
 image tokens) and its text tower's token features (frozen: the text side of "a frozen encoder"). Real path
@@ -56,11 +61,26 @@ class QFormerSize:
 
 
 QFORMER = {"tiny": QFormerSize(32, 2, 2, 8, 32, 64), "small": QFormerSize(128, 2, 4, 16, 128, 256)}
-#: Training per scale (the paper: AdamW, 10 epochs over 1.15 M triplets). At small, 3 epochs, chosen on the held-out
-#: triplets (seed 0, the world's triplets, validation R1 at 2 / 3 / 4 epochs: FAFA 78.0 / 81.3 / 81.3, ITC 80.3 / 80.7 / 81.0).
-FAFA_CONFIG = {"tiny": dict(epochs=2, batch_size=4, lr=1e-3, weight_decay=0.05, warmup_epochs=0.2),
-               "small": dict(epochs=3, batch_size=32, lr=5e-4, weight_decay=0.05, warmup_epochs=0.5)}
-PER_GROUP = 2  # triplets of one cpr_id group in a batch: its positives
+#: Training per scale (the paper: AdamW, 10 epochs over 1.15 M triplets); ``batch_size`` in triplets (8 and 64: the
+#: 4 and 32 cpr_id groups of 2 that the grouped batches held). At small, 3 epochs, chosen on the held-out triplets
+#: (seed 0, the world's triplets, validation R1 at 2 / 3 / 4 epochs: FAFA 78.0 / 81.3 / 81.3, ITC 80.3 / 80.7 / 81.0),
+#: measured with grouped batches and the mean-token ITC, before shuffled batches and BLIP-2's ITC became the defaults.
+FAFA_CONFIG = {"tiny": dict(epochs=2, batch_size=8, lr=1e-3, weight_decay=0.05, warmup_epochs=0.2),
+               "small": dict(epochs=3, batch_size=64, lr=5e-4, weight_decay=0.05, warmup_epochs=0.5)}
+PER_GROUP = 2  # sampler="groups": triplets of one cpr_id group in a batch, its positives
+#: How training batches are drawn (``sampler``). "shuffled" (the default; the release's: its training script's shuffled
+#: DataLoader, the grouped sampler switched off): the training triplets in a random order, a batch of ``batch_size``
+#: triplets. "groups": whole cpr_id groups, :data:`PER_GROUP` triplets of each, so that every batch holds positives;
+#: the loop's items are then groups, so its batch (and a run limit's ``batch_size``) counts groups.
+SAMPLERS = ("shuffled", "groups")
+SAMPLER = "shuffled"
+#: What the loop counts, per sampler (a set's size against :func:`items_needed`).
+SAMPLER_ITEMS = {"shuffled": "triplets", "groups": "cpr_id groups"}
+#: Table 2's ITC baseline: the score of a composed query and a target (``itc_score``). "max_token" (the default,
+#: BLIP-2's ITC): the highest of the cosines between the query and the target's Q query-token outputs.
+#: "mean_token": the cosine between the query and the mean of the target's tokens (this project's earlier reading).
+ITC_SCORES = ("max_token", "mean_token")
+ITC_SCORE = "max_token"
 
 
 def qformer(size: QFormerSize, image_dim: int):
@@ -141,14 +161,26 @@ class FAFAModel(nn.Module):
         return loss_fn(*out, self.phi) if loss_fn is not None else out
 
 
+def itc_scores(composed: torch.Tensor, targets: torch.Tensor, itc_score: str = ITC_SCORE) -> torch.Tensor:
+    """``[B, N]``: the ITC baseline's score of composed queries ``[B, D]`` and targets ``[N, Q, D]`` (:data:`ITC_SCORES`):
+    ``"max_token"``, BLIP-2's ITC, ``s[i, j] = max_q cos(composed[i], targets[j, q])``; ``"mean_token"``,
+    ``s[i, j] = cos(composed[i], mean_q targets[j, q])``."""
+    if itc_score == "max_token":
+        return losses.fda_scores(composed, targets, 1)  # the mean of the k = 1 largest token cosines: the largest
+    if itc_score == "mean_token":
+        return F.normalize(composed, dim=-1) @ F.normalize(targets.mean(1), dim=-1).T
+    raise ValueError(f"unknown itc_score {itc_score!r}; expected one of {ITC_SCORES}")
+
+
 def fafa_loss(composed: torch.Tensor, targets: torch.Tensor, gids: torch.Tensor, scale: torch.Tensor, phi: nn.Module,
               parts=("fda", "fd", "mfr"), lambda1: float = LAMBDA1, lambda2: float = LAMBDA2, mask_ratio: float = MASK_RATIO,
-              top_k: int = TOP_K) -> tuple[torch.Tensor, dict]:
-    """L = L_fda + lambda1 L_fd + lambda2 L_mfr (or any subset; ``"itc"``: plain ITC against the mean target
-    feature, the CIR baseline). Returns ``(loss, logs)``."""
+              top_k: int = TOP_K, itc_score: str = ITC_SCORE) -> tuple[torch.Tensor, dict]:
+    """L = L_fda + lambda1 L_fd + lambda2 L_mfr (or any subset; ``"itc"``: the ITC baseline, InfoNCE over
+    :func:`itc_scores`, by default BLIP-2's best query token). FD runs over all ``B * Q`` target tokens of the
+    batch; MFR on the normalised projected query and mean target token. Returns ``(loss, logs)``."""
     logs, total = {}, 0.0
     if "itc" in parts:
-        logs["itc"] = losses.itc_loss(F.normalize(composed, dim=-1), F.normalize(targets.mean(1), dim=-1), gids, scale)
+        logs["itc"] = losses.itc_from_scores(itc_scores(composed, targets, itc_score), gids, scale)
         total = total + logs["itc"]
     if "fda" in parts:
         logs["fda"] = losses.fda_loss(composed, targets, gids, k=top_k, logit_scale=scale)
@@ -232,26 +264,66 @@ def _features(scale: str, init: str | None, paths: tuple, texts: tuple):
     return _MEMO[key]
 
 
-class _GroupBatches:
-    """The training set as ``cpr_id`` groups: item ``g`` is group ``g``, and a batch of groups holds
-    :data:`PER_GROUP` triplets of each (repeated where a group has fewer), so every batch has positives
-    and every process's batch the same size."""
+def _check_options(parts, sampler: str, itc_score: str) -> None:
+    bad = sorted(set(parts) - {"itc", "fda", "fd", "mfr"})
+    if bad or not parts:
+        raise ValueError(f"unknown FAFA loss parts {bad}; expected a non-empty subset of itc, fda, fd, mfr")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    if itc_score not in ITC_SCORES:
+        raise ValueError(f"unknown itc_score {itc_score!r}; expected one of {ITC_SCORES}")
 
-    def __init__(self, groups: list[list[int]], ref: torch.Tensor, tgt: torch.Tensor, text: torch.Tensor,
-                 img_feats: torch.Tensor, txt_feats: torch.Tensor, txt_mask: torch.Tensor):
-        self.groups = groups
-        self.ref, self.tgt, self.text = ref, tgt, text
-        self.img, self.txt, self.txt_mask = img_feats, txt_feats, txt_mask
+
+def _loop_batch(triplets: int, sampler: str) -> int:
+    """The loop's ``batch_size`` for batches of ``triplets`` triplets: its items are triplets with shuffled
+    batches, cpr_id groups of :data:`PER_GROUP` with ``sampler="groups"``."""
+    if sampler == "shuffled":
+        return int(triplets)
+    if triplets % PER_GROUP:
+        raise ValueError(f"batch_size {triplets} (triplets) is not a whole number of cpr_id groups of {PER_GROUP}")
+    return int(triplets) // PER_GROUP
+
+
+class _Batches:
+    """A training set's triplets as ``cpr_id`` groups (``groups``: each a list of triplet rows), drawn as ``sampler``
+    says (:data:`SAMPLERS`). ``"shuffled"``: item ``i`` is the ``i``-th training triplet, so the loop's random order
+    makes shuffled batches of triplets (the release's). ``"groups"``: item ``g`` is group ``g``, and a batch of groups
+    holds :data:`PER_GROUP` triplets of each (repeated where a group has fewer), so every batch has positives and
+    every process's batch the same size. A row's ``gid`` is its group's index either way."""
+
+    def __init__(self, groups: list[list[int]], sampler: str = SAMPLER):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+        self.groups, self.sampler = groups, sampler
+        self.flat = [(r, g) for g, members in enumerate(groups) for r in members]  # (triplet row, its group)
 
     def __len__(self) -> int:
-        return len(self.groups)
+        return len(self.flat) if self.sampler == "shuffled" else len(self.groups)
 
-    def batch(self, idx) -> dict:
+    def rows(self, idx) -> tuple[list[int], list[int]]:
+        """The triplet rows of the loop's items ``idx`` and their group ids."""
+        if self.sampler == "shuffled":
+            pairs = [self.flat[int(i)] for i in idx]
+            return [r for r, _ in pairs], [g for _, g in pairs]
         rows, gids = [], []
         for g in (int(i) for i in idx):
             members = self.groups[g]
             rows += [members[k % len(members)] for k in range(PER_GROUP)]
             gids += [g] * PER_GROUP
+        return rows, gids
+
+
+class _TripletBatches(_Batches):
+    """The mini path's training set (:class:`_Batches`) over the frozen tokens of its images and captions."""
+
+    def __init__(self, groups: list[list[int]], ref: torch.Tensor, tgt: torch.Tensor, text: torch.Tensor,
+                 img_feats: torch.Tensor, txt_feats: torch.Tensor, txt_mask: torch.Tensor, sampler: str = SAMPLER):
+        super().__init__(groups, sampler)
+        self.ref, self.tgt, self.text = ref, tgt, text
+        self.img, self.txt, self.txt_mask = img_feats, txt_feats, txt_mask
+
+    def batch(self, idx) -> dict:
+        rows, gids = self.rows(idx)
         r = torch.tensor(rows)
         L = int(self.txt_mask[self.text[r]].sum(1).max())
         return {"ref": self.img[self.ref[r]], "tgt": self.img[self.tgt[r]], "text": self.txt[self.text[r], :L],
@@ -264,14 +336,16 @@ class FAFATask:
     ``anchor``: start from the frozen encoders' own composition (:class:`FAFAModel`'s anchor), which the
     Q-Former's features join through gates that start at 0. BLIP-2's pretrained Q-Former already reads
     images and texts aligned; the mini one, trained here in minutes, does not (measured at small, seed 0,
-    on held-out world triplets, 3 epochs: validation R1 81.3 with the anchor, 40.3 without)."""
+    on held-out world triplets, 3 epochs, with grouped batches: validation R1 81.3 with the anchor, 40.3
+    without). ``sampler``: how batches are drawn (:data:`SAMPLERS`; default shuffled triplets, the release's);
+    ``itc_score``: the ITC baseline's score (:data:`ITC_SCORES`; default BLIP-2's best query token)."""
 
     def __init__(self, root: str, scale: str = "small", seed: int = 0, init: str | None = None, parts=("fda", "fd", "mfr"),
                  lambda1: float = LAMBDA1, lambda2: float = LAMBDA2, mask_ratio: float = MASK_RATIO, top_k: int = TOP_K,
-                 val_fraction: float = 0.05, qformer_init: str | None = None, anchor: bool = True):
-        bad = sorted(set(parts) - {"itc", "fda", "fd", "mfr"})
-        if bad or not parts:
-            raise ValueError(f"unknown FAFA loss parts {bad}; expected a non-empty subset of itc, fda, fd, mfr")
+                 val_fraction: float = 0.05, qformer_init: str | None = None, anchor: bool = True, sampler: str = SAMPLER,
+                 itc_score: str = ITC_SCORE):
+        _check_options(parts, sampler, itc_score)
+        self.sampler, self.itc_score = sampler, itc_score
         self.root, self.scale, self.seed, self.init = str(root), scale, seed, init
         self.parts, self.lambda1, self.lambda2, self.mask_ratio, self.top_k = tuple(parts), lambda1, lambda2, mask_ratio, top_k
         self.val_fraction, self.qformer_init, self.use_anchor = val_fraction, qformer_init, anchor
@@ -298,7 +372,8 @@ class FAFATask:
         train_groups = [g for i, g in enumerate(groups) if i not in val]
         val_rows = [r for i, g in enumerate(groups) if i in val for r in g]
         feats = (img, txt, txt_mask)
-        self._prepared = (_GroupBatches(train_groups, ref, tgt, text, *feats), (ref, tgt, text, val_rows, trip), feats)
+        data = _TripletBatches(train_groups, ref, tgt, text, *feats, sampler=self.sampler)
+        self._prepared = (data, (ref, tgt, text, val_rows, trip), feats)
         return self._prepared
 
     def build(self) -> FAFAModel:
@@ -316,14 +391,15 @@ class FAFATask:
                 raise ValueError(f"{self.qformer_init} is not this Q-Former's first stage: missing {missing}, unexpected {unexpected}")
         return model
 
-    def train_data(self) -> _GroupBatches:
+    def train_data(self) -> _TripletBatches:
         return self._prepare()[0]
 
     def loss(self, model, batch, gather):
         gid = gather(batch["gid"].float()).long()
 
         def fn(comp, tgt, scale, phi):
-            return fafa_loss(gather(comp), gather(tgt), gid, scale, phi, self.parts, self.lambda1, self.lambda2, self.mask_ratio, self.top_k)
+            return fafa_loss(gather(comp), gather(tgt), gid, scale, phi, self.parts, self.lambda1, self.lambda2, self.mask_ratio,
+                             self.top_k, self.itc_score)
 
         return model(batch["ref"], batch["text"], batch["text_mask"], batch["tgt"], loss_fn=fn)
 
@@ -441,13 +517,19 @@ def pretrained_qformer(scale: str = "small", seed: int = 0, init: str | None = N
 # ---------------------------------------------------------------------------------------------
 def fit_fafa(root, scale: str = "small", seed: int = 0, gpus: int = 0, init: str | None = None, parts=("fda", "fd", "mfr"),
              lambda1: float = LAMBDA1, lambda2: float = LAMBDA2, mask_ratio: float = MASK_RATIO, top_k: int = TOP_K,
-             epochs: int | None = None, progress: bool = True, pretrained: bool = True, anchor: bool = True, **overrides):
+             epochs: int | None = None, progress: bool = True, pretrained: bool = True, anchor: bool = True, sampler: str = SAMPLER,
+             itc_score: str = ITC_SCORE, **overrides):
     """Train FAFA (or an ablation) on a SynCPR-format folder, from the pretrained Q-Former
     (:func:`pretrained_qformer`; ``pretrained=False``: from scratch), with the anchor of :class:`FAFATask`
-    unless ``anchor=False``; runs are cached (and resumed) under ``.cache/runs/`` by everything that makes them."""
+    unless ``anchor=False``, on shuffled batches of triplets (``sampler="groups"``: whole cpr_id groups) and, for
+    the ITC baseline, BLIP-2's score (``itc_score="mean_token"``: the cosine to the mean target token); a
+    ``batch_size`` override counts triplets. Runs are cached (and resumed) under ``.cache/runs/`` by everything
+    that makes them."""
     from ..train import TaskSpec, TrainConfig, fit, process_tag
 
+    _check_options(parts, sampler, itc_score)
     conf = {**FAFA_CONFIG[scale if scale in FAFA_CONFIG else "small"], **overrides}
+    conf["batch_size"] = _loop_batch(conf["batch_size"], sampler)
     if epochs is not None:
         conf["epochs"] = int(epochs)
     # One Q-Former for every seed, built once like the other shared models: in one process (on a GPU where there
@@ -455,8 +537,9 @@ def fit_fafa(root, scale: str = "small", seed: int = 0, gpus: int = 0, init: str
     # reproduced in isolation); the FAFA runs themselves train over `gpus` processes.
     q_init = str(pretrained_qformer(scale, 0, init, min(gpus, 1) if torch.cuda.is_available() else 0, progress)) if pretrained else None
     kwargs = dict(root=str(root), scale=scale, seed=seed, init=init and str(init), parts=list(parts), lambda1=float(lambda1),
-                  lambda2=float(lambda2), mask_ratio=float(mask_ratio), top_k=int(top_k), qformer_init=q_init, anchor=bool(anchor))
-    key = {**kwargs, "root": _path_key(str(root)), "init": _key(init), "syncpr": _content_key(root), "qformer_init": _key(q_init)}
+                  lambda2=float(lambda2), mask_ratio=float(mask_ratio), top_k=int(top_k), qformer_init=q_init, anchor=bool(anchor),
+                  sampler=sampler, itc_score=itc_score)
+    key = _run_key(kwargs, root=_path_key(str(root)), init=_key(init), syncpr=_content_key(root), qformer_init=_key(q_init))
     out = cache_dir() / "runs" / f"fafa-{scale}-seed{seed}-{config_tag(conf, key, FAFA_VERSION, *process_tag(gpus))}"
     cfg = TrainConfig(**conf, gpus=gpus, seed=seed, out_dir=str(out), progress=progress, select="R1", clip_grad=1.0)
     return fit(TaskSpec("person_retrieval.papers.fafa:FAFATask", kwargs), cfg)
@@ -465,25 +548,37 @@ def fit_fafa(root, scale: str = "small", seed: int = 0, gpus: int = 0, init: str
 FAFA_VERSION = 3  # 3: the pooled image feature leads the image tokens
 
 
+def _run_key(kwargs: dict, **content) -> dict:
+    """A training run's cache key: its task's ``kwargs`` (the sampler and the ITC score among them, so that a run of
+    another batching or another ITC is never read back as this one), ``content`` replacing the path-valued ones by
+    keys of what they hold; the ITC score only where the ITC loss trains (it changes nothing else)."""
+    key = {**kwargs, **content}
+    if "itc" not in key["parts"]:
+        key.pop("itc_score")
+    return key
+
+
 def _key(path) -> str | None:
     return _path_key(str(path)) if path else None
 
 
-def groups_needed(scale: str = "small", batches: int = 4, blip2: bool = False) -> int:
-    """The ``cpr_id`` groups a training set needs: ``batches`` batches of groups beside the held-out 5%; the
-    batch is the run limits' (``batch_size``) where set, else the mini path's at ``scale`` or, with ``blip2``,
-    the release's (:data:`BLIP2_FAFA_CONFIG`)."""
+def items_needed(scale: str = "small", batches: int = 4, blip2: bool = False, sampler: str = SAMPLER) -> int:
+    """The training items a set needs, counted as the loop counts them (:data:`SAMPLER_ITEMS`: triplets with shuffled
+    batches, cpr_id groups with ``sampler="groups"``): ``batches`` batches beside the held-out 5%; the batch is the
+    run limits' (``batch_size``, in the loop's items) where set, else the mini path's at ``scale`` or, with
+    ``blip2``, the release's (:data:`BLIP2_FAFA_CONFIG`)."""
     from ..limits import limits
 
     own = BLIP2_FAFA_CONFIG if blip2 else FAFA_CONFIG[scale if scale in FAFA_CONFIG else "small"]
-    return math.ceil(batches * (limits()["batch_size"] or own["batch_size"]) / 0.95)
+    return math.ceil(batches * (limits()["batch_size"] or _loop_batch(own["batch_size"], sampler)) / 0.95)
 
 
-def can_train(root, scale: str = "small", batches: int = 4, blip2: bool = False) -> bool:
-    """Whether a SynCPR-format folder has enough ``cpr_id`` groups to train on (:func:`groups_needed`; the mini
-    pipeline's filter may keep too few)."""
-    groups = len({str(t["cpr_id"]) for t in read_syncpr(root, check_images=False)})
-    return groups >= groups_needed(scale, batches, blip2)
+def can_train(root, scale: str = "small", batches: int = 4, blip2: bool = False, sampler: str = SAMPLER) -> bool:
+    """Whether a SynCPR-format folder has enough triplets (or, with ``sampler="groups"``, ``cpr_id`` groups) to
+    train on (:func:`items_needed`; the mini pipeline's filter may keep too few)."""
+    trip = read_syncpr(root, check_images=False)
+    have = len(trip) if sampler == "shuffled" else len({str(t["cpr_id"]) for t in trip})
+    return have >= items_needed(scale, batches, blip2, sampler)
 
 
 def run_note(res) -> str:
@@ -615,10 +710,11 @@ def composed_demo(model: FAFAModel, bench: ITCPR, scale: str, init: str | None, 
 
 # ---------------------------------------------------------------------------------------------
 # The real path: BLIP-2's Q-Former (Blip2ForImageTextRetrieval), trained on the user's SynCPR as the release trains it
-#: The release's schedule (FAFA_SynCPR's training script: 10 epochs, AdamW at 2e-6, 256 triplets a batch, k = 6,
-#: FD 1.0, MFR 0.5, square-padded images): 128 cpr_id groups of :data:`PER_GROUP` triplets = 256 triplets. Weight
-#: decay 0.05 (LAVIS's) and one warmup epoch before the cosine decay are this project's (the loop's schedule).
-BLIP2_FAFA_CONFIG = dict(epochs=10, batch_size=128, lr=2e-6, weight_decay=0.05, warmup_epochs=1.0)
+#: The release's schedule (FAFA_SynCPR's training script: 10 epochs, AdamW at 2e-6, 256 triplets a batch, shuffled,
+#: k = 6, FD 1.0, MFR 0.5, square-padded images); ``batch_size`` in triplets (``sampler="groups"``: 128 cpr_id groups of
+#: :data:`PER_GROUP`). Weight decay 0.05 (LAVIS's) and one warmup epoch before the cosine decay are this project's
+#: (the loop's schedule).
+BLIP2_FAFA_CONFIG = dict(epochs=10, batch_size=256, lr=2e-6, weight_decay=0.05, warmup_epochs=1.0)
 #: Held-out SynCPR groups that select the checkpoint on the real path (5% of 1.15 M triplets would be ~29k groups).
 BLIP2_VAL_GROUPS = 500
 #: Token budget of a relative caption (ITCPR's captions: 3 to 32 words).
@@ -739,21 +835,15 @@ def blip2_model(folder):
     return _MEMO[key]
 
 
-class _Blip2Batches:
-    """SynCPR as ``cpr_id`` groups (as :class:`_GroupBatches`), images read and preprocessed per batch."""
+class _Blip2Batches(_Batches):
+    """SynCPR drawn as ``sampler`` says (:class:`_Batches`), images read and preprocessed per batch."""
 
-    def __init__(self, groups, trip, root: Path, inputs: Blip2Inputs, ids, mask):
-        self.groups, self.trip, self.root, self.inputs, self.ids, self.mask = groups, trip, root, inputs, ids, mask
-
-    def __len__(self) -> int:
-        return len(self.groups)
+    def __init__(self, groups, trip, root: Path, inputs: Blip2Inputs, ids, mask, sampler: str = SAMPLER):
+        super().__init__(groups, sampler)
+        self.trip, self.root, self.inputs, self.ids, self.mask = trip, root, inputs, ids, mask
 
     def batch(self, idx) -> dict:
-        rows, gids = [], []
-        for g in (int(i) for i in idx):
-            members = self.groups[g]
-            rows += [members[k % len(members)] for k in range(PER_GROUP)]
-            gids += [g] * PER_GROUP
+        rows, gids = self.rows(idx)
         r = torch.tensor(rows)
         L = int(self.mask[r].sum(1).max())
         px = lambda k: self.inputs.pixels([self.root / self.trip[i][k] for i in rows])  # noqa: E731
@@ -764,13 +854,14 @@ class _Blip2Batches:
 class Blip2FAFATask:
     """FAFA on the real path: a copy of BLIP-2's Q-Former (``weights``: a ``Blip2ForImageTextRetrieval``
     folder) trained on a SynCPR-format folder with FAFA's losses (or an ablation, ``parts``), the image
-    encoder frozen; :data:`BLIP2_VAL_GROUPS` held-out ``cpr_id`` groups (at most 5%) select the checkpoint."""
+    encoder frozen; :data:`BLIP2_VAL_GROUPS` held-out ``cpr_id`` groups (at most 5%) select the checkpoint.
+    ``sampler`` and ``itc_score`` as :class:`FAFATask`'s (defaults: shuffled triplets, BLIP-2's ITC)."""
 
     def __init__(self, root: str, weights: str, seed: int = 0, parts=("fda", "fd", "mfr"), lambda1: float = LAMBDA1,
-                 lambda2: float = LAMBDA2, mask_ratio: float = MASK_RATIO, top_k: int = TOP_K, val_groups: int = BLIP2_VAL_GROUPS):
-        bad = sorted(set(parts) - {"itc", "fda", "fd", "mfr"})
-        if bad or not parts:
-            raise ValueError(f"unknown FAFA loss parts {bad}; expected a non-empty subset of itc, fda, fd, mfr")
+                 lambda2: float = LAMBDA2, mask_ratio: float = MASK_RATIO, top_k: int = TOP_K, val_groups: int = BLIP2_VAL_GROUPS,
+                 sampler: str = SAMPLER, itc_score: str = ITC_SCORE):
+        _check_options(parts, sampler, itc_score)
+        self.sampler, self.itc_score = sampler, itc_score
         self.root, self.weights, self.seed, self.parts = Path(root), str(weights), seed, tuple(parts)
         self.lambda1, self.lambda2, self.mask_ratio, self.top_k, self.val_groups = lambda1, lambda2, mask_ratio, top_k, val_groups
         self._prepared = None
@@ -788,7 +879,7 @@ class Blip2FAFATask:
             val = set(rng_for(self.seed, "fafa-holdout").choice(len(groups), n_val, replace=False).tolist())
             train = [g for i, g in enumerate(groups) if i not in val]
             val_rows = [r for i, g in enumerate(groups) if i in val for r in g]
-            self._prepared = (_Blip2Batches(train, trip, self.root, inputs, ids, mask), val_rows)
+            self._prepared = (_Blip2Batches(train, trip, self.root, inputs, ids, mask, self.sampler), val_rows)
         return self._prepared
 
     def build(self) -> Blip2Composer:
@@ -804,7 +895,7 @@ class Blip2FAFATask:
 
         def fn(comp, tgt, scale, phi):
             return fafa_loss(gather(comp.float()), gather(tgt.float()), gid, scale, phi, self.parts, self.lambda1, self.lambda2,
-                             self.mask_ratio, self.top_k)
+                             self.mask_ratio, self.top_k, self.itc_score)
 
         return model(batch["ref"], batch["ids"], batch["mask"], batch["tgt"], loss_fn=fn)
 
@@ -836,18 +927,22 @@ class Blip2FAFATask:
 
 def fit_fafa_blip2(root, weights, seed: int = 0, gpus: int = 0, parts=("fda", "fd", "mfr"), lambda1: float = LAMBDA1,
                    lambda2: float = LAMBDA2, mask_ratio: float = MASK_RATIO, top_k: int = TOP_K, epochs: int | None = None,
-                   progress: bool = True, **overrides):
+                   progress: bool = True, sampler: str = SAMPLER, itc_score: str = ITC_SCORE, **overrides):
     """Train FAFA (or an ablation) on the real path: BLIP-2's Q-Former from ``weights`` on the SynCPR-format
-    folder ``root``, on the release's schedule (:data:`BLIP2_FAFA_CONFIG`); cached (and resumed) under
-    ``.cache/runs/`` by everything that makes the run. Nothing of the mini world or the mini CLIP is read."""
+    folder ``root``, on the release's schedule (:data:`BLIP2_FAFA_CONFIG`: shuffled batches of 256 triplets;
+    ``sampler="groups"``: whole cpr_id groups) and, for the ITC baseline, BLIP-2's score (``itc_score``); cached
+    (and resumed) under ``.cache/runs/`` by everything that makes the run. Nothing of the mini world or the mini
+    CLIP is read."""
     from ..train import TaskSpec, TrainConfig, fit, process_tag
 
+    _check_options(parts, sampler, itc_score)
     conf = {**BLIP2_FAFA_CONFIG, **overrides}
+    conf["batch_size"] = _loop_batch(conf["batch_size"], sampler)
     if epochs is not None:
         conf["epochs"] = int(epochs)
     kwargs = dict(root=str(root), weights=str(weights), seed=seed, parts=list(parts), lambda1=float(lambda1), lambda2=float(lambda2),
-                  mask_ratio=float(mask_ratio), top_k=int(top_k))
-    key = {**kwargs, "root": _path_key(str(root)), "weights": _key(weights), "syncpr": _content_key(root)}
+                  mask_ratio=float(mask_ratio), top_k=int(top_k), sampler=sampler, itc_score=itc_score)
+    key = _run_key(kwargs, root=_path_key(str(root)), weights=_key(weights), syncpr=_content_key(root))
     out = cache_dir() / "runs" / f"fafa-blip2-seed{seed}-{config_tag(conf, key, FAFA_VERSION, *process_tag(gpus))}"
     cfg = TrainConfig(**conf, gpus=gpus, seed=seed, out_dir=str(out), progress=progress, select="R1", clip_grad=1.0)
     return fit(TaskSpec("person_retrieval.papers.fafa:Blip2FAFATask", kwargs), cfg)
