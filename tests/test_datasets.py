@@ -262,3 +262,93 @@ def test_validate_names_the_entry_and_the_field(tiny_world, tmp_path):
         validate("chatpedes", root)
     with pytest.raises(ValueError, match="unknown dataset 'market'"):
         validate("market", root)
+
+
+def test_random_crop_with_padding_keeps_the_shape_and_moves_content_by_at_most_the_padding():
+    import torch
+
+    from person_retrieval.datasets.torch_data import random_crop_with_padding
+
+    pad, n = 3, 400
+    img = torch.zeros((n, 3, 16, 8), dtype=torch.uint8)
+    img[:, :, 7, 4] = 255  # one bright pixel, more than ``pad`` from every border
+    torch.manual_seed(0)
+    out = random_crop_with_padding(img, pad)
+    assert out.shape == img.shape and out.dtype == img.dtype
+    assert torch.equal(img[:, :, 7, 4], torch.full((n, 3), 255, dtype=torch.uint8))  # the input is left alone
+    where = out[:, 0].flatten(1).argmax(1)
+    assert torch.equal((out == 255).flatten(1).sum(1), torch.full((n,), 3))  # the pixel stays, once, in every channel
+    dy, dx = where // 8 - 7, where % 8 - 4
+    assert dy.abs().max() == pad and dx.abs().max() == pad  # every shift up to the padding, never beyond
+    assert set(dy.tolist()) == set(range(-pad, pad + 1)) and set(dx.tolist()) == set(range(-pad, pad + 1))
+    flat = random_crop_with_padding(torch.full((n, 3, 16, 8), 9, dtype=torch.uint8), pad)
+    inside = flat[:, 0] == 9  # what the crop shows of the image is a rectangle; the rest is the zero padding
+    rows, cols = inside.any(2).sum(1), inside.any(1).sum(1)
+    assert torch.equal(inside.sum((1, 2)), rows * cols) and rows.min() >= 16 - pad and cols.min() >= 8 - pad
+    assert set(flat.unique().tolist()) == {0, 9}
+    assert random_crop_with_padding(img, 0) is img
+
+
+def test_random_erasing_changes_one_rectangle_within_the_bounds_and_leaves_the_rest():
+    import torch
+
+    from person_retrieval.datasets.torch_data import random_erasing
+
+    h, w, n, scale, ratio = 32, 16, 300, (0.02, 0.4), (0.3, 3.3)
+    img = torch.full((n, 3, h, w), 100, dtype=torch.uint8)
+    torch.manual_seed(0)
+    out = random_erasing(img, 1.0, scale, ratio, value=(1, 2, 3))
+    assert out.shape == img.shape and torch.equal(img, torch.full_like(img, 100))  # a new tensor
+    changed = out[:, 0] != 100
+    assert torch.equal(changed, out[:, 1] != 100) and torch.equal(changed, out[:, 2] != 100)
+    assert (out[:, 0][changed] == 1).all() and (out[:, 1][changed] == 2).all() and (out[:, 2][changed] == 3).all()
+    erased = changed.any(2).any(1)
+    assert erased.float().mean() > 0.95  # an image whose ten tries all miss stays as it is (torchvision's rule)
+    for m in changed[erased]:
+        eh, ew = int(m.any(1).sum()), int(m.any(0).sum())
+        r, c = m.any(1).nonzero()[:, 0], m.any(0).nonzero()[:, 0]
+        assert int(m.sum()) == eh * ew and r[-1] - r[0] + 1 == eh and c[-1] - c[0] + 1 == ew  # one whole rectangle
+        assert eh < h and ew < w  # strictly inside the image, as torchvision's tries require
+        slack = (eh + ew) / 2 + 0.25  # h and w are rounded from the drawn area and aspect ratio
+        assert scale[0] * h * w - slack <= eh * ew <= scale[1] * h * w + slack
+        assert (eh - 0.5) / (ew + 0.5) <= ratio[1] and (eh + 0.5) / (ew - 0.5) >= ratio[0]
+    assert torch.equal(random_erasing(img, 0.0, scale, ratio, value=0), img)  # probability 0: unchanged
+    never = random_erasing(torch.zeros((5, 3, 10, 10)), 1.0, (0.99, 0.99), (1.0, 1.0), value=7.0)
+    assert (never == 0).all()  # a 10 x 10 box never fits strictly inside a 10 x 10 image
+    with pytest.raises(ValueError, match="one per channel"):
+        random_erasing(img, 1.0, value=(1, 2))
+
+
+def test_random_erasing_draws_areas_as_torchvision_does():
+    import torch
+    from torchvision.transforms import RandomErasing
+
+    from person_retrieval.datasets.torch_data import random_erasing
+
+    n, h, w = 3000, 128, 64
+    torch.manual_seed(0)
+    ours = (random_erasing(torch.zeros((n, 1, h, w)), 0.5, (0.02, 0.4), (0.3, 3.3), value=1.0) == 1).float().mean((1, 2, 3))
+    tv = RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.3, 3.3), value=1.0)
+    theirs = torch.stack([(tv(torch.zeros((1, h, w))) == 1).float().mean() for _ in range(n)])
+    assert abs(float((ours > 0).float().mean() - (theirs > 0).float().mean())) < 0.04  # p, and the tries that miss
+    assert abs(float(ours.mean() - theirs.mean())) < 0.01  # the erased share of the image
+
+
+def test_batch_augmentations_are_deterministic_under_the_global_seed():
+    import torch
+
+    from person_retrieval.datasets.torch_data import random_crop_with_padding, random_erasing
+
+    img = torch.randint(0, 256, (16, 3, 24, 12), dtype=torch.uint8)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return random_erasing(random_crop_with_padding(img, 2), 0.5, value=(0, 0, 0))
+
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a = run(0)
+    torch.set_rng_state(state)  # a resumed run: the same state gives the same draws
+    b = random_erasing(random_crop_with_padding(img, 2), 0.5, value=(0, 0, 0))
+    assert torch.equal(a, b)

@@ -314,3 +314,60 @@ def test_paper_checks_name_the_parameter():
     with pytest.raises(ValueError, match="parameter 'n_live'"):
         diana.check_paper_models("paper", "/data", "ViT-B-16", None, n_live=4)
     diana.check_paper_models("small", None, None, None, n_dialogues=4)  # the mini world: the mini MLLM writes
+
+
+def test_training_images_are_flipped_cropped_and_erased_as_the_release_does(tiny_world):
+    """The release's order and settings (train/main/train/dataset.py:99-108): flip, Pad(10) + RandomCrop at
+    384 pixels high (scaled here to the image height), erasing p 0.5 of 2-40% of the area with its fill."""
+    assert diana.crop_padding(384) == 10 and diana.crop_padding(128) == 3 and diana.crop_padding(64) == 2
+    assert diana.crop_padding(128, 10) == 10 and diana.crop_padding(128, 0) == 0
+    fill = torch.tensor(diana.erase_fill(), dtype=torch.uint8)
+    from person_retrieval.datasets.torch_data import CLIP_MEAN, to_float
+
+    # the release erases after Normalize(mean, std) with value=mean: the erased pixel *normalises to* the mean
+    torch.testing.assert_close(to_float(fill.view(1, 3, 1, 1)).flatten(), CLIP_MEAN.flatten(), atol=1e-2, rtol=0)
+
+    img = torch.full((64, 3, 32, 16), 50, dtype=torch.uint8)
+    torch.manual_seed(0)
+    out = diana.augment_images(img.clone(), 2, 1.0)
+    assert out.shape == img.shape and out.dtype == torch.uint8
+    black = (out == 0).all(1)  # the padding the crop shows: bands at most 2 pixels wide along the borders
+    assert black.any() and not black[:, 2:-2, 2:-2].any()
+    erased = (out == fill.view(1, 3, 1, 1)).all(1)
+    assert erased.any((1, 2)).float().mean() > 0.9
+    assert ((out == 50).all(1) | black | erased).all()  # nothing else: the image, the padding, the erased box
+
+    folder = diana.build_chatpedes("tiny", 0, progress=False)
+    task = diana.DiaNATask(chat_root=str(folder / "clean"), scale="tiny")
+    data = task.train_data()
+    assert (data.crop_pad, data.erase_prob) == (2, 0.5)
+    idx = torch.arange(12)
+    torch.manual_seed(3)
+    a = data.batch(idx)
+    torch.manual_seed(3)
+    b = data.batch(idx)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["ids"], b["ids"])  # the global seed decides
+    src = data.images[data.image_ids[idx]]
+    assert not any(torch.equal(a["image"][i], src[i]) or torch.equal(a["image"][i], src[i].flip(-1)) for i in range(12))
+    plain = diana.DiaNATask(chat_root=str(folder / "clean"), scale="tiny", crop_pad=0, erase_prob=0.0).train_data()
+    c = plain.batch(idx)  # without crop and erasing: the flip alone, as before
+    assert all(torch.equal(c["image"][i], src[i]) or torch.equal(c["image"][i], src[i].flip(-1)) for i in range(12))
+    assert torch.equal(data.images[data.image_ids[idx]], src)  # the shared images are never written
+
+
+def test_the_runs_cache_keys_carry_the_augmentation(monkeypatch, tmp_path):
+    import types
+
+    from person_retrieval import train
+
+    outs = []
+    monkeypatch.setattr(train, "fit", lambda spec, cfg: outs.append((spec.kwargs, cfg.out_dir)) or types.SimpleNamespace(out_dir=cfg.out_dir))
+    diana.fit_diana(tmp_path, "tiny")
+    diana.fit_diana(tmp_path, "tiny", crop_pad=0)
+    diana.fit_diana(tmp_path, "tiny", erase_prob=0.0)
+    diana.pretrained_diana("tiny")
+    diana.pretrained_diana("tiny", crop_pad=0, erase_prob=0.0)
+    assert len({o for _, o in outs}) == 5
+    assert outs[0][0]["crop_pad"] is None and outs[0][0]["erase_prob"] == 0.5 and outs[3][0]["erase_prob"] == 0.5
+    assert (outs[1][0]["crop_pad"], outs[4][0]["erase_prob"]) == (0, 0.0)
+    assert diana.DIANA_VERSION >= 5  # runs cached before the augmentation are not read back as runs with it

@@ -171,6 +171,14 @@ else:
 # training dialogue is cut to a random prefix of 1..n rounds, so the model learns to retrieve from a dialogue at
 # any stage.
 #
+# **Images.** As the release trains, in both stages: a random horizontal flip, a random crop with padding (the
+# image padded with black and cropped back to its size at a random offset) and random erasing (with probability
+# 0.5 a box of 2-40% of the image, aspect ratio 0.3-3.3, is set to the release's fill, the pixel that normalises
+# to the mean). The release pads 10 pixels at 384×192; the mini world's images are 128×64, so the padding is
+# scaled with the image height, to 3 pixels, and the crop moves the person as far relative to the image as the
+# release's does (`fit_diana(..., crop_pad=10)` pads 10 pixels regardless; at `scale="paper"`, 384 pixels high,
+# the scaled padding is the release's 10).
+#
 # **Two stages.** First the world's generic captions (the web alt-text the mini CLIP saw; MALS in the paper) as
 # one-round dialogues, an instruction of the supplement's Fig. 1c answered by the caption; then ChatPedes. At
 # `scale="paper"` stage 1 is skipped: MALS (1.5 million synthetic pairs) is not among the datasets read here,

@@ -5,6 +5,7 @@ to decode JPEGs every epoch; real 384x128 data streams the same way with more me
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -74,6 +75,56 @@ def to_float(images_u8: torch.Tensor) -> torch.Tensor:
     batches, a quarter of the bytes, and normalises them on the GPU)."""
     dev = images_u8.device
     return (images_u8.float() / 255.0 - CLIP_MEAN.to(dev)) / CLIP_STD.to(dev)
+
+
+def random_crop_with_padding(images: torch.Tensor, pad: int, fill: float = 0) -> torch.Tensor:
+    """A random crop with padding, a batch at a time: each image of ``images`` (B, C, H, W) is padded with
+    ``pad`` pixels of ``fill`` on every side and cropped back to H x W at a uniform random offset, drawn per
+    image (torchvision's ``Pad(pad)`` then ``RandomCrop((H, W))``; fill 0 on uint8 images is its black), so its
+    content moves by at most ``pad`` pixels along each axis. Draws from torch's global generator (the training
+    loop seeds and checkpoints it); returns a new tensor."""
+    if pad <= 0 or not len(images):
+        return images
+    b, _, h, w = images.shape
+    dy = torch.randint(0, 2 * pad + 1, (b,))
+    dx = torch.randint(0, 2 * pad + 1, (b,))
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), value=fill)
+    out = torch.empty_like(images)
+    for k, (i, j) in enumerate(zip(dy.tolist(), dx.tolist())):  # slices: faster than one gather on the CPU
+        out[k] = padded[k, :, i: i + h, j: j + w]
+    return out
+
+
+def random_erasing(images: torch.Tensor, p: float = 0.5, scale: tuple[float, float] = (0.02, 0.33),
+                   ratio: tuple[float, float] = (0.3, 3.3), value: float | Sequence[float] = 0) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020), a batch at a time, as torchvision's ``RandomErasing`` draws it per
+    image: with probability ``p`` a rectangle of ``scale`` of the image's area (uniform) and aspect ratio h/w in
+    ``ratio`` (log-uniform) is tried up to ten times until it fits inside the image, placed uniformly, and set to
+    ``value`` (a number or one per channel, in the images' units); an image where no try fits stays as it is.
+    Draws from torch's global generator (a fixed number of draws per batch); returns a new tensor."""
+    if p <= 0 or not len(images):
+        return images
+    b, c, h, w = images.shape
+    apply = torch.rand(b) < p
+    tries = 10  # torchvision's
+    area = h * w * torch.empty(b, tries).uniform_(scale[0], scale[1])
+    aspect = torch.exp(torch.empty(b, tries).uniform_(math.log(ratio[0]), math.log(ratio[1])))
+    eh, ew = torch.sqrt(area * aspect).round().long(), torch.sqrt(area / aspect).round().long()
+    fits = (eh < h) & (ew < w)
+    first = fits.float().argmax(1, keepdim=True)  # the first try that fits (argmax returns the first maximum)
+    apply &= fits.any(1)
+    eh = torch.where(apply, eh.gather(1, first)[:, 0], 0)
+    ew = torch.where(apply, ew.gather(1, first)[:, 0], 0)
+    top = (torch.rand(b) * (h - eh + 1)).long().clamp(max=h - eh)  # uniform in 0..h-eh
+    left = (torch.rand(b) * (w - ew + 1)).long().clamp(max=w - ew)
+    v = torch.as_tensor(value, dtype=images.dtype, device=images.device).reshape(-1, 1, 1)
+    if len(v) not in (1, c):
+        raise ValueError(f"value needs 1 or {c} numbers (one per channel), got {len(v)}")
+    out = images.clone()
+    for k in apply.nonzero()[:, 0].tolist():
+        i, j = int(top[k]), int(left[k])
+        out[k, :, i: i + int(eh[k]), j: j + int(ew[k])] = v
+    return out
 
 
 def trim_tokens(ids: torch.Tensor, multiple: int = 8) -> torch.Tensor:

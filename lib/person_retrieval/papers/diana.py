@@ -578,14 +578,54 @@ def concatenated(rounds: Sequence[tuple[str, str]]) -> str:
     return " ".join(f"{q} {a}" for q, a in rounds)
 
 
+#: The release's image augmentation (train/main/train/dataset.py:99-108, both stages): Resize(384, 192),
+#: RandomHorizontalFlip, Pad(10) (zeros: black), RandomCrop(384, 192), ToTensor, Normalize(mean, std), then
+#: RandomErasing(scale=(0.02, 0.4), value=mean) with torchvision's p = 0.5 and ratio = (0.3, 3.3).
+RELEASE_PAD, RELEASE_HEIGHT = 10, 384
+ERASE_PROB, ERASE_SCALE, ERASE_RATIO = 0.5, (0.02, 0.4), (0.3, 3.3)
+
+
+def erase_fill() -> tuple[int, int, int]:
+    """The uint8 pixel the release's erasing writes: it erases after ``Normalize(mean, std)`` with
+    ``value=mean``, so an erased pixel's *normalised* value is the mean (not 0, the mean colour). Here the
+    training loop normalises with CLIP's mean and std (:func:`to_float`), so the pixel is 255 (mean + mean * std)."""
+    from ..datasets.torch_data import CLIP_MEAN, CLIP_STD
+
+    return tuple(int(round(255 * float(m + m * s))) for m, s in zip(CLIP_MEAN.flatten(), CLIP_STD.flatten()))
+
+
+def crop_padding(height: int, pad: int | None = None) -> int:
+    """The crop's padding in pixels: ``pad``, or (None) the release's 10 pixels at its 384-pixel height scaled to
+    ``height`` (10 at 384, 3 at the mini world's 128, 2 at 64), so the crop moves the person as far relative to
+    the image."""
+    return int(round(RELEASE_PAD * height / RELEASE_HEIGHT)) if pad is None else int(pad)
+
+
+def augment_images(img: torch.Tensor, crop_pad: int, erase_prob: float) -> torch.Tensor:
+    """The release's training augmentation on a uint8 batch (B, 3, H, W), in its order: a horizontal flip
+    (p 0.5), a random crop with ``crop_pad`` pixels of black padding, random erasing (``erase_prob``, 2-40% of
+    the area, aspect 0.3-3.3, :func:`erase_fill`). Erasing a uint8 pixel before the loop normalises it is
+    erasing after normalisation as the release does (to the fill's rounding to whole pixel values). All draws
+    from torch's global generator; ``img`` is overwritten by the flip (pass a copy)."""
+    from ..datasets.torch_data import random_crop_with_padding, random_erasing
+
+    flip = torch.rand(len(img)) < 0.5
+    img[flip] = img[flip].flip(-1)
+    img = random_crop_with_padding(img, crop_pad)
+    return random_erasing(img, erase_prob, ERASE_SCALE, ERASE_RATIO, erase_fill())
+
+
 class _DialoguePairs:
     """Training pairs (image, dialogue), one per dialogue. Each batch draws, per pair, a random prefix of 1..n
-    rounds (``random_prefix``) and masks its tokens (``mask_prob``, BERT-style), from torch's global generator
-    (checkpointed by the training loop, so a resumed run sees the same draws)."""
+    rounds (``random_prefix``) and masks its tokens (``mask_prob``, BERT-style), and augments its images
+    (:func:`augment_images`: flip, crop with ``crop_pad`` pixels of padding, erasing with ``erase_prob``), from
+    torch's global generator (checkpointed by the training loop, so a resumed run sees the same draws)."""
 
-    def __init__(self, images, image_ids, prefix_tokens, n_rounds, pids, random_prefix, mask_prob, mask_id, vocab, valid_fn):
+    def __init__(self, images, image_ids, prefix_tokens, n_rounds, pids, random_prefix, mask_prob, mask_id, vocab, valid_fn,
+                 crop_pad: int = 0, erase_prob: float = 0.0):
         self.images, self.image_ids, self.prefix_tokens, self.n_rounds = images, image_ids, prefix_tokens, n_rounds
         self.random_prefix, self.mask_prob, self.mask_id, self.vocab, self.valid_fn = random_prefix, mask_prob, mask_id, vocab, valid_fn
+        self.crop_pad, self.erase_prob = crop_pad, erase_prob
         uniq = torch.unique(pids)
         lut = {int(p): i for i, p in enumerate(uniq.tolist())}
         self.pids = torch.tensor([lut[int(p)] for p in pids])
@@ -599,9 +639,7 @@ class _DialoguePairs:
         k = (torch.rand(len(idx)) * n).long() + 1 if self.random_prefix else n  # 1..n rounds
         ids = self.prefix_tokens[idx, k - 1].long()
         ids = mask_tokens(ids, self.valid_fn(ids), self.mask_prob, self.mask_id, self.vocab)
-        img = self.images[self.image_ids[idx]]
-        flip = torch.rand(len(idx)) < 0.5
-        img[flip] = img[flip].flip(-1)
+        img = augment_images(self.images[self.image_ids[idx]], self.crop_pad, self.erase_prob)  # indexing copies
         return {"image": img, "ids": trim_dialogue(ids), "pid": self.pids[idx]}
 
 
@@ -654,13 +692,16 @@ class DiaNATask:
     one-round dialogues (an instruction of the supplement's Fig. 1c, then the caption as the answer), ITC only;
     ``stage="finetune"``: the ChatPedes folder ``chat_root`` (release format), ITC and SDM on the global and
     the refined features, from the stage-1 weights ``stage1``. ``llm``: a local causal LM as the dialogue
-    encoder (else the mini CLIP's text tower, positions stretched to 248). Validation: ``val_holdout`` of the
-    training identities, held out, at full dialogues."""
+    encoder (else the mini CLIP's text tower, positions stretched to 248). Training images are flipped, cropped
+    with ``crop_pad`` pixels of padding (None: the release's 10 at 384 pixels high, scaled to the image height,
+    :func:`crop_padding`; 0: no crop) and erased with probability ``erase_prob`` (the release's 0.5; 0: none), in
+    both stages as the release does. Validation: ``val_holdout`` of the training identities, held out, at full
+    dialogues."""
 
     def __init__(self, chat_root: str | None = None, scale: str = "small", seed: int = 0, init: str | None = None,
                  weights: str | None = None, llm: str | None = None, num_queries: int = 16, shared: bool = True,
                  mask_prob: float = 0.15, random_prefix: bool = True, stage: str = "finetune", stage1: str | None = None,
-                 val_holdout: float = 0.1, image_root: str | None = None):
+                 val_holdout: float = 0.1, image_root: str | None = None, crop_pad: int | None = None, erase_prob: float = ERASE_PROB):
         if stage not in ("pretrain", "finetune"):
             raise ValueError(f"stage must be 'pretrain' or 'finetune', got {stage!r}")
         if stage == "finetune" and not chat_root:
@@ -668,6 +709,7 @@ class DiaNATask:
         self.chat_root, self.scale, self.seed, self.init, self.weights, self.llm = chat_root, scale, seed, init, weights, llm
         self.num_queries, self.shared, self.mask_prob, self.random_prefix = num_queries, shared, mask_prob, random_prefix
         self.stage, self.stage1, self.val_holdout, self.image_root = stage, stage1, val_holdout, image_root
+        self.crop_pad, self.erase_prob = crop_pad, erase_prob
 
     @cached_property
     def backbone(self):
@@ -766,7 +808,8 @@ class DiaNATask:
             table[j, k] = t.to(torch.int32)
         mask_id, vocab = self._mask_spec()
         return _DialoguePairs(images, torch.tensor([i for i, _, _ in train]), table, torch.tensor([len(r) for _, r, _ in train]),
-                              torch.tensor([p for _, _, p in train]), self.random_prefix, self.mask_prob, mask_id, vocab, self._maskable)
+                              torch.tensor([p for _, _, p in train]), self.random_prefix, self.mask_prob, mask_id, vocab, self._maskable,
+                              crop_padding(images.shape[-2], self.crop_pad), self.erase_prob)
 
     @cached_property
     def _val(self):
@@ -801,8 +844,8 @@ class DiaNATask:
 
 #: Bumped when training changes what a cached run would hold (2: the system message is never masked and is read
 #: once per batch; 3: the locked trunk's memo computes in fixed-size chunks; 4: the shared-prefix pass shares its
-#: code with the one-pass rounds curve).
-DIANA_VERSION = 4
+#: code with the one-pass rounds curve; 5: the release's random crop with padding and random erasing beside the flip).
+DIANA_VERSION = 5
 NEW_LAYERS = ["refiner_img", "refiner_txt", "dialogue_encoder.proj", "dialogue_encoder.token_proj"]
 
 
@@ -819,21 +862,23 @@ def _fit(name: str, task_kw: dict, scale: str, seed: int, gpus: int, stage: str,
 
 
 def pretrained_diana(scale: str = "small", seed: int = 0, gpus: int = 0, init: str | None = None, weights: str | None = None,
-                     llm: str | None = None, num_queries: int = 16, shared: bool = True, mask_prob: float = 0.15, progress: bool = True) -> Path:
+                     llm: str | None = None, num_queries: int = 16, shared: bool = True, mask_prob: float = 0.15,
+                     crop_pad: int | None = None, erase_prob: float = ERASE_PROB, progress: bool = True) -> Path:
     """Stage 1 (cached): DiaNA on the generic captions as one-round dialogues; returns its best weights."""
     kw = dict(scale=scale, seed=seed, init=init and str(init), weights=weights, llm=llm and str(llm), num_queries=num_queries,
-              shared=shared, mask_prob=mask_prob, stage="pretrain")
+              shared=shared, mask_prob=mask_prob, stage="pretrain", crop_pad=crop_pad, erase_prob=erase_prob)
     res = _fit("diana_pretrain", kw, scale, seed, gpus, "pretrain", progress)
     return Path(res.out_dir) / "checkpoints" / "best.safetensors"
 
 
 def fit_diana(chat_root, scale: str = "small", seed: int = 0, gpus: int = 0, init: str | None = None, weights: str | None = None,
               llm: str | None = None, num_queries: int = 16, shared: bool = True, mask_prob: float = 0.15, random_prefix: bool = True,
-              stage1: str | None = None, image_root: str | None = None, progress: bool = True, **overrides):
+              stage1: str | None = None, image_root: str | None = None, crop_pad: int | None = None, erase_prob: float = ERASE_PROB,
+              progress: bool = True, **overrides):
     """Stage 2 (cached): DiaNA fine-tuned on a ChatPedes folder from the stage-1 weights ``stage1``."""
     kw = dict(chat_root=str(chat_root), scale=scale, seed=seed, init=init and str(init), weights=weights, llm=llm and str(llm),
               num_queries=num_queries, shared=shared, mask_prob=mask_prob, random_prefix=random_prefix, stage="finetune",
-              stage1=stage1 and str(stage1), image_root=image_root and str(image_root))
+              stage1=stage1 and str(stage1), image_root=image_root and str(image_root), crop_pad=crop_pad, erase_prob=erase_prob)
     return _fit("diana", kw, scale, seed, gpus, "finetune", progress, **overrides)
 
 
