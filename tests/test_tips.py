@@ -211,16 +211,111 @@ def test_small_sets_get_a_batch_that_fits(tiny_world, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- TTA
-def test_tta_is_the_papers_feature_mix_in_similarities():
+def test_tta_eq3_mixes_raw_features_then_takes_the_cosine():
+    """Eq. 3 as printed on hand-made 2-D features whose norms differ: f_t = (1, 0), f_p = (0, 3), alpha = 0.6 give
+    f_q = (0.6, 1.2), whose cosines to g1 = (3, 0) and g2 = (0, 0.5) are 1/sqrt(5) and 2/sqrt(5): g2 first.
+    Mixing the cosines instead gives 0.6 and 0.4: g1 first."""
+    from person_retrieval.metrics import retrieval_metrics
+    from person_retrieval.models import DualEncoder
+
+    txt, prev = {"global": torch.tensor([[1.0, 0.0]])}, {"global": torch.tensor([[0.0, 3.0]])}
+    gal = {"global": torch.tensor([[3.0, 0.0], [0.0, 0.5]])}
+    assert torch.allclose(tips.tta_query(txt, prev, 0.6)["global"], torch.tensor([[0.6, 1.2]]))
+    eq3 = tips.tta_scores(DualEncoder.similarity, txt, prev, gal, 0.6)  # mix="features", the default
+    assert torch.allclose(eq3, torch.tensor([[1.0, 2.0]]) / 5 ** 0.5, atol=1e-6)
+    sims = tips.tta_scores(DualEncoder.similarity, txt, prev, gal, 0.6, mix="similarities")
+    assert torch.allclose(sims, torch.tensor([[0.6, 0.4]]), atol=1e-6)
+    assert torch.equal(sims, tips.tta_similarity(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), 0.6))
+    pids = torch.tensor([0, 1])  # the query is person 1: Eq. 3 finds it first, the mix of similarities does not
+    assert retrieval_metrics(eq3, torch.tensor([1]), pids)["R1"] == 100 and retrieval_metrics(sims, torch.tensor([1]), pids)["R1"] == 0
+    # alpha = 1 is the text alone, alpha = 0 the preview alone, in both forms
+    for mix in tips.TTA_MIXES:
+        assert torch.equal(tips.tta_scores(DualEncoder.similarity, txt, prev, gal, 1.0, mix), DualEncoder.similarity(txt, gal))
+        assert torch.allclose(tips.tta_scores(DualEncoder.similarity, txt, prev, gal, 0.0, mix), DualEncoder.similarity(prev, gal))
+    # a model with two embeddings (RDE): every key of the text's is mixed, image-only keys of the preview's are not read
+    from person_retrieval.papers.tpr import RDEModel
+
+    txt2, prev2 = {**txt, "tse": torch.tensor([[0.0, 2.0]])}, {**prev, "tse": torch.tensor([[1.0, 0.0]]), "image": torch.zeros(1, 2)}
+    gal2 = {**gal, "tse": torch.tensor([[1.0, 0.0], [0.0, 1.0]])}
+    q = tips.tta_query(txt2, prev2, 0.5)
+    assert set(q) == {"global", "tse"} and torch.allclose(q["tse"], torch.tensor([[0.5, 1.0]]))
+    want = (torch.tensor([[0.5, 1.5]]) / 2.5 ** 0.5 + torch.tensor([[0.5, 1.0]]) / 1.25 ** 0.5) / 2  # global (0.5, 1.5), tse (0.5, 1)
+    assert torch.allclose(tips.tta_scores(RDEModel.similarity, txt2, prev2, gal2, 0.5), want, atol=1e-6)
+    with pytest.raises(ValueError, match="lack"):
+        tips.tta_query(txt2, prev, 0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        tips.tta_query(txt, prev, 1.5)
+    with pytest.raises(ValueError, match="alpha"):
+        tips.tta_similarity(eq3, eq3, -0.1)
+    with pytest.raises(ValueError, match="mix"):
+        tips.tta_scores(DualEncoder.similarity, txt, prev, gal, 0.6, mix="cosines")
+
+
+def test_tta_both_forms_agree_for_unit_features_up_to_the_mixed_querys_norm():
+    from person_retrieval.models import DualEncoder
+
     g = torch.Generator().manual_seed(0)
     f_t, f_p, gal = (F.normalize(torch.randn(n, 8, generator=g), dim=-1) for n in (5, 5, 20))
-    s_t, s_p = f_t @ gal.T, f_p @ gal.T
+    txt, prev, img = {"global": f_t}, {"global": f_p}, {"global": gal * 3.0}  # the gallery's norm never matters (cosine)
     for a in (0.0, 0.3, 0.6, 1.0):
-        mixed = F.normalize(a * f_t + (1 - a) * f_p, dim=-1) @ gal.T  # Eq. 3 on features
-        assert torch.equal(tips.tta_similarity(s_t, s_p, a).argsort(1), mixed.argsort(1))
-    assert torch.equal(tips.tta_similarity(s_t, s_p, 1.0), s_t) and torch.equal(tips.tta_similarity(s_t, s_p, 0.0), s_p)
-    with pytest.raises(ValueError, match="alpha"):
-        tips.tta_similarity(s_t, s_p, 1.5)
+        eq3 = tips.tta_scores(DualEncoder.similarity, txt, prev, img, a)
+        sims = tips.tta_scores(DualEncoder.similarity, txt, prev, img, a, mix="similarities")
+        norm = (a * f_t + (1 - a) * f_p).norm(dim=-1, keepdim=True)  # |f_q|, one number per query
+        assert torch.allclose(eq3 * norm, sims, atol=1e-6) and torch.equal(eq3.argsort(1), sims.argsort(1))
+    # raw (non-unit) features: the two forms part
+    txt_raw = {"global": f_t * torch.tensor([[0.2], [5.0], [1.0], [0.1], [3.0]])}
+    eq3 = tips.tta_scores(DualEncoder.similarity, txt_raw, prev, img, 0.6)
+    sims = tips.tta_scores(DualEncoder.similarity, txt_raw, prev, img, 0.6, mix="similarities")
+    assert not torch.equal(eq3.argsort(1), sims.argsort(1))
+
+
+class _LookupModel(torch.nn.Module):
+    """A stand-in retrieval model with hand-set features: gallery or preview image i (every pixel = i) has
+    ``img[i]``, the caption with token id t has ``txt[t - 1]``; cosine similarity as the dual encoder's."""
+
+    def __init__(self, img: torch.Tensor, txt: torch.Tensor):
+        super().__init__()
+        self.img, self.txt, self.w = img, txt, torch.nn.Parameter(torch.zeros(1))
+
+    def embed_images(self, x):
+        from person_retrieval.datasets.torch_data import CLIP_MEAN, CLIP_STD
+
+        i = ((x[:, 0, 0, 0] * CLIP_STD[0, 0, 0] + CLIP_MEAN[0, 0, 0]) * 255).round().long()
+        return {"global": self.img[i]}
+
+    def embed_texts(self, ids):
+        return {"global": self.txt[ids[:, 0] - 1]}
+
+    @staticmethod
+    def similarity(txt, img):
+        from person_retrieval.models import DualEncoder
+
+        return DualEncoder.similarity(txt, img)
+
+
+def test_choose_alpha_picks_the_known_best_alpha_on_validation():
+    """Gallery: person 0 at (1, 0), person 1 at (0, 1). Query A (person 0): its text points at person 1, its preview
+    (0.55, 0) at person 0, so it is right for alpha < 0.55 / 1.55 = 0.355. Query B (person 1): its text is right,
+    its preview (0.3, 0) wrong, so it is right for alpha > 0.3 / 1.3 = 0.231. Only alpha = 0.3 on the grid gets both."""
+    from person_retrieval.datasets.torch_data import RetrievalData
+
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.55, 0.0], [0.3, 0.0]])  # gallery 0, 1; previews of A and B: 2, 3
+    model = _LookupModel(img, txt=torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+    val = RetrievalData(images=torch.tensor([0, 1], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 2, 2).contiguous(),
+                        image_pids=torch.tensor([0, 1]), tokens=torch.tensor([[1], [2]]), caption_pids=torch.tensor([0, 1]),
+                        caption_image_ids=torch.tensor([0, 1]), captions=["a", "b"])
+    val_previews = torch.tensor([2, 3], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 2, 2).contiguous()
+    alpha, curve = tips.choose_alpha(model, val, val_previews)
+    assert alpha == 0.3 and [r["alpha"] for r in curve] == list(tips.ALPHA_GRID)
+    assert {r["alpha"]: r["R1"] for r in curve} == {a: (100.0 if a == 0.3 else 50.0) for a in tips.ALPHA_GRID}
+    # mixing the cosines ignores the previews' small norms: A needs alpha < 0.5, B alpha > 0.5, never both
+    sims = tips.choose_alpha(model, val, val_previews, mix="similarities")[1]
+    assert all(r["R1"] == 50.0 for r in sims if r["alpha"] != 0.5)  # (at 0.5 both queries tie)
+    # ties: the higher mAP, then the alpha nearest the paper's 0.6 (a flat curve keeps it)
+    assert tips.best_alpha([{"alpha": a, "R1": 10.0, "mAP": 5.0} for a in tips.ALPHA_GRID]) == tips.ALPHA == 0.6
+    assert tips.best_alpha([{"alpha": 0.2, "R1": 10.0, "mAP": 6.0}, {"alpha": 0.6, "R1": 10.0, "mAP": 5.0}]) == 0.2
+    with pytest.raises(ValueError, match="empty"):
+        tips.best_alpha([])
 
 
 def test_tta_previews_and_their_similarity(mini, tiny_world, tmp_path):
@@ -244,9 +339,13 @@ def test_tta_previews_and_their_similarity(mini, tiny_world, tmp_path):
                      caption_image_ids=torch.zeros(1, dtype=torch.long), captions=texts[:1])
     ref = model.similarity(encode_images(model, sub), img)
     assert s.shape == (6, len(data.images)) and torch.allclose(s, ref, atol=1e-5)
-    rows, extra = tips.evaluate_tta(model, data, tips.previews(gen, data.captions, (32, 64), seed=0)[0], [1.0, 0.6, 0.0])
+    assert torch.equal(model.similarity(tips.preview_features(model, prev, bb.image_size), img), s)
+    all_prev = tips.previews(gen, data.captions, (32, 64), seed=0)[0]
+    rows, extra = tips.evaluate_tta(model, data, all_prev, [1.0, 0.6, 0.0])  # Eq. 3 on the model's raw features
     plain = models.evaluate_retrieval(model, data)
     assert rows[0]["alpha"] == 1.0 and rows[0]["R1"] == plain["R1"] and extra >= 0
+    rows_s, _ = tips.evaluate_tta(model, data, all_prev, [1.0, 0.6, 0.0], mix="similarities")
+    assert rows_s[0]["R1"] == plain["R1"] and rows_s[2]["R1"] == rows[2]["R1"]  # alpha 0: the preview alone, either way
 
 
 # ---------------------------------------------------------------------------------------------- the real path

@@ -23,8 +23,10 @@ The pipeline, one function per stage, each called by a cell of notebook 02_tips:
 ``"oracle"``: the world's renderer drawing exactly the prompt's attributes and the difference prompts'
 states, the upper bound of a perfect generator (it peeks at nothing but the texts it is given).
 
-:func:`tta_similarity` is TIPS's test-time augmentation (Eq. 3): the query's feature mixed with the feature
-of an SPG preview of the query, ``f_q = alpha f_t + (1 - alpha) f_p``.
+:func:`tta_scores` is TIPS's test-time augmentation (Eq. 3): the query's raw feature mixed with the raw
+feature of an SPG preview of the query, ``f_q = alpha f_t + (1 - alpha) f_p``, then the cosine to each gallery
+image (``mix="similarities"``, :func:`tta_similarity`, mixes the two cosines instead); :func:`choose_alpha`
+picks alpha on a validation split.
 """
 from __future__ import annotations
 
@@ -695,9 +697,9 @@ def previews(gen, texts: Sequence[str], size: tuple[int, int], seed: int = 0, ca
 
 
 @torch.no_grad()
-def preview_similarity(model, images: torch.Tensor, gallery: dict, image_size: tuple[int, int]) -> torch.Tensor:
-    """``[N_query, N_gallery]``: each preview's image feature against the gallery's (TTA phase 2), through the
-    model's own similarity (RDE's averages its two embeddings), images brought to the model's size."""
+def preview_features(model, images: torch.Tensor, image_size: tuple[int, int]) -> dict:
+    """The previews' image features ``f_p`` (TTA phase 2) as ``model.embed_images`` returns them (raw: not
+    normalised), on the CPU, images brought to the model's size."""
     from ..models.retrieval import _cat
     from ..datasets.torch_data import to_float
 
@@ -709,34 +711,107 @@ def preview_similarity(model, images: torch.Tensor, gallery: dict, image_size: t
         if tuple(x.shape[-2:]) != tuple(image_size):
             x = F.interpolate(x, size=tuple(image_size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 255)
         feats.append(model.embed_images(to_float(x.round().to(torch.uint8).to(dev))))
-    return model.similarity(_cat(feats), gallery)
-
-
-def tta_similarity(text_sim: torch.Tensor, preview_sim: torch.Tensor, alpha: float = ALPHA) -> torch.Tensor:
-    """TIPS Eq. 3, ``f_q = alpha f_t + (1 - alpha) f_p``, in similarities: with unit features the hybrid
-    query's score of gallery image ``g`` is ``alpha s_t(g) + (1 - alpha) s_p(g)`` (its norm, the same for every
-    ``g``, does not change a ranking)."""
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    return alpha * text_sim + (1 - alpha) * preview_sim  # f_q^g = alpha f_t^g + (1 - alpha) f_p^g   (Eq. 3)
+    return _cat(feats)
 
 
 @torch.no_grad()
-def evaluate_tta(model, data, preview_images: torch.Tensor, alphas: Sequence[float]) -> tuple[list[dict], float]:
-    """Retrieval metrics of ``model`` on ``data`` for each alpha (1.0: TTA off), with the seconds spent on the
-    previews' features and the fusion (timing, not results)."""
+def preview_similarity(model, images: torch.Tensor, gallery: dict, image_size: tuple[int, int]) -> torch.Tensor:
+    """``[N_query, N_gallery]``: each preview's image feature against the gallery's (TTA phase 2), through the
+    model's own similarity (RDE's averages its two embeddings), images brought to the model's size."""
+    return model.similarity(preview_features(model, images, image_size), gallery)
+
+
+#: How TTA mixes text and preview: ``"features"``, Eq. 3 as printed (mix the raw features, then the cosine);
+#: ``"similarities"``, the mix of the two cosines (what this module did first; the same ranking only for
+#: unit-norm features).
+TTA_MIXES = ("features", "similarities")
+#: The alphas :func:`choose_alpha` tries by default: 0 (the preview alone) to 1 (the text alone) in steps of 0.1.
+ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+
+
+def tta_query(text_feats: dict, preview_feats: dict, alpha: float = ALPHA) -> dict:
+    """TIPS Eq. 3 as printed, ``f_q^g = alpha f_t^g + (1 - alpha) f_p^g``: the hybrid query, key by key of the
+    text's feature dict (``global``; RDE's ``tse`` and DIANA's ``refined`` too; image-only keys of the preview's
+    are left out), from the features as the model outputs them. Our models' ``embed_texts`` and ``embed_images`` return **unnormalised** features (the
+    cosine's normalisation is inside ``model.similarity``), so the mix is of raw features: each side's weight
+    is in effect ``alpha |f_t|`` against ``(1 - alpha) |f_p|``."""
+    _check_alpha(alpha)
+    missing = sorted(set(text_feats) - set(preview_feats))
+    if missing:
+        raise ValueError(f"the preview features lack the text's {missing} (text: {sorted(text_feats)}, preview: {sorted(preview_feats)})")
+    return {k: alpha * text_feats[k] + (1 - alpha) * preview_feats[k] for k in text_feats}
+
+
+def tta_similarity(text_sim: torch.Tensor, preview_sim: torch.Tensor, alpha: float = ALPHA) -> torch.Tensor:
+    """TTA's ``mix="similarities"`` form, **not** Eq. 3 as printed: ``alpha s_t(g) + (1 - alpha) s_p(g)``, the
+    mix of the text's and the preview's cosines to gallery image ``g``. For unit-norm ``f_t`` and ``f_p`` it is
+    Eq. 3's cosine times ``|f_q|`` (the same for every ``g``: the same ranking); for raw features, whose norms
+    differ, it is not (:func:`tta_scores` with ``mix="features"`` is Eq. 3)."""
+    _check_alpha(alpha)
+    return alpha * text_sim + (1 - alpha) * preview_sim
+
+
+def tta_scores(similarity, text_feats: dict, preview_feats: dict, gallery: dict, alpha: float = ALPHA,
+               mix: str = "features") -> torch.Tensor:
+    """``[N_query, N_gallery]`` TTA scores through ``similarity`` (the model's, e.g. ``model.similarity``:
+    a cosine per key). ``mix="features"``: Eq. 3 as printed, the cosine of the hybrid query
+    :func:`tta_query` of the raw features (TIPS phase 3, "recompute similarities using f_q^g");
+    ``mix="similarities"``: :func:`tta_similarity` of the two similarities. ``alpha=1`` is the text alone."""
+    if mix == "features":
+        return similarity(tta_query(text_feats, preview_feats, alpha), gallery)
+    if mix == "similarities":
+        return tta_similarity(similarity(text_feats, gallery), similarity(preview_feats, gallery), alpha)
+    raise ValueError(f"mix must be one of {TTA_MIXES}, got {mix!r}")
+
+
+@torch.no_grad()
+def evaluate_tta(model, data, preview_images: torch.Tensor, alphas: Sequence[float], mix: str = "features") -> tuple[list[dict], float]:
+    """Retrieval metrics of ``model`` on ``data`` for each alpha (1.0: TTA off), the scores of :func:`tta_scores`
+    (``mix="features"``: Eq. 3 as printed), with the seconds spent on the previews' features and one fused
+    scoring (timing, not results)."""
     from ..metrics import retrieval_metrics
     from ..models.retrieval import encode
 
+    if mix not in TTA_MIXES:
+        raise ValueError(f"mix must be one of {TTA_MIXES}, got {mix!r}")
     img, txt = encode(model, data)
-    s_t = model.similarity(txt, img)
     t0 = time.time()
-    s_p = preview_similarity(model, preview_images, img, tuple(data.images.shape[-2:]))
+    f_p = preview_features(model, preview_images, tuple(data.images.shape[-2:]))
     extra = time.time() - t0
-    rows = []
+    rows, fuse = [], []
     for a in alphas:
-        rows.append({"alpha": float(a), **retrieval_metrics(tta_similarity(s_t, s_p, float(a)), data.caption_pids, data.image_pids)})
-    return rows, extra
+        t0 = time.time()
+        sim = tta_scores(model.similarity, txt, f_p, img, float(a), mix)
+        fuse.append(time.time() - t0)
+        rows.append({"alpha": float(a), **retrieval_metrics(sim, data.caption_pids, data.image_pids)})
+    return rows, extra + (float(np.mean(fuse)) if fuse else 0.0)  # the previews' features and one fused scoring
+
+
+def best_alpha(curve: Sequence[dict], metric: str = "R1") -> float:
+    """The alpha of ``curve`` (rows with ``alpha`` and metrics) with the highest ``metric``; ties go to the
+    higher mAP, then to the alpha nearest the paper's :data:`ALPHA` (a flat curve keeps the paper's 0.6)."""
+    if not curve:
+        raise ValueError("an empty alpha curve")
+    top = max(curve, key=lambda r: (r[metric], r.get("mAP", 0.0), -abs(r["alpha"] - ALPHA)))
+    return float(top["alpha"])
+
+
+@torch.no_grad()
+def choose_alpha(model, val_data, val_previews: torch.Tensor, alphas: Sequence[float] = ALPHA_GRID, mix: str = "features",
+                 metric: str = "R1") -> tuple[float, list[dict]]:
+    """TTA's alpha chosen on a **validation** split (never the test split): ``val_data`` (a
+    :class:`~person_retrieval.datasets.torch_data.RetrievalData` of the val split, or a :func:`query_subset` of
+    it) with ``val_previews`` (one SPG preview per val query, :func:`previews`), the grid ``alphas`` scored as
+    :func:`evaluate_tta` does, the best by ``metric`` (:func:`best_alpha`). Returns ``(alpha, curve)``, the
+    curve one row per alpha (the validation metrics). TIPS App. C: "the optimal value of alpha can be rapidly
+    determined through a grid search on a validation set" (the paper's few-shot setting uses 0.6)."""
+    curve, _ = evaluate_tta(model, val_data, val_previews, alphas, mix)
+    return best_alpha(curve, metric), curve
 
 
 # ---------------------------------------------------------------------------------------------
