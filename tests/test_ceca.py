@@ -125,6 +125,8 @@ def test_fit_ceca_keys_runs_by_the_loss_settings(monkeypatch):
     monkeypatch.setattr(ceca, "fit_tpr", lambda *a, **k: k["task_kw"])
     kw = ceca.fit_ceca("icfg_pedes", "root", "summaries")
     assert {k: kw[k] for k in ceca.RELEASE_LOSS} == ceca.RELEASE_LOSS
+    assert {k: kw[k] for k in ceca.RELEASE_FUSION} == ceca.RELEASE_FUSION  # the feature mixes and omega key the run too
+    assert ceca.fit_ceca("icfg_pedes", "root", "summaries", task_kw={"mix_test": ceca.FIRST_COMMIT_MIX_TEST})["mix_test"] == 0.1
     assert ceca.fit_ceca("icfg_pedes", "root", "summaries", variant="CECA, CAWL with 1 - w clipped at 0")["cawl"] == "clipped"
     assert ceca.fit_ceca("icfg_pedes", "root", "summaries", variant="CECA without CAWL (TAL only)")["cawl"] is None
     with pytest.raises(ValueError):
@@ -178,14 +180,90 @@ def test_the_gallery_with_and_without_summaries(tiny_backbone):
         plain = m.embed_images(x)
         with_s = m.embed_images(x, ids)
         txt = m.embed_texts(ids)
-        m.omega = 0.0
-        zero = m.embed_images(x, ids)
     assert set(with_s) == {"global", "tse", "image", "summary"} and set(plain) == {"global", "tse", "image"}
     torch.testing.assert_close(plain["global"], plain["image"])
-    fused = 0.7 * F.normalize(with_s["image"], dim=-1) + 0.3 * F.normalize(with_s["summary"], dim=-1)
-    torch.testing.assert_close(with_s["global"], fused)
-    torch.testing.assert_close(zero["global"], F.normalize(zero["image"], dim=-1))  # omega 0: the image alone
+    torch.testing.assert_close(with_s["global"], 0.7 * with_s["image"] + 0.3 * with_s["summary"])  # unnormalised, as released
     assert m.similarity(txt, with_s).shape == (3, 3)
+
+
+class _FixedBackbone(torch.nn.Module):
+    """Hand-made pooled features: the image's (3, 0), the summary's (0, 10) (ten times the norm)."""
+    embed_dim = 2
+
+    def encode_image(self, x):
+        return torch.tensor([[3.0, 0.0]]), torch.ones(1, 4, 2)
+
+    def encode_text(self, ids):
+        return torch.tensor([[0.0, 10.0]]), torch.ones(1, ids.shape[1], 2)
+
+
+class _Fixed(torch.nn.Module):
+    """A token-selection head that returns ``out`` whatever it reads (so the mix of the two heads shows)."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = torch.tensor([out])
+
+    def forward(self, tokens, pooled, valid=None):
+        return self.out
+
+
+def _hand_model(**kw):
+    m = ceca.CECAModel(_FixedBackbone(), use_bcm=False, **kw)
+    m.tse_img, m.tse_txt = _Fixed([1.0, 0.0]), _Fixed([0.0, 4.0])  # image TSE, summary TSE (the text side's head)
+    return m
+
+
+SUMMARY_IDS = torch.tensor([[49406, 320, 1237, 49407, 0]])
+
+
+def test_the_release_mixes_unnormalised_features_then_normalises():
+    """build.py L91 and L96: merge = 0.3 c + 0.7 i on the features as they come, global and token level; TAL and
+    the similarity normalise after. (3, 0) and (0, 10) mix to (2.1, 3.0), not to the normalised mix (0.7, 0.3)."""
+    m = _hand_model().train()
+    g = m.embed_images(torch.zeros(1, 3, 4, 2), SUMMARY_IDS)
+    torch.testing.assert_close(g["global"], torch.tensor([[2.1, 3.0]]))
+    torch.testing.assert_close(F.normalize(g["global"], dim=-1), torch.tensor([[2.1, 3.0]]) / math.sqrt(2.1 ** 2 + 3.0 ** 2))
+    assert not torch.allclose(F.normalize(g["global"], dim=-1), F.normalize(torch.tensor([[0.7, 0.3]]), dim=-1), atol=1e-2)
+    torch.testing.assert_close(g["tse"], torch.tensor([[0.7, 1.2]]))  # 0.7 image TSE + 0.3 summary TSE
+    torch.testing.assert_close(g["image"], torch.tensor([[3.0, 0.0]]))  # CAWL still reads the unmixed features
+    torch.testing.assert_close(g["summary"], torch.tensor([[0.0, 10.0]]))
+    torch.testing.assert_close(ceca.mix_features(torch.tensor([3.0, 0.0]), torch.tensor([0.0, 10.0]), 0.3), torch.tensor([2.1, 3.0]))
+
+
+def test_the_test_time_mix_is_the_release_s_and_the_first_commit_s_is_an_option():
+    """At test metrics.py L87 and L118 mix 0.7 image + 0.3 summary (d257075, the newest); the first commit
+    (0af8faa) had 0.9 image + 0.1 summary: ``mix_test=FIRST_COMMIT_MIX_TEST``."""
+    assert ceca.RELEASE_FUSION == {"mix_train": 0.3, "mix_test": 0.3, "omega": 0.5} and ceca.FIRST_COMMIT_MIX_TEST == 0.1
+    g = _hand_model().eval().embed_images(torch.zeros(1, 3, 4, 2), SUMMARY_IDS)
+    torch.testing.assert_close(g["global"], torch.tensor([[2.1, 3.0]]))
+    m = _hand_model(mix_test=ceca.FIRST_COMMIT_MIX_TEST)
+    test, train = m.eval().embed_images(torch.zeros(1, 3, 4, 2), SUMMARY_IDS), m.train().embed_images(torch.zeros(1, 3, 4, 2), SUMMARY_IDS)
+    torch.testing.assert_close(test["global"], torch.tensor([[2.7, 1.0]]))  # 0.9 (3, 0) + 0.1 (0, 10)
+    torch.testing.assert_close(test["tse"], torch.tensor([[0.9, 0.4]]))  # 0.9 (1, 0) + 0.1 (0, 4)
+    torch.testing.assert_close(train["global"], torch.tensor([[2.1, 3.0]]))  # training keeps 0.3
+    assert m.training
+    torch.testing.assert_close(m.embed_images(torch.zeros(1, 3, 4, 2), SUMMARY_IDS, mix=0.5)["global"], torch.tensor([[1.5, 5.0]]))
+
+
+def test_omega_fuses_the_global_and_the_token_level_similarity():
+    """The supplement's omega (section F): (1 - omega) global + omega refined (token-level); the release's
+    (BGE + TSE) / 2 is omega = 0.5."""
+    m = _hand_model()
+    txt = {"global": torch.tensor([[1.0, 0.0], [0.0, 2.0]]), "tse": torch.tensor([[0.0, 1.0], [1.0, 0.0]])}
+    img = {"global": torch.tensor([[2.0, 0.0]]), "tse": torch.tensor([[1.0, 1.0]])}
+    s_g, s_t = torch.tensor([[1.0], [0.0]]), torch.tensor([[math.sqrt(0.5)], [math.sqrt(0.5)]])
+    torch.testing.assert_close(m.similarity(txt, img), (s_g + s_t) / 2)
+    m.omega = 0.3
+    torch.testing.assert_close(m.similarity(txt, img), 0.7 * s_g + 0.3 * s_t)
+    m.omega = 1.0
+    torch.testing.assert_close(m.similarity(txt, img), s_t)
+
+
+def test_msum_is_r1_plus_r5_plus_r10():
+    m = {"R1": 40.5, "R5": 60.25, "R10": 70.0, "mAP": 30.0, "mINP": 10.0}
+    assert ceca.msum(m) == 170.75
+    assert ceca.with_msum(m) == {**m, "Msum": 170.75}
 
 
 # ---------------------------------------------------------------------------------------------- CAM
@@ -290,6 +368,8 @@ def test_evaluating_several_gallery_settings_at_once_matches_one_at_a_time(tiny_
         m.omega = w
         want, sim = evaluate_retrieval(m, data, return_similarity=True)
         torch.testing.assert_close(res[f"omega={w:g}"][1], sim, rtol=1e-4, atol=1e-5)
+        assert res[f"omega={w:g}"][0]["Msum"] == pytest.approx(want["R1"] + want["R5"] + want["R10"])
+    m.omega = ceca.RELEASE_FUSION["omega"]
     _, plain = evaluate_retrieval(m, ceca.without_summaries(data), return_similarity=True)
     torch.testing.assert_close(res["without summaries"][1], plain, rtol=1e-4, atol=1e-5)
 

@@ -29,7 +29,7 @@ data_root: Optional[str] = None  # None: the mini world; a folder holding CUHK-P
 weights: Optional[str] = None    # None: the mini CLIP of notebook 00; "ViT-B-16" or a checkpoint path: real CLIP (paper: required)
 vlm: Optional[str] = None        # None: the mini MLLM; a name or folder: a transformers MLLM asked Q1-Q5 (the paper: Qwen2-VL-7B-Instruct)
 llm: Optional[str] = None        # None: the mini LM writes the summary; a name or folder: a transformers LLM
-omega: float = 0.3             # test-time weight of the summary in the gallery's global feature
+omega: float = 0.5             # retrieval: (1 - omega) global + omega token-level similarity (the supplement's omega; 0.5: the release's mean)
 gate_init: float = -3.0        # BCM: the gate's initial logit; sigmoid(-3) is 0.047
 cond_ratio: float = 0.3        # BCM: share of the other side's tokens (the most attended) used as keys and values
 epochs: Optional[int] = None   # None: the paper's schedule (60 epochs at paper; 3 at small, 2 at tiny); N: every training run trains N epochs
@@ -129,11 +129,25 @@ reports.save_figure(fig, "05_cam_examples", scale)
 # $$Y = \mathrm{MLP}\big(\mathrm{SA}(h) + \mathrm{CA}(h, C_{\mathrm{top}})\big),\qquad X' = X + \sigma(g)\, Y,\quad g_0 = -3,$$
 #
 # and the same with the roles swapped for $C$. The gate starts at $\sigma(-3) \approx 0.05$, so training
-# begins from the RDE model and lets the mixer in gradually. The mixed tokens of both sides are then selected
-# and max-pooled into the gallery's token-level embedding, matched to the caption's token-selection embedding.
+# begins from the RDE model and lets the mixer in gradually. The image's mixed tokens are then selected and
+# max-pooled by the image side's token-selection head into $v^{tok}$, the summary's by the text side's head
+# (the caption's: the release reads the summary with its one textual embedding layer) into $c^{tok}$.
 #
-# **Global feature.** The gallery's global feature mixes the image's and the summary's (normalised),
-# $g = (1-\omega)\,\hat v + \omega\,\hat c$, with $\omega = 0.3$ in training ("0.7 image + 0.3 summary").
+# **The gallery's features.** As released, the image and the summary are mixed at both levels, on the
+# features as they come (*unnormalised*; the loss and the similarity normalise the result):
+#
+# $$g = (1-m)\,v + m\,c,\qquad g^{tok} = (1-m)\,v^{tok} + m\,c^{tok},$$
+#
+# with $m = 0.3$ in training (`model/build.py` L91 and L96, `mix_train`) and at test (`utils/metrics.py` L87
+# and L118 in the release's newest commit, d257075, `mix_test`; its first commit tested with $m = 0.1$, the
+# named option `mix_test=ceca.FIRST_COMMIT_MIX_TEST`).
+#
+# **Retrieval, the fusion weight $\omega$.** The supplement's $\omega$ (section F) combines "the global
+# similarity and the refined similarity during retrieval": $s = (1-\omega)\cos(t, g) + \omega\cos(t^{tok}, g^{tok})$.
+# The release adds the two as $(s_{BGE} + s_{TSE})/2$ (`utils/metrics.py` L138), $\omega = 0.5$, CECA's rows
+# here (parameter `omega`); the supplement's Figure 4 puts the best $\omega$ at 0.3 (section 6 sweeps it).
+# It does not say which of the two similarities $\omega$ multiplies: here the refined one, so that the curve
+# read the other way round is this one mirrored about 0.5.
 #
 # **CAWL.** With $C, T, I$ the normalised global summary, caption and image features of a batch and positives
 # $P(i)$ by person id, the confidence of sample $i$ is the softmax mass its summary puts on its positive captions
@@ -187,12 +201,12 @@ def fit(label, d, s):
     return ceca.fit_ceca(d, roots[d], folders[d], variant=label, cond_ratio=cond_ratio, gate_init=gate_init, **kw)
 
 
-OMEGAS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8]  # the sweep (the supplement's Figure 4 starts at 0.1)
+OMEGAS = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # the sweep (the supplement's Figure 4 starts at 0.1)
 
 
 def record(label, d, s, model, data):
     m, sims[label, d, s] = models.evaluate_retrieval(model, data, return_similarity=True)
-    rows.append({"method": label, "dataset": d, "seed": s, **m})
+    rows.append({"method": label, "dataset": d, "seed": s, **ceca.with_msum(m)})
 
 
 for k in range(len(seeds)):
@@ -206,6 +220,7 @@ for k in range(len(seeds)):
             train_s.append({"method": label, "dataset": d, "seed": s, "seconds": sum(h["seconds"] for h in run.history)})
             if label.startswith("CECA"):  # the queries encoded once, the gallery read in each setting
                 sweep = OMEGAS if label == "CECA" and d == ABLATION else []
+                run.model.omega = omega  # "without summaries" is scored at it too
                 res_ = ceca.evaluate_settings(run.model, test_sets[d], sorted({omega, *sweep}), without=label == "CECA")
                 for name, (m, sim) in res_.items():
                     if name == "without summaries":
@@ -246,7 +261,7 @@ table.round(2)
 # %% [markdown]
 # ## 5 · The ablation (ICFG-PEDES style)
 #
-# Without BCM the summary still enters the global feature and CAWL; without CAWL only the two TAL terms train;
+# Without BCM the summary still enters the global and the token-level features (its own tokens, unmixed) and CAWL; without CAWL only the two TAL terms train;
 # "without summaries at test" is the full model with the gallery read as RDE reads it; "1 - w clipped at 0"
 # is CAWL with the named option above (the full model lets $1 - w$ go negative, as released).
 
@@ -262,23 +277,27 @@ abl.round(2)
 # %% [markdown]
 # ## 6 · The fusion weight omega (the supplement's Figure 4)
 #
-# The same trained CECA models, the gallery's global feature fused at each $\omega$ (0: the image alone; the
-# tokens still mixed with the summary). The supplement reports the peak at $\omega = 0.3$ on ICFG-PEDES.
+# The same trained CECA models, the gallery read with summaries (mixed at `mix_test`, encoded once), the
+# global and the token-level similarity fused at each $\omega$: $(1-\omega)$ global $+\ \omega$ token-level
+# (0: the global similarity alone, 1: the refined one alone, 0.5: the release's mean). As the supplement,
+# R1 and Msum $=$ R1 $+$ R5 $+$ R10; it reports both peaking at $\omega = 0.3$ on ICFG-PEDES.
 
 # %%
 sw = res[res.method.str.startswith("CECA, omega=")].assign(omega=lambda t: t.method.str[len("CECA, omega="):].astype(float))
-sweep = sw.groupby("omega")[["R1", "mAP"]].agg(["mean", "std"])
-fig, ax = plt.subplots(figsize=(5, 3))
-for m, c in (("R1", "tab:blue"), ("mAP", "tab:orange")):
-    ax.errorbar(sweep.index, sweep[m]["mean"], yerr=sweep[m]["std"].fillna(0), marker="o", color=c, label=m, capsize=3)
-ax.axvline(0.3, color="grey", ls=":", lw=1)
-ax.set(xlabel="omega (summary weight in the gallery feature)", ylabel="percent", title=f"omega sweep, {ABLATION} (mean over {len(seeds)} repeats)")
-ax.legend()
+sweep = sw.groupby("omega")[["R1", "Msum"]].agg(["mean", "std"])
+fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+for ax, m, c in zip(axes, ("R1", "Msum"), ("tab:blue", "tab:green")):
+    ax.errorbar(sweep.index, sweep[m]["mean"], yerr=sweep[m]["std"].fillna(0), marker="o", color=c, capsize=3)
+    ax.axvline(0.3, color="grey", ls=":", lw=1)
+    ax.set(xlabel="omega (weight of the token-level similarity)", ylabel=m + (" (R1 + R5 + R10)" if m == "Msum" else " (%)"), title=m)
+fig.suptitle(f"omega sweep, {ABLATION} (mean over {len(seeds)} repeats)")
+fig.tight_layout()
 reports.save_figure(fig, "05_ceca_omega", scale)
 best_omega = float(sweep["R1"]["mean"].idxmax())
-reports.save_table(sw.groupby("omega")[["R1", "mAP"]].mean().reset_index().assign(dataset=ABLATION, source=source), "05_ceca_omega", scale,
-                   title="R1 and mAP against omega (ICFG-PEDES style, mean over the repeats)")
-print(f"R1 peaks at omega = {best_omega}")
+reports.save_table(sw.groupby("omega")[["R1", "Msum", "mAP"]].mean().reset_index().assign(dataset=ABLATION, source=source), "05_ceca_omega", scale,
+                   title="R1 and Msum (R1 + R5 + R10) against omega, the weight of the token-level similarity (ICFG-PEDES style, mean over the repeats)",
+                   notes="Similarity (1 - omega) global + omega token-level (the supplement's section F); 0.5 is the release's (BGE + TSE) / 2.")
+print(f"R1 peaks at omega = {best_omega}; Msum at omega = {float(sweep['Msum']['mean'].idxmax())}")
 
 # %% [markdown]
 # ## 7 · Higher R1, lower mAP?
@@ -350,9 +369,11 @@ for name, other in (("BCM helps (CECA vs without BCM)", "CECA without BCM"), ("C
                     ("summaries at test help", "CECA without summaries at test")):
     for metric in ("R1", "mAP"):
         claims.append((name, ABLATION, metric, *ceca.paired_claim(per_seed("CECA", ABLATION), per_seed(other, ABLATION), metric)))
-peak = sw.groupby(["seed", "omega"]).R1.mean().unstack()
-d_peak = peak[0.3] - peak.drop(columns=0.3).max(axis=1)
-claims.append(("omega = 0.3 is as good as the best other weight, within twice the spread (R1 at 0.3 minus the best other)", ABLATION, "R1", *reports.verdict(d_peak, not_hurt=True)))
+for metric in ("R1", "Msum"):
+    peak = sw.groupby(["seed", "omega"])[metric].mean().unstack()
+    d_peak = peak[0.3] - peak.drop(columns=0.3).max(axis=1)
+    claims.append((f"omega = 0.3 is as good as the best other weight, within twice the spread ({metric} at 0.3 minus the best other)", ABLATION,
+                   metric, *reports.verdict(d_peak, not_hurt=True)))
 for d in DATASETS:
     r1, mp = delta.loc[d, "R1 delta"], delta.loc[d, "mAP delta"]
     m_r1, sd_r1, _ = reports.verdict(r1)

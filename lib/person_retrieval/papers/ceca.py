@@ -10,8 +10,19 @@ CVPR 2026 (code: https://github.com/sugelamyd123/CECA). Built on the RDE-style m
   summary's tokens to the image's, each through a gated residual that starts near zero;
 * **CAWL** (:func:`person_retrieval.losses.cawl_loss`): a confident summary teaches caption and image.
 
-At test time only the gallery side reads summaries; the query caption is unchanged. The gallery's global
-feature is ``(1 - omega) image + omega summary`` (both normalised), ``omega = 0.3`` as in the code.
+At test time only the gallery side reads summaries; the query caption is unchanged. Two weights, as the
+release and the supplement have them (:data:`RELEASE_FUSION`):
+
+* the **summary's share in the gallery's features**, global and token level alike, mixed *unnormalised* and
+  normalised after (:func:`mix_features`): ``0.7 image + 0.3 summary`` in training (the release's
+  ``model/build.py`` L91 and L96, ``mix_train``) and at test (``utils/metrics.py`` L87 and L118 as of commit
+  d257075, the release's newest, ``mix_test``; its first commit 0af8faa tested with ``0.9 image + 0.1 summary``,
+  ``mix_test=0.1``; d257075's message: "different datasets and pretrain weights need different set of
+  parameter");
+* **omega**, the supplement's fusion weight (section F) "for combining the global similarity and the refined
+  similarity during retrieval": ``(1 - omega) global + omega token-level`` (:meth:`CECAModel.similarity`).
+  The release adds them as ``(BGE + TSE) / 2`` (``utils/metrics.py`` L138), omega = 0.5, the default; the
+  supplement's Figure 4 peaks at omega = 0.3 on ICFG-PEDES. Only retrieval reads omega, never training.
 """
 from __future__ import annotations
 
@@ -234,47 +245,82 @@ class BidirectionalMixer(nn.Module):
         return self.image_side(img_tok, s_sel, ctx_valid=s_ok), self.summary_side(sum_tok, i_sel, x_valid=sum_valid)
 
 
-class CECAModel(RDEModel):
-    """The RDE-style model (its text side and similarity unchanged) with summaries on the gallery side.
+#: The release's weights (CECATask's and CECAModel's defaults): the summary's share in the gallery's features in
+#: training (``mix_train``, build.py L91/L96: ``0.3*c_feats+0.7*i_feats``, ``0.3*c_tse_f+0.7*i_tse_f``) and at test
+#: (``mix_test``, metrics.py L87/L118 at d257075: ``0.7*img_feat+0.3*chat_feat``), and the similarity fusion
+#: weight omega (metrics.py L138: ``(sims_bse+sims_tse)/2``). They enter every run's cache key (:func:`fit_ceca`):
+#: ``mix_test`` and omega through the validation that selects the epoch.
+RELEASE_FUSION = {"mix_train": 0.3, "mix_test": 0.3, "omega": 0.5}
+#: ``mix_test`` in the release's first commit (0af8faa, metrics.py L88 and L119): ``0.9*img_feat+0.1*chat_feat``.
+FIRST_COMMIT_MIX_TEST = 0.1
 
-    * global: the caption's pooled feature against ``(1 - omega) image + omega summary`` (normalised);
-    * token level: the caption's token selection against the selection (and max-pool) over the mixed image
-      and summary tokens (BCM), or over the image tokens alone (``use_bcm=False``);
-    * the similarity is the mean of the two, as RDE's. An image given no summary is embedded as RDE would:
-      its own global feature and its own tokens (the "without summaries at test time" ablation)."""
+
+def mix_features(image: torch.Tensor, summary: torch.Tensor, weight: float) -> torch.Tensor:
+    """The release's mix of an image feature and its summary's: ``(1 - weight) image + weight summary`` on the
+    features as they come, *unnormalised* (the similarity and the loss normalise the result); a summary
+    feature of larger norm so weighs more than ``weight`` says."""
+    return (1 - weight) * image + weight * summary
+
+
+def msum(metrics: dict) -> float:
+    """The supplement's Msum (Figure 4), the release's rSum: R1 + R5 + R10."""
+    return float(metrics["R1"] + metrics["R5"] + metrics["R10"])
+
+
+def with_msum(metrics: dict) -> dict:
+    """``metrics`` with its ``Msum`` (:func:`msum`) added."""
+    return {**metrics, "Msum": msum(metrics)}
+
+
+class CECAModel(RDEModel):
+    """The RDE-style model (its text side unchanged) with summaries on the gallery side, as released:
+
+    * global: the caption's pooled feature against ``mix_features(image, summary, w)``;
+    * token level: the caption's token-selection embedding against ``mix_features(image TSE, summary TSE, w)``,
+      where the image's TSE (``tse_img``) selects over its tokens mixed by BCM and the summary's over its own
+      mixed tokens through the text side's head (``tse_txt``, the caption's: the release reads the summary with
+      its one textual embedding layer); ``use_bcm=False``: over the unmixed tokens;
+    * ``w`` is ``mix_train`` in training mode, ``mix_test`` in eval mode (0.3 and 0.3, the release's: build.py
+      L91/L96, metrics.py L87/L118);
+    * the similarity is ``(1 - omega) global + omega token-level`` (the supplement's omega; 0.5: RDE's and the
+      release's mean). An image given no summary is embedded as RDE would: its own global feature and its
+      own tokens (the "without summaries at test time" ablation)."""
 
     def __init__(self, backbone, ratio: float = 0.3, cond_ratio: float = 0.3, gate_init: float = -3.0, heads: int = 8,
-                 omega: float = 0.3, use_bcm: bool = True):
+                 omega: float = RELEASE_FUSION["omega"], use_bcm: bool = True, mix_train: float = RELEASE_FUSION["mix_train"],
+                 mix_test: float = RELEASE_FUSION["mix_test"]):
         super().__init__(backbone, ratio)  # RDE's token-selection heads, tse_img and tse_txt
         self.bcm = BidirectionalMixer(backbone.embed_dim, heads, cond_ratio, gate_init) if use_bcm else None
-        self.omega = omega
+        self.omega, self.mix_train, self.mix_test = omega, mix_train, mix_test
 
-    def gallery_parts(self, x, summary_ids=None) -> dict:
-        """What the gallery feature is made of, before the fusion weight enters: the image's pooled feature,
-        the tokens the gallery's selection reads (mixed by BCM when there is a summary) and their validity,
-        and the summary's pooled feature. (The mixer does not depend on omega, so a sweep reuses these.)"""
+    def embed_images(self, x, summary_ids=None, mix: float | None = None):
+        """The gallery's embeddings: ``global`` and ``tse`` (what the similarity reads), ``image`` and, with a
+        summary, ``summary`` (the pooled features CAWL reads). ``mix``: the summary's share (default:
+        ``mix_train`` or ``mix_test`` by the module's mode)."""
         pooled, tokens = self.backbone.encode_image(x)
         if summary_ids is None:
-            return {"image": pooled, "tokens": tokens, "valid": None}
+            return {"global": pooled, "tse": self.tse_img(tokens, pooled), "image": pooled}
         s_pooled, s_tok = self.backbone.encode_text(summary_ids)
         s_valid = word_mask(summary_ids, s_tok.shape[1])
-        if self.bcm is None:
-            return {"image": pooled, "tokens": tokens, "valid": None, "summary": s_pooled}
-        i_mix, s_mix = self.bcm(tokens, pooled, s_tok, s_pooled, s_valid)
-        valid = torch.cat([torch.ones(tokens.shape[:2], dtype=torch.bool, device=x.device), s_valid], dim=1)
-        return {"image": pooled, "tokens": torch.cat([i_mix, s_mix], dim=1), "valid": valid, "summary": s_pooled}
+        if self.bcm is not None:
+            tokens, s_tok = self.bcm(tokens, pooled, s_tok, s_pooled, s_valid)
+        w = (self.mix_train if self.training else self.mix_test) if mix is None else mix
+        i_tse, c_tse = self.tse_img(tokens, pooled), self.tse_txt(s_tok, s_pooled, s_valid)
+        return {"global": mix_features(pooled, s_pooled, w), "tse": mix_features(i_tse, c_tse, w), "image": pooled,
+                "summary": s_pooled}
 
-    def fuse(self, parts: dict, omega: float | None = None) -> dict:
-        """The gallery embeddings from :meth:`gallery_parts` at fusion weight ``omega`` (default: the model's)."""
-        w = self.omega if omega is None else omega
-        if "summary" not in parts:
-            return {"global": parts["image"], "tse": self.tse_img(parts["tokens"], parts["image"]), "image": parts["image"]}
-        fused = (1 - w) * F.normalize(parts["image"], dim=-1) + w * F.normalize(parts["summary"], dim=-1)
-        return {"global": fused, "tse": self.tse_img(parts["tokens"], fused, parts["valid"]), "image": parts["image"],
-                "summary": parts["summary"]}
+    @staticmethod
+    def similarities(txt, img) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global and the token-level cosine similarities, ``(queries, gallery)`` each."""
+        return tuple(F.normalize(txt[k], dim=-1) @ F.normalize(img[k], dim=-1).T for k in ("global", "tse"))
 
-    def embed_images(self, x, summary_ids=None):
-        return self.fuse(self.gallery_parts(x, summary_ids))
+    @staticmethod
+    def fuse_similarities(s_global: torch.Tensor, s_tokens: torch.Tensor, omega: float) -> torch.Tensor:
+        """The supplement's fusion: ``(1 - omega) global + omega token-level`` (the refined similarity)."""
+        return (1 - omega) * s_global + omega * s_tokens
+
+    def similarity(self, txt, img):
+        return self.fuse_similarities(*self.similarities(txt, img), self.omega)
 
     def forward(self, images, ids, summary_ids=None):
         return self.embed_images(images, summary_ids), self.embed_texts(ids)
@@ -288,8 +334,9 @@ RELEASE_LOSS = {"cawl": "released", "cawl_scale": 50.0, "tal_reduction": "sum"}
 
 
 class CECATask(RDETask):
-    """CECA on one TPR dataset: TAL on the global features (0.7 image + 0.3 summary against the caption),
-    TAL on the token-level features, plus CAWL, with weights 1, 1, 1 as the release adds them:
+    """CECA on one TPR dataset: TAL on the global features (0.7 image + 0.3 summary, unnormalised, against the
+    caption), TAL on the token-level features (0.7 image TSE + 0.3 summary TSE), plus CAWL, with weights 1, 1, 1
+    as the release adds them:
     L = sum_i TAL_global(i) + sum_i TAL_tokens(i) + 1/B sum_i CAWL(i). ``summaries``: the folder
     :func:`build_summaries` wrote.
 
@@ -300,11 +347,15 @@ class CECATask(RDETask):
     says only that the objective adds the global and local TAL and CAWL; where it is silent, the release's
     reading is followed. (Before the balance matched the release, with both averaged and a soft-target
     cross-entropy, validation at small had preferred a CAWL scale of 1/0.07 over 50; that choice predates
-    this loss.)"""
+    this loss.)
 
-    def __init__(self, *a, summaries: str, cawl: str | None = RELEASE_LOSS["cawl"], use_bcm: bool = True, omega: float = 0.3,
-                 cond_ratio: float = 0.3, gate_init: float = -3.0, cawl_scale: float = RELEASE_LOSS["cawl_scale"],
-                 tal_reduction: str = RELEASE_LOSS["tal_reduction"], **kw):
+    ``mix_train`` / ``mix_test`` / ``omega``: :data:`RELEASE_FUSION` (:class:`CECAModel`); validation, which picks
+    the epoch, reads the gallery at ``mix_test`` and scores at ``omega``."""
+
+    def __init__(self, *a, summaries: str, cawl: str | None = RELEASE_LOSS["cawl"], use_bcm: bool = True,
+                 omega: float = RELEASE_FUSION["omega"], mix_train: float = RELEASE_FUSION["mix_train"],
+                 mix_test: float = RELEASE_FUSION["mix_test"], cond_ratio: float = 0.3, gate_init: float = -3.0,
+                 cawl_scale: float = RELEASE_LOSS["cawl_scale"], tal_reduction: str = RELEASE_LOSS["tal_reduction"], **kw):
         if cawl not in ("released", "clipped", None):
             raise ValueError(f"cawl must be 'released', 'clipped' or None, got {cawl!r}")
         if tal_reduction not in ("sum", "mean"):
@@ -312,11 +363,11 @@ class CECATask(RDETask):
         super().__init__(*a, **kw)
         self.summaries, self.cawl, self.use_bcm = summaries, cawl, use_bcm
         self.omega, self.cond_ratio, self.gate_init, self.cawl_scale = omega, cond_ratio, gate_init, cawl_scale
-        self.tal_reduction = tal_reduction
+        self.tal_reduction, self.mix_train, self.mix_test = tal_reduction, mix_train, mix_test
 
     def build(self) -> CECAModel:
         return CECAModel(fixed_temperature(self.backbone), self.ratio, self.cond_ratio, self.gate_init,
-                         omega=self.omega, use_bcm=self.use_bcm)
+                         omega=self.omega, use_bcm=self.use_bcm, mix_train=self.mix_train, mix_test=self.mix_test)
 
     @cached_property
     def _splits(self):
@@ -356,11 +407,12 @@ def fit_ceca(dataset: str, root, summaries, scale: str = "small", seed: int = 0,
              weights: str | None = None, variant: str = "CECA", cond_ratio: float = 0.3, gate_init: float = -3.0,
              progress: bool = True, task_kw: dict | None = None, **overrides):
     """Fine-tune CECA (or one of :data:`VARIANTS`) on one dataset with notebook 01's schedule, cached as
-    the baselines' runs are."""
+    the baselines' runs are; the key carries :data:`RELEASE_LOSS` and :data:`RELEASE_FUSION` (or what
+    ``task_kw`` sets in their place)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    kw = {"summaries": str(summaries), "cond_ratio": cond_ratio, "gate_init": gate_init, **RELEASE_LOSS, **VARIANTS[variant],
-          **(task_kw or {})}
+    kw = {"summaries": str(summaries), "cond_ratio": cond_ratio, "gate_init": gate_init, **RELEASE_LOSS, **RELEASE_FUSION,
+          **VARIANTS[variant], **(task_kw or {})}
     return fit_tpr("ceca", "person_retrieval.papers.ceca:CECATask", NEW_LAYERS, dataset, root, scale=scale, seed=seed,
                    gpus=gpus, init=init, weights=weights, progress=progress, task_kw=kw, **overrides)
 
@@ -374,30 +426,34 @@ def without_summaries(data: RetrievalData) -> RetrievalData:
 
 @torch.no_grad()
 def evaluate_settings(model: CECAModel, data: RetrievalData, omegas=(), without: bool = True, batch: int = 256) -> dict:
-    """Test metrics and similarities of one CECA model under several gallery settings, the queries encoded
-    once: ``"omega=w"`` for each fusion weight in ``omegas`` (with summaries) and, with ``without``,
-    ``"without summaries"`` (the gallery read as RDE reads it). Returns ``{setting: (metrics, similarity)}``."""
+    """Test metrics (with :func:`msum`) and similarities of one CECA model in several settings, the queries
+    encoded once: ``"omega=w"`` for each fusion weight in ``omegas`` (the supplement's omega: the global and
+    the token-level similarity of the gallery read with summaries, at the model's ``mix_test``, fused as
+    ``(1 - w) global + w token-level``; the gallery is encoded once) and, with ``without``, ``"without
+    summaries"`` (the gallery read as RDE reads it, fused at the model's omega). Returns ``{setting: (metrics,
+    similarity)}``."""
     from ..datasets.torch_data import to_float, trim_tokens
     from ..metrics import retrieval_metrics
 
     model.eval()
-    cat = lambda parts: {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # noqa: E731
-    txt = cat([{k: v.float() for k, v in model.embed_texts(trim_tokens(data.tokens[s: s + batch])).items()}
-               for s in range(0, len(data.tokens), batch)])
+    dev = next(model.parameters()).device
+    cat = lambda parts: {k: torch.cat([p[k].float().cpu() for p in parts]) for k in parts[0]}  # noqa: E731
+    txt = cat([model.embed_texts(trim_tokens(data.tokens[s: s + batch]).to(dev)) for s in range(0, len(data.tokens), batch)])
     out = {}
 
-    def score(name, gallery):
-        sim = model.similarity(txt, gallery)
-        out[name] = (retrieval_metrics(sim, data.caption_pids, data.image_pids), sim)
+    def score(name, sim):
+        out[name] = (with_msum(retrieval_metrics(sim, data.caption_pids, data.image_pids)), sim)
 
     chunks = range(0, len(data.images), batch)
     if omegas and data.image_texts is not None:
-        parts = [model.gallery_parts(to_float(data.images[s: s + batch]), trim_tokens(data.image_texts[s: s + batch])) for s in chunks]
+        gallery = cat([model.embed_images(to_float(data.images[s: s + batch].to(dev)), trim_tokens(data.image_texts[s: s + batch]).to(dev))
+                       for s in chunks])
+        s_global, s_tokens = model.similarities(txt, gallery)
         for w in omegas:
-            score(f"omega={float(w):g}", cat([{k: v.float() for k, v in model.fuse(p, float(w)).items()} for p in parts]))
+            score(f"omega={float(w):g}", model.fuse_similarities(s_global, s_tokens, float(w)))
     if without:
-        score("without summaries", cat([{k: v.float() for k, v in model.embed_images(to_float(data.images[s: s + batch])).items()}
-                                        for s in chunks]))
+        gallery = cat([model.embed_images(to_float(data.images[s: s + batch].to(dev))) for s in chunks])
+        score("without summaries", model.similarity(txt, gallery))
     return out
 
 
@@ -440,5 +496,6 @@ def paired_claim(a: pd.DataFrame, b: pd.DataFrame, metric: str, not_hurt: bool =
 
 
 __all__ = ["cam", "summarize_split", "build_summaries", "read_summaries", "summaries_of", "summary_text", "cam_counts", "with_summaries", "image_key",
-           "MixerBlock", "BidirectionalMixer", "CECAModel", "CECATask", "RELEASE_LOSS", "VARIANTS", "fit_ceca", "without_summaries",
+           "MixerBlock", "BidirectionalMixer", "CECAModel", "CECATask", "RELEASE_LOSS", "RELEASE_FUSION",
+           "FIRST_COMMIT_MIX_TEST", "mix_features", "msum", "with_msum", "VARIANTS", "fit_ceca", "without_summaries",
            "evaluate_settings", "identity_spread", "summary_errors", "paired_claim"]
