@@ -216,10 +216,14 @@ def test_ctgi_stages_run_on_transformers_assistants(setup, tmp_path):
     lm = TransformersLM.load(tmp_path / "lm")
     res = mtg_captions(ims[:2], vlm, lm, rounds=2, seed=0)
     assert len(res) == 2 and all(isinstance(r.caption, str) and isinstance(r.initial, str) for r in res)
-    assert vlm.usage.items["describe"] == 2 and lm.usage.items["generate"] == 2
+    # eq. 3 for every image, eq. 2 for each image with a kept answer (random weights rarely say anything)
+    assert vlm.usage.items["describe"] == 2 and lm.usage.items["generate"] == 2 + sum(bool(r.qa) for r in res)
     scores = torch.rand(2, len(ims), generator=torch.Generator().manual_seed(0))
     b = mti_rerank_batch(["a man in a red coat", "a woman with a bag"], scores, ims, vlm, lm,
                          lambda texts: torch.zeros(len(texts), len(ims)), top_k=3)
+    order = scores.topk(3, dim=1).indices.tolist()
+    checks = sum(3 if a is None else order[q].index(a) + 1 for q, a in enumerate(b.anchor))
+    assert vlm.usage.items["judge"] == checks  # the anchor checks, sent as CTGI's anchor prompt (anchor_check)
     for q, a in enumerate(b.anchor):
         if a is None:  # nothing confirmed in the top 3: three calls, ranking as it was
             assert int(b.vlm_calls[q]) == 3 and int(b.llm_calls[q]) == 0 and torch.equal(b.scores(0.5)[q], scores[q])
@@ -266,3 +270,144 @@ def test_subset_root_cuts_the_training_splits_and_keeps_the_test_split(tiny_worl
         full, cut = load_split(d, tiny_world[d], "test"), load_split(d, sub, "test")
         assert cut.captions == full.captions and [p.split("/")[-1] for p in cut.image_paths] == [p.split("/")[-1] for p in full.image_paths]
     assert len(load_split("cuhk_pedes", tmp_path / "cuhk_pedes", "val").image_paths) == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# MTG's eqs. 2 and 3 as two calls; MTI's anchor prompt and its early exit, with scripted assistants.
+def _im(k: int) -> np.ndarray:
+    """A constant image whose pixel value is its id (what the scripted MLLM reads)."""
+    return np.full((8, 4, 3), k, dtype=np.uint8)
+
+
+class _Scripted(A.VisionLanguageModel):
+    """A scripted MLLM that records its calls. ``silent`` images answer noise (nothing is kept); ``yes``
+    holds the image ids (or (image id, text) pairs) it confirms."""
+
+    name = "scripted"
+
+    def __init__(self, silent=(), yes=()):
+        super().__init__()
+        self.calls, self.silent, self.yes = [], set(silent), set(yes)
+
+    @staticmethod
+    def ids(images):
+        return [int(im[0, 0, 0]) for im in images]
+
+    def _describe(self, images, instructions):
+        self.calls.append(("describe", self.ids(images), list(instructions)))
+        return [f"A man, image {k}." for k in self.ids(images)]
+
+    def _answer(self, images, questions):
+        self.calls.append(("answer", self.ids(images), list(questions)))
+        return ["zzz qqq" if k in self.silent else "He is carrying a black backpack." for k in self.ids(images)]
+
+    def _judge(self, images, texts):
+        self.calls.append(("judge", self.ids(images), list(texts)))
+        return [k in self.yes or (k, t) in self.yes for k, t in zip(self.ids(images), texts)]
+
+
+class _RecordingLM(A.LanguageModel):
+    """A language model that records each batch and answers with the name of the prompt it was given."""
+
+    name = "recording"
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def _generate(self, batch, max_new_tokens):
+        self.batches.append(list(batch))
+        return [f"<{A.prompts.identify(t).name} {len(self.batches)}.{i}>" for i, t in enumerate(batch)]
+
+
+def test_mtg_makes_eq2_and_eq3_as_two_calls():
+    from person_retrieval.assistants import prompts as P
+
+    vlm, lm = _Scripted(silent={2}), _RecordingLM()
+    res = mtg_captions([_im(0), _im(1), _im(2)], vlm, lm, rounds=2, seed=0, batch=2)
+    # per batch: eq. 1, one answer call per round, then eq. 2 and eq. 3, each its own generate call
+    assert [c[0] for c in vlm.calls] == ["describe", "answer", "answer", "describe", "answer", "answer"]
+    assert vlm.calls[0][2] == [P.CTGI_INITIAL] * 2
+    kinds = [[P.identify(t).name for t in b] for b in lm.batches]
+    assert kinds == [["rephrase", "rephrase"], ["ctgi_reconstruct", "ctgi_reconstruct"], ["ctgi_reconstruct"]]
+    for i, r in enumerate(res[:2]):  # eq. 2 reads the kept answers only; eq. 3 reads T_s and eq. 2's output
+        eq2, eq3 = lm.batches[0][i], lm.batches[1][i]
+        assert len(r.qa) == 2 and all(a in eq2 for _, a in r.qa) and r.initial not in eq2
+        assert eq2 == P.REPHRASE.format(text=" ".join(a for _, a in r.qa))
+        assert r.enriched == f"<rephrase 1.{i}>" and eq3 == P.CTGI_RECONSTRUCT.format(initial=r.initial, enriched=r.enriched)
+        assert r.caption == f"<ctgi_reconstruct 2.{i}>"
+        assert eq3.index(r.initial) < eq3.index(r.enriched) < eq3.index("Rephrase the description using all the above information.")
+    silent = res[2]  # every answer said nothing: no eq. 2 call, eq. 3 rephrases T_s alone
+    assert silent.qa == [] and silent.asked == 2 and silent.enriched == ""
+    assert lm.batches[2] == [P.CTGI_RECONSTRUCT.format(initial=silent.initial, enriched="")] and silent.caption == "<ctgi_reconstruct 3.0>"
+    assert lm.usage.calls["generate"] == 3 and lm.usage.items["generate"] == 5
+
+
+def test_mtg_eq2_and_eq3_on_the_mini_assistants_keep_what_was_said(setup):
+    vlm, ims = setup
+    for r in mtg_captions(ims[:4], A.MiniVLM(vlm.recognizer, seed=0), A.MiniLM(seed=0), rounds=6, seed=0):
+        answered = grammar.parse_claims(" ".join(a for _, a in r.qa))
+        enriched, final = grammar.parse_claims(r.enriched), grammar.parse_claims(r.caption)
+        assert r.qa and enriched and set(enriched) <= set(answered)  # eq. 2: the answers' claims, nothing else
+        assert set(grammar.parse_claims(r.initial)) - {"gender"} <= set(final)  # eq. 3 keeps T_s
+
+
+class _Asker(_Scripted):
+    """A transformers-like MLLM (it has ``ask``): answers each anchor prompt from a script."""
+
+    def __init__(self, replies):
+        super().__init__()
+        self.replies, self.asked = list(replies), []
+
+    def ask(self, images, texts, max_new_tokens=None):
+        self.asked.append((self.ids([ims[0] for ims in images]), list(texts)))
+        return [self.replies.pop(0) for _ in texts]
+
+    def _judge(self, images, texts):
+        raise AssertionError("a transformers MLLM gets CTGI's anchor prompt, not the generic judge prompt")
+
+
+def test_anchor_check_sends_ctgis_anchor_prompt():
+    from person_retrieval.assistants import prompts as P
+    from person_retrieval.papers.ctgi import anchor_check
+
+    vlm = _Asker(["Yes.", "No, the coat is blue.", "Maybe"])
+    got = anchor_check(vlm, [_im(0), _im(1), _im(2)], ["a man in a red coat", "a woman", "a child"])
+    assert got == [True, False, False] and vlm.usage.unparsed["ctgi_anchor_check"] == 1
+    assert vlm.asked == [([0, 1, 2], [P.CTGI_ANCHOR_CHECK.format(query=q) for q in ("a man in a red coat", "a woman", "a child")])]
+    assert vlm.usage.calls["judge"] == 1 and vlm.usage.items["judge"] == 3
+    assert P.CTGI_ANCHOR_CHECK.source == "ours" and "no prompt printed" in P.CTGI_ANCHOR_CHECK.paper
+    mini = _Scripted(yes={1})  # no ask: its yes/no role, judge, with the query itself
+    assert anchor_check(mini, [_im(0), _im(1)], ["a man", "a man"]) == [False, True] and mini.calls[0][2] == ["a man", "a man"]
+
+
+def test_early_exit_rule():
+    from person_retrieval.papers.ctgi import early_exit
+
+    assert early_exit(0.9, True) and early_exit(0.9, True, xi=0.85)
+    assert not early_exit(0.9, False)  # above xi, not confirmed
+    assert not early_exit(0.8, True)  # confirmed, not above xi
+    assert not early_exit(0.85, True)  # equal is not above
+    assert early_exit(0.5, True, xi=0.4) and not early_exit(0.5, True, xi=0.6)
+
+
+def test_mti_early_exit_needs_both_the_similarity_and_the_confirmation():
+    from person_retrieval.papers.ctgi import mti_rerank_batch
+
+    gallery = [_im(k) for k in range(5)]
+    scores = torch.tensor([[0.90, 0.80, 0.10, 0.10, 0.10],    # top-1 above xi and confirmed: exits
+                           [0.90, 0.88, 0.10, 0.10, 0.10],    # top-1 above xi, not confirmed (rank 2 is): refined
+                           [0.70, 0.60, 0.10, 0.10, 0.10],    # top-1 confirmed, not above xi: refined
+                           [0.86, 0.10, 0.10, 0.10, 0.10]])   # above xi, nothing confirmed: left alone, no exit
+    queries = ["q0 a man", "q1 a man", "q2 a man", "q3 a man"]
+    vlm = _Scripted(yes={(0, queries[0]), (1, queries[1]), (0, queries[2])})
+    b = mti_rerank_batch(queries, scores, gallery, vlm, A.MiniLM(seed=0), lambda texts: torch.zeros(len(texts), 5), top_k=3, xi=0.85)
+    assert b.early_exit.tolist() == [True, False, False, False]
+    assert b.anchor == [0, 1, 0, None]
+    assert b.refined[0] is None and b.refined[1] is not None and b.refined[2] is not None and b.refined[3] is None
+    assert int(b.vlm_calls[0]) == 1 and int(b.llm_calls[0]) == 0 and torch.equal(b.scores(0.5)[0], scores[0])
+    assert float(b.scores(0.5)[1, 1]) == 1.0  # the anchor, confirmed at rank 2, ranked first
+    assert int(b.vlm_calls[3]) == 3 and torch.equal(b.scores(0.5)[3], scores[3])
+    assert b.cost()["early exit %"] == 25
+    low = mti_rerank_batch(queries[:1], scores[:1], gallery, vlm, A.MiniLM(seed=0), lambda texts: torch.zeros(len(texts), 5), xi=0.95)
+    assert not bool(low.early_exit[0]) and low.refined[0] is not None  # the same query, a higher xi: refined

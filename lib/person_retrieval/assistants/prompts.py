@@ -257,12 +257,17 @@ CTGI_QUESTION_POOL = [
     "Is the person holding anything in hand?",
     "Is the person wearing glasses, a scarf or a mask?",
 ]
-CTGI_RECONSTRUCT = _add("ctgi_reconstruct", "CTGI Eq. 3", "verbatim", """
-Rephrase the description using all the above information.
+#: Eq. 3, T_e = MLLM(T_e | T_s, p): p is the paper's, word for word, placed after T_s and eq. 2's T_e as its
+#: "above" says; the opening line and the two labels are ours. (Eq. 2, T_e = MLLM([a_1, ..., a_N]), has no
+#: printed prompt: MTG sends the answers with the text-only REPHRASE below.)
+CTGI_RECONSTRUCT = _add("ctgi_reconstruct", "CTGI Eq. 3 (p verbatim; the opening line and labels ours)", "verbatim", """
+Two descriptions of the same person follow.
 Initial description: {initial}
-Answers: {answers}
+Description: {enriched}
+Rephrase the description using all the above information.
 """)
-CTGI_ANCHOR_CHECK = _add("ctgi_anchor_check", "CTGI MTI step 1", "ours", """
+#: MTI step 1: the paper prints no anchor prompt, only "the MLLM is prompted to judge alignment with q"; ours.
+CTGI_ANCHOR_CHECK = _add("ctgi_anchor_check", "CTGI MTI step 1 (no prompt printed: 'prompted to judge alignment with q')", "ours", """
 Does the person in the image match this description? Answer yes or no.
 Description: {query}
 """)

@@ -3,15 +3,18 @@
 Everything the notebook trains and calls: the two assistant-driven stages, and the experiment's repeat
 (:func:`run_repeat`, which fine-tunes through :func:`person_retrieval.papers.tpr.fit_baseline`).
 
-* :func:`mtg_captions` (training time, eqs. 1-3): an initial caption ``T_s = MLLM(I, P_init)``, then
+* :func:`mtg_captions` (training time, eqs. 1-3): an initial caption ``T_s = MLLM(I, P_init)`` (eq. 1), then
   ``rounds`` question-answer rounds from the attribute question pool, skipping questions about what is
-  already said (redundant) and answers that say nothing (low relevance), then the reconstructor's
-  rephrasing of the answers with ``T_s``: ``T_e = LLM(T_e | T_s, p)``. No manual caption is read.
-* :func:`mti_rerank` (inference, eqs. 5-7): the MLLM confirms the top-``K`` candidates in rank order; the
-  first "yes" is the anchor (none: no refinement). Diagnostic questions ask the anchor about what the
-  query leaves out, the answers and the query are merged into a refined query ``q_hat``, and the scores
-  become ``S = lambda * S_q + (1 - lambda) * S_q_hat`` with the anchor's set to 1. When the top-1 score
-  already passes ``xi`` and the MLLM confirms it, the query exits early, unchanged.
+  already said (redundant) and answers that say nothing (low relevance); then two text-only calls, as the
+  paper's two equations: the kept answers made into the enriched caption ``T_e = LLM([a_1, ..., a_N])``
+  (eq. 2), and ``T_e`` rephrased with ``T_s`` by the prompt ``p``: ``T_e = LLM(T_e | T_s, p)`` (eq. 3). No
+  manual caption is read.
+* :func:`mti_rerank` (inference, eqs. 5-7): the MLLM confirms the top-``K`` candidates in rank order
+  (:func:`anchor_check`, CTGI's anchor prompt); the first "yes" is the anchor (none: no refinement).
+  Diagnostic questions ask the anchor about what the query leaves out, the answers and the query are
+  merged into a refined query ``q_hat``, and the scores become ``S = lambda * S_q + (1 - lambda) * S_q_hat``
+  with the anchor's set to 1. When the top-1 similarity exceeds ``xi`` and the MLLM confirms the top-1
+  candidate, the query exits early, unchanged (:func:`early_exit`).
 """
 from __future__ import annotations
 
@@ -22,25 +25,39 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..assistants import LanguageModel, VisionLanguageModel, grammar, prompts
+from ..assistants import LanguageModel, VisionLanguageModel, grammar, parse_yes_no, prompts
 from ..datasets import TPR_FORMATS, load_split, read_pseudo_captions, write_pseudo_captions
 from ..metrics import retrieval_metrics
 from ..models.retrieval import encode
 from .tpr import SHORT_EPOCHS, fit_baseline
 
 
+#: Bumped when MTG's calls change, so that caption files written by an earlier MTG are not read back
+#: (2: eqs. 2 and 3 as two calls, the enriched caption first, then its reconstruction with T_s).
+MTG_VERSION = 2
+
+
 @dataclass
 class MTGResult:
-    initial: str  # T_s
+    initial: str  # T_s (eq. 1)
     qa: list = field(default_factory=list)  # [(question, answer)] kept
-    caption: str = ""  # the reconstructed T_e
+    caption: str = ""  # the reconstructed T_e (eq. 3)
     asked: int = 0  # questions asked; those whose answer claimed nothing (did not parse) were dropped
+    enriched: str = ""  # the enriched T_e of eq. 2, from the kept answers ("" where none was kept)
 
 
 def mtg_captions(images, vlm: VisionLanguageModel, lm: LanguageModel, rounds: int = 6,
                  pool: Sequence[str] = tuple(prompts.CTGI_QUESTION_POOL), seed: int = 0, batch: int = 256,
                  progress: bool = False) -> list[MTGResult]:
-    """MTG pseudo-captions for ``images`` (a list of uint8 HxWx3 arrays), batched."""
+    """MTG pseudo-captions for ``images`` (a list of uint8 HxWx3 arrays), batched.
+
+    Per batch: one ``describe`` call (eq. 1), one ``answer`` call per round, then two ``lm.generate``
+    calls, eq. 2 before eq. 3. Eq. 2, ``T_e = MLLM([a_1, ..., a_N])``: the kept answers, concatenated, are
+    made into the enriched caption with the registry's text-only rephrasing prompt (:data:`prompts.REPHRASE`:
+    the paper prints no prompt for eq. 2, and the mini LM does the jobs of registered prompts only); images
+    with no kept answer have no eq. 2 call. Eq. 3, ``T_e = MLLM(T_e | T_s, p)``: :data:`prompts.CTGI_RECONSTRUCT`
+    (``p`` verbatim) with ``T_s`` and eq. 2's ``T_e``. Both are text-only, as the equations write them (no
+    image argument), so the reconstructor ``lm`` makes them (the paper's is GPT-4o)."""
     rng = np.random.default_rng(seed)
     out: list[MTGResult] = []
     starts = range(0, len(images), batch)
@@ -74,7 +91,14 @@ def mtg_captions(images, vlm: VisionLanguageModel, lm: LanguageModel, rounds: in
                     continue
                 res[i].qa.append((q, a))
                 covered[i] |= said | set(grammar.question_groups(q))
-        jobs = [prompts.CTGI_RECONSTRUCT.format(initial=r.initial, answers=" ".join(a for _, a in r.qa)) for r in res]
+        # eq. 2: the enriched caption from the kept answers, one line (whitespace and line breaks collapsed)
+        with_answers = [r for r in res if r.qa]
+        if with_answers:
+            jobs = [prompts.REPHRASE.format(text=" ".join(" ".join(a.split()) for _, a in r.qa)) for r in with_answers]
+            for r, t in zip(with_answers, lm.generate(jobs)):
+                r.enriched = t
+        # eq. 3: the enriched caption rephrased with T_s
+        jobs = [prompts.CTGI_RECONSTRUCT.format(initial=r.initial, enriched=r.enriched) for r in res]
         for r, cap in zip(res, lm.generate(jobs)):
             r.caption = cap
         out += res
@@ -104,7 +128,8 @@ def mtg_split(splits, vlm: VisionLanguageModel, lm: LanguageModel, out_file, rou
             with Image.open(p) as im:
                 images.append(np.asarray(im.convert("RGB")))
     res = mtg_captions(images, vlm, lm, rounds=rounds, seed=seed, batch=batch, progress=progress)
-    data = {k: {"initial": r.initial, "caption": r.caption, "qa": [list(x) for x in r.qa], "asked": r.asked} for k, r in zip(keys, res)}
+    data = {k: {"initial": r.initial, "enriched": r.enriched, "caption": r.caption, "qa": [list(x) for x in r.qa], "asked": r.asked}
+            for k, r in zip(keys, res)}
     write_pseudo_captions(out, data)
     return data
 
@@ -187,14 +212,45 @@ class MTIBatch:
                 "no anchor %": 100 * sum(a is None for a in self.anchor) / max(n, 1)}
 
 
+def anchor_check(vlm: VisionLanguageModel, images, queries: Sequence[str]) -> list[bool]:
+    """MTI step 1's check, one (candidate image, query) pair per item: "the MLLM is prompted to judge
+    alignment with q". A transformers MLLM (one with ``ask``) is sent CTGI's anchor prompt,
+    :data:`prompts.CTGI_ANCHOR_CHECK`, and its answer is parsed strictly: one that is neither yes nor no
+    counts as no and is counted in ``vlm.usage.unparsed["ctgi_anchor_check"]``. Any other MLLM is asked
+    through its yes/no role, ``judge``, with the query: the mini MLLM reads no instruction, it checks what
+    the query claims against what its recognizer sees, which is what the prompt asks. Calls are recorded
+    as ``judge`` either way."""
+    from ..assistants.base import _images
+
+    queries = list(queries)
+    if not hasattr(vlm, "ask"):
+        return vlm.judge(images, queries)
+    ims = _images(images)
+    if len(ims) != len(queries):
+        raise ValueError(f"anchor_check: {len(ims)} images but {len(queries)} queries")
+    with vlm._record("judge", len(ims)):
+        raw = vlm.ask([[im] for im in ims], [prompts.CTGI_ANCHOR_CHECK.format(query=q) for q in queries], max_new_tokens=4)
+    got = [parse_yes_no(r) for r in raw]
+    vlm.usage.unparsed["ctgi_anchor_check"] += sum(g is None for g in got)
+    return [bool(g) for g in got]
+
+
+def early_exit(top1_similarity: float, top1_confirmed: bool, xi: float = 0.85) -> bool:
+    """MTI's early exit (implementation details): "early exits if the top-1 similarity exceeds xi = 0.85 and
+    is confirmed by the MLLM". Both must hold; a similarity equal to ``xi`` does not exceed it. The
+    similarity is the retrieval model's cosine ``S_q,v`` of the top-1 candidate, on the scale the model
+    gives it (the paper's xi is for its CLIP ViT-B/16 models; notebook 07 shows where ours lie)."""
+    return bool(top1_confirmed) and float(top1_similarity) > xi
+
+
 def mti_rerank_batch(queries: Sequence[str], scores: torch.Tensor, gallery_images, vlm: VisionLanguageModel,
                      lm: LanguageModel, text_scores: Callable[[list], torch.Tensor], top_k: int = 20, xi: float = 0.85,
                      progress: bool = False) -> MTIBatch:
     """MTI for every query (row of ``scores``, cosine similarities to the gallery).
 
-    Each query's steps are exactly the sequential algorithm's: candidates are confirmed in rank order,
-    the first "yes" is the anchor (the rank-1 confirmation doubles as the early-exit check when its
-    similarity passes ``xi``), diagnostic questions go to the anchor about the groups the query leaves
+    Each query's steps are exactly the sequential algorithm's: candidates are confirmed in rank order
+    (:func:`anchor_check`), the first "yes" is the anchor (the rank-1 confirmation doubles as the early-exit
+    check, :func:`early_exit`), diagnostic questions go to the anchor about the groups the query leaves
     out, and the reconstructor merges the answers into ``q_hat``. Calls are batched across queries: round
     ``r`` asks about the ``r``-th candidate of every query still without an anchor. ``text_scores(texts)``
     gives the refined queries' similarities to the same gallery, ``(len(texts), G)``."""
@@ -220,7 +276,7 @@ def mti_rerank_batch(queries: Sequence[str], scores: torch.Tensor, gallery_image
         if not searching:
             break
         cand = [int(order[q, r]) for q in searching]
-        ok = vlm.judge([gallery_images[c] for c in cand], [queries[q] for q in searching])
+        ok = anchor_check(vlm, [gallery_images[c] for c in cand], [queries[q] for q in searching])
         vlm_calls[searching] += 1
         still = []
         for q, c, yes in zip(searching, cand, ok):
@@ -228,7 +284,7 @@ def mti_rerank_batch(queries: Sequence[str], scores: torch.Tensor, gallery_image
                 still.append(q)
                 continue
             anchor[q] = c
-            early[q] = r == 0 and float(scores[q, c]) > xi
+            early[q] = r == 0 and early_exit(float(scores[q, c]), True, xi)  # confirmed here, at rank 1
         searching = still
     refined: list = [None] * Q
     todo = [q for q in range(Q) if anchor[q] is not None and not early[q]]
@@ -383,7 +439,7 @@ def run_repeat(seed: int, roots: dict, test_sets: dict, vlm: VisionLanguageModel
     for d in s.datasets:
         splits = [load_split(d, roots[d], x) for x in ("train", "val") if x in TPR_FORMATS[d].splits]
         cut = "" if s.n_captions is None else f"-first{s.n_captions}"
-        files[d] = Path(caption_dir) / f"{d}-seed{seed}-rounds{s.rounds}{cut}.json"
+        files[d] = Path(caption_dir) / f"{d}-seed{seed}-rounds{s.rounds}{cut}-mtg{MTG_VERSION}.json"
         captions[d] = mtg_split(splits, vlm, lm, files[d], rounds=s.rounds, seed=seed, progress=progress)
     for method, d, caps, pes in s.runs():
         tag = f"{METHOD_LABEL[method]} on {caps} captions{'' if pes else ', no PES'} ({d})"
