@@ -182,6 +182,19 @@ def distributed_run(prepare: Callable[[bool], object], work: Callable[[object, i
     return finish(state) if lead else None
 
 
+def open_folder(root: Path, cfg, lead: bool, unit: str) -> dict:
+    """A command line's synthesis state for ``cfg`` (with ``as_json``, ``n_shards``, ``shard_size``) in ``root``: the
+    lead process makes the folder, checks its configuration and says where it is; ``fresh`` says whether any
+    shard was still missing (a finished set found again keeps its timing)."""
+    root = Path(root)
+    if lead:
+        root.mkdir(parents=True, exist_ok=True)
+        check_config(root, cfg.as_json())
+        print(f"synthesis folder: {root} ({cfg.n_shards} shards of {cfg.shard_size} {unit})", flush=True)
+    fresh = not (root / "manifest.json").is_file() or bool(missing(root, cfg.n_shards))
+    return {"cfg": cfg, "root": root, "t0": time.time(), "fresh": fresh}
+
+
 def missing_count(state) -> int:
     """Shards of ``state``'s synthesis (its ``root`` and ``cfg``) not on disk yet."""
     return len(missing(state["root"], state["cfg"].n_shards))

@@ -622,12 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lm, gen, vlm, names = mini_models(args.scale, args.seed, args.gpus, progress=lead)
             cfg = mini_config(args.scale, args.seed, names, args.n_quadruples, args.panels, args.beta_range, args.shard_size)
         root = Path(args.out) if args.out else synthesis_folder(args.scale, cfg)
-        if lead:
-            root.mkdir(parents=True, exist_ok=True)
-            shards.check_config(root, cfg.as_json())
-            print(f"synthesis folder: {root} ({cfg.n_shards} shards of {cfg.shard_size} quadruples)", flush=True)
-        fresh = not (root / "manifest.json").is_file() or bool(shards.missing(root, cfg.n_shards))  # a finished one keeps its timing
-        return {"models": (lm, gen, vlm), "cfg": cfg, "root": root, "t0": time.time(), "fresh": fresh}
+        return {"models": (lm, gen, vlm), **shards.open_folder(root, cfg, lead, "quadruples")}
 
     def work(st, shard: int, num_shards: int):
         st["processes"] = num_shards

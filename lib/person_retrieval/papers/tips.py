@@ -855,13 +855,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = tips_plan(args.scale, args.seed, args.gpus, args.dataset, args.data_root, args.scenario, args.source, args.n_prompts, few, models,
                          lead, keep_score=args.keep_score, max_tries=args.max_tries,
                          **({} if args.shard_size is None else {"shard_size": args.shard_size}))
-        if lead:
-            plan["root"].mkdir(parents=True, exist_ok=True)
-            shards.check_config(plan["root"], plan["cfg"].as_json())
-            print(f"synthesis folder: {plan['root']} ({plan['cfg'].n_shards} shards of {plan['cfg'].shard_size} identities)", flush=True)
-        root = plan["root"]
-        fresh = not (root / "manifest.json").is_file() or bool(shards.missing(root, plan["cfg"].n_shards))  # a finished one keeps its timing
-        return {**plan, "t0": time.time(), "fresh": fresh}
+        return {**plan, **shards.open_folder(plan["root"], plan["cfg"], lead, "identities")}
 
     def work(st, shard: int, num_shards: int):
         st["processes"] = num_shards
