@@ -56,3 +56,24 @@ def test_a_successful_run_records_its_inputs_and_a_failed_one_does_not(tmp_path,
                                                       "seconds": 3.0, "finished": "2026-12-07 12:00:00"}
     assert run_notebooks.main(["--only", "06"]) == 1
     assert "06_diana" not in nbrun.read_provenance(prov)
+
+
+def test_a_notebook_depends_on_the_modules_it_imports_and_no_others():
+    nb01 = nbrun.notebooks(["01"])[0]
+    files = {p.relative_to(ROOT).as_posix() for p in nbrun.library_files(nb01)}
+    lib = "lib/person_retrieval/"
+    assert {lib + "papers/tpr.py", lib + "train.py", lib + "models/pretrain.py", "constraints.txt"} <= files
+    assert lib + "papers/ceca.py" not in files and lib + "papers/fafa.py" not in files  # other papers' modules
+    assert any(f.startswith(lib + "reported/") for f in files)  # data files count for every notebook
+    assert files < {p.relative_to(ROOT).as_posix() for p in nbrun.library_files()}
+
+
+def test_imports_are_found_wherever_they_are_written():
+    mods = {m: ROOT for m in ["person_retrieval", "person_retrieval.papers", "person_retrieval.papers.tpr",
+                              "person_retrieval.models", "person_retrieval.models.pretrain", "person_retrieval.losses"]}
+    code = ("def f():\n    from ..losses import tal_loss\n"
+            "spec = 'person_retrieval.models.pretrain:ClipPretrainTask'\n"
+            "from . import tpr\n")
+    assert nbrun._imported(code, "person_retrieval.papers", mods) == {
+        "person_retrieval", "person_retrieval.losses", "person_retrieval.models", "person_retrieval.models.pretrain",
+        "person_retrieval.papers", "person_retrieval.papers.tpr"}

@@ -1,13 +1,18 @@
 """Running notebooks through papermill, for tools/run_notebooks.py (make tables) and tools/check_determinism.py.
 
-A run is skipped when its inputs are those of its last successful run: the notebook itself, every file of
-the library (lib/person_retrieval, the reported tables included), pyproject.toml and the parameters. The
-stamp of a successful run is kept beside its executed copy.
+A run is skipped when its inputs are those of its last successful run: the notebook itself, the library's
+modules it imports (directly or through other modules, function-level imports and "person_retrieval.x:Task"
+strings included), every file of the library that is not Python (the reported tables), pyproject.toml,
+constraints.txt and the parameters. So a change to CECA's module leaves notebook 01's tables up to date, and a
+change to the training loop makes every notebook that trains out of date. The stamp of a successful run is kept
+beside its executed copy.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +27,79 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
     return nbs
 
 
-def library_files() -> list[Path]:
-    lib = ROOT / "lib" / "person_retrieval"
-    files = [p for p in lib.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"]
-    return sorted(files + [f for f in (ROOT / "pyproject.toml", ROOT / "constraints.txt") if f.is_file()])
+LIB = ROOT / "lib"
+PACKAGE = "person_retrieval"
+_TASK_STRING = re.compile(r"^(person_retrieval(?:\.\w+)+)(?::\w+)?$")
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the library by dotted name (a package by its ``__init__``)."""
+    out = {}
+    for p in (LIB / PACKAGE).rglob("*.py"):
+        parts = list(p.relative_to(LIB).with_suffix("").parts)
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
+
+
+def _imported(code: str, package: str, modules: dict[str, Path]) -> set[str]:
+    """The library modules ``code`` imports (anywhere in it, relative imports resolved against ``package``),
+    each with the packages above it (their ``__init__`` runs too)."""
+    names = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(up + ([node.module] if node.module else []))
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)  # "from .papers import tpr" names a module
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _TASK_STRING.match(node.value):
+            names.add(_TASK_STRING.match(node.value).group(1))  # TaskSpec("person_retrieval.models.pretrain:...")
+    found = set()
+    for name in names:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        parts = name.split(".") if name else []
+        found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in modules)
+    return found
+
+
+def notebook_code(nb: Path) -> str:
+    """A notebook's code cells as one Python text (IPython's magics and shell lines left out)."""
+    cells = json.loads(nb.read_text())["cells"]
+    lines = [ln for c in cells if c["cell_type"] == "code"
+             for ln in "".join(c["source"]).splitlines() if not ln.lstrip().startswith(("%", "!"))]
+    return "\n".join(lines)
+
+
+def library_files(nb: Path | None = None) -> list[Path]:
+    """The files of the library ``nb``'s results depend on (every file when ``nb`` is None): the modules it
+    imports, transitively, and every non-Python file; with pyproject.toml and constraints.txt."""
+    lib = LIB / PACKAGE
+    data = [p for p in lib.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".py", ".pyc")]
+    modules = _modules()
+    if nb is None:
+        code = list(modules.values())
+    else:
+        seen, todo = set(), list(_imported(notebook_code(nb), "", modules))
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                p = modules[m]
+                todo += _imported(p.read_text(), m if p.name == "__init__.py" else m.rpartition(".")[0], modules)
+        code = [modules[m] for m in seen]
+    pins = [f for f in (ROOT / "pyproject.toml", ROOT / "constraints.txt") if f.is_file()]
+    return sorted(set(code) | set(data)) + pins
 
 
 def inputs_hash(nb: Path, parameters: dict) -> str:
-    """What a notebook's results depend on that git can see: its source, the library, the parameters."""
+    """What a notebook's results depend on that git can see: its source, the library modules it imports
+    (:func:`library_files`), the pins, the parameters."""
     h = hashlib.sha256()
-    for p in [nb, *library_files()]:
+    for p in [nb, *library_files(nb)]:
         h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
     h.update(json.dumps(parameters, sort_keys=True).encode())
     return h.hexdigest()
