@@ -197,6 +197,21 @@ def test_settings_list_the_runs_of_tables_1_to_4():
     assert {(m, c) for m, d, c, p in runs if d == "cuhk_pedes"} == {("irra", "single-turn"), ("irra", "MTG"), ("rde", "MTG")}
 
 
+def test_irra_runs_train_with_irr_at_paper_only():
+    """Issue 44 item 14: IRRA as published (IRR on) at paper and with real weights; the mini CLIP's IRRA runs
+    without it, and keep their cache keys (no task_kw passed when off)."""
+    from person_retrieval.papers.ctgi import IRR, CTGISettings
+
+    assert IRR == {"tiny": False, "small": False, "paper": True}
+    s = CTGISettings()
+    assert s.fit_kwargs("irra", "paper") == {"task_kw": {"irr": True}}
+    assert s.fit_kwargs("irra", "small", weights="ViT-B-16") == {"task_kw": {"irr": True}}
+    assert s.fit_kwargs("irra", "small") == {} and s.fit_kwargs("irra", "tiny") == {}
+    assert s.fit_kwargs("rde", "paper") == {}  # RDE has no IRR
+    assert CTGISettings(epochs=3, irr=True).fit_kwargs("irra", "small") == {"epochs": 3, "task_kw": {"irr": True}}
+    assert CTGISettings(irr=False).fit_kwargs("irra", "paper") == {}
+
+
 def test_ctgi_stages_run_on_transformers_assistants(setup, tmp_path):
     """The real path: MTG and MTI through a (tiny, random) Qwen2-VL and Llama, loaded from folders as a
     user's Qwen2-VL-7B and reconstructor would be. Random weights answer noise: no anchor is confirmed,

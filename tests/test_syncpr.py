@@ -309,10 +309,58 @@ def test_unparsed_quadruples_are_counted_plainly_and_draw_nothing(tmp_path):
     refs, tgts = syncpr.dual_pairs(NoGen(), [], [], [])
     assert refs.shape == tgts.shape == (0, 3, 32, 16) and refs.dtype == torch.uint8
     cfg = syncpr.paper_config(4, (0.5, 1.0), 0, ("babbler", "nogen", "novlm"))
-    assert cfg.n_quadruples == 4 and cfg.shard_size == 4 and cfg.panels == 4
+    assert cfg.n_quadruples == 4 and cfg.shard_size == 4 and cfg.panels == 10  # the release's pairs per quadruple
     syncpr.synthesize(tmp_path / "syn", cfg, _Babbler(), NoGen(), None, progress=False)
     manifest = syncpr.assemble(tmp_path / "syn")
     assert manifest["triplets"] == 0 and manifest["kept"] == 0
     assert syncpr.synthesis_summary(manifest).startswith("0 of 4 quadruples parsed; 0 candidate triplets, 0 kept")
     assert syncpr.statistics([])["triplets"] == 0 and len(syncpr.rejection_table(syncpr.read_scores(tmp_path / "syn"))) == 5
     assert syncpr.paper_config(None, (0.5, 1.0), 0, ()).n_quadruples == syncpr.REPORTED["quadruples"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 46 items 6-7: candidates per quadruple as the release drew them; ITCPR's statistics per source
+def test_candidates_per_quadruple_by_scale():
+    # the release: 2.81 M candidates from 140,500 quadruples = 20 per quadruple = 10 pairs in both directions
+    assert syncpr.RELEASE_PANELS == 10 and 2 * syncpr.RELEASE_PANELS * syncpr.REPORTED["quadruples"] == syncpr.RELEASE_CANDIDATES
+    assert syncpr.SynthesisConfig(n_quadruples=1).panels == 10
+    assert syncpr.paper_config(None, (0.5, 1.0), 0, ()).panels == 10
+    assert syncpr.paper_config(2, (0.5, 1.0), 0, (), panels=3).panels == 3  # what a budget allows, when asked
+    # the mini pipeline keeps its budget (and its cached syntheses): 2 pairs at tiny, 4 at small
+    assert syncpr.mini_config("tiny", 0, ()).panels == 2 and syncpr.mini_config("small", 0, ()).panels == 4
+    assert syncpr.paper_config(None, (0.5, 1.0), 0, (), scale="small").panels == 4
+
+
+def test_candidates_table_beside_the_release():
+    manifest = {"config": {"panels": 2}, "triplets": 12, "kept": 5,
+                "shards": [{"quadruples": 3, "parsed": 3}, {"quadruples": 1, "parsed": 0}]}
+    t = syncpr.candidates_table(manifest).set_index("set")
+    assert t.loc["this run", "candidates per quadruple"] == 4 and t.loc["this run", "candidates per parsed quadruple"] == 4
+    assert t.loc["this run", "kept per quadruple"] == pytest.approx(5 / 4)
+    assert t.loc["SynCPR release", "candidates per quadruple"] == 20 and t.loc["SynCPR release", "candidate triplets"] == 2_810_000
+    assert t.loc["SynCPR release", "kept per quadruple"] == pytest.approx(1_150_000 / 140_500)
+
+
+def test_itcpr_statistics_per_source(tmp_path):
+    b = read_itcpr(_fixture(tmp_path, False))
+    t = syncpr.itcpr_statistics(b).set_index("subset")
+    assert list(t.index) == ["Celeb-reID", "PRCC", "LAST", "all"]
+    # both queries come from Celeb-reID, two people; the gallery: 1 Celeb-reID, 2 PRCC, 2 LAST rows
+    assert t.loc["Celeb-reID", ["queries", "identities", "gallery", "ground truths"]].tolist() == [2, 2, 1, 1]
+    assert t.loc["PRCC", ["queries", "gallery", "ground truths"]].tolist() == [0, 2, 2]
+    assert t.loc["LAST", ["gallery", "ground truths"]].tolist() == [2, 0]
+    assert t.loc["all", ["queries", "identities", "gallery", "ground truths"]].tolist() == [2, 2, 5, 3]
+    # captions "wearing a red top." (4 words) and "wearing a dark blue skirt." (5)
+    assert t.loc["all", "mean caption words"] == 4.5 and t.loc["all", "shortest caption words"] == 4 and t.loc["all", "longest caption words"] == 5
+    assert t.loc["all", "gallery per query"] == 2.5
+
+
+def test_itcpr_reported_statistics_are_the_slides():
+    from person_retrieval.reports import reported
+
+    r = reported("itcpr_statistics").set_index("subset")
+    assert r.loc[["Celeb-reID", "PRCC", "LAST"], "queries"].tolist() == [1151, 146, 905]
+    assert r.loc[["Celeb-reID", "PRCC", "LAST"], "identities"].tolist() == [512, 146, 541]
+    assert r.loc[["Celeb-reID", "PRCC", "LAST"], "queries"].sum() == r.loc["all", "queries"] == 2202  # images per source = queries
+    assert (r.loc["all", "shortest caption words"], r.loc["all", "longest caption words"], r.loc["all", "mean caption words"]) == (3, 32, 9.54)
+    assert r.loc["all", "gallery"] == 20510 and r.loc["all", "ground truths"] == 2225

@@ -26,7 +26,8 @@
 # and nothing of the mini world runs. The dual LoRA is read from where notebook 02_generators saved it (any
 # rank); when it is missing it is trained first on `data_root`'s CUHK-PEDES by the same library call
 # (`generators.flux.flux_loras`: TIPS's recipe, 20,000 steps capped by `max_steps`), and a line says so.
-# `n_quadruples` sets the synthesis's size (SynCPR: 140.5 K quadruples). An LLM whose answers do not parse
+# `n_quadruples` sets the synthesis's size (SynCPR: 140.5 K quadruples), `panels` the image pairs drawn per quadruple
+# (the release's 10 at paper: 20 candidate triplets). An LLM whose answers do not parse
 # gives no quadruple: the count is printed with what it wrote, and the notebook goes on with what it has.
 
 # %% tags=["parameters"]
@@ -42,6 +43,7 @@ vlm: Optional[str] = None        # None: the mini MLLM; a transformers MLLM (the
 beta_range: list = [0.5, 1.0]   # dynamic beta: the LoRA strength is drawn uniformly from this range per pair
 keep_mean: float = 8.5          # the filter keeps a triplet when the mean of its four scores reaches this (the paper: 8.5)
 n_quadruples: Optional[int] = None  # quadruples the LLM writes; None: by scale (8 tiny, 1,024 small; at paper SynCPR's 140,500)
+panels: Optional[int] = None        # image pairs per quadruple, 2 candidate triplets each; None: by scale (2 tiny, 4 small; at paper the release's 10)
 clip_weights: Optional[str] = None  # the CLIP of ITCPR's zero-shot composition: "ViT-B-16" or a checkpoint; None: the mini CLIP (skipped at paper)
 epochs: Optional[int] = None        # None: the paper's schedule
 max_steps: Optional[int] = None     # None: no cap; N: every training run stops after N optimizer steps, LoRA training included
@@ -50,7 +52,6 @@ batch_size: Optional[int] = None    # None: the paper's / the scale's batch
 # %%
 import time
 
-import numpy as np
 import pandas as pd
 
 from person_retrieval import params, reports, viz
@@ -60,10 +61,11 @@ from person_retrieval.papers import syncpr
 from person_retrieval.world import dataset_root, world_dataset
 
 P = params.check(dict(scale=scale, gpus=gpus, seed=seed, data_root=data_root, weights=weights, llm=llm, vlm=vlm,
-                      beta_range=beta_range, keep_mean=keep_mean, n_quadruples=n_quadruples, clip_weights=clip_weights, epochs=epochs,
+                      beta_range=beta_range, keep_mean=keep_mean, n_quadruples=n_quadruples, panels=panels, clip_weights=clip_weights, epochs=epochs,
                       max_steps=max_steps, batch_size=batch_size),
                  needs=["itcpr"], weights=params.flux_weights, beta_range=params.number_range(0, 2), keep_mean=params.number(1, 10),
-                 n_quadruples=params.integer(1, allow_none=True), clip_weights=lambda n, v: params.check_weights(v, n))
+                 n_quadruples=params.integer(1, allow_none=True), panels=params.integer(1, allow_none=True),
+                 clip_weights=lambda n, v: params.check_weights(v, n))
 if scale == "paper" and None in (weights, llm, vlm):
     raise ValueError("scale='paper' needs weights='FLUX.1-dev', llm (a chat LLM writes the quadruples) and vlm (the paper: Qwen2-VL "
                      "filters); the mini generator, LM and MLLM have tiny and small scales")
@@ -166,13 +168,21 @@ fault_check
 # processes (`synthesize(root, cfg, ..., shard=i, num_shards=N)`, one per torchrun rank on N GPUs). The
 # first run at `small` takes about a quarter of an hour and is cached; then the folder is assembled into
 # `SynCPR.json`, SynCPR's released format, which reads back through the same reader as the real one.
+#
+# **Candidates per quadruple.** Each quadruple is drawn as $P$ image pairs, and each pair gives two candidate
+# triplets (reference $\to$ target with the forward caption, and back with the reverse one): $2P$ candidates before
+# the filter. The release drew 2.81 M triplets from its 140,500 quadruples, $2P = 20$ ($P = 10$), and kept 1.15 M
+# (8.2 per quadruple). At `scale="paper"` the synthesis draws the release's 10 pairs per quadruple; the mini pipeline
+# draws what its budget allows, 4 pairs (8 candidates) at small and 2 at tiny, since every pair costs a drawing and
+# two MLLM scorings and the small synthesis already takes a quarter of an hour on 2 CPU cores (`panels=N` sets it).
 
 # %%
 t0 = time.perf_counter()
 if weights is None and llm is None and vlm is None:
-    syn_root, manifest = syncpr.syncpr_dataset(scale, seed, gpus, n_quadruples=n_quadruples, beta_range=beta_range, keep_mean=keep_mean)
+    syn_root, manifest = syncpr.syncpr_dataset(scale, seed, gpus, n_quadruples=n_quadruples, panels=panels, beta_range=beta_range,
+                                               keep_mean=keep_mean)
 else:
-    cfg = syncpr.paper_config(n_quadruples, beta_range, seed, names, scale)
+    cfg = syncpr.paper_config(n_quadruples, beta_range, seed, names, scale, panels)
     syn_root = syncpr.synthesis_folder(scale, cfg)
     syncpr.synthesize(syn_root, cfg, lm, gen, mllm)
     manifest = syncpr.assemble(syn_root, keep_mean)
@@ -181,6 +191,7 @@ timing = syncpr.read_timing(syn_root)
 print(f"{syncpr.synthesis_summary(manifest)}; "
       f"synthesis {timing.get('seconds', float('nan')):.0f} s when it ran ({timing.get('triplets_per_s', float('nan')):.1f} triplets/s); "
       f"this cell {time.perf_counter() - t0:.0f} s")
+syncpr.candidates_table(manifest, f"this run ({models})")
 
 # %% [markdown]
 # Why the rejected ones were rejected (a triplet can fail on several dimensions), for the pipeline's
@@ -236,22 +247,26 @@ else:
 # %% [markdown]
 # ## 6 · ITCPR, the test set
 #
-# ITCPR's annotators wrote one relative caption per (reference, target) pair, 9.5 words on average; the
-# gallery is mostly distractors, and a match is a gallery image whose `instance_id` equals the query's:
+# ITCPR's annotators wrote one relative caption per (reference, target) pair, 9.54 words on average (3 to 32);
+# the gallery is mostly distractors, and a match is a gallery image whose `instance_id` equals the query's:
 # **the same person in another image, in the old outfit, is a miss**. The world builds it the same way
 # (ids from 1; about one query in 96 has two ground truths, as 2,225 truths for 2,202 queries), in the
 # released files `query.json` and `gallery.json`.
+#
+# The slides count ITCPR per source as "images / IDs": 1,151 / 512 from Celeb-reID, 146 / 146 from PRCC, 905 / 541
+# from LAST. The images are the queries' reference images (1,151 + 146 + 905 = the 2,202 unique queries), the IDs the
+# people among them. Below, the same counts per source (the `datasets` field of each entry) and over all, beside
+# the slides'. The world draws every ITCPR person from one source, so its rows are `world` and `all`; the real
+# ITCPR (`data_root`) gives its three. Caption words are counted as the datasets' tokenizer splits them.
 
 # %%
 bench = read_itcpr(dataset_root("itcpr", P["data_root"], scale, seed))
-truths = sum(g["instance_id"] > 0 for g in bench.gallery)
-it_stats = pd.DataFrame([
-    {"set": "ITCPR (reported)", "queries": 2202, "gallery": 20510, "ground truths": 2225, "gallery per query": 20510 / 2202,
-     "mean caption words": 9.54, "source": "ITCPR slides"},
-    {"set": "ITCPR (this run)", "queries": len(bench.queries), "gallery": len(bench.gallery), "ground truths": truths,
-     "gallery per query": len(bench.gallery) / len(bench.queries),
-     "mean caption words": float(np.mean([len(q["caption"].split()) for q in bench.queries])), "source": source}])
-reports.save_table(it_stats, "03_itcpr_statistics", scale, "ITCPR beside the release")
+it_ours = syncpr.itcpr_statistics(bench).assign(set="ITCPR (this run)", source=source)
+it_paper = reports.reported("itcpr_statistics").rename(columns={"note": "source"}).assign(set="ITCPR (reported)")
+it_stats = pd.concat([it_paper, it_ours], ignore_index=True)[["set", *it_ours.columns.drop(["set", "source"]), "source"]]
+reports.save_table(it_stats, "03_itcpr_statistics", scale, "ITCPR per source beside the slides",
+                   notes="queries: reference images with their caption (the slides' 'images'); identities: distinct people "
+                         "among the queries (the slides' 'IDs'); caption words: shortest, mean and longest relative caption.")
 it_stats
 
 # %% [markdown]

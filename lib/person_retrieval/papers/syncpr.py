@@ -14,12 +14,14 @@ SynCPR's pipeline, one function per stage, each called by a cell of the notebook
    finished shard atomically, so that a killed run resumes where it stopped; :func:`assemble` writes the
    manifest and ``SynCPR.json`` in the released format; :func:`statistics` counts it as the slides do.
 
-Each quadruple gives ``panels`` image pairs and each pair two triplets, reference -> target with the forward
-caption and target -> reference with the reverse one. ``cpr_id`` groups one direction of one quadruple: its
+Each quadruple gives ``panels`` image pairs and each pair two candidate triplets, reference -> target with the
+forward caption and target -> reference with the reverse one (the release: 10 pairs, 20 candidates per quadruple;
+:data:`SCALE_PANELS`, :func:`candidates_table`). ``cpr_id`` groups one direction of one quadruple: its
 targets all show one person in one outfit, so FAFA (notebook 04) treats equal ``cpr_id`` as positives.
 
 ITCPR's evaluation is here too (:func:`evaluate_itcpr`): a gallery row matches a query when its
-``instance_id`` equals the query's; the same person in another image is a miss.
+``instance_id`` equals the query's; the same person in another image is a miss. :func:`itcpr_statistics` counts it
+per source as the slides do.
 """
 from __future__ import annotations
 
@@ -49,6 +51,11 @@ KEEP_MEAN = prompts.SYNCPR_KEEP_MEAN  # 8.5, the paper's
 #: captions of 13.3 words on average, a vocabulary of 4,370 words, 51.2% male.
 REPORTED = {"triplets": 1_150_000, "quadruples": 140_500, "group ids": 177_500, "mean caption words": 13.3,
             "vocabulary": 4_370, "male (%)": 51.2}
+#: The release's generation before the filter (its README, "Construction Pipeline"): 2.81 M triplets drawn from
+#: 140,500 quadruples, 20 candidate triplets per quadruple (10 image pairs, each in both directions), of which the
+#: filter kept 1.15 M (40.9%).
+RELEASE_CANDIDATES = 2_810_000
+RELEASE_PANELS = RELEASE_CANDIDATES // (2 * REPORTED["quadruples"])  # 10 pairs per quadruple
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ class SynthesisConfig:
     """What one synthesis is; a folder holds one, and resuming checks it is the same."""
 
     n_quadruples: int
-    panels: int = 4  # image pairs per quadruple (SynCPR: 1.15 M triplets / 140.5 K quadruples, about 8 = 4 pairs x 2)
+    panels: int = 10  # image pairs per quadruple, 2 candidate triplets each (the release: 2.81 M candidates / 140.5 K quadruples = 20)
     beta_range: tuple = (0.5, 1.0)  # dynamic beta: the LoRA strength, uniform in this range per pair (ours: the slides give none)
     shard_size: int = 32  # quadruples per shard
     seed: int = 0
@@ -77,9 +84,11 @@ class SynthesisConfig:
         return d
 
 
-#: Defaults per scale: at small, 1,024 quadruples (8,192 candidate triplets) for at least 3,000 kept.
+#: Defaults per scale: at small, 1,024 quadruples (8,192 candidate triplets) for at least 3,000 kept. Image pairs per
+#: quadruple: the release's 10 (20 candidate triplets) at paper; what the budget allows on the mini pipeline (4 at
+#: small: 8 candidates, the synthesis about a quarter of an hour on 2 CPU cores; 10 would draw and score 2.5 times as many).
 SCALE_QUADRUPLES = {"tiny": 8, "small": 1024}
-SCALE_PANELS = {"tiny": 2, "small": 4}
+SCALE_PANELS = {"tiny": 2, "small": 4, "paper": RELEASE_PANELS}
 SCALE_SHARD = {"tiny": 4, "small": 32}
 
 
@@ -431,11 +440,14 @@ def record_timing(root: Path, seconds: float, processes: int) -> None:
                                                    "triplets_per_s": round(n / max(seconds, 1e-9), 2)})
 
 
-def paper_config(n_quadruples: int | None, beta_range: Sequence[float], seed: int, models: Sequence[str], scale: str = "paper") -> SynthesisConfig:
+def paper_config(n_quadruples: int | None, beta_range: Sequence[float], seed: int, models: Sequence[str], scale: str = "paper",
+                 panels: int | None = None) -> SynthesisConfig:
     """A synthesis with the user's models: ``n_quadruples`` (None: by scale; at paper SynCPR's 140.5 K),
-    SynCPR's 4 pairs per quadruple at paper, shards of 256 (or fewer when the run is smaller)."""
+    ``panels`` image pairs per quadruple (None: by scale; at paper the release's 10, 20 candidate triplets),
+    shards of 256 (or fewer when the run is smaller)."""
     n_q = int(n_quadruples or SCALE_QUADRUPLES.get(scale, REPORTED["quadruples"]))
-    return SynthesisConfig(n_quadruples=n_q, panels=SCALE_PANELS.get(scale, 4), beta_range=tuple(float(b) for b in beta_range),
+    return SynthesisConfig(n_quadruples=n_q, panels=int(panels or SCALE_PANELS.get(scale, RELEASE_PANELS)),
+                           beta_range=tuple(float(b) for b in beta_range),
                            shard_size=min(n_q, SCALE_SHARD.get(scale, 256)), seed=seed, models=tuple(models))
 
 
@@ -450,6 +462,23 @@ def synthesis_summary(manifest: dict) -> str:
     elif not kept_:
         msg += " (the filter kept none)"
     return msg
+
+
+def candidates_table(manifest: dict, label: str = "this run") -> pd.DataFrame:
+    """Candidate triplets per quadruple, this synthesis (an assembled folder's ``manifest``) beside the release's:
+    image pairs per quadruple, the candidates that gives (2 per pair, both directions), the candidates drawn
+    per parsed quadruple, and the triplets kept per quadruple written."""
+    panels = int(manifest["config"]["panels"])
+    n = sum(s["quadruples"] for s in manifest["shards"])
+    k = sum(s["parsed"] for s in manifest["shards"])
+    rows = [{"set": label, "quadruples": n, "pairs per quadruple": panels, "candidates per quadruple": 2 * panels,
+             "candidate triplets": manifest["triplets"], "candidates per parsed quadruple": manifest["triplets"] / k if k else float("nan"),
+             "kept": manifest["kept"], "kept per quadruple": manifest["kept"] / n if n else float("nan")},
+            {"set": "SynCPR release", "quadruples": REPORTED["quadruples"], "pairs per quadruple": RELEASE_PANELS,
+             "candidates per quadruple": 2 * RELEASE_PANELS, "candidate triplets": RELEASE_CANDIDATES,
+             "candidates per parsed quadruple": RELEASE_CANDIDATES / REPORTED["quadruples"], "kept": REPORTED["triplets"],
+             "kept per quadruple": REPORTED["triplets"] / REPORTED["quadruples"]}]
+    return pd.DataFrame(rows)
 
 
 def synthesis_folder(scale: str, cfg: SynthesisConfig) -> Path:
@@ -561,6 +590,28 @@ def itcpr_ids(bench: ITCPR) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.tensor([q["instance_id"] for q in bench.queries]), torch.tensor([g["instance_id"] for g in bench.gallery]))
 
 
+def itcpr_statistics(bench: ITCPR) -> pd.DataFrame:
+    """ITCPR's summary as the slides give it, per source (the ``datasets`` field: Celeb-reID, PRCC and LAST in the
+    release) and over all (``subset`` "all"): queries (the slides' "images": 1,151 + 146 + 905 = its 2,202 unique
+    queries), identities (distinct ``person_id`` among the queries: the slides' "IDs"), gallery rows, ground truths
+    (gallery rows holding a query's ``instance_id``), gallery rows per query, and the relative captions' length in words
+    (as the datasets' tokenizer splits them, punctuation dropped): mean, shortest, longest."""
+    from ..datasets.formats import tokenize
+
+    qids = {q["instance_id"] for q in bench.queries}
+
+    def row(name, qs, gs):
+        words = [len(tokenize(q["caption"])) for q in qs]
+        return {"subset": name, "queries": len(qs), "identities": len({q["person_id"] for q in qs}), "gallery": len(gs),
+                "ground truths": sum(g["instance_id"] in qids for g in gs), "gallery per query": len(gs) / len(qs) if qs else float("nan"),
+                "mean caption words": float(np.mean(words)) if words else float("nan"),
+                "shortest caption words": min(words, default=float("nan")), "longest caption words": max(words, default=float("nan"))}
+
+    names = list(dict.fromkeys([q["datasets"] for q in bench.queries] + [g["datasets"] for g in bench.gallery]))
+    rows = [row(n, [q for q in bench.queries if q["datasets"] == n], [g for g in bench.gallery if g["datasets"] == n]) for n in names]
+    return pd.DataFrame(rows + [row("all", bench.queries, bench.gallery)])
+
+
 def evaluate_itcpr(similarity, bench: ITCPR) -> dict[str, float]:
     """R1/R5/R10/mAP/mINP of a ``(queries, gallery)`` similarity on ITCPR."""
     q, g = itcpr_ids(bench)
@@ -602,22 +653,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "resumable shards, then assemble SynCPR.json.",
                              {"weights": "notebook 02_generators' dual LoRA", "llm": "the quadruples", "vlm": "the filter"})
     ap.add_argument("--n-quadruples", type=int, help="quadruples to write (default: by scale; paper: SynCPR's 140.5 K)")
-    ap.add_argument("--panels", type=int, help="image pairs per quadruple (default: by scale)")
+    ap.add_argument("--panels", type=int, help="image pairs per quadruple, 2 candidate triplets each (default: by scale; paper: the release's 10)")
     ap.add_argument("--beta-range", type=float, nargs=2, default=(0.5, 1.0), metavar=("LO", "HI"), help="dynamic LoRA strength")
     ap.add_argument("--keep-mean", type=float, default=KEEP_MEAN, help=f"the filter's bar on the mean score (default {KEEP_MEAN})")
     ap.add_argument("--shard-size", type=int, help="quadruples per shard (default: by scale)")
     ap.add_argument("--out", help="the synthesis folder (default: the cache folder notebook 03 reads)")
     ap.add_argument("--data-root", help="the folder holding CUHK-PEDES/ (trains a missing LoRA)")
     args, real = shards.parse(ap, argv)
-    if real and (args.panels is not None or args.shard_size is not None):
-        ap.error("--panels and --shard-size set the mini pipeline's synthesis; with real models SynCPR's are used (4 panels, shards of 256)")
+    if real and args.shard_size is not None:
+        ap.error("--shard-size sets the mini pipeline's synthesis; with real models shards of 256 are used")
 
     def prepare(lead: bool):
         if real:
             dev_gpus = 1 if torch.cuda.is_available() else 0
             lm, gen, vlm, names = load_models(args.scale, args.seed, dev_gpus, weights=args.weights, llm=args.llm, vlm=args.vlm,
                                               data_root=args.data_root, progress=lead)
-            cfg = paper_config(args.n_quadruples, args.beta_range, args.seed, names, args.scale)
+            cfg = paper_config(args.n_quadruples, args.beta_range, args.seed, names, args.scale, args.panels)
         else:
             lm, gen, vlm, names = mini_models(args.scale, args.seed, args.gpus, progress=lead)
             cfg = mini_config(args.scale, args.seed, names, args.n_quadruples, args.panels, args.beta_range, args.shard_size)
