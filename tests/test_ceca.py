@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from person_retrieval import losses
-from person_retrieval.assistants import MiniLM, mini_vlm, prompts
+from person_retrieval.assistants import MiniLM, VisionLanguageModel, mini_vlm, prompts
 from person_retrieval.datasets import load_split
 from person_retrieval.papers import ceca
 
@@ -163,6 +163,108 @@ def test_the_mixer_ignores_the_summary_s_padding():
     torch.testing.assert_close(a_sum[valid], b_sum[valid])
 
 
+# ---------------------------------------------------------------------------------------------- BCM, as released
+def test_bcm_ranks_the_summary_s_words_by_its_eos_and_the_image_s_tokens_by_the_attention_they_receive():
+    """ChatCrossEmbeddingLayer.py: the image side reads the summary's top int((77 - 2) r) words by its [EOS] row
+    (text_topk_from_attn), the summary side the image's top int(N r) tokens by the column mean of the attention
+    map (image_topk_from_attn), not by the [CLS] row."""
+    s_tok = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [3.0, 0.0], [2.0, 0.0], [9.0, 9.0]]])  # sos, 3 words, eos
+    s_pooled, s_valid = torch.tensor([[1.0, 0.0]]), torch.tensor([[False, True, True, True, False]])
+    # image: pooled (0, 1); token a = (2, 0) is orthogonal to it, token b = (0, 0.5) along it
+    p, a, b = (0.0, 1.0), (2.0, 0.0), (0.0, 0.5)
+    i_tok, i_pooled = torch.tensor([[a, b]]), torch.tensor([p])
+    # by hand: A = softmax_j(x_i . x_j / sqrt(2)) over x = (p, a, b); a receives more on average, b more from [CLS]
+    dot = lambda u, v: (u[0] * v[0] + u[1] * v[1]) / math.sqrt(2)  # noqa: E731
+    rows = [[math.exp(dot(u, v)) for v in (p, a, b)] for u in (p, a, b)]
+    col = [sum(r[j] / sum(r) for r in rows) / 3 for j in (1, 2)]
+    assert col[0] > col[1] and dot(p, b) > dot(p, a)  # the two rankings disagree here
+    torch.testing.assert_close(ceca.received_attention(i_tok, i_pooled), torch.tensor([col]))
+    s_ctx, s_ok, i_ctx = ceca.bcm_contexts(i_tok, i_pooled, s_tok, s_pooled, s_valid, cond_ratio=0.05)  # int(75 * 0.05) = 3
+    torch.testing.assert_close(s_ctx, torch.tensor([[[3.0, 0.0], [2.0, 0.0], [1.0, 0.0]]]))  # the words, by their EOS score
+    assert s_ok.tolist() == [[True, True, True]]
+    torch.testing.assert_close(i_ctx, torch.tensor([[a]]))  # int(2 * 0.05) -> at least 1: token a, not b
+    s_ctx, s_ok, _ = ceca.bcm_contexts(i_tok, i_pooled, s_tok, s_pooled, s_valid, cond_ratio=0.3)  # 22 wanted, 3 words
+    assert s_ok.tolist() == [[True, True, True, False, False]]  # a short summary gives all its words, nothing else
+
+
+def _hand_head(head):
+    """Weights a hand can follow: self-attention off (output projection 0), cross-attention uniform over the
+    context (query and key maps 0) passing it unchanged (value and output maps the identity), the refiner's
+    MLP the identity (GELU(y) - GELU(-y) = y), gate 0 (sigmoid 1/2); RDE's MLP off and its projection the
+    identity. Then a head's embedding is max_i (x_i / |x_i| + mean(context) / 2)."""
+    r = head.refiner
+    with torch.no_grad():
+        for mha in (r.sa, r.ca):
+            mha.in_proj_bias.zero_()
+            mha.out_proj.bias.zero_()
+            mha.in_proj_weight.zero_()
+        r.sa.out_proj.weight.zero_()
+        r.ca.in_proj_weight[4:6] = torch.eye(2)  # the value map
+        r.ca.out_proj.weight.copy_(torch.eye(2))
+        r.mlp[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]))
+        r.mlp[0].bias.zero_()
+        r.mlp[2].weight.copy_(torch.tensor([[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 0.0, -1.0]]))
+        r.mlp[2].bias.zero_()
+        r.gate.fill_(0.0)
+        head.mlp[-1].weight.zero_()
+        head.mlp[-1].bias.zero_()
+        head.proj.weight.copy_(torch.eye(2))
+        head.proj.bias.zero_()
+
+
+def test_the_refined_token_head_on_a_hand_computed_input():
+    """One side of BCM as released: all own tokens (ratio 1.0), L2-normalised, plus the gated MLP of self- and
+    cross-attention, then embedded and max-pooled. Tokens (3, 4) and (0, -2) normalise to (0.6, 0.8) and (0, -1);
+    the context's valid tokens (1, 0) and (3, 2) average to (2, 1), half of it added: (1.6, 1.3) and (1, -0.5)."""
+    head = ceca.RefinedTokenSelection(2, ratio=1.0, heads=1)
+    _hand_head(head)
+    tok, pooled = torch.tensor([[[3.0, 4.0], [0.0, -2.0]]]), torch.tensor([[1.0, 0.0]])
+    cond, cond_ok = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [100.0, 100.0]]]), torch.tensor([[True, True, False]])
+    with torch.no_grad():
+        torch.testing.assert_close(head(tok, pooled, cond=cond, cond_valid=cond_ok), torch.tensor([[1.6, 1.3]]))
+        torch.testing.assert_close(head(tok, pooled), torch.tensor([[0.6, 0.8]]))  # no context: self-attention only (0 here)
+        head.refiner.gate.fill_(-1e4)  # a closed gate: the normalised tokens as they are
+        torch.testing.assert_close(head(tok, pooled, cond=cond, cond_valid=cond_ok), torch.tensor([[0.6, 0.8]]))
+
+
+class _TokenBackbone(torch.nn.Module):
+    """Hand-made tokens: the image's (3, 4) and (0, -2), pooled (1, 0); the summary's words (1, 0) and (0, 1)
+    between start- and end-of-text tokens of (50, 50), pooled (2, 1)."""
+    embed_dim, context_length = 2, 77
+
+    def encode_image(self, x):
+        return torch.tensor([[1.0, 0.0]]), torch.tensor([[[3.0, 4.0], [0.0, -2.0]]])
+
+    def encode_text(self, ids):
+        return torch.tensor([[2.0, 1.0]]), torch.tensor([[[50.0, 50.0], [1.0, 0.0], [0.0, 1.0], [50.0, 50.0]]])
+
+
+def test_bcm_refines_each_side_separately_and_blends_the_two_embeddings_as_released():
+    """The image side reads the summary's two words (mean (0.5, 0.5)): max of (0.6, 0.8) + (0.25, 0.25) and
+    (0, -1) + (0.25, 0.25) = (0.85, 1.05). The summary side reads the image's top int(2 * 0.3) -> 1 token by the
+    attention it receives, (3, 4) (0.578 against 0.344), unnormalised: max of (1, 0) + (1.5, 2) and (0, 1) +
+    (1.5, 2) = (2.5, 3). Blended 0.7 image + 0.3 summary: (1.345, 1.635)."""
+    m = ceca.CECAModel(_TokenBackbone(), heads=1).eval()
+    assert m.bcm is None and m.tse_img.ratio == 1.0 and m.tse_txt.ratio == 1.0  # the release's ratio=1.0 heads
+    _hand_head(m.tse_img)
+    _hand_head(m.tse_txt)
+    with torch.no_grad():
+        g = m.embed_images(torch.zeros(1, 3, 4, 2), torch.tensor([[49406, 320, 321, 49407]]))
+    torch.testing.assert_close(g["tse"], torch.tensor([[1.345, 1.635]]))
+    torch.testing.assert_close(g["global"], torch.tensor([[0.7 + 0.6, 0.3]]))  # 0.7 (1, 0) + 0.3 (2, 1)
+    old = ceca.CECAModel(_TokenBackbone(), heads=1, bcm="mixer")  # the named option: this project's mixer before
+    assert isinstance(old.bcm, ceca.BidirectionalMixer) and old.tse_img.ratio == 0.3
+    with pytest.raises(ValueError, match="bcm must be one of"):
+        ceca.CECAModel(_TokenBackbone(), bcm="concatenated")
+
+
+def test_fit_ceca_keys_runs_by_the_bcm(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(ceca, "fit_tpr", lambda *a, task_kw, **kw: seen.setdefault("kw", task_kw))
+    ceca.fit_ceca("icfg_pedes", "/r", "/s")
+    assert seen["kw"]["bcm"] == "released" and seen["kw"]["own_ratio"] == 1.0
+
+
 # ---------------------------------------------------------------------------------------------- model
 @pytest.fixture(scope="module")
 def tiny_backbone():
@@ -274,21 +376,110 @@ def test_cam_asks_the_five_questions_and_summarises_the_answers(tiny_world):
     vlm, lm = mini_vlm("tiny", 0, progress=False), MiniLM(0)
     recs = ceca.cam([load_image(p) for p in split.image_paths[:3]], vlm, lm)
     assert [sorted(r) for r in recs] == [sorted([*prompts.CECA_QUESTIONS, "summary"])] * 3
-    assert vlm.usage.items["answer"] == 15 and lm.usage.items["generate"] == 3
+    # one conversation per image: five questions and the summary request, all to the MLLM; the LM writes nothing
+    assert vlm.usage.items["converse"] == 18 and vlm.usage.calls["converse"] == 6 and lm.usage.items["generate"] == 0
     assert all(r["summary"] for r in recs)
+    old = ceca.cam([load_image(p) for p in split.image_paths[:3]], vlm, lm, summary_by="lm")  # the named option
+    assert lm.usage.items["generate"] == 3 and [r["Q1"] for r in old] == [r["Q1"] for r in recs]
+    with pytest.raises(ValueError, match="summary_by must be one of"):
+        ceca.cam([load_image(split.image_paths[0])], vlm, lm, summary_by="llm")
+
+
+class _Recorder(VisionLanguageModel):
+    """An MLLM that records every dialogue it is given and answers "answer k" (the k-th turn)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def _converse(self, images, dialogues):
+        self.seen.append(dialogues)
+        return [f"answer {len(d) // 2 + 1}" for d in dialogues]
+
+
+def test_cam_is_one_conversation_each_question_seeing_the_earlier_answers():
+    vlm = _Recorder()
+    recs = ceca.cam([np.zeros((8, 4, 3), np.uint8)] * 2, vlm)
+    q = list(prompts.CECA_QUESTIONS.values())
+    third = vlm.seen[2][0]  # the dialogue Q3 is asked in
+    assert third == [{"role": "user", "content": q[0]}, {"role": "assistant", "content": "answer 1"},
+                     {"role": "user", "content": q[1]}, {"role": "assistant", "content": "answer 2"},
+                     {"role": "user", "content": q[2]}]
+    last = vlm.seen[5][1]  # the summary request: after the five rounds, to the MLLM, with the image
+    assert len(vlm.seen) == 6 and len(last) == 11 and last[-1] == {"role": "user", "content": prompts.CECA_SUMMARY_TURN}
+    assert [m["content"] for m in last[1:10:2]] == [f"answer {k}" for k in range(1, 6)]
+    assert prompts.CECA_SUMMARY_TURN == ("Based on the image and the answers to the previous questions, please provide a "
+                                         "summary description of the person.")
+    assert recs[0] == {"Q1": "answer 1", "Q2": "answer 2", "Q3": "answer 3", "Q4": "answer 4", "Q5": "answer 5", "summary": "answer 6"}
+
+
+def test_the_cam_cache_key_changes_with_the_conversation(tiny_world, monkeypatch):
+    """Summaries cached before the conversation (CAM_VERSION 1) are never read back as the conversation's; the
+    text-only writer's summaries are cached apart."""
+    monkeypatch.setattr(ceca, "summarize_split", lambda *a, **k: None)
+    root, vlm, lm = tiny_world["rstpreid"], _Recorder(), MiniLM(0)
+    now = ceca.build_summaries("rstpreid", root, "tiny", vlm=vlm, lm=lm)
+    assert now == ceca.build_summaries("rstpreid", root, "tiny", vlm=vlm, lm=MiniLM(1))  # the LM writes nothing here
+    assert now != ceca.build_summaries("rstpreid", root, "tiny", vlm=vlm, lm=lm, summary_by="lm")
+    monkeypatch.setattr(ceca, "CAM_VERSION", 1)
+    assert now != ceca.build_summaries("rstpreid", root, "tiny", vlm=vlm, lm=lm)
+
+
+def test_the_mini_mllm_s_answers_depend_on_the_conversation(tiny_world):
+    """The mini MLLM keeps the gender the conversation stated, repeats its own previous turn when it repeats,
+    and summarises the answers given (with what else it sees), not a fresh look alone."""
+    from person_retrieval.assistants import Noise
+    from person_retrieval.assistants.grammar import parse_claims
+    from person_retrieval.viz import load_image
+
+    split = load_split("icfg_pedes", tiny_world["icfg_pedes"], "test")
+    im = load_image(split.image_paths[0])
+    vlm = mini_vlm("tiny", 0, progress=False)
+    seen = vlm.perceive([im])[0][0]
+    other = "woman" if seen.gender == "man" else "man"
+    q = list(prompts.CECA_QUESTIONS.values())
+    said = [{"role": "user", "content": q[0]}, {"role": "assistant", "content": f"The person is a {other}."}]
+    a3 = vlm.converse([im], [said + [{"role": "user", "content": q[2]}]])[0]
+    assert parse_claims(a3).get("gender") == other  # the stated gender carries on
+    assert parse_claims(vlm.converse([im], [[{"role": "user", "content": q[2]}]])[0]).get("gender") == seen.gender
+    colour = "green" if seen.lower_color != "green" else "red"
+    told = said + [{"role": "user", "content": q[2]}, {"role": "assistant", "content": f"The person wears {colour} shorts."},
+                   {"role": "user", "content": prompts.CECA_SUMMARY_TURN}]
+    summary = parse_claims(vlm.converse([im], [told])[0])
+    assert summary.get("lower_color") == colour and summary.get("lower_type") == "shorts" and summary.get("gender") == other
+    assert summary.get("upper_type") == seen.upper_type  # not asked: what it sees
+    echo = mini_vlm("tiny", 0, progress=False, noise=Noise(repetition=1.0))
+    assert echo.converse([im], [said + [{"role": "user", "content": q[1]}]])[0] == f"The person is a {other}."
+
+
+def test_a_transformers_mllm_reads_the_earlier_turns_through_its_chat_template():
+    """Qwen2-VL's chat template over the dialogue: the Q3 prompt holds Q1, its answer, Q2, its answer, then Q3,
+    in that order, and the image once, in the first turn."""
+    from person_retrieval.assistants import tiny
+    from person_retrieval.assistants.hf import TransformersVLM
+
+    vlm = TransformersVLM(*tiny.qwen2_vl(), max_new_tokens=2)
+    q = list(prompts.CECA_QUESTIONS.values())
+    d = [{"role": "user", "content": q[0]}, {"role": "assistant", "content": "a man with short hair"},
+         {"role": "user", "content": q[1]}, {"role": "assistant", "content": "a red shirt and no hat"}, {"role": "user", "content": q[2]}]
+    text = vlm.chat_prompts([d])[0]
+    at = [text.index(t) for t in (q[0], "a man with short hair", q[1], "a red shirt and no hat", q[2])]
+    assert at == sorted(at) and text.count("<|image_pad|>") == 1 and text.index("<|image_pad|>") < at[0]
+    assert text.endswith("<|im_start|>assistant\n")
+    assert len(vlm.converse([np.zeros((56, 28, 3), np.uint8)], [d])) == 1
 
 
 class _Dies:
-    """An MLLM that fails after ``n`` answer calls (a killed run)."""
+    """An MLLM that fails after ``n`` conversation turns (a killed run)."""
 
     def __init__(self, inner, n):
         self.inner, self.n = inner, n
 
-    def answer(self, images, q):
+    def converse(self, images, dialogues):
         self.n -= 1
         if self.n < 0:
             raise RuntimeError("killed")
-        return self.inner.answer(images, q)
+        return self.inner.converse(images, dialogues)
 
 
 def test_summaries_resume_after_a_crash_and_match_an_unbroken_run(tiny_world, tmp_path):
@@ -297,7 +488,7 @@ def test_summaries_resume_after_a_crash_and_match_an_unbroken_run(tiny_world, tm
     whole = ceca.summarize_split(split, vlm, lm, tmp_path / "a" / "train.json", batch=16, progress=False)
     out = tmp_path / "b" / "train.json"
     with pytest.raises(RuntimeError, match="killed"):
-        ceca.summarize_split(split, _Dies(vlm, 5 * 2 + 2), lm, out, batch=16, progress=False)  # dies in the third batch
+        ceca.summarize_split(split, _Dies(vlm, 6 * 2 + 2), lm, out, batch=16, progress=False)  # dies in the third batch
     assert not out.exists()
     partial = out.with_name("train.json.partial.jsonl")
     assert len(partial.read_text().splitlines()) == 32
@@ -325,8 +516,9 @@ def test_a_missing_or_empty_summary_is_an_error_naming_the_image(tiny_world, tmp
 
 
 def test_transformers_assistants_write_summaries_through_the_same_code(tiny_world, tmp_path):
-    """A tiny Qwen2-VL answers Q1-Q5 and a tiny Llama writes the summary: random weights, so the words are
-    noise, but every image gets its record through the very code the mini assistants use."""
+    """A tiny Qwen2-VL answers Q1-Q5 and writes the summary in one conversation (a tiny Llama, the text-only
+    option, writes it from the answers): random weights, so the words are noise, but every image gets its record
+    through the very code the mini assistants use."""
     from person_retrieval.assistants import tiny
     from person_retrieval.assistants.hf import TransformersLM, TransformersVLM
 
@@ -334,10 +526,12 @@ def test_transformers_assistants_write_summaries_through_the_same_code(tiny_worl
     split.image_paths, split.image_pids = split.image_paths[:2], split.image_pids[:2]
     vlm = TransformersVLM(*tiny.qwen2_vl(), max_new_tokens=4)
     lm = TransformersLM(*tiny.llama_lm())
-    out = ceca.summarize_split(split, vlm, lm, tmp_path / "test.json", progress=False)
+    out = ceca.summarize_split(split, vlm, None, tmp_path / "test.json", progress=False)
     recs = json.loads(out.read_text())
     assert len(recs) == 2 and all(sorted(r) == sorted([*prompts.CECA_QUESTIONS, "summary"]) for r in recs.values())
-    assert vlm.usage.items["answer"] == 10 and lm.usage.items["generate"] == 2
+    assert vlm.usage.items["converse"] == 12 and lm.usage.items["generate"] == 0
+    ceca.summarize_split(split, vlm, lm, tmp_path / "lm" / "test.json", progress=False, summary_by="lm")
+    assert vlm.usage.items["converse"] == 22 and lm.usage.items["generate"] == 2
 
 
 def test_identity_spread_known_answer():

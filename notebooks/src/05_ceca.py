@@ -8,8 +8,8 @@
 # details explicit. Offline, a multimodal LLM (MLLM) is asked five questions about every image, and its
 # answers are summarised into one description. The summary then sharpens the image side:
 #
-# 1. **CAM**, conversational attribute mining: Q1-Q5 and a summary request, per image, train and test;
-# 2. **BCM**, a bidirectional cross-attention mixer between the image's tokens and the summary's;
+# 1. **CAM**, conversational attribute mining: Q1-Q5 and a summary request, one conversation per image, train and test;
+# 2. **BCM**, a bidirectional cross-attention mixer: the image's tokens read the summary's, and the summary's the image's;
 # 3. **CAWL**, a confidence-aware weighting loss: a summary that finds its own caption and image teaches
 #    them; an unsure one leaves the sample to plain image-text alignment.
 #
@@ -27,8 +27,9 @@ seed: int = 0                  # the world, the mini CLIP, the mini MLLM and its
 seeds: list = [0, 1, 2]        # repeats: fine-tuning initialisation and data order
 data_root: Optional[str] = None  # None: the mini world; a folder holding CUHK-PEDES/, ICFG-PEDES/, RSTPReid/: real data
 weights: Optional[str] = None    # None: the mini CLIP of notebook 00; "ViT-B-16" or a checkpoint path: real CLIP (paper: required)
-vlm: Optional[str] = None        # None: the mini MLLM; a name or folder: a transformers MLLM asked Q1-Q5 (the paper: Qwen2-VL-7B-Instruct)
-llm: Optional[str] = None        # None: the mini LM writes the summary; a name or folder: a transformers LLM
+vlm: Optional[str] = None        # None: the mini MLLM; a name or folder: a transformers MLLM asked Q1-Q5 and the summary (the paper: Qwen2-VL-7B-Instruct)
+summary_by: str = "mllm"         # "mllm": the MLLM writes the summary in the conversation, with the image (the supplement); "lm": a text-only LM, from the answers
+llm: Optional[str] = None        # read only with summary_by "lm": None: the mini LM; a name or folder: a transformers LLM
 omega: float = 0.5             # retrieval: (1 - omega) global + omega token-level similarity (the supplement's omega; 0.5: the release's mean)
 gate_init: float = -3.0        # BCM: the gate's initial logit; sigmoid(-3) is 0.047
 cond_ratio: float = 0.3        # BCM: share of the other side's tokens (the most attended) used as keys and values
@@ -50,8 +51,8 @@ from person_retrieval.world import dataset_root
 
 DATASETS = ["cuhk_pedes", "icfg_pedes", "rstpreid"]
 P = params.check(dict(scale=scale, gpus=gpus, seed=seed, seeds=seeds, data_root=data_root, weights=weights, vlm=vlm, llm=llm,
-                      omega=omega, gate_init=gate_init, cond_ratio=cond_ratio, epochs=epochs, max_steps=max_steps, batch_size=batch_size),
-                 needs=DATASETS, omega=params.number(0, 1), gate_init=params.number(-10, 10), cond_ratio=params.number(0.01, 1))
+                      summary_by=summary_by, omega=omega, gate_init=gate_init, cond_ratio=cond_ratio, epochs=epochs, max_steps=max_steps, batch_size=batch_size),
+                 needs=DATASETS, summary_by=params.choice(ceca.SUMMARY_BY), omega=params.number(0, 1), gate_init=params.number(-10, 10), cond_ratio=params.number(0.01, 1))
 if scale == "paper" and weights is None:
     raise params.ParameterError("scale='paper' needs real CLIP weights: set parameter 'weights' (e.g. \"ViT-B-16\"); the mini CLIP is not trained at paper")
 seeds = P["seeds"]
@@ -62,38 +63,46 @@ init = None if weights else models.pretrained_mini_clip(scale, seed, gpus)
 print(source, "| repeats:", seeds)
 
 # %% [markdown]
-# ## 1 · CAM: five questions and a summary per image
+# ## 1 · CAM: five questions and a summary per image, one conversation
 #
-# The supplement's questions, asked of every image (train, validation and test) by the MLLM:
+# The supplement's questions, asked of every image (train, validation and test) by the MLLM in one
+# multi-turn dialogue: each question is asked with the earlier questions and answers in the context (a
+# transformers MLLM reads them through its chat template, the image in the first turn):
 
 # %%
 pd.Series(prompts.CECA_QUESTIONS, name="question").to_frame()
 
 # %% [markdown]
-# and then its summary request, *"Based on the image and the answers to the previous questions, please
-# provide a summary description of the person."*, with the five answers appended. The MLLM is the parameter
-# `vlm` (a transformers image-text model by name or folder, e.g. `Qwen2-VL-7B-Instruct`), the summary's writer
-# `llm` (a transformers LLM, e.g. `Llama-3.2-1B-Instruct`). Their default, None, is the mini pair: the mini
-# MLLM sees through an attribute recognizer trained on people in no dataset (notebook 00) and makes a real
-# MLLM's kind of mistakes, and the mini LM writes from the answers. At `scale="paper"` with `vlm=None` that
+# and then, as the dialogue's last turn, its summary request, *"Based on the image and the answers to the
+# previous questions, please provide a summary description of the person."*: the MLLM "summarize[s] the answers
+# to all questions together with the visual content" (supplement C), so it writes the summary, image in view.
+# The MLLM is the parameter `vlm` (a transformers image-text model by name or folder, e.g.
+# `Qwen2-VL-7B-Instruct`); its default, None, is the mini MLLM, which sees through an attribute recognizer
+# trained on people in no dataset (notebook 00) and makes a real MLLM's kind of mistakes. Its conversation is
+# real in what it can carry: a later answer keeps the gender the dialogue already stated, a repeated answer
+# repeats this dialogue's previous turn, and its summary restates the answers it gave (right or wrong) and
+# adds what it sees that no question asked about (a bag, an accessory, a pattern). The named option
+# `summary_by="lm"` is this project's first reading: a text-only LM (`llm`) writes the summary from the five
+# answers appended to the request, without the image. At `scale="paper"` with `vlm=None` that
 # recognizer is the one trained at small on the mini world (a mini model the CAM step needs when no MLLM is
 # given; it knows only the mini world's people: give `vlm` for real images). Summaries are built once per
 # dataset, split and assistant, in batches, resumable, and cached. An answer or a summary that comes back
 # empty is counted, never a crash: the answers stand in for an empty summary (table `05_cam_answers`).
 
 # %%
-assistant_v, assistant_l = assistants.load("small" if scale == "paper" else scale, seed, P["vlm"], P["llm"], device="cuda" if gpus else "cpu")
+assistant_v, assistant_l = assistants.load("small" if scale == "paper" else scale, seed, P["vlm"], P["llm"] if summary_by == "lm" else None,
+                                           device="cuda" if gpus else "cpu")
 folders, cam_cost = {}, []
 for d in DATASETS:
     t0 = time.time()
-    folders[d] = ceca.build_summaries(d, roots[d], scale, seed, vlm=assistant_v, lm=assistant_l)
+    folders[d] = ceca.build_summaries(d, roots[d], scale, seed, vlm=assistant_v, lm=assistant_l, summary_by=summary_by)
     n = sum(len(ceca.read_summaries(folders[d], s)) for s in ("train", "val", "test") if (folders[d] / f"{s}.json").is_file())
     cam_cost.append({"dataset": d, "images": n, "seconds": time.time() - t0, "source": source})
 cam_cost = pd.DataFrame(cam_cost)
 reports.save_table(cam_cost, "05_cam_cost", scale, title="CAM: time to have every image's summary (built now, or read from the cache)",
                    timing=True)
 cam_answers = pd.DataFrame([{"dataset": d, **ceca.cam_counts(folders[d]), "source": source} for d in DATASETS])
-reports.save_table(cam_answers, "05_cam_answers", scale, title="CAM: what the MLLM and the LLM gave, empty answers and summaries counted",
+reports.save_table(cam_answers, "05_cam_answers", scale, title="CAM: what the MLLM gave, empty answers and summaries counted",
                    notes="An empty summary is replaced by the image's five answers; an image with no text at all stops the run, naming it.")
 cam_answers
 
@@ -121,17 +130,29 @@ reports.save_figure(fig, "05_cam_examples", scale)
 # %% [markdown]
 # ## 2 · BCM and CAWL
 #
-# **BCM.** Let $X \in \mathbb{R}^{N\times D}$ be the image's patch tokens and $C$ the summary's word tokens
-# (both projected into the joint space). Each side attends to itself and to the *other side's* most attended
-# tokens (a share $r$ = `cond_ratio` = 30%, ranked by their dot product with that side's global feature, as
-# RDE's token selection ranks them): with $h = \mathrm{LN}(X)$,
+# **BCM**, as the release's `model/ChatCrossEmbeddingLayer.py` has it. Let $X \in \mathbb{R}^{N\times D}$ be the
+# image's patch tokens and $C$ the summary's word tokens (both projected into the joint space). Each side is
+# refined *separately*, inside its own token-selection head, reading the other side's most attended tokens:
 #
-# $$Y = \mathrm{MLP}\big(\mathrm{SA}(h) + \mathrm{CA}(h, C_{\mathrm{top}})\big),\qquad X' = X + \sigma(g)\, Y,\quad g_0 = -3,$$
+# * the image side reads the summary's top $\lfloor 75\,r \rfloor$ words (22 of CLIP's 77 positions at
+#   $r$ = `cond_ratio` = 0.3; a shorter summary gives all its words), ranked by its end-of-text token's
+#   attention; the summary side reads the image's top $\lfloor N r \rfloor$ tokens, ranked by the attention each
+#   *receives*, averaged over all queries (the column mean of the attention map, not the [CLS] row);
+# * each head keeps all of its own tokens (the release builds CECA's heads with `ratio=1.0`), L2-normalises
+#   them ($\hat X$) and refines them with a gated residual, $g_0 = -3$:
 #
-# and the same with the roles swapped for $C$. The gate starts at $\sigma(-3) \approx 0.05$, so training
-# begins from the RDE model and lets the mixer in gradually. The image's mixed tokens are then selected and
-# max-pooled by the image side's token-selection head into $v^{tok}$, the summary's by the text side's head
-# (the caption's: the release reads the summary with its one textual embedding layer) into $c^{tok}$.
+# $$\hat X' = \hat X + \sigma(g)\,\mathrm{MLP}\big(\mathrm{SA}(\mathrm{LN}_q \hat X) + \mathrm{CA}(\mathrm{LN}_c \hat X,\ C_{\mathrm{top}})\big),$$
+#
+#   then embeds and max-pools them (RDE's head) into $v^{tok}$; the summary's head, the text side's (the
+#   release reads captions and summaries with one textual layer; a caption passes it with self-attention
+#   only), gives $c^{tok}$ the same way with the roles swapped.
+#
+# Our backbone returns no attention maps, so "attention" is a stand-in computed from the output tokens: the
+# end-of-text row is the dot product with the pooled feature (RDE's ranking, notebook 01), the received
+# attention the column mean of $\mathrm{softmax}(XX^\top/\sqrt D)$ over [pooled; tokens]. The gate starts at
+# $\sigma(-3) \approx 0.05$, so training begins close to the RDE model. The named option `bcm="mixer"`
+# (`task_kw={"bcm": "mixer", "own_ratio": 0.3}`) is this project's BCM before issue 44: one mixer over all
+# tokens of both sides ahead of RDE's heads, which then keep 30%.
 #
 # **The gallery's features.** As released, the image and the summary are mixed at both levels, on the
 # features as they come (*unnormalised*; the loss and the similarity normalise the result):
@@ -190,7 +211,7 @@ test_sets = {d: ceca.with_summaries(models.split_data(d, roots[d], "test", backb
              for d in DATASETS}
 rows, sims, train_s = [], {}, []
 
-
+# %%
 schedule = {} if ceca.EPOCHS.get(scale) is None else {"epochs": ceca.EPOCHS[scale]}
 
 
@@ -209,6 +230,7 @@ def record(label, d, s, model, data):
     rows.append({"method": label, "dataset": d, "seed": s, **ceca.with_msum(m)})
 
 
+# %%
 for k in range(len(seeds)):
     t_repeat = time.time()
     for d in DATASETS:
@@ -261,7 +283,8 @@ table.round(2)
 # %% [markdown]
 # ## 5 · The ablation (ICFG-PEDES style)
 #
-# Without BCM the summary still enters the global and the token-level features (its own tokens, unmixed) and CAWL; without CAWL only the two TAL terms train;
+# Without BCM the summary still enters the global and the token-level features (each head over its own tokens,
+# no refiner, no cross-attention) and CAWL; without CAWL only the two TAL terms train;
 # "without summaries at test" is the full model with the gallery read as RDE reads it; "1 - w clipped at 0"
 # is CAWL with the named option above (the full model lets $1 - w$ go negative, as released).
 
@@ -305,7 +328,7 @@ print(f"R1 peaks at omega = {best_omega}; Msum at omega = {float(sweep['Msum']['
 # The supplement observes that CECA ranks the right person first more often than IRRA but pushes some of the
 # same person's other images down (lower mAP), and explains it by view-specific summaries ("frontal" versus
 # "back" clothing cues) that spread one identity's images apart. Measured here: the R1 and mAP deltas of CECA
-# over RDE per style, and, for the same CECA models, the spread of a query's scores over its true person's
+# over RDE per style (over IRRA in section 9), and, for the same CECA models, the spread of a query's scores over its true person's
 # gallery images with and without summaries (also relative to the spread over the whole gallery).
 
 # %%
@@ -327,27 +350,30 @@ reports.save_table(finding.reset_index().assign(source=source), "05_ceca_r1_vs_m
 finding.round(3)
 
 # %% [markdown]
-# ## 8 · What CECA retrieves, beside RDE
+# ## 8 · What CECA retrieves, beside IRRA
 #
-# As the supplement's Figures 5-6: for test queries of the CUHK-PEDES style, RDE's top 5 (upper row) and
-# CECA's (lower row), the same person framed green. Two queries CECA gets right and RDE does not, and one the
-# other way round (seed `seeds[0]`).
+# As the supplement's Figures 5 (RSTPReid) and 6 (CUHK-PEDES), which set CECA against the IRRA baseline: for
+# test queries of those two styles, IRRA's top 5 (upper row of each pair) and CECA's (lower row), the same
+# person framed green. The supplement shows four queries chosen by its authors; here, per style, the first
+# query CECA gets right and IRRA does not, and the first the other way round, so that both directions show
+# (IRRA: its one run, seed `seed`; CECA: seed `seeds[0]`). The table counts each kind over the whole test set.
 
 # %%
-d0, s0 = "cuhk_pedes", seeds[0]
-top_rde, top_ceca = sims["RDE", d0, s0].argmax(1), sims["CECA", d0, s0].argmax(1)
-data0 = test_sets[d0]
-hit = lambda top: data0.image_pids[top] == data0.caption_pids  # noqa: E731
-wins = (hit(top_ceca) & ~hit(top_rde)).nonzero().flatten().tolist()[:2]
-losses_ = (~hit(top_ceca) & hit(top_rde)).nonzero().flatten().tolist()[:1]
-rows_fig = []
-for j in wins + losses_:
-    rows_fig += analysis.ranking_rows(sims["RDE", d0, s0], data0, [j], k=5, label="RDE")
-    rows_fig += analysis.ranking_rows(sims["CECA", d0, s0], data0, [j], k=5, label="CECA")
-if rows_fig:
-    fig = viz.ranking_rows(rows_fig, k=5, first="described")
+fig_rows, flips = [], []
+for d0 in ("rstpreid", "cuhk_pedes"):
+    s_irra, s_ceca, data0 = sims["IRRA", d0, seed], sims["CECA", d0, seeds[0]], test_sets[d0]
+    hit_irra, hit_ceca = (data0.image_pids[s.argmax(1)] == data0.caption_pids for s in (s_irra, s_ceca))
+    wins, losses_ = hit_ceca & ~hit_irra, ~hit_ceca & hit_irra
+    for j in wins.nonzero().flatten().tolist()[:1] + losses_.nonzero().flatten().tolist()[:1]:
+        fig_rows += analysis.ranking_rows(s_irra, data0, [j], k=5, label=f"IRRA, {d0}")
+        fig_rows += analysis.ranking_rows(s_ceca, data0, [j], k=5, label=f"CECA, {d0}")
+    flips.append({"dataset": d0, "queries": len(data0.captions), "CECA right, IRRA wrong (R1)": int(wins.sum()),
+                  "IRRA right, CECA wrong (R1)": int(losses_.sum())})
+if fig_rows:
+    fig = viz.ranking_rows(fig_rows, k=5, first="described")
+    fig.suptitle("IRRA (upper row of each pair) against CECA (lower row), as the supplement's Figures 5-6", y=1.0)
     reports.save_figure(fig, "05_ceca_examples", scale)
-print(f"queries CECA gets right and RDE not: {int((hit(top_ceca) & ~hit(top_rde)).sum())}; the other way: {int((~hit(top_ceca) & hit(top_rde)).sum())}")
+pd.DataFrame(flips)
 
 # %% [markdown]
 # ## 9 · The claims, checked
@@ -374,12 +400,20 @@ for metric in ("R1", "Msum"):
     d_peak = peak[0.3] - peak.drop(columns=0.3).max(axis=1)
     claims.append((f"omega = 0.3 is as good as the best other weight, within twice the spread ({metric} at 0.3 minus the best other)", ABLATION,
                    metric, *reports.verdict(d_peak, not_hurt=True)))
+
+# %% [markdown]
+# The supplement's R1-against-mAP remark compares CECA with IRRA (its section E); it is checked against IRRA
+# (one run: the spread is CECA's over the repeats) and against RDE, CECA's own base.
+
+# %%
+irra = res[res.method == "IRRA"].set_index("dataset")
 for d in DATASETS:
-    r1, mp = delta.loc[d, "R1 delta"], delta.loc[d, "mAP delta"]
-    m_r1, sd_r1, _ = reports.verdict(r1)
-    v = "holds" if r1.mean() > 0 and mp.mean() < 0 else "DOES NOT HOLD"
-    claims.append(("CECA raises R1 but lowers mAP (vs RDE)", d, "R1 / mAP", m_r1, sd_r1,
-                   f"{v} (R1 {r1.mean():+.2f}, mAP {mp.mean():+.2f})"))
+    for base, r1, mp in (("IRRA, one run", per_seed("CECA", d).R1 - irra.loc[d, "R1"], per_seed("CECA", d).mAP - irra.loc[d, "mAP"]),
+                         ("RDE", delta.loc[d, "R1 delta"], delta.loc[d, "mAP delta"])):
+        m_r1, sd_r1, _ = reports.verdict(r1)
+        v = "holds" if r1.mean() > 0 and mp.mean() < 0 else "DOES NOT HOLD"
+        claims.append((f"CECA raises R1 but lowers mAP (vs {base})", d, "R1 / mAP", m_r1, sd_r1,
+                       f"{v} (R1 {r1.mean():+.2f}, mAP {mp.mean():+.2f})"))
     sp = spread[spread.dataset == d].pivot_table(index="seed", columns="gallery", values="relative spread")
     claims.append(("summaries spread one identity's gallery scores (relative spread, with minus without)", d, "spread",
                    *reports.verdict(sp["with summaries"] - sp["without summaries"])))

@@ -128,7 +128,23 @@ class VisionLanguageModel(Assistant):
         with self._record("score", len(imgs)):
             return self._score(imgs, criterion, ts, refs)
 
+    def converse(self, images, dialogues) -> list[str]:
+        """The next reply in a conversation about each image (CECA's CAM): ``dialogues[i]`` is chat messages,
+        ``[{"role": "user", "content": q1}, {"role": "assistant", "content": a1}, ..., {"role": "user",
+        "content": qk}]``, the image going with the first user turn; every earlier turn is in the context the
+        model reads. One dialogue per image."""
+        imgs = _images(images)
+        ds = [list(d) for d in dialogues]
+        _same_length(imgs, ds, "dialogues")
+        for d in ds:
+            roles = [m.get("role") for m in d]
+            if not d or roles[0] != "user" or roles[-1] != "user" or any(a == b for a, b in zip(roles, roles[1:])):
+                raise ValueError(f"a dialogue alternates user and assistant turns, from a user turn to a user turn; got roles {roles}")
+        with self._record("converse", len(imgs)):
+            return self._converse(imgs, ds)
+
     def _answer(self, images, questions): raise NotImplementedError
+    def _converse(self, images, dialogues): raise NotImplementedError
     def _describe(self, images, instructions): raise NotImplementedError
     def _judge(self, images, texts): raise NotImplementedError
     def _score(self, images, criterion, texts, references): raise NotImplementedError

@@ -128,10 +128,18 @@ class TransformersVLM(VisionLanguageModel):
 
     def ask(self, images: list[list[np.ndarray]], texts: list[str], max_new_tokens: int | None = None) -> list[str]:
         """The raw batched call: each item is some images and one instruction."""
-        from PIL import Image
-
         msgs = [[{"role": "user", "content": [*({"type": "image"} for _ in ims), {"type": "text", "text": t}]}]
                 for ims, t in zip(images, texts)]
+        return self._run(images, msgs, max_new_tokens)
+
+    def chat_prompts(self, dialogues) -> list[str]:
+        """The text the model reads for each dialogue (:meth:`converse`): its chat template over every turn,
+        the image placeholder in the first user turn, ending where the assistant's next reply begins."""
+        return [self.proc.apply_chat_template(_image_chat(d), add_generation_prompt=True, tokenize=False) for d in dialogues]
+
+    def _run(self, images, msgs, max_new_tokens):
+        from PIL import Image
+
         prompt = [self.proc.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
         pil = [[Image.fromarray(im) for im in ims] for ims in images]
         enc = self.proc(text=prompt, images=pil, return_tensors="pt", padding=True).to(self.model.device)
@@ -140,6 +148,9 @@ class TransformersVLM(VisionLanguageModel):
 
     def _answer(self, images, questions):
         return self.ask([[im] for im in images], list(questions))
+
+    def _converse(self, images, dialogues):
+        return self._run([[im] for im in images], [_image_chat(d) for d in dialogues], self.max_new_tokens)
 
     def _describe(self, images, instructions):
         return self.ask([[im] for im in images], list(instructions))
@@ -177,6 +188,12 @@ class TransformersVLM(VisionLanguageModel):
                 self.usage.unparsed["score"] += 1
             out.append(v or 0)
         return out
+
+
+def _image_chat(dialogue) -> list[dict]:
+    """A dialogue of plain-text turns as an image-text chat: the image with the first user turn."""
+    return [{"role": m["role"], "content": ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": m["content"]}]}
+            for i, m in enumerate(dialogue)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -299,43 +299,77 @@ class MiniVLM(VisionLanguageModel):
 
     # -- the interface -------------------------------------------------------------------------
     def _answer(self, images, questions):
-        from ..world import language
-
         seen = self.perceive(images)
         out = []
         for (person, state, probs), q, rng in zip(seen, questions, self._item_rngs(images, questions)):
             self.rng = rng
-            groups = grammar.question_groups(q)
-            if groups == ["describe"]:
-                out.append(self._describe_one(person, state, 4))
-                continue
-            if not groups:
-                out.append("I cannot tell that from the image.")
-                continue
-            r = self.rng.random()
-            n = self.noise
             # The one memory across calls, on purpose: a repeating assistant repeats what it said last
             # (off unless Noise.repetition > 0).
-            if r < n.repetition and self._last_answer is not None:
-                out.append(self._last_answer)
-                continue
-            p = person
-            if r < n.repetition + n.contradiction:
-                p = self._contradict(person, groups)
-            parts = []
-            for g in groups:
-                if g == "gender":
-                    parts.append(f"The person is a {p.gender}.")
-                elif g == "age":
-                    parts.append(f"{p.pronoun.capitalize()} looks {'middle-aged' if p.age == 'adult' else p.age}.")
-                else:
-                    parts.append(language.answer(p, state, g, self.rng))
-            if n.repetition + n.contradiction <= r < n.repetition + n.contradiction + n.hallucination:
-                parts.append(self._hallucinate(person, groups))
-            text = " ".join(parts)
-            self._last_answer = text
-            out.append(text)
+            text = self._answer_one(person, state, q, self._last_answer)
+            if text is not None and grammar.question_groups(q) != ["describe"]:
+                self._last_answer = text
+            out.append(text if text is not None else self._unanswerable(q))
         return out
+
+    @staticmethod
+    def _unanswerable(q: str) -> str:
+        return "I cannot tell that from the image."
+
+    def _converse(self, images, dialogues):
+        """CAM's conversation (CECA): the last user turn is answered with every earlier turn in context.
+        What the context changes: the random stream (a function of the image and the whole dialogue); a
+        repetition (:class:`Noise`) repeats the previous turn of *this* dialogue; later answers keep the
+        gender the conversation already stated (a contradicted gender carries on, as a real chat's would);
+        and the summary request (``prompts.CECA_SUMMARY_TURN``) is answered from the earlier answers' claims
+        together with what the image shows that no answer covered."""
+        from ..world.attributes import visible_slots
+
+        seen = self.perceive(images)
+        texts = [json.dumps([[m["role"], m["content"]] for m in d]) for d in dialogues]
+        out = []
+        for (person, state, _), d, rng in zip(seen, dialogues, self._item_rngs(images, texts)):
+            self.rng = rng
+            q = d[-1]["content"]
+            earlier = [m["content"] for m in d[:-1] if m["role"] == "assistant"]
+            said = grammar.parse_claims(" ".join(earlier))
+            if prompts.identify(q) is prompts.CECA_SUMMARY:
+                vis = set(visible_slots(person, state.view))
+                shown = {s: v for s, v in outfit_claims(person).items() if s in vis or s.endswith("_color") and s[:-6] in vis}
+                out.append(grammar.render_claims({**shown, **said}, self.rng))
+                continue
+            p = person.replace(gender=said["gender"]) if said.get("gender") in ("man", "woman") else person
+            text = self._answer_one(p, state, q, earlier[-1] if earlier else None)
+            out.append(text if text is not None else self._unanswerable(q))
+        return out
+
+    def _answer_one(self, person: Person, state: State, q: str, last: str | None) -> str | None:
+        """One answer from what it sees; ``last``: what a repetition repeats. None: not a question about
+        the person's attributes."""
+        from ..world import language
+
+        groups = grammar.question_groups(q)
+        if groups == ["describe"]:
+            return self._describe_one(person, state, 4)
+        if not groups:
+            return None
+        r = self.rng.random()
+        n = self.noise
+        if r < n.repetition and last is not None:
+            return last
+        p = person
+        if r < n.repetition + n.contradiction:
+            p = self._contradict(person, groups)
+        parts = []
+        for g in groups:
+            if g == "gender":
+                parts.append(f"The person is a {p.gender}.")
+            elif g == "age":
+                parts.append(f"{p.pronoun.capitalize()} looks {'middle-aged' if p.age == 'adult' else p.age}.")
+            else:
+                parts.append(language.answer(p, state, g, self.rng))
+        if n.repetition + n.contradiction <= r < n.repetition + n.contradiction + n.hallucination:
+            parts.append(self._hallucinate(person, groups))
+        return " ".join(parts)
 
     def _contradict(self, person: Person, groups: list[str]) -> Person:
         g = groups[int(self.rng.integers(len(groups)))]
@@ -492,14 +526,15 @@ class MiniLM(LanguageModel):
 
     name = "mini-lm"
 
-    def __init__(self, seed: int = 0, lenient: bool = False):
+    def __init__(self, seed: int = 0, lenient: bool = False, repeats: bool = True):
         super().__init__()
         self.seed = seed
         # DiaNA's categorisation: a lenient reader calls an answer hallucinated only when it claims an item
-        # (hat, bag, held object, accessory) the captions do not mention, not any unmentioned detail.
-        self.lenient = lenient
-        if lenient:
-            self.name = "mini-lm-lenient"
+        # (hat, bag, held object, accessory) the captions do not mention, not any unmentioned detail; a reader
+        # with ``repeats=False`` judges each round against the captions alone, never against the earlier rounds.
+        self.lenient, self.repeats = lenient, repeats
+        if lenient or not repeats:
+            self.name = "mini-lm" + ("-lenient" if lenient else "") + ("" if repeats else "-no-repeats")
         self.rng = np.random.default_rng(seed)  # replaced per prompt: see item_rng
 
     def _generate(self, batch, max_new_tokens):
@@ -536,14 +571,14 @@ class MiniLM(LanguageModel):
 
     # -- DiaNA's dialogue-round categorisation ---------------------------------------------------
     def _job_diana_categorize(self, text):
-        tail = text.split("Now classify", 1)[1]
+        tail = "- Captions:" + text.rsplit("- Captions:", 1)[1]  # the dialogue to classify follows the example
         caps = _field(tail, "- Captions")
         dia = tail.split("- Dialogue:", 1)[1].split("- Output:", 1)[0]
         rounds = re.findall(r"Assistant:\s*(.*?)\n\s*User:\s*(.*?)(?=\n\s*Assistant:|\Z)", dia.strip() + "\n", re.S)
-        return ", ".join(categorize_rounds(caps, [(q.strip(), a.strip()) for q, a in rounds], lenient=self.lenient))
+        return ", ".join(categorize_rounds(caps, [(q.strip(), a.strip()) for q, a in rounds], lenient=self.lenient, repeats=self.repeats))
 
     def _job_diana_categorize_last(self, text):
-        return self._job_diana_categorize(text.replace("Now classify only the LAST round", "Now classify")).split(", ")[-1]
+        return self._job_diana_categorize(text).split(", ")[-1]
 
     # -- generation of new descriptions -----------------------------------------------------------
     def _job_syncpr_quadruple(self, text):
@@ -611,10 +646,11 @@ def outfit_claims(p: Person) -> dict[str, str]:
 ITEM_SLOTS = ("hat", "bag", "held", "accessory")
 
 
-def categorize_rounds(captions: str, rounds: list[tuple[str, str]], lenient: bool = False) -> list[str]:
+def categorize_rounds(captions: str, rounds: list[tuple[str, str]], lenient: bool = False, repeats: bool = True) -> list[str]:
     """DiaNA's four categories for each (question, answer) round against the captions' claims (precedence:
     Contradictory, Repeated, Hallucinatory, Matched). ``lenient``: only a claimed item the captions do not
-    mention is hallucinated; other unmentioned details count as matched."""
+    mention is hallucinated; other unmentioned details count as matched. ``repeats=False``: no round is
+    compared with the earlier ones (none is Repeated)."""
     cap = grammar.parse_claims(captions)
     said: set = set()
     out = []
@@ -623,7 +659,7 @@ def categorize_rounds(captions: str, rounds: list[tuple[str, str]], lenient: boo
         groups = grammar.claimed_groups(claims) or set(grammar.question_groups(q)) - {"describe"}
         if any(cap.get(s) not in (None, v) for s, v in claims.items()):
             out.append("Contradictory")
-        elif groups and groups <= said:
+        elif repeats and groups and groups <= said:
             out.append("Repeated")
         elif any(s not in cap and v != "none" for s, v in claims.items() if s != "gender" and (not lenient or s in ITEM_SLOTS)):
             out.append("Hallucinatory")

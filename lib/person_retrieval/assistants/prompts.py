@@ -95,8 +95,12 @@ Here are three descriptions of pedestrians written by annotators. Write one new 
 {examples}
 """)
 
+#: IDPG's difference prompt (Fig. A1's template is not in the text): what changes, drawn from lists of the five
+#: kinds of difference IDPG's training descriptions name (App. A.1: lighting, viewpoint, background scene, human
+#: status, carried items), e.g. "the same person, seen from the back, in dim light, now holding an umbrella"; the
+#: wording of the mini IDPG's training captions (``generators.mini.difference_text``).
 TIPS_DIFFERENCE_TEXT = _add("tips_difference_text", "TIPS App. A.2 (Fig. A1)", "ours", """
-The same person, {viewpoint}, {pose}, {scene}, {lighting}{carried}.
+the same person, {differences}
 """)
 
 TIPS_SEED_ALIGNMENT = _add("tips_seed_alignment", "TIPS App. A.2 (filter, seed images)", "ours", """
@@ -178,10 +182,16 @@ CECA_SUMMARY = _add("ceca_summary", "CECA supplement C", "verbatim", """
 Based on the image and the answers to the previous questions, please provide a summary description of the person.
 {answers}
 """)
+#: The summary request as CAM's last turn (supplement C, verbatim): the MLLM, with the image and the five
+#: answers earlier in the same conversation, writes the summary. :data:`CECA_SUMMARY` appends the answers
+#: for a text-only writer (``ceca.cam(..., summary_by="lm")``, an option; notebook 00's demo).
+CECA_SUMMARY_TURN = CECA_SUMMARY.template.split("{", 1)[0].strip()
 
 # =============================================================================================
 # DiaNA / ChatPR (supplement B)
 # =============================================================================================
+#: Fig. 1a as the supplement prints it, its "..." lines included (the figure elides them; so does this prompt), then
+#: the dialogue to classify in the example's own form ("- Captions:", "- Dialogue:", "- Output:"), with no line added.
 DIANA_CATEGORIZE = _add("diana_categorize", "DiaNA supplement B.1 (Fig. 1a)", "verbatim", """
 Task Definition
 You are provided with two captions describing person and a dialogue with multi-round question-answer interactions. Classify each round of question and answer into the following four categories based on its semantic alignment with the captions:
@@ -194,6 +204,7 @@ Workflow
 - Read the questions and the provided answers of each round dialogue.
 - The Assistant asks the User about the person.
 - The User answers the question based on the captions.
+- ...
 - Make sure that each round of dialogue is checked.
 Examples
 - Captions: ["A pedestrian with short black hair is wearing a purple shirt, red and white shoes ...", "The person is wearing denim crop shorts, red sneakers ..."]
@@ -202,20 +213,22 @@ Assistant: What is the pedestrian wearing?
 User: The pedestrian is wearing a purple shirt.
 Assistant: Can you describe the pedestrian's shoes?
 User: The pedestrian is wearing a pair of blue shoes.
+...
 - Output:
-Matched, Contradictory
-Now classify every round of the following dialogue. Output one category per round, separated by commas, and nothing else.
+Matched, Contradictory, ...
 - Captions: {captions}
 - Dialogue:
 {dialogue}
 - Output:
 """)
 DIANA_CATEGORIES = ("Matched", "Contradictory", "Hallucinatory", "Repeated")
-#: One call per round (ours): the paper's task definition and example, but only the dialogue's last round
-#: is classified (earlier rounds are context, for "Repeated"). Small models that cannot keep count of
-#: rounds (SmolLM2-135M answers one category for two rounds) can still do this.
+#: The part of :data:`DIANA_CATEGORIZE` before the dialogue to classify (Fig. 1a alone).
+DIANA_INSTRUCTION = DIANA_CATEGORIZE.template.rsplit("- Captions: {captions}", 1)[0]
+#: One call per round (ours): the paper's instruction, then one added line asking for the dialogue's last round
+#: only (earlier rounds are context, for "Repeated"). Small models that cannot keep count of rounds (SmolLM2-135M
+#: answers one category for two rounds) can still do this.
 DIANA_CATEGORIZE_LAST = _add("diana_categorize_last", "DiaNA supplement B.1 (one round per call)", "ours",
-                             DIANA_CATEGORIZE.template.split("Now classify", 1)[0] + """Now classify only the LAST round of the following dialogue (the earlier rounds are context). Output one category and nothing else.
+                             DIANA_INSTRUCTION + """Now classify only the LAST round of the following dialogue (the earlier rounds are context). Output one category and nothing else.
 - Captions: {captions}
 - Dialogue:
 {dialogue}

@@ -5,9 +5,12 @@ weighting loss (notebook 05).
 CVPR 2026 (code: https://github.com/sugelamyd123/CECA). Built on the RDE-style model of notebook 01:
 
 * **CAM** (:func:`cam`, :func:`build_summaries`): an MLLM answers five attribute questions about every image,
-  train and test, and the answers are summarised into one description, stored per image, offline;
-* **BCM** (:class:`BidirectionalMixer`): image tokens attend to the summary's most attended tokens and the
-  summary's tokens to the image's, each through a gated residual that starts near zero;
+  train and test, in one conversation, and then, image in view, summarises its answers into one
+  description, stored per image, offline;
+* **BCM** (:class:`CondRefiner` inside each side's token head, :class:`RefinedTokenSelection`, as the release's
+  ``model/ChatCrossEmbeddingLayer.py``): the image's tokens attend to the summary's most attended words and the
+  summary's words to the image's most attended tokens, each side refined separately through a gated residual
+  that starts near zero, then embedded and blended ``0.7 image + 0.3 summary``;
 * **CAWL** (:func:`person_retrieval.losses.cawl_loss`): a confident summary teaches caption and image.
 
 At test time only the gallery side reads summaries; the query caption is unchanged. Two weights, as the
@@ -29,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from functools import cached_property
 from pathlib import Path
@@ -44,26 +48,49 @@ from ..config import cache_dir, config_tag
 from ..datasets import TPR_FORMATS, load_split
 from ..datasets.torch_data import RetrievalData, load_images, native_size
 from ..models.retrieval import fixed_temperature
-from .tpr import SHORT_EPOCHS, RDEModel, RDETask, _path_key, fit_tpr, select_tokens, word_mask
+from .tpr import SHORT_EPOCHS, RDEModel, RDETask, TokenSelection, _path_key, fit_tpr, select_tokens, word_mask
 
 QUESTIONS = prompts.CECA_QUESTIONS
-#: Bumped when what CAM writes changes (cached summaries are then rebuilt).
-CAM_VERSION = 1
+#: Bumped when what CAM writes changes (cached summaries are then rebuilt). 2: Q1-Q5 and the summary as one
+#: conversation with the MLLM, the summary written by the MLLM with the image (issue 44).
+CAM_VERSION = 2
+#: Who writes the summary: "mllm" (the supplement: the MLLM, in the same conversation, with the image) or
+#: "lm" (a text-only model from the five answers appended to the request: this project's first reading).
+SUMMARY_BY = ("mllm", "lm")
 #: Fine-tuning epochs per scale in notebook 05, for every run there (RDE and IRRA included).
 EPOCHS = SHORT_EPOCHS
 
 
 # ---------------------------------------------------------------------------------------------
-# CAM: five questions and a summary per image
-def cam(images, vlm, lm) -> list[dict]:
-    """CECA's conversation about each image: the MLLM ``vlm`` answers Q1-Q5 (supplement C, verbatim), then
-    ``lm`` writes the summary from the answers (the supplement's request, :data:`prompts.CECA_SUMMARY`).
-    One dict per image: ``{"Q1": answer, ..., "Q5": answer, "summary": text}``."""
-    answers = {q: vlm.answer(images, text) for q, text in QUESTIONS.items()}
-    n = len(next(iter(answers.values())))
-    requests = [prompts.CECA_SUMMARY.format(answers=" ".join(answers[q][i] for q in QUESTIONS)) for i in range(n)]
-    summaries = lm.generate(requests)
-    return [{**{q: answers[q][i] for q in QUESTIONS}, "summary": summaries[i].strip()} for i in range(n)]
+# CAM: five questions and a summary per image, one conversation
+def cam(images, vlm, lm=None, summary_by: str = "mllm") -> list[dict]:
+    """CECA's conversation about each image (supplement C): the MLLM ``vlm`` answers Q1-Q5 in one dialogue,
+    each question asked with the earlier questions and answers in context (:meth:`converse`), and then,
+    in the same dialogue, with the image, the summary request (:data:`prompts.CECA_SUMMARY_TURN`).
+    ``summary_by="lm"`` (an option): ``lm``, a text-only model, writes the summary from the five answers
+    appended to the request (:data:`prompts.CECA_SUMMARY`) instead. Batched over the images, one call per
+    turn. One dict per image: ``{"Q1": answer, ..., "Q5": answer, "summary": text}``."""
+    if summary_by not in SUMMARY_BY:
+        raise ValueError(f"summary_by must be one of {SUMMARY_BY}, got {summary_by!r}")
+    if summary_by == "lm" and lm is None:
+        raise ValueError("summary_by='lm' needs a language model: pass lm")
+    images = list(images)
+    dialogues: list[list[dict]] = [[] for _ in images]
+    answers = {}
+    for q, text in QUESTIONS.items():
+        for d in dialogues:
+            d.append({"role": "user", "content": text})
+        answers[q] = vlm.converse(images, dialogues)
+        for d, a in zip(dialogues, answers[q]):
+            d.append({"role": "assistant", "content": a})
+    if summary_by == "mllm":
+        for d in dialogues:
+            d.append({"role": "user", "content": prompts.CECA_SUMMARY_TURN})
+        summaries = vlm.converse(images, dialogues)
+    else:
+        summaries = lm.generate([prompts.CECA_SUMMARY.format(answers=" ".join(answers[q][i] for q in QUESTIONS))
+                                 for i in range(len(images))])
+    return [{**{q: answers[q][i] for q in QUESTIONS}, "summary": summaries[i].strip()} for i in range(len(images))]
 
 
 def image_key(path: str, root) -> str:
@@ -71,7 +98,7 @@ def image_key(path: str, root) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
-def summarize_split(split, vlm, lm, out_file, batch: int = 256, progress: bool = True) -> Path:
+def summarize_split(split, vlm, lm, out_file, batch: int = 256, progress: bool = True, summary_by: str = "mllm") -> Path:
     """CAM over every image of ``split`` (a :class:`TPRSplit`), written to ``out_file`` (JSON: image path
     relative to the dataset folder -> its record). Resumable: finished batches are appended to
     ``<out_file>.partial.jsonl`` as they come and skipped on a rerun; the final file is written
@@ -100,7 +127,7 @@ def summarize_split(split, vlm, lm, out_file, batch: int = 256, progress: bool =
         for s in starts:
             idx = todo[s: s + batch]
             ims = load_images([split.image_paths[i] for i in idx], native_size(split.image_paths[idx[0]]))
-            recs = cam([im.permute(1, 2, 0).numpy() for im in ims], vlm, lm)
+            recs = cam([im.permute(1, 2, 0).numpy() for im in ims], vlm, lm, summary_by)
             for i, rec in zip(idx, recs):
                 rec = {"image": keys[i], **rec}
                 done[keys[i]] = rec
@@ -115,11 +142,11 @@ def summarize_split(split, vlm, lm, out_file, batch: int = 256, progress: bool =
     return out_file
 
 
-def _assistant_tag(vlm, lm) -> str:
+def _assistant_tag(vlm, lm=None) -> str:
     """Names the assistants in a cache key: a transformers model by name, the mini MLLM by its
-    recognizer's weights (retrained weights are another assistant)."""
+    recognizer's weights (retrained weights are another assistant); ``lm`` only where it writes."""
     parts = []
-    for a in (vlm, lm):
+    for a in (vlm, lm) if lm is not None else (vlm,):
         rec = getattr(a, "recognizer", None)
         if rec is not None:
             h = hashlib.sha1()
@@ -133,24 +160,28 @@ def _assistant_tag(vlm, lm) -> str:
 
 
 def build_summaries(dataset: str, root, scale: str = "small", seed: int = 0, vlm=None, lm=None, llm: str | None = None,
-                    vlm_name: str | None = None, progress: bool = True) -> Path:
+                    vlm_name: str | None = None, progress: bool = True, summary_by: str = "mllm") -> Path:
     """CAM over every split of ``dataset`` (train, val where it has one, test), cached by dataset, its
-    annotation file, the assistants and :data:`CAM_VERSION` under ``.cache/ceca/``. ``vlm`` / ``lm``:
-    assistant objects (default: :func:`person_retrieval.assistants.load` with ``vlm_name`` and ``llm``). Returns the folder
-    holding ``<split>.json``."""
+    annotation file, the assistants, ``summary_by`` and :data:`CAM_VERSION` under ``.cache/ceca/``. ``vlm`` /
+    ``lm``: assistant objects (default: :func:`person_retrieval.assistants.load` with ``vlm_name`` and ``llm``;
+    ``lm`` is read only with ``summary_by="lm"``). Returns the folder holding ``<split>.json``."""
     if dataset not in TPR_FORMATS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(TPR_FORMATS)}")
-    if vlm is None or lm is None:
+    if summary_by not in SUMMARY_BY:
+        raise ValueError(f"summary_by must be one of {SUMMARY_BY}, got {summary_by!r}")
+    if vlm is None or (lm is None and summary_by == "lm"):
         from ..assistants import load
 
         v, l_ = load(scale, seed, vlm_name, llm)
         vlm, lm = vlm or v, lm or l_
+    writer = lm if summary_by == "lm" else None
     fmt = TPR_FORMATS[dataset]
     ann = hashlib.sha1((Path(root) / fmt.annotation).read_bytes()).hexdigest()[:12]
-    tag = config_tag(dataset, _path_key(str(root)), ann, _assistant_tag(vlm, lm), CAM_VERSION)
+    tag = config_tag(dataset, _path_key(str(root)), ann, _assistant_tag(vlm, writer), summary_by, CAM_VERSION)
     folder = cache_dir() / "ceca" / f"{dataset}-{scale}-seed{seed}-{tag}"
     for split in fmt.splits:
-        summarize_split(load_split(dataset, root, split), vlm, lm, folder / f"{split}.json", progress=progress)
+        summarize_split(load_split(dataset, root, split), vlm, writer, folder / f"{split}.json", progress=progress,
+                        summary_by=summary_by)
     return folder
 
 
@@ -167,7 +198,7 @@ def _text(x) -> str:
 
 
 def summary_text(rec: dict) -> str:
-    """The text that stands for an image: its summary or, where the LLM wrote nothing, the MLLM's five answers
+    """The text that stands for an image: its summary or, where the summary came back empty, the MLLM's five answers
     joined (what the summary is written from; :func:`cam_counts` counts these). Empty when both are empty."""
     return _text(rec.get("summary")) or " ".join(a for a in (_text(rec.get(q)) for q in QUESTIONS) if a)
 
@@ -206,7 +237,100 @@ def with_summaries(data: RetrievalData, root, folder, split: str, tokenize) -> R
 
 
 # ---------------------------------------------------------------------------------------------
-# BCM
+# BCM, as released: each side's token head refines its own tokens with the other side's most attended ones
+def top_tokens(tokens: torch.Tensor, score: torch.Tensor, k: int, valid: torch.Tensor | None = None):
+    """The ``k`` highest-scoring tokens of each row (``k`` capped at the row count of tokens): ``(selected
+    [B, k, D], validity [B, k])``; invalid tokens (``valid`` False: padding) rank last and stay marked."""
+    if valid is not None:
+        score = score.masked_fill(~valid, float("-inf"))
+    k = max(1, min(int(k), tokens.shape[1]))
+    top = score.topk(k, dim=1).indices
+    sel = tokens.gather(1, top.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    ok = valid.gather(1, top) if valid is not None else torch.ones(top.shape, dtype=torch.bool, device=top.device)
+    return sel, ok
+
+
+def received_attention(tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """How much attention each image token receives, averaged over every query ([CLS] and the tokens), our
+    stand-in for the release's ``image_topk_from_attn`` (the column mean of the last layer's attention map,
+    [CLS] itself excluded). Our backbone returns no attention maps, so the map is the scaled dot-product
+    softmax of the output tokens with the pooled feature as [CLS]: ``A = softmax(X X^T / sqrt(D))`` over
+    ``X = [pooled; tokens]``, ``score_j = mean_i A_ij`` for the tokens j. [B, N]."""
+    x = torch.cat([pooled.unsqueeze(1), tokens], 1)
+    a = torch.softmax(x @ x.transpose(1, 2) / math.sqrt(x.shape[-1]), dim=-1)
+    return a.mean(1)[:, 1:]
+
+
+def eos_attention(tokens: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """How much a text's end-of-text feature attends to each word, the release's ``text_topk_from_attn``
+    and own-token ranking (its [EOS] row): here the dot product with the pooled (end-of-text) feature, the same
+    order as RDE's token selection ranks (:class:`tpr.TokenSelection`). [B, L]."""
+    return (tokens * pooled.unsqueeze(1)).sum(-1)
+
+
+class CondRefiner(nn.Module):
+    """The release's refiner (``CondRefiner``, ChatCrossEmbeddingLayer.py): over a side's selected tokens
+    ``x`` (L2-normalised), self-attention on ``LN_q(x)``, cross-attention from ``LN_c(x)`` to the other side's
+    tokens as they come (no norm), an MLP over the sum, a gated residual:
+    ``out = x + sigmoid(g) MLP(SA(LN_q x) + CA(LN_c x, cond))``, ``g`` from ``gate_init`` (-3: 0.047). Without
+    ``cond`` (a caption, or a gallery read without summaries): ``x + sigmoid(g) MLP(SA(LN_q x))``. Padding is
+    masked (the release's self-attention also reads the 77-token context's padding; ours is trimmed per
+    batch, so masked to keep an embedding independent of its batch)."""
+
+    def __init__(self, dim: int, heads: int = 8, gate_init: float = -3.0, mlp_ratio: int = 2):
+        super().__init__()
+        heads = heads if dim % heads == 0 else 1
+        self.ln_q, self.ln_c = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.sa = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ca = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
+
+    def forward(self, x, cond=None, x_valid=None, cond_valid=None):
+        q = self.ln_q(x)
+        y = self.sa(q, q, q, key_padding_mask=_padding(x_valid), need_weights=False)[0]
+        if cond is not None:
+            y = y + self.ca(self.ln_c(x), cond, cond, key_padding_mask=_padding(cond_valid), need_weights=False)[0]
+        return x + torch.sigmoid(self.gate) * self.mlp(y)
+
+
+def _padding(valid):
+    """A key padding mask from validity (a row with no valid token attends to all, never to none: NaN)."""
+    return None if valid is None else ~(valid | ~valid.any(1, keepdim=True))
+
+
+class RefinedTokenSelection(TokenSelection):
+    """A side's token head as the release's CECA has it (``VisualEmbeddingLayer`` / ``TexualEmbeddingLayer``,
+    built with ``ratio=1.0``): its own tokens ranked ([CLS] / [EOS] attention: :func:`eos_attention`) and the
+    top ``ratio`` kept (1.0: all of them; the words for a text), L2-normalised, refined by the
+    :class:`CondRefiner` (reading ``cond``, the other side's selected tokens, when given), then RDE's
+    embedding and max-pool (:class:`tpr.TokenSelection`'s MLP and projection)."""
+
+    def __init__(self, dim: int, ratio: float = 1.0, heads: int = 8, gate_init: float = -3.0):
+        super().__init__(dim, ratio)
+        self.refiner = CondRefiner(dim, heads, gate_init)
+
+    def forward(self, tokens, pooled, valid=None, cond=None, cond_valid=None):
+        sel, ok = select_tokens(tokens, eos_attention(tokens, pooled), self.ratio, valid)
+        x = self.refiner(F.normalize(sel, dim=-1), cond, ok if valid is not None else None, cond_valid)
+        x = x + self.mlp(x)
+        return self.proj(x.masked_fill(~ok.unsqueeze(-1), -1e4).max(1).values)
+
+
+def bcm_contexts(img_tok, img_pooled, sum_tok, sum_pooled, sum_valid, cond_ratio: float = 0.3, context_length: int = 77):
+    """What each side of the released BCM attends to: ``(summary words for the image side, their validity,
+    image tokens for the summary side)``. The summary's words ranked by its [EOS] attention
+    (:func:`eos_attention`), the top ``int((context_length - 2) cond_ratio)`` (22 of CLIP's 77 at 0.3;
+    ``text_topk_from_attn``), a summary with fewer words giving all of its words (the release caps K at the
+    batch's shortest summary instead); the image's tokens ranked by the attention they receive
+    (:func:`received_attention`), the top ``int(N cond_ratio)`` of its N patch tokens (``image_topk_from_attn``)."""
+    k_text = max(1, int((context_length - 2) * cond_ratio))
+    s_ctx, s_ok = top_tokens(sum_tok, eos_attention(sum_tok, sum_pooled), k_text, sum_valid)
+    i_ctx, _ = top_tokens(img_tok, received_attention(img_tok, img_pooled), max(1, int(img_tok.shape[1] * cond_ratio)))
+    return s_ctx, s_ok, i_ctx
+
+
+# BCM before issue 44 (the named option bcm="mixer"): one mixer over all tokens, ahead of RDE's token heads
 class MixerBlock(nn.Module):
     """One direction of the mixer: ``x`` reads itself (self-attention) and the context (cross-attention)
     from the same normalised input; an MLP mixes their sum, and a gated residual adds it,
@@ -229,9 +353,10 @@ class MixerBlock(nn.Module):
 
 
 class BidirectionalMixer(nn.Module):
-    """CECA's BCM: image tokens query the summary's ``cond_ratio`` most attended tokens, summary tokens
-    query the image's; a token's "attention" is its dot product with its own side's global feature, as in
-    RDE's token selection (:func:`select_tokens`)."""
+    """The named option ``bcm="mixer"`` (this project's BCM before issue 44): image tokens query the summary's
+    ``cond_ratio`` most attended tokens, summary tokens query the image's, every token of both sides mixed
+    before RDE's token heads select 30% of each; a token's "attention" is its dot product with its own side's
+    global feature (:func:`select_tokens`)."""
 
     def __init__(self, dim: int, heads: int = 8, cond_ratio: float = 0.3, gate_init: float = -3.0):
         super().__init__()
@@ -243,6 +368,13 @@ class BidirectionalMixer(nn.Module):
         s_sel, s_ok = select_tokens(sum_tok, (sum_tok * sum_pooled.unsqueeze(1)).sum(-1), self.cond_ratio, sum_valid)
         i_sel, _ = select_tokens(img_tok, (img_tok * img_pooled.unsqueeze(1)).sum(-1), self.cond_ratio)
         return self.image_side(img_tok, s_sel, ctx_valid=s_ok), self.summary_side(sum_tok, i_sel, x_valid=sum_valid)
+
+
+#: BCM as released (CECATask's and CECAModel's defaults, in every run's cache key): the refiner inside each side's
+#: token head, each head keeping all of its own tokens (``ratio=1.0``, build.py), the other side's top 30% as context.
+#: ``{"bcm": "mixer", "own_ratio": 0.3}`` is this project's BCM before issue 44 (:class:`BidirectionalMixer`).
+RELEASE_BCM = {"bcm": "released", "own_ratio": 1.0}
+BCM_MODES = ("released", "mixer")
 
 
 #: The release's weights (CECATask's and CECAModel's defaults): the summary's share in the gallery's features in
@@ -273,24 +405,39 @@ def with_msum(metrics: dict) -> dict:
 
 
 class CECAModel(RDEModel):
-    """The RDE-style model (its text side unchanged) with summaries on the gallery side, as released:
+    """The RDE-style model with summaries on the gallery side, as released:
 
     * global: the caption's pooled feature against ``mix_features(image, summary, w)``;
-    * token level: the caption's token-selection embedding against ``mix_features(image TSE, summary TSE, w)``,
-      where the image's TSE (``tse_img``) selects over its tokens mixed by BCM and the summary's over its own
-      mixed tokens through the text side's head (``tse_txt``, the caption's: the release reads the summary with
-      its one textual embedding layer); ``use_bcm=False``: over the unmixed tokens;
+    * token level: the caption's token-selection embedding against ``mix_features(image TSE, summary TSE, w)``.
+      With ``bcm="released"`` (the default, :data:`RELEASE_BCM`) each side's head is a
+      :class:`RefinedTokenSelection` keeping ``own_ratio`` of its own tokens (1.0: all, as the release builds
+      CECA): the image's head refines its tokens reading the summary's top words, the summary's (the text
+      side's head: the release reads captions and summaries with its one textual embedding layer) its
+      words reading the image's top tokens (:func:`bcm_contexts`); a caption, and a gallery read without
+      summaries, pass the same heads with self-attention only. ``bcm="mixer"`` (an option: this project's
+      BCM before issue 44) mixes every token of both sides first (:class:`BidirectionalMixer`), then RDE's
+      plain heads select; ``use_bcm=False``: RDE's plain heads, no refiner, no cross-attention;
     * ``w`` is ``mix_train`` in training mode, ``mix_test`` in eval mode (0.3 and 0.3, the release's: build.py
       L91/L96, metrics.py L87/L118);
     * the similarity is ``(1 - omega) global + omega token-level`` (the supplement's omega; 0.5: RDE's and the
       release's mean). An image given no summary is embedded as RDE would: its own global feature and its
       own tokens (the "without summaries at test time" ablation)."""
 
-    def __init__(self, backbone, ratio: float = 0.3, cond_ratio: float = 0.3, gate_init: float = -3.0, heads: int = 8,
+    def __init__(self, backbone, ratio: float | None = None, cond_ratio: float = 0.3, gate_init: float = -3.0, heads: int = 8,
                  omega: float = RELEASE_FUSION["omega"], use_bcm: bool = True, mix_train: float = RELEASE_FUSION["mix_train"],
-                 mix_test: float = RELEASE_FUSION["mix_test"]):
+                 mix_test: float = RELEASE_FUSION["mix_test"], bcm: str = RELEASE_BCM["bcm"]):
+        if bcm not in BCM_MODES:
+            raise ValueError(f"bcm must be one of {BCM_MODES}, got {bcm!r}")
+        refined = use_bcm and bcm == "released"
+        if ratio is None:  # the own-token share: all tokens as the release's CECA, RDE's 30% under the old mixer
+            ratio = RELEASE_BCM["own_ratio"] if bcm == "released" else 0.3
         super().__init__(backbone, ratio)  # RDE's token-selection heads, tse_img and tse_txt
-        self.bcm = BidirectionalMixer(backbone.embed_dim, heads, cond_ratio, gate_init) if use_bcm else None
+        if refined:
+            self.tse_img = RefinedTokenSelection(backbone.embed_dim, ratio, heads, gate_init)
+            self.tse_txt = RefinedTokenSelection(backbone.embed_dim, ratio, heads, gate_init)
+        self.bcm = BidirectionalMixer(backbone.embed_dim, heads, cond_ratio, gate_init) if use_bcm and bcm == "mixer" else None
+        self.refined, self.cond_ratio = refined, cond_ratio
+        self.context_length = int(getattr(backbone, "context_length", 77))
         self.omega, self.mix_train, self.mix_test = omega, mix_train, mix_test
 
     def embed_images(self, x, summary_ids=None, mix: float | None = None):
@@ -302,10 +449,15 @@ class CECAModel(RDEModel):
             return {"global": pooled, "tse": self.tse_img(tokens, pooled), "image": pooled}
         s_pooled, s_tok = self.backbone.encode_text(summary_ids)
         s_valid = word_mask(summary_ids, s_tok.shape[1])
-        if self.bcm is not None:
-            tokens, s_tok = self.bcm(tokens, pooled, s_tok, s_pooled, s_valid)
+        if self.refined:  # each side refined separately, reading the other side's top tokens (the release)
+            s_ctx, s_ok, i_ctx = bcm_contexts(tokens, pooled, s_tok, s_pooled, s_valid, self.cond_ratio, self.context_length)
+            i_tse = self.tse_img(tokens, pooled, cond=s_ctx, cond_valid=s_ok)
+            c_tse = self.tse_txt(s_tok, s_pooled, s_valid, cond=i_ctx)
+        else:
+            if self.bcm is not None:
+                tokens, s_tok = self.bcm(tokens, pooled, s_tok, s_pooled, s_valid)
+            i_tse, c_tse = self.tse_img(tokens, pooled), self.tse_txt(s_tok, s_pooled, s_valid)
         w = (self.mix_train if self.training else self.mix_test) if mix is None else mix
-        i_tse, c_tse = self.tse_img(tokens, pooled), self.tse_txt(s_tok, s_pooled, s_valid)
         return {"global": mix_features(pooled, s_pooled, w), "tse": mix_features(i_tse, c_tse, w), "image": pooled,
                 "summary": s_pooled}
 
@@ -350,12 +502,16 @@ class CECATask(RDETask):
     this loss.)
 
     ``mix_train`` / ``mix_test`` / ``omega``: :data:`RELEASE_FUSION` (:class:`CECAModel`); validation, which picks
-    the epoch, reads the gallery at ``mix_test`` and scores at ``omega``."""
+    the epoch, reads the gallery at ``mix_test`` and scores at ``omega``. ``bcm`` / ``own_ratio``:
+    :data:`RELEASE_BCM` (the share of its own tokens each head keeps; RDE's ``ratio`` is not read)."""
 
     def __init__(self, *a, summaries: str, cawl: str | None = RELEASE_LOSS["cawl"], use_bcm: bool = True,
                  omega: float = RELEASE_FUSION["omega"], mix_train: float = RELEASE_FUSION["mix_train"],
                  mix_test: float = RELEASE_FUSION["mix_test"], cond_ratio: float = 0.3, gate_init: float = -3.0,
-                 cawl_scale: float = RELEASE_LOSS["cawl_scale"], tal_reduction: str = RELEASE_LOSS["tal_reduction"], **kw):
+                 cawl_scale: float = RELEASE_LOSS["cawl_scale"], tal_reduction: str = RELEASE_LOSS["tal_reduction"],
+                 bcm: str = RELEASE_BCM["bcm"], own_ratio: float = RELEASE_BCM["own_ratio"], **kw):
+        if bcm not in BCM_MODES:
+            raise ValueError(f"bcm must be one of {BCM_MODES}, got {bcm!r}")
         if cawl not in ("released", "clipped", None):
             raise ValueError(f"cawl must be 'released', 'clipped' or None, got {cawl!r}")
         if tal_reduction not in ("sum", "mean"):
@@ -364,10 +520,11 @@ class CECATask(RDETask):
         self.summaries, self.cawl, self.use_bcm = summaries, cawl, use_bcm
         self.omega, self.cond_ratio, self.gate_init, self.cawl_scale = omega, cond_ratio, gate_init, cawl_scale
         self.tal_reduction, self.mix_train, self.mix_test = tal_reduction, mix_train, mix_test
+        self.bcm, self.own_ratio = bcm, own_ratio
 
     def build(self) -> CECAModel:
-        return CECAModel(fixed_temperature(self.backbone), self.ratio, self.cond_ratio, self.gate_init,
-                         omega=self.omega, use_bcm=self.use_bcm, mix_train=self.mix_train, mix_test=self.mix_test)
+        return CECAModel(fixed_temperature(self.backbone), self.own_ratio, self.cond_ratio, self.gate_init,
+                         omega=self.omega, use_bcm=self.use_bcm, mix_train=self.mix_train, mix_test=self.mix_test, bcm=self.bcm)
 
     @cached_property
     def _splits(self):
@@ -407,12 +564,12 @@ def fit_ceca(dataset: str, root, summaries, scale: str = "small", seed: int = 0,
              weights: str | None = None, variant: str = "CECA", cond_ratio: float = 0.3, gate_init: float = -3.0,
              progress: bool = True, task_kw: dict | None = None, **overrides):
     """Fine-tune CECA (or one of :data:`VARIANTS`) on one dataset with notebook 01's schedule, cached as
-    the baselines' runs are; the key carries :data:`RELEASE_LOSS` and :data:`RELEASE_FUSION` (or what
-    ``task_kw`` sets in their place)."""
+    the baselines' runs are; the key carries :data:`RELEASE_LOSS`, :data:`RELEASE_FUSION` and :data:`RELEASE_BCM`
+    (or what ``task_kw`` sets in their place)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; expected one of {sorted(VARIANTS)}")
     kw = {"summaries": str(summaries), "cond_ratio": cond_ratio, "gate_init": gate_init, **RELEASE_LOSS, **RELEASE_FUSION,
-          **VARIANTS[variant], **(task_kw or {})}
+          **RELEASE_BCM, **VARIANTS[variant], **(task_kw or {})}
     return fit_tpr("ceca", "person_retrieval.papers.ceca:CECATask", NEW_LAYERS, dataset, root, scale=scale, seed=seed,
                    gpus=gpus, init=init, weights=weights, progress=progress, task_kw=kw, **overrides)
 
@@ -496,6 +653,7 @@ def paired_claim(a: pd.DataFrame, b: pd.DataFrame, metric: str, not_hurt: bool =
 
 
 __all__ = ["cam", "summarize_split", "build_summaries", "read_summaries", "summaries_of", "summary_text", "cam_counts", "with_summaries", "image_key",
-           "MixerBlock", "BidirectionalMixer", "CECAModel", "CECATask", "RELEASE_LOSS", "RELEASE_FUSION",
+           "CondRefiner", "RefinedTokenSelection", "bcm_contexts", "top_tokens", "received_attention", "eos_attention",
+           "RELEASE_BCM", "SUMMARY_BY", "MixerBlock", "BidirectionalMixer", "CECAModel", "CECATask", "RELEASE_LOSS", "RELEASE_FUSION",
            "FIRST_COMMIT_MIX_TEST", "mix_features", "msum", "with_msum", "VARIANTS", "fit_ceca", "without_summaries",
            "evaluate_settings", "identity_spread", "summary_errors", "paired_claim"]
