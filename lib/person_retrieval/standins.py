@@ -23,7 +23,7 @@ import torch
 
 #: Folder names under PR_MODELS_DIR / PR_WEIGHTS_DIR, as a user would name the released models.
 NAMES = {"clip": "ViT-B-16", "flux": "FLUX.1-dev", "blip2": "blip2-itm-vit-g", "vlm": "Qwen2-VL-7B-Instruct",
-         "llm": "Llama-3.2-1B-Instruct"}
+         "llm": "Llama-3.2-1B-Instruct", "swin": "swinv2-base-patch4-window12-192-22k"}
 
 
 def write_data(root: str | Path, seed: int = 0) -> Path:
@@ -151,9 +151,26 @@ def write_llm(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def tiny_swinv2(seed: int = 0):
+    """A tiny Swin Transformer V2 (transformers' ``Swinv2Model``) at DiaNA's 384x192 input: two stages of one
+    block, 16 and 32 channels, the release's window of 12 and patch of 4."""
+    from transformers import Swinv2Config, Swinv2Model
+
+    torch.manual_seed(seed)
+    return Swinv2Model(Swinv2Config(image_size=[384, 192], patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=12))
+
+
+def write_swin(folder: str | Path, seed: int = 0) -> Path:
+    """DiaNA's image encoder (Swin V2-B in the paper), a tiny one saved with ``save_pretrained``."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        tiny_swinv2(seed).save_pretrained(str(folder))
+    return folder
+
+
 def write_all(base: str | Path, seed: int = 0, tiny_clip: bool = False) -> dict:
     """Every stand-in under ``base``: ``data/`` (data_root), ``weights/`` (PR_WEIGHTS_DIR: the CLIP file and
-    the FLUX.1-dev folder) and ``models/`` (PR_MODELS_DIR: BLIP-2, Qwen2-VL, Llama). Returns their paths;
+    the FLUX.1-dev folder) and ``models/`` (PR_MODELS_DIR: BLIP-2, Qwen2-VL, Llama, Swin V2). Returns their paths;
     ``clip_name`` is what a notebook's ``weights`` parameter takes (full-size ViT-B-16, or with ``tiny_clip``
     the tiny "ViT-Tiny-16")."""
     base = Path(base)
@@ -167,6 +184,7 @@ def write_all(base: str | Path, seed: int = 0, tiny_clip: bool = False) -> dict:
         "blip2": write_blip2(mdir / NAMES["blip2"], seed),
         "vlm": write_vlm(mdir / NAMES["vlm"], seed),
         "llm": write_llm(mdir / NAMES["llm"], seed),
+        "swin": write_swin(mdir / NAMES["swin"], seed),
     }
 
 
@@ -185,7 +203,7 @@ def smoke_parameters(notebook: str, paths: dict, max_steps: int = 2, batch_size:
         "03_syncpr_itcpr": dict(weights=flux, clip_weights=clip, llm=llm, vlm=vlm, n_quadruples=4),
         "04_fafa": dict(weights=blip2, seeds=[seed]),
         "05_ceca": dict(weights=clip, vlm=vlm, llm=llm, seeds=[seed]),
-        "06_diana": dict(weights=clip, llm=llm, vlm=vlm, seeds=[seed], n_dialogues=1, n_live=1, rounds=2),
+        "06_diana": dict(weights=clip, llm=llm, vlm=vlm, vision=str(paths["swin"]), seeds=[seed], n_dialogues=1, n_live=1, rounds=2),
         "07_ctgi": dict(weights=clip, vlm=vlm, llm=llm, seeds=[seed], n_captions=16, rounds=2, top_k=2),
         "08_demos": dict(weights=clip),
     }

@@ -73,6 +73,9 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.02
     warmup_epochs: float = 0.5
+    warmup_steps: int | None = None  # warm-up in optimizer steps (a paper's table gives steps); None: warmup_epochs
+    betas: tuple = (0.9, 0.98)  # AdamW's betas
+    adam_eps: float = 1e-6
     min_lr_ratio: float = 0.0
     grad_accum: int = 1
     lr_mult: dict = field(default_factory=dict)  # parameter-name prefix -> learning-rate multiplier
@@ -154,9 +157,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     param_groups = [{"params": ps, "lr": cfg.lr * m, "base_lr": cfg.lr * m, "weight_decay": 0.0 if nd else cfg.weight_decay}
                     for (m, nd), ps in sorted(groups.items())]
     try:
-        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, fused=True)
     except (RuntimeError, TypeError):  # older torch without fused AdamW on this device
-        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps)
 
 
 def cosine_schedule(optimizer, total_steps: int, warmup_steps: int, min_ratio: float = 0.0):
@@ -418,7 +421,8 @@ def _train(rank: int, world: int, spec: TaskSpec, cfg: TrainConfig, device_type:
     if cfg.max_steps is not None:  # a capped run: its schedule is the capped one, and it ends at the cap
         opt_steps = min(opt_steps, cfg.max_steps)
     opt = build_optimizer(model, cfg)
-    sched = cosine_schedule(opt, opt_steps, int(cfg.warmup_epochs * steps_per_epoch / cfg.grad_accum), cfg.min_lr_ratio)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch / cfg.grad_accum) if cfg.warmup_steps is None else int(cfg.warmup_steps)
+    sched = cosine_schedule(opt, opt_steps, warmup, cfg.min_lr_ratio)
     out = Path(cfg.out_dir) if cfg.out_dir else None
     start_epoch, history, best = 0, [], {cfg.select: -math.inf}
     if out is not None and rank == 0:

@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -148,7 +148,8 @@ class CaptionEvaluator:
 
 
 class ImageEvaluator:
-    """An MLLM that checks each answer against the image itself (the supplement's InternVL evaluator), with
+    """An MLLM that checks each answer against the image itself (ours: the supplement's evaluators, InternVL
+    included, read the captions; ``default_evaluators(..., image_evaluator=True)``), with
     the caption readers' precedence: an answer the MLLM does not confirm is Contradictory, or Hallucinatory
     when it claims an item; a round whose groups were covered before is Repeated."""
 
@@ -184,21 +185,59 @@ class ImageEvaluator:
         return out
 
 
-def default_evaluators(vlm, llm=None, seed: int = 0) -> list:
-    """The three evaluators, by the supplement's roles: Qwen 2.5 (a strict caption reader), Llama 3 (a
-    lenient one) and InternVL (an MLLM reading the image). ``llm``: a transformers LLM for the first two."""
+class CaptionReaderVLM:
+    """An MLLM as a caption reader: the categorisation prompt alone, no image (the supplement's InternVL
+    evaluator reads what the other two read, the captions). A transformers MLLM gets the prompt as a
+    text-only chat turn; any object with ``generate`` (an LLM) is used as it is."""
+
+    def __init__(self, vlm):
+        from ..assistants.base import Usage
+
+        self.vlm, self.usage = vlm, Usage()
+        self.name = getattr(vlm, "name", type(vlm).__name__)
+
+    def generate(self, texts, max_new_tokens: int = 128) -> list[str]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if hasattr(self.vlm, "generate"):
+            return self.vlm.generate(texts, max_new_tokens)
+        from ..assistants.hf import _generate
+
+        v = self.vlm
+        prompt = [v.proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": t}]}], add_generation_prompt=True,
+                                             tokenize=False) for t in texts]
+        enc = v.proc.tokenizer(prompt, return_tensors="pt", padding=True, add_special_tokens=False).to(v.model.device)
+        self.usage.calls["generate"] += 1
+        self.usage.items["generate"] += len(texts)
+        return _generate(v.model, v.proc.tokenizer, dict(enc), max_new_tokens, v.temperature, v.seed)
+
+
+def default_evaluators(vlm, llm=None, seed: int = 0, image_evaluator: bool = False) -> list:
+    """The three evaluators of the supplement (C, Table 2), each reading the image's two captions with Fig. 1a's
+    instruction: Qwen 2.5 (on the mini world a strict caption reader), Llama 3 (a lenient one: only invented
+    items are hallucinated) and InternVL (a reader that judges each round against the captions alone, never
+    against the earlier rounds: Table 2's InternVL calls 0.2% and 1.7% of the rounds Repeated, the others 3-5%).
+    ``llm``: a transformers LLM for the first two, and then ``vlm`` reads the captions as InternVL does.
+    ``image_evaluator=True`` (ours, an extension): InternVL's role is the MLLM checking each answer against the
+    image itself (:class:`ImageEvaluator`), which the mini world can measure but the paper did not do."""
     strict = MiniLM(seed) if llm is None else llm
     lenient = MiniLM(seed, lenient=True) if llm is None else llm
-    return [CaptionEvaluator(strict, "Qwen 2.5"), CaptionEvaluator(lenient, "Llama 3"), ImageEvaluator(vlm, "InternVL")]
+    if image_evaluator:
+        third = ImageEvaluator(vlm, "InternVL")
+    else:
+        third = CaptionEvaluator(MiniLM(seed, repeats=False) if llm is None else CaptionReaderVLM(vlm), "InternVL")
+    return [CaptionEvaluator(strict, "Qwen 2.5"), CaptionEvaluator(lenient, "Llama 3"), third]
 
 
-def vote(labels: Sequence[Sequence[str] | None]) -> tuple[list[str], list[bool]]:
+def vote(labels: Sequence[Sequence[str] | None], n_rounds: int | None = None) -> tuple[list, list[bool]]:
     """The vote over evaluators for each round of one dialogue: its category (the most common label; a tie
     goes to the category listed first, Matched before the others) and whether it is kept (a majority of
-    the evaluators that answered say Matched). An evaluator whose answer did not parse abstains."""
+    the evaluators that answered say Matched). An evaluator whose answer did not parse abstains; when all
+    abstain, each of the dialogue's ``n_rounds`` rounds has no category (None) and is not kept (None: an error)."""
     votes = [v for v in labels if v is not None]
     if not votes:
-        raise ValueError("no evaluator categorised this dialogue")
+        if n_rounds is None:
+            raise ValueError("no evaluator categorised this dialogue")
+        return [None] * n_rounds, [False] * n_rounds
     cats, keep = [], []
     for r in range(len(votes[0])):
         c = Counter(v[r] for v in votes)
@@ -265,7 +304,7 @@ def construct_split(root, split: str, vlm, evaluators, config: ChatPedesConfig =
             labels = [ev(dias, caps[sl], ims) for ev in evaluators]
             for k, d in enumerate(dias):
                 i = s + k
-                cats, keep = vote([lab[k] for lab in labels])
+                cats, keep = vote([lab[k] for lab in labels], len(d))
                 out.append({"split": split, "file_path": rel[i], "id": ids[i], "generator": gen.name,
                             "rounds": [list(r) for r in d], "truth": None if people[i] is None else true_categories(people[i], d),
                             "labels": {ev.role: lab[k] for ev, lab in zip(evaluators, labels)}, "vote": cats, "kept": keep})
@@ -297,14 +336,15 @@ def link_images(target, link) -> None:
 
 
 def build_chatpedes(scale: str = "small", seed: int = 0, vlm=None, llm=None, config: ChatPedesConfig = ChatPedesConfig(),
-                    progress: bool = True, root=None, limit: int | None = None) -> Path:
+                    progress: bool = True, root=None, limit: int | None = None, image_evaluator: bool = False) -> Path:
     """ChatPedes from the CUHK-PEDES-style images (train and test), cached by scale, seed, the assistants,
     ``config``, the annotations and ``limit``: ``records.json`` (every dialogue, its labels, votes and truth) and
     two release-format folders, ``raw/`` (every round) and ``clean/`` (the rounds the vote kept), each with
     ``train_reid.json``, ``test_reid.json`` and ``imgs/`` (a link to the CUHK-PEDES-style images).
 
     ``root``: a CUHK-PEDES folder (the user's, at paper; then ``vlm`` must be given, and the rounds have no true
-    category); None: the mini world's. ``limit``: the first ``limit`` images of each split only (None: all)."""
+    category); None: the mini world's. ``limit``: the first ``limit`` images of each split only (None: all).
+    ``image_evaluator``: InternVL's role checks the image (ours; :func:`default_evaluators`)."""
     from .. import assistants as A
     from ..world import world_dataset
 
@@ -313,8 +353,9 @@ def build_chatpedes(scale: str = "small", seed: int = 0, vlm=None, llm=None, con
     elif vlm is None:
         raise ValueError("build_chatpedes on a real CUHK-PEDES folder needs vlm, a transformers MLLM (the mini one knows only the mini world)")
     vlm = vlm or A.mini_vlm(scale, seed, progress=progress)
-    evaluators = default_evaluators(vlm, llm, seed)
-    who = [vlm.name] + [f"{e.role}:{e.name}" for e in evaluators]
+    evaluators = default_evaluators(vlm, llm, seed, image_evaluator)
+    who = [vlm.name] + [f"{e.role}:{type(e).__name__}:{e.name}" for e in evaluators]
+    who.append(hashlib.sha1(prompts.DIANA_CATEGORIZE.template.encode()).hexdigest()[:8])  # the instruction the readers get
     ann = hashlib.sha1((Path(root) / "reid_raw.json").read_bytes()).hexdigest()[:12]
     extra = [] if limit is None else [f"first{limit}"]
     folder = cache_dir() / "chatpedes" / f"{scale}-seed{seed}-{config_tag(config.tag(), who, ann, seed, *extra)}"
@@ -344,6 +385,27 @@ def check_paper_models(scale: str, data_root, weights, vlm, n_dialogues: int | N
         for name, v in (("n_dialogues", n_dialogues), ("n_live", n_live)):
             if v is not None:
                 raise ValueError(f"parameter {name!r}: on real data (data_root) your MLLM writes and answers the dialogues: set parameter 'vlm'")
+
+
+def vision_parameter(name: str, value):
+    """Notebook 06's ``vision`` rule: None (at paper the paper's Swin V2-B, :data:`SWIN_NAME`), "clip" or a folder."""
+    if value is not None and not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"parameter {name!r} must be None (the paper's Swin V2-B), 'clip' or a Swinv2 folder, got {type(value).__name__}")
+    return value
+
+
+def resolve_vision(scale: str, vision) -> str | None:
+    """DiaNA's image encoder for a run: a Swin V2 folder, or None for the backbone's (CLIP's) image tower. On the
+    mini world always the mini CLIP's; at ``scale="paper"`` ``vision`` None is the paper's Swin Transformer V2-B
+    (:data:`SWIN_NAME` under PR_MODELS_DIR), "clip" CLIP's tower, anything else a Swinv2 folder."""
+    if scale != "paper" or vision == "clip":
+        return None
+    from ..assistants.hf import resolve_model
+
+    try:
+        return resolve_model(SWIN_NAME if vision is None else vision)
+    except FileNotFoundError as e:
+        raise ValueError(f"parameter 'vision': {e} (vision='clip' uses CLIP's image tower instead)") from None
 
 
 def read_records(folder) -> list[dict]:
@@ -414,23 +476,58 @@ def rounds_of(chat: list) -> list[tuple[str, str]]:
     return [(q["value"], a["value"]) for q, a in chat]
 
 
-class AttributeRefiner(nn.Module):
-    """DiaNA's adaptive attribute refiner: ``k`` learnable queries (N(0, 0.02)) read the tokens through one
-    cross-attention (padding masked), then two pre-LN transformer blocks over the queries. Out: [B, k, D]."""
+class QuickGELU(nn.Module):
+    """CLIP's GELU approximation, x * sigmoid(1.702 x), as the release's refiner blocks use it."""
 
-    def __init__(self, dim: int, k: int = 16, heads: int = 8, depth: int = 2):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class RefinerBlock(nn.Module):
+    """One block of the release's refiner (``modeling_refiner.ResidualAttentionBlock``, CLIP's): pre-LN
+    self-attention and a 4x MLP with QuickGELU, each added to its input."""
+
+    def __init__(self, dim: int, heads: int):
         super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(dim, 4 * dim)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(4 * dim, dim))]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class AttributeRefiner(nn.Module):
+    """DiaNA's adaptive attribute refiner as the release computes it (``modeling_refiner.Refiner.forward_train``):
+    ``k`` learnable queries (N(0, 0.02)) read the tokens through one cross-attention (padding masked; no norm
+    before it, no residual around it: its output is the queries' new state), then ``depth`` CLIP blocks
+    (:class:`RefinerBlock`). ``heads``: None, the release's ``dim // 64`` (at least 1). The release's
+    initialisation: attention in-projections N(0, dim^-1/2), out-projections and the MLP's second layer
+    N(0, dim^-1/2 (2 depth)^-1/2), the MLP's first N(0, (2 dim)^-1/2). Out: [B, k, D]."""
+
+    def __init__(self, dim: int, k: int = 16, heads: int | None = None, depth: int = 2):
+        super().__init__()
+        heads = max(1, dim // 64) if heads is None else heads
         heads = heads if dim % heads == 0 else 1
         self.queries = nn.Parameter(torch.randn(k, dim) * 0.02)
-        self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.cross = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True,
-                                                               norm_first=True) for _ in range(depth))
+        self.blocks = nn.ModuleList(RefinerBlock(dim, heads) for _ in range(depth))
+        attn_std = dim ** -0.5
+        proj_std = attn_std * (2 * max(1, depth)) ** -0.5
+        with torch.no_grad():
+            nn.init.normal_(self.cross.in_proj_weight, std=attn_std)
+            nn.init.normal_(self.cross.out_proj.weight, std=proj_std)
+            for b in self.blocks:
+                nn.init.normal_(b.attn.in_proj_weight, std=attn_std)
+                nn.init.normal_(b.attn.out_proj.weight, std=proj_std)
+                nn.init.normal_(b.mlp.c_fc.weight, std=(2 * dim) ** -0.5)
+                nn.init.normal_(b.mlp.c_proj.weight, std=proj_std)
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        kv = self.norm_kv(tokens)
-        x = q + self.cross(self.norm_q(q), kv, kv, key_padding_mask=None if valid is None else ~valid, need_weights=False)[0]
+        q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1).to(tokens.dtype)
+        x = self.cross(q, tokens, tokens, key_padding_mask=None if valid is None else ~valid, need_weights=False)[0]
         for b in self.blocks:
             x = b(x)
         return x
@@ -471,15 +568,58 @@ class LlamaDialogueEncoder(nn.Module):
         return self.proj(pooled), self.token_proj(h), mask
 
 
+#: The release's input statistics for ChatPedes (train/configs/dataset_config.yaml), which the Swin encoder reads.
+CHATPEDES_MEAN, CHATPEDES_STD = (0.38901278, 0.3651612, 0.34836376), (0.24344306, 0.23738699, 0.23368555)
+#: Table 1's image resolution (height, width), at which the release runs Swin V2-B (``--force_image_size 384 192``).
+SWIN_IMAGE_SIZE = (384, 192)
+#: The Swin V2-B checkpoint the release starts from (train/shell/*.sh), the folder name looked up under PR_MODELS_DIR.
+SWIN_NAME = "swinv2-base-patch4-window12-192-22k"
+
+
+class SwinImageEncoder(nn.Module):
+    """The paper's image encoder, Swin Transformer V2-B (transformers' ``Swinv2Model``, from a local folder, as
+    the release loads it): its pooled output and its last hidden states, both through one linear projection to
+    the joint dimension (the release's ``vision_projection``, truncated-normal 0.02, bias 0). The training loop
+    hands CLIP-normalised images; they are re-normalised with the release's ChatPedes statistics."""
+
+    def __init__(self, model, dim: int, image_size=SWIN_IMAGE_SIZE):
+        super().__init__()
+        self.model, self.image_size = model, tuple(image_size)
+        self.proj = nn.Linear(model.num_features, dim)
+        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+        from ..datasets.torch_data import CLIP_MEAN, CLIP_STD
+
+        self.register_buffer("clip_mean", CLIP_MEAN.reshape(1, 3, 1, 1).clone().float(), persistent=False)
+        self.register_buffer("clip_std", CLIP_STD.reshape(1, 3, 1, 1).clone().float(), persistent=False)
+        self.register_buffer("mean", torch.tensor(CHATPEDES_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CHATPEDES_STD).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def load(cls, path, dim: int, image_size=SWIN_IMAGE_SIZE) -> "SwinImageEncoder":
+        from transformers import Swinv2Model
+
+        from ..assistants.hf import resolve_model
+
+        return cls(Swinv2Model.from_pretrained(resolve_model(path), image_size=list(image_size)), dim, image_size)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = ((images * self.clip_std + self.clip_mean) - self.mean) / self.std
+        out = self.model(pixel_values=x)
+        return self.proj(out.pooler_output), self.proj(out.last_hidden_state)
+
+
 class DiaNAModel(nn.Module):
-    """DiaNA: an image encoder, a dialogue encoder, and the adaptive attribute refiners (one shared between
-    the modalities, as the released code does, or one per modality, as the paper says). The similarity is
+    """DiaNA: an image encoder (the backbone's, or ``image_encoder``: the paper's Swin V2, :class:`SwinImageEncoder`),
+    a dialogue encoder, and the adaptive attribute refiners (one shared between the modalities, as the released
+    code does, or one per modality, as the paper says). The similarity is
     the mean of the global cosine and the refined one (the cosine per attribute query, averaged over K)."""
 
-    def __init__(self, backbone, k: int = 16, shared: bool = True, dialogue_encoder: nn.Module | None = None):
+    def __init__(self, backbone, k: int = 16, shared: bool = True, dialogue_encoder: nn.Module | None = None,
+                 image_encoder: nn.Module | None = None):
         super().__init__()
         d = backbone.embed_dim
-        self.backbone, self.dialogue_encoder = backbone, dialogue_encoder
+        self.backbone, self.dialogue_encoder, self.image_encoder = backbone, dialogue_encoder, image_encoder
         self.refiner_img = AttributeRefiner(d, k)
         self.refiner_txt = self.refiner_img if shared else AttributeRefiner(d, k)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(50.0)))  # learnable, starts at 50, capped at 100
@@ -488,7 +628,7 @@ class DiaNAModel(nn.Module):
         return self.backbone.tokenize(texts) if self.dialogue_encoder is None else self.dialogue_encoder.tokenize(texts)
 
     def embed_images(self, x):
-        pooled, tokens = self.backbone.encode_image(x)
+        pooled, tokens = self.backbone.encode_image(x) if self.image_encoder is None else self.image_encoder(x)
         return {"global": pooled, "refined": self.refiner_img(tokens)}
 
     def embed_texts(self, ids):
@@ -534,6 +674,30 @@ class DiaNAModel(nn.Module):
         img, txt = self.embed_images(images), self.embed_texts(ids)
         txt["logit_scale"] = self.logit_scale.exp().clamp(max=100.0)
         return img, txt
+
+
+#: The release's SDM (``loss.compute_sdm``): KL(p || q) with ``log(q + 1e-6)``, each direction's loss averaged
+#: over its rows, and the two directions averaged, ``(t2i + i2t) / 2`` (``modeling_diana.py``,
+#: ``modeling_refiner.py``): half of IRRA's SDM, which sums them (:func:`losses.sdm_loss`).
+SDM_EPS = 1e-6
+
+
+def release_sdm(scores: torch.Tensor, pids: torch.Tensor, logit_scale) -> torch.Tensor:
+    """DiaNA's SDM as the release computes it: the mean of the two directions (weight 1/2 each), eps 1e-6."""
+    return losses.sdm_from_scores(scores, pids, logit_scale, eps=SDM_EPS) / 2
+
+
+def diana_losses(global_scores: torch.Tensor, refined_scores: torch.Tensor, pids: torch.Tensor, logit_scale, sdm: bool = True) -> dict:
+    """DiaNA's loss terms as the release sums them with weight 1 each (``modeling_diana.DiaNAModel.forward``):
+    ITC on the global cosines [images, texts], SDM on them (``sdm``: fine-tuning; off while pretraining), and the
+    refiner's ITC and SDM on the refined scores. ITC and SDM each average their two directions."""
+    parts = {"itc": losses.itc_from_scores(global_scores, pids, logit_scale)}
+    if sdm:
+        parts["sdm"] = release_sdm(global_scores, pids, logit_scale)
+    parts["itc_refined"] = losses.itc_from_scores(refined_scores, pids, logit_scale)
+    if sdm:
+        parts["sdm_refined"] = release_sdm(refined_scores, pids, logit_scale)
+    return parts
 
 
 def mask_tokens(ids: torch.Tensor, valid: torch.Tensor, prob: float, mask_id: int, vocab: tuple[int, int],
@@ -673,15 +837,27 @@ def load_stage1(model: DiaNAModel, path) -> list[str]:
     return sorted(set(adapted))
 
 
-#: Training settings per scale (the paper: pretraining 3 epochs at lr 1e-4, fine-tuning 10 at 1e-5, on
-#: Swin and Llama; the mini model learns at the baselines' rates, notebook 01). Fine-tuning at small: 2
-#: epochs, chosen for notebook 06's time budget (14 fine-tuning runs) on validation, where 3 epochs were
-#: level with 2 (R1 27.4 against 26.4, mAP 30.5 against 31.1; seed 0, 2026-12-02).
+#: Training settings per scale. ``paper``: the supplement's Table 1 (AdamW, cosine decay; pretraining 3 epochs,
+#: total batch 512, lr 1e-4, betas (0.9, 0.98), weight decay 0.05, 1,000 warm-up steps; fine-tuning 10 epochs,
+#: batch 128, lr 1e-5, betas (0.9, 0.999), weight decay 0.05, 50 warm-up steps), which the release's scripts
+#: (train/shell/pretrain.sh, finetune.sh) match; AdamW's eps is the release's (the transformers Trainer's
+#: default, 1e-8; the paper gives none). The mini scales learn at the baselines' rates (notebook 01) with the
+#: trainer's defaults (weight decay 0.02, betas (0.9, 0.98), warm-up 0.3 epochs: the mini runs are a few hundred
+#: steps, fewer than the paper's 1,000 warm-up steps). Fine-tuning at small: 2 epochs, chosen for notebook 06's
+#: time budget (14 fine-tuning runs) on validation, where 3 epochs were level with 2 (R1 27.4 against 26.4,
+#: mAP 30.5 against 31.1; seed 0, 2026-12-02).
 DIANA_CONFIG = {
     "tiny": {"pretrain": dict(epochs=1, batch_size=16, lr=5e-4, warmup_epochs=0.3), "finetune": dict(epochs=1, batch_size=16, lr=5e-4, warmup_epochs=0.3)},
     "small": {"pretrain": dict(epochs=2, batch_size=64, lr=5e-4, warmup_epochs=0.3), "finetune": dict(epochs=2, batch_size=64, lr=5e-4, warmup_epochs=0.3)},
-    "paper": {"pretrain": dict(epochs=3, batch_size=64, lr=1e-4, warmup_epochs=0.1), "finetune": dict(epochs=10, batch_size=32, lr=1e-5, warmup_epochs=0.1)},
+    "paper": {"pretrain": dict(epochs=3, batch_size=512, lr=1e-4, weight_decay=0.05, betas=(0.9, 0.98), adam_eps=1e-8, warmup_steps=1000),
+              "finetune": dict(epochs=10, batch_size=128, lr=1e-5, weight_decay=0.05, betas=(0.9, 0.999), adam_eps=1e-8, warmup_steps=50)},
 }
+#: The LLM dialogue encoder's sequence length per stage, Table 1 (tokens; longer dialogues are truncated).
+SEQ_LENGTH = {"pretrain": 100, "finetune": 400}
+#: Where the release's scripts differ from Table 1, named options: stage 1 with 56 tokens (pretrain.sh's
+#: ``--max_seq_length 56``; ``seq_length=RELEASE_PRETRAIN_SEQ``) and 24 attribute queries (``--num_query 24``;
+#: ``num_queries=RELEASE_PRETRAIN_QUERIES``); Table 1 and the text (K = 16) are the defaults.
+RELEASE_PRETRAIN_SEQ, RELEASE_PRETRAIN_QUERIES = 56, 24
 #: Identities of the pretraining corpus (the world's generic captions as one-round dialogues; MALS in the paper).
 PRETRAIN_IDS = {"tiny": 60, "small": 3000}
 CONTEXT = {"tiny": 248, "small": 248}  # the mini CLIP's text positions, stretched (CTGI's PES) for dialogues
@@ -695,13 +871,16 @@ class DiaNATask:
     encoder (else the mini CLIP's text tower, positions stretched to 248). Training images are flipped, cropped
     with ``crop_pad`` pixels of padding (None: the release's 10 at 384 pixels high, scaled to the image height,
     :func:`crop_padding`; 0: no crop) and erased with probability ``erase_prob`` (the release's 0.5; 0: none), in
-    both stages as the release does. Validation: ``val_holdout`` of the training identities, held out, at full
-    dialogues."""
+    both stages as the release does. ``seq_length``: the LLM encoder's tokens (None: Table 1's, 100 in stage 1 and
+    400 in fine-tuning, :data:`SEQ_LENGTH`); ``vision``: a Swin V2 folder as the image encoder (the paper's; None:
+    the backbone's image tower), images then at Table 1's 384x192. Validation: ``val_holdout`` of the training
+    identities, held out, at full dialogues."""
 
     def __init__(self, chat_root: str | None = None, scale: str = "small", seed: int = 0, init: str | None = None,
                  weights: str | None = None, llm: str | None = None, num_queries: int = 16, shared: bool = True,
                  mask_prob: float = 0.15, random_prefix: bool = True, stage: str = "finetune", stage1: str | None = None,
-                 val_holdout: float = 0.1, image_root: str | None = None, crop_pad: int | None = None, erase_prob: float = ERASE_PROB):
+                 val_holdout: float = 0.1, image_root: str | None = None, crop_pad: int | None = None, erase_prob: float = ERASE_PROB,
+                 seq_length: int | None = None, vision: str | None = None):
         if stage not in ("pretrain", "finetune"):
             raise ValueError(f"stage must be 'pretrain' or 'finetune', got {stage!r}")
         if stage == "finetune" and not chat_root:
@@ -710,6 +889,8 @@ class DiaNATask:
         self.num_queries, self.shared, self.mask_prob, self.random_prefix = num_queries, shared, mask_prob, random_prefix
         self.stage, self.stage1, self.val_holdout, self.image_root = stage, stage1, val_holdout, image_root
         self.crop_pad, self.erase_prob = crop_pad, erase_prob
+        self.seq_length = SEQ_LENGTH[stage] if seq_length is None else int(seq_length)
+        self.vision = vision
 
     @cached_property
     def backbone(self):
@@ -730,10 +911,23 @@ class DiaNATask:
     def dialogue_encoder(self):
         if self.llm is None:
             return None
-        return LlamaDialogueEncoder.load(self.llm, self.backbone.embed_dim)
+        return LlamaDialogueEncoder.load(self.llm, self.backbone.embed_dim, self.seq_length)
+
+    @cached_property
+    def image_encoder(self):
+        """The paper's Swin V2 (``vision``: its folder), or None: the backbone's image tower (CLIP)."""
+        if self.vision is None:
+            return None
+        for p in self.backbone.clip.visual.parameters():  # CLIP's image tower is not used: kept out of training
+            p.requires_grad_(False)
+        return SwinImageEncoder.load(self.vision, self.backbone.embed_dim)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.backbone.image_size if self.image_encoder is None else self.image_encoder.image_size
 
     def build(self) -> DiaNAModel:
-        m = DiaNAModel(self.backbone, self.num_queries, self.shared, self.dialogue_encoder)
+        m = DiaNAModel(self.backbone, self.num_queries, self.shared, self.dialogue_encoder, self.image_encoder)
         if self.stage1:
             load_stage1(m, self.stage1)
         return m
@@ -783,7 +977,7 @@ class DiaNATask:
             from ..datasets.torch_data import load_images
 
             base = Path(self.image_root) if self.image_root else root / "imgs"
-            images = load_images([str(base / e["file_path"]) for e in entries], self.backbone.image_size)
+            images = load_images([str(base / e["file_path"]) for e in entries], self.image_size)
             dias = [(i, rounds_of(c), int(e["id"])) for i, e in enumerate(entries) for c in e["chats"]]
         ids = sorted({p for _, _, p in dias})
         from ..config import rng_for
@@ -835,18 +1029,16 @@ class DiaNATask:
         pid = gather(batch["pid"])
         gi, gt = F.normalize(gather(img["global"]), dim=-1), F.normalize(gather(txt["global"]), dim=-1)
         refined = DiaNAModel.refined_scores(gather(txt["refined"]), gather(img["refined"])).T  # [images, texts]
-        parts = {"itc": losses.itc_loss(gi, gt, pid, scale), "itc_refined": losses.itc_from_scores(refined, pid, scale)}
-        if self.stage == "finetune":  # SDM is off while pretraining
-            parts["sdm"] = losses.sdm_loss(gi, gt, pid, scale)
-            parts["sdm_refined"] = losses.sdm_from_scores(refined, pid, scale)
+        parts = diana_losses(gi @ gt.T, refined, pid, scale, sdm=self.stage == "finetune")  # SDM is off while pretraining
         return sum(parts.values()), {k: v.detach() for k, v in parts.items()}
 
 
 #: Bumped when training changes what a cached run would hold (2: the system message is never masked and is read
 #: once per batch; 3: the locked trunk's memo computes in fixed-size chunks; 4: the shared-prefix pass shares its
-#: code with the one-pass rounds curve; 5: the release's random crop with padding and random erasing beside the flip).
-DIANA_VERSION = 5
-NEW_LAYERS = ["refiner_img", "refiner_txt", "dialogue_encoder.proj", "dialogue_encoder.token_proj"]
+#: code with the one-pass rounds curve; 5: the release's random crop with padding and random erasing beside the flip;
+#: 6: the refiner and SDM as the release computes them, Table 1's optimizer settings at paper).
+DIANA_VERSION = 6
+NEW_LAYERS = ["refiner_img", "refiner_txt", "dialogue_encoder.proj", "dialogue_encoder.token_proj", "image_encoder.proj"]
 
 
 def _fit(name: str, task_kw: dict, scale: str, seed: int, gpus: int, stage: str, progress: bool, **overrides):
@@ -855,7 +1047,7 @@ def _fit(name: str, task_kw: dict, scale: str, seed: int, gpus: int, stage: str,
 
     conf = {**DIANA_CONFIG["paper" if task_kw.get("weights") else scale][stage], **overrides}
     conf["lr_mult"] = {n: 5.0 for n in NEW_LAYERS}
-    key = {k: (_path_key(v) if k in ("chat_root", "init", "stage1", "image_root") and v else v) for k, v in task_kw.items()}
+    key = {k: (_path_key(v) if k in ("chat_root", "init", "stage1", "image_root", "vision") and v else v) for k, v in task_kw.items()}
     key["version"] = DIANA_VERSION
     out = cache_dir() / "runs" / f"{name}-{scale}-seed{seed}-{config_tag(conf, key, *process_tag(gpus))}"
     return fit(TaskSpec("person_retrieval.papers.diana:DiaNATask", task_kw), TrainConfig(**conf, gpus=gpus, seed=seed, out_dir=str(out), progress=progress))
@@ -863,10 +1055,14 @@ def _fit(name: str, task_kw: dict, scale: str, seed: int, gpus: int, stage: str,
 
 def pretrained_diana(scale: str = "small", seed: int = 0, gpus: int = 0, init: str | None = None, weights: str | None = None,
                      llm: str | None = None, num_queries: int = 16, shared: bool = True, mask_prob: float = 0.15,
-                     crop_pad: int | None = None, erase_prob: float = ERASE_PROB, progress: bool = True) -> Path:
-    """Stage 1 (cached): DiaNA on the generic captions as one-round dialogues; returns its best weights."""
+                     crop_pad: int | None = None, erase_prob: float = ERASE_PROB, seq_length: int | None = None, vision: str | None = None,
+                     progress: bool = True) -> Path:
+    """Stage 1 (cached): DiaNA on the generic captions as one-round dialogues; returns its best weights. ``seq_length``:
+    the LLM encoder's tokens (None: Table 1's 100; the release's script: :data:`RELEASE_PRETRAIN_SEQ`); ``vision``:
+    a Swin V2 folder as the image encoder (None: the backbone's)."""
     kw = dict(scale=scale, seed=seed, init=init and str(init), weights=weights, llm=llm and str(llm), num_queries=num_queries,
-              shared=shared, mask_prob=mask_prob, stage="pretrain", crop_pad=crop_pad, erase_prob=erase_prob)
+              shared=shared, mask_prob=mask_prob, stage="pretrain", crop_pad=crop_pad, erase_prob=erase_prob, seq_length=seq_length,
+              vision=vision and str(vision))
     res = _fit("diana_pretrain", kw, scale, seed, gpus, "pretrain", progress)
     return Path(res.out_dir) / "checkpoints" / "best.safetensors"
 
@@ -874,11 +1070,13 @@ def pretrained_diana(scale: str = "small", seed: int = 0, gpus: int = 0, init: s
 def fit_diana(chat_root, scale: str = "small", seed: int = 0, gpus: int = 0, init: str | None = None, weights: str | None = None,
               llm: str | None = None, num_queries: int = 16, shared: bool = True, mask_prob: float = 0.15, random_prefix: bool = True,
               stage1: str | None = None, image_root: str | None = None, crop_pad: int | None = None, erase_prob: float = ERASE_PROB,
-              progress: bool = True, **overrides):
-    """Stage 2 (cached): DiaNA fine-tuned on a ChatPedes folder from the stage-1 weights ``stage1``."""
+              seq_length: int | None = None, vision: str | None = None, progress: bool = True, **overrides):
+    """Stage 2 (cached): DiaNA fine-tuned on a ChatPedes folder from the stage-1 weights ``stage1`` (``seq_length``:
+    None, Table 1's 400 tokens; ``vision``: a Swin V2 folder as the image encoder, None: the backbone's)."""
     kw = dict(chat_root=str(chat_root), scale=scale, seed=seed, init=init and str(init), weights=weights, llm=llm and str(llm),
               num_queries=num_queries, shared=shared, mask_prob=mask_prob, random_prefix=random_prefix, stage="finetune",
-              stage1=stage1 and str(stage1), image_root=image_root and str(image_root), crop_pad=crop_pad, erase_prob=erase_prob)
+              stage1=stage1 and str(stage1), image_root=image_root and str(image_root), crop_pad=crop_pad, erase_prob=erase_prob,
+              seq_length=seq_length, vision=vision and str(vision))
     return _fit("diana", kw, scale, seed, gpus, "finetune", progress, **overrides)
 
 
