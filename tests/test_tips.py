@@ -47,7 +47,7 @@ def test_the_mini_llm_follows_the_suggestions_and_recombines_the_examples():
 
 
 def test_difference_prompts_say_the_state_they_ask_for():
-    diffs = tips.draw_differences(50, np.random.default_rng(0))
+    diffs = tips.draw_differences(200, np.random.default_rng(0))
     assert all(want for _, want in diffs)
     for text, want in diffs:
         assert text.startswith("the same person, ")
@@ -55,7 +55,36 @@ def test_difference_prompts_say_the_state_they_ask_for():
             assert tips._VIEWS[want["view"]] in text
         if "pose" in want:
             assert want["pose"] in text
+        if "brightness" in want:  # lighting: its phrase, rendered at its brightness by the oracle
+            assert [p for p, b in tips.LIGHTING.items() if b == want["brightness"]][0] in text
+        if "held" in want:
+            assert tips.carried_text(want["held"]) in text
     assert len({t for t, _ in diffs}) > 10
+    # the paper's five kinds of difference (TIPS App. A.1) all occur, alone too
+    kinds = [{k for k in want} for _, want in diffs]
+    assert all(any(k in w for w in kinds) for k in ("view", "pose", "scene", "brightness", "held"))
+    assert {"brightness"} in kinds or {"held"} in kinds
+    assert tips.carried_text("umbrella") == "now holding an umbrella" and tips.carried_text("none") == "with empty hands"
+    ours = tips.draw_differences(100, np.random.default_rng(0), tips.DIFFERENCES_VIEW_POSE_SCENE)
+    assert all(set(w) <= {"view", "pose", "scene"} and "light" not in t and "holding" not in t for t, w in ours)
+    from person_retrieval.generators.mini import difference_text
+    from person_retrieval.world.render import State
+
+    none = {"view": "none", "pose": "none", "scene": "none"}  # view, pose and scene in the mini IDPG's training wording
+    assert all(t == difference_text(State(**none), State(**{**none, **w})) for t, w in ours)
+    with pytest.raises(ValueError, match="kinds must be"):
+        tips.draw_differences(1, np.random.default_rng(0), ("weather",))
+
+
+def test_the_oracle_renders_the_lighting_and_the_carried_item_asked_for():
+    from person_retrieval.world.attributes import sample_person
+    from person_retrieval.world.render import CameraProfile
+
+    person = sample_person(np.random.default_rng(0), 0).replace(held="none")
+    want = {"view": "back", "brightness": tips.LIGHTING["in dim light"], "held": "umbrella"}
+    st = tips._oracle_state(np.random.default_rng(1), CameraProfile(), None, (64, 32), want)
+    assert st.view == "back" and st.brightness == tips.LIGHTING["in dim light"]
+    assert tips.oracle_expansion_person(person, want).held == "umbrella" and tips.oracle_expansion_person(person, {"view": "back"}) is person
 
 
 def test_filter_rule_and_redraws_known_answers():
@@ -76,6 +105,9 @@ def test_filter_rule_and_redraws_known_answers():
     assert calls == [([0, 1, 2, 3], 0), ([1, 2, 3], 1), ([2, 3], 2)]
     assert ok.tolist() == [True, True, True, False] and len(every) == 4 + 3 + 2
     assert images[:, 0, 0, 0].tolist() == [0, 1, 2, 2]  # the last draw stays for the image given up
+    # "until it passes": with a cap of 5 draws image 3 passes at its fourth draw; the cap is stated in the config
+    assert tips._redraw(draw, score, 4, 9, 5)[2].tolist() == [True] * 4
+    assert tips.MAX_TRIES == 5 and tips.TIPSConfig(n_prompts=1).max_tries == tips.MAX_TRIES
 
 
 def test_oracle_person_shows_what_the_prompt_says():
@@ -137,6 +169,15 @@ def test_rejection_table_known_answer(tmp_path):
     t = tips.rejection_table(tmp_path).set_index(["images", "criterion"])["failed (%)"]
     assert t["seed", "alignment"] == 25 and t["seed", "quality"] == 25 and t["seed", "any (draw rejected)"] == 50
     assert t["seed", "given up after every draw"] == 50 and t["expansion", "variation"] == 50 and t["expansion", "quality"] == 0
+    (tmp_path / "synthesis.json").write_text(json.dumps({"keep_score": 9, "max_tries": 5}))
+    assert set(tips.rejection_table(tmp_path)["max draws"]) == {5}  # the redraws' cap beside the rates
+
+
+def test_the_papers_rejection_rates_include_the_generalization_scenario():
+    ref = tips.reported_rejections().set_index(["images", "scenario"])["failed (%)"]
+    assert ref["seed", "zero_shot"] == 19.6 and ref["seed", "few_shot"] == 17.5 and ref["seed", "generalization"] == 14.6
+    assert ref["expansion", "average over the scenarios"] == 36.2
+    assert set(tips.reported_rejections().criterion) == {"any (draw rejected)"}  # the rows of ours they compare with
 
 
 def test_a_killed_synthesis_resumes_to_the_same_manifest(mini, kill_after_first_shard, domain, tmp_path):
@@ -156,7 +197,7 @@ def test_a_killed_synthesis_resumes_to_the_same_manifest(mini, kill_after_first_
             "lm, gen, vlm, _ = T.mini_models('tiny', 0, progress=False); ex, sizes, prof = T.domain('tiny', 0, 'cuhk_pedes', None, 'zero_shot'); "
             "import time; orig = T.synthesize_shard\n"
             "def slow(*a, **k):\n    time.sleep(0.5); return orig(*a, **k)\n"
-            "T.synthesize_shard = slow; T.synthesize(sys.argv[1], T.TIPSConfig(**c), lm, gen, vlm, ex, sizes, prof, progress=False)")
+            "T.synthesize_shard = slow; T.synthesize(sys.argv[1], T.TIPSConfig.from_json(c), lm, gen, vlm, ex, sizes, prof, progress=False)")
     kill_after_first_shard(code, killed, cfg.as_json())
     left = tips.missing_shards(killed)
     assert 0 < len(left) < cfg.n_shards, left
@@ -171,6 +212,11 @@ def test_config_checks():
     with pytest.raises(ValueError, match="scenario"):
         tips.TIPSConfig(n_prompts=4, scenario="any")
     assert tips.TIPSConfig(n_prompts=100, shard_size=48).n_shards == 3
+    with pytest.raises(ValueError, match="differences"):
+        tips.TIPSConfig(n_prompts=4, differences=("view", "weather"))
+    c = tips.TIPSConfig(n_prompts=4, differences=tips.DIFFERENCES_VIEW_POSE_SCENE, models=("a", "b"))
+    assert tips.TIPSConfig.from_json(json.loads(json.dumps(c.as_json()))) == c
+    assert c.as_json() != tips.TIPSConfig(n_prompts=4, models=("a", "b")).as_json()  # the kinds enter the cache key
 
 
 # ---------------------------------------------------------------------------------------------- other sets
@@ -184,10 +230,33 @@ def test_few_shot_split_keeps_a_share_of_training_identities(tiny_world):
     assert got == tips.train_identities("cuhk_pedes", tips.few_shot_split("cuhk_pedes", root, 0.25, seed=0))
     assert got != tips.train_identities("cuhk_pedes", b)
     assert len(tips.train_identities("cuhk_pedes", tips.few_shot_split("cuhk_pedes", root, 0.0001, 0))) == 2  # at least two
-    for split in ("val", "test"):  # the other splits as they are, images through the link
-        assert load_split("cuhk_pedes", a, split).captions == load_split("cuhk_pedes", root, split).captions
+    assert load_split("cuhk_pedes", a, "test").captions == load_split("cuhk_pedes", root, "test").captions  # images through the link
+    full = tips.few_shot_split("cuhk_pedes", root, 0.25, seed=0, val="full")  # ours: the whole val split
+    assert tips.train_identities("cuhk_pedes", full) == got
+    assert load_split("cuhk_pedes", full, "val").captions == load_split("cuhk_pedes", root, "val").captions
     with pytest.raises(ValueError, match="few_shot_share"):
         tips.few_shot_split("cuhk_pedes", root, 0.0)
+    with pytest.raises(ValueError, match="val must be"):
+        tips.few_shot_split("cuhk_pedes", root, 0.25, val="some")
+
+
+def test_few_shot_model_selection_spends_the_same_budget_as_training(tiny_world):
+    """Issue 45, item 2: the few-shot split's val identities are the training share of the labelled val
+    identities (at least 2), drawn by the seed, not the whole val split."""
+    root = tiny_world["cuhk_pedes"]
+    n_train, n_val = len(tips.train_identities("cuhk_pedes", root)), len(tips.split_identities("cuhk_pedes", root, "val"))
+    for share in (0.25, 0.5, 0.0001):
+        a = tips.few_shot_split("cuhk_pedes", root, share, seed=0)
+        tr, va = tips.train_identities("cuhk_pedes", a), tips.split_identities("cuhk_pedes", a, "val")
+        assert len(tr) == max(2, round(share * n_train)) and len(va) == max(2, round(share * n_val))
+        assert set(va) <= set(tips.split_identities("cuhk_pedes", root, "val")) and va != tr
+        assert abs(len(va) / n_val - len(tr) / n_train) <= 1 / min(n_val, n_train) + 2 / n_val  # the same share, up to rounding
+        assert json.loads((a / "subset.json").read_text())["val_identities"] == va
+    va1 = tips.split_identities("cuhk_pedes", tips.few_shot_split("cuhk_pedes", root, 0.25, seed=1), "val")
+    assert va1 != tips.split_identities("cuhk_pedes", tips.few_shot_split("cuhk_pedes", root, 0.25, seed=0), "val")  # drawn by seed
+    va0 = tips.split_identities("cuhk_pedes", tips.few_shot_split("cuhk_pedes", root, 0.25, seed=0), "val")
+    sub = load_split("cuhk_pedes", tips.few_shot_split("cuhk_pedes", root, 0.25, seed=0), "val")  # what model selection reads
+    assert len(set(sub.image_pids)) == len(va0) and 0 < len(sub.captions) < len(load_split("cuhk_pedes", root, "val").captions)
 
 
 def test_web_corpus_has_the_asked_size_and_new_people(tiny_world):
@@ -389,7 +458,7 @@ def test_02_tips_trains_its_retrieval_models_on_clip_weights(monkeypatch, tmp_pa
     assert "clip_weights: Optional[str] = None" in src and "clip_weights=clip_weights" in src
     with pytest.raises(ValueError, match="parameter 'clip_weights'"):
         params.check(dict(clip_weights=str(tmp_path / "no-such-clip.safetensors")), clip_weights=lambda n, v: params.check_weights(v, n))
-    paths = {k: tmp_path / k for k in ("data_root", "flux", "vlm", "llm", "blip2")}
+    paths = {k: tmp_path / k for k in ("data_root", "flux", "vlm", "llm", "blip2", "swin")}
     smoke = smoke_parameters("02_tips", {**paths, "clip_name": "ViT-B-16"})
     assert smoke["clip_weights"] == "ViT-B-16" and smoke["weights"] == str(paths["flux"]) and smoke["n_synthetic"] == 2
     calls = []
@@ -399,6 +468,27 @@ def test_02_tips_trains_its_retrieval_models_on_clip_weights(monkeypatch, tmp_pa
     tips.fine_tune("rde", "cuhk_pedes", tmp_path, "paper", 0, weights="ViT-B-16")
     assert [c["weights"] for c in calls] == ["ViT-B-16"] * 2
     assert calls[0]["epochs"] == tpr.BASELINE_CONFIG["paper"]["epochs"] // 2 and calls[0]["init"] == "phase1.safetensors"
+
+
+def test_table3_fine_tunes_raw_and_tips_on_the_same_schedule(monkeypatch, tmp_path):
+    """Issue 45, item 3: the few-shot phase 2 halves epochs and learning rate (TIPS Sec. 4.1); Table 3's TIPS
+    run (schedule="full") trains with the baselines' own, as its Raw run does."""
+    from person_retrieval.papers import tpr
+
+    calls = []
+    monkeypatch.setattr(tpr, "fit_baseline", lambda *a, **k: calls.append(k))
+    monkeypatch.setattr(tips, "_small_set_batch", lambda *a, **k: {})
+    base = tpr.BASELINE_CONFIG["tiny"]
+    tips.fine_tune("irra", "cuhk_pedes", tmp_path, "tiny", 0, init="phase1.safetensors", pretrained=True)
+    tips.fine_tune("irra", "cuhk_pedes", tmp_path, "tiny", 0, init="phase1.safetensors", pretrained=True, schedule="full")
+    tips.fine_tune("irra", "cuhk_pedes", tmp_path, "tiny", 0)
+    assert calls[0]["epochs"] == max(1, base["epochs"] // 2) and calls[0]["lr"] == base["lr"] / 2
+    assert "epochs" not in calls[1] and "lr" not in calls[1] and calls[1]["init"] == "phase1.safetensors"
+    assert {k: v for k, v in calls[1].items() if k != "init"} == {k: v for k, v in calls[2].items() if k != "init"}
+    with pytest.raises(ValueError, match="schedule must be"):
+        tips.fine_tune("irra", "cuhk_pedes", tmp_path, "tiny", 0, schedule="quarter")
+    src = (Path(__file__).resolve().parents[1] / "notebooks" / "src" / "02_tips.py").read_text()
+    assert 'schedule="full"' in src  # the notebook's Table 3 asks for it
 
 
 def test_tta_query_subset_keeps_the_gallery():

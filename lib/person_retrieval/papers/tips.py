@@ -9,10 +9,10 @@ The pipeline, one function per stage, each called by a cell of notebook 02_tips:
    captions, or few-shot by recombining the elements of three target-domain captions (TIPS App. A.2);
 2. :func:`draw_seeds`: SPG draws each seed at a size condition drawn from the target's size distribution;
    :func:`draw_differences` and :func:`expand`: IDPG draws ``expansions`` new images of each seed's person from
-   random difference prompts (new view, pose, scene);
+   random difference prompts (new view, pose, scene, lighting, carried item: :data:`DIFFERENCES`);
 3. :func:`seed_scores` and :func:`expansion_scores`: the MLLM's filter (seed: prompt alignment and quality,
    1-10, both at least 9; expansion: quality and identity consistency, 1-10, at least 9, and a yes/no on
-   variation); rejected images are redrawn, up to ``max_tries`` draws; :func:`captions`: two captions per kept
+   variation); rejected images are redrawn until they pass, up to ``max_tries`` draws (:data:`MAX_TRIES`); :func:`captions`: two captions per kept
    image, each from a template drawn from the 120 of :data:`~person_retrieval.assistants.prompts.TIPS_CAPTION_TEMPLATES`;
 4. :func:`synthesize` writes it in shards (:mod:`person_retrieval.shards`: n processes or torchrun ranks, a
    killed run resumes) and :func:`assemble` writes a CUHK-PEDES folder (``reid_raw.json`` and ``imgs/``) that
@@ -63,8 +63,18 @@ SCALE_SHARD = {"tiny": 6, "small": 48}
 SCALE_VAL_EVERY = {"tiny": 3, "small": 20}
 #: TTA's weight of the text feature (the paper's alpha, Sec. 4.1).
 ALPHA = 0.6
+#: The paper regenerates a rejected image "until they pass" (App. A.2); our loop stops after ``MAX_TRIES`` draws
+#: of one image and gives it up (the rejection table counts those). At the paper's rejection rates, 5 draws give
+#: up 0.196^5 = 0.03% of zero-shot seeds and 0.362^5 = 0.6% of expansions: in effect "until it passes". Uncapped,
+#: the mini SPG (whose seeds nearly all fail the filter) would never end.
+MAX_TRIES = 5
+#: What IDPG's random difference prompts change: the five kinds of difference its training descriptions name
+#: (TIPS App. A.1: "lighting, viewpoint, background scene, human status (pose, expression, etc.), and carried
+#: items"). ``DIFFERENCES_VIEW_POSE_SCENE`` (ours, what this module drew first) leaves lighting and carried items out.
+DIFFERENCES = ("view", "pose", "scene", "lighting", "carried")
+DIFFERENCES_VIEW_POSE_SCENE = ("view", "pose", "scene")
 #: Bump when the pipeline changes, so cached syntheses are rebuilt.
-TIPS_VERSION = 1
+TIPS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,8 @@ class TIPSConfig:
     source: str = "spg+idpg"
     expansions: int = 4  # IDPG images per seed (the paper: 4, five images per identity)
     keep_score: int = KEEP_SCORE
-    max_tries: int = 3  # draws per image before it is given up (the paper regenerates "until they pass")
+    max_tries: int = MAX_TRIES  # the paper regenerates until an image passes; we give it up after this many draws
+    differences: tuple = DIFFERENCES  # what the difference prompts vary (the paper's five; DIFFERENCES_VIEW_POSE_SCENE: ours)
     shard_size: int = 48
     val_every: int = 20  # every n-th identity goes to the validation split (model selection on synthetic data)
     seed: int = 0
@@ -89,6 +100,8 @@ class TIPSConfig:
         if not (self.n_prompts >= 1 and self.expansions >= 0 and 1 <= self.keep_score <= 10 and self.max_tries >= 1
                 and self.shard_size >= 1 and self.val_every >= 2):
             raise ValueError(f"bad TIPS configuration {self}")
+        if not self.differences or set(self.differences) - set(DIFFERENCES):
+            raise ValueError(f"differences must be a non-empty subset of {DIFFERENCES}, got {self.differences!r}")
         if self.source in ("spg", "base") and self.expansions:
             raise ValueError(f"source {self.source!r} draws one image per prompt: expansions must be 0")
 
@@ -99,7 +112,12 @@ class TIPSConfig:
     def as_json(self) -> dict:
         d = asdict(self)
         d["models"] = list(self.models)
+        d["differences"] = list(self.differences)
         return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TIPSConfig":
+        return cls(**{**d, "models": tuple(d.get("models", ())), "differences": tuple(d.get("differences", DIFFERENCES))})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,28 +168,63 @@ def draw_sizes(sizes: Sequence[tuple[int, int]], n: int, rng: np.random.Generato
 
 
 _VIEWS = {"front": "facing the camera", "back": "seen from the back", "side": "seen from the side"}
+#: The difference prompts' lighting phrases and the brightness the oracle renders each at (the world's cameras
+#: span 0.75 to 1.2).
+LIGHTING = {"in dim light": 0.78, "in bright light": 1.18}
+#: How often each kind of difference is asked for (redrawn until at least one is).
+_DIFF_P = {"view": 0.7, "pose": 0.5, "scene": 0.6, "lighting": 0.4, "carried": 0.3}
 
 
-def draw_differences(n: int, rng: np.random.Generator) -> list[tuple[str, dict]]:
-    """``n`` random difference prompts in IDPG's wording (TIPS: drawn from predefined lists), each with the
-    state it asks for (``view``, ``pose``, ``scene``; at least one)."""
+def carried_text(item: str) -> str:
+    """The difference prompt's words for a held item (the world's ``held`` values)."""
+    return "with empty hands" if item == "none" else f"now holding {'an' if item[0] in 'aeiou' else 'a'} {item}"
+
+
+def draw_differences(n: int, rng: np.random.Generator, kinds: Sequence[str] = DIFFERENCES) -> list[tuple[str, dict]]:
+    """``n`` random difference prompts in IDPG's wording (TIPS: drawn from predefined lists), each with what it
+    asks for (at least one change): ``view``, ``pose``, ``scene`` and ``brightness`` (the lighting) are render
+    states, ``held`` (a carried item) the person's. ``kinds``: which of :data:`DIFFERENCES` may change (the
+    paper's five by default)."""
     from ..generators.mini import difference_text
+    from ..world.attributes import HELD
     from ..world.render import POSES, SCENES, State
 
+    bad = set(kinds) - set(DIFFERENCES)
+    if bad or not kinds:
+        raise ValueError(f"kinds must be a non-empty subset of {DIFFERENCES}, got {list(kinds)}")
+    lights = list(LIGHTING)
     out = []
     for _ in range(n):
-        want = {}
+        want, extra = {}, []
         while not want:
-            if rng.random() < 0.7:
-                want["view"] = list(_VIEWS)[int(rng.integers(3))]
-            if rng.random() < 0.5:
-                want["pose"] = POSES[int(rng.integers(len(POSES)))]
-            if rng.random() < 0.6:
-                want["scene"] = SCENES[int(rng.integers(len(SCENES)))]
-        # difference_text says what changes from a state that differs in every asked slot
-        ref = State(view="none", pose="none", scene="none")
-        out.append((difference_text(ref, State(**{"view": "none", "pose": "none", "scene": "none", **want})), want))
+            extra = []
+            for k in DIFFERENCES:
+                if k not in kinds or rng.random() >= _DIFF_P[k]:
+                    continue
+                if k == "view":
+                    want["view"] = list(_VIEWS)[int(rng.integers(3))]
+                elif k == "pose":
+                    want["pose"] = POSES[int(rng.integers(len(POSES)))]
+                elif k == "scene":
+                    want["scene"] = SCENES[int(rng.integers(len(SCENES)))]
+                elif k == "lighting":
+                    light = lights[int(rng.integers(len(lights)))]
+                    want["brightness"] = LIGHTING[light]
+                    extra.append(light)
+                else:
+                    want["held"] = HELD[int(rng.integers(len(HELD)))]
+                    extra.append(carried_text(want["held"]))
+        # difference_text (the mini IDPG's training wording) says what changes from a state that differs in every asked slot
+        st = {k: want[k] for k in ("view", "pose", "scene") if k in want}
+        none = {"view": "none", "pose": "none", "scene": "none"}
+        said = [difference_text(State(**none), State(**{**none, **st})).split(", ", 1)[1]] if st else []
+        out.append((prompts.TIPS_DIFFERENCE_TEXT.format(differences=", ".join(said + extra)), want))
     return out
+
+
+def oracle_expansion_person(person, want: dict | None):
+    """The oracle's person for an expansion: the seed's, carrying what the difference prompt asks for."""
+    return person.replace(held=want["held"]) if want and "held" in want else person
 
 
 def oracle_person(prompt: str, rng: np.random.Generator, pid: int):
@@ -186,13 +239,13 @@ def oracle_person(prompt: str, rng: np.random.Generator, pid: int):
 def _oracle_state(rng, profile, size, top, want=None):
     from dataclasses import replace as dc_replace
 
-    from ..world.render import RES_FACTORS, sample_state
+    from ..world.render import RES_FACTORS, State, sample_state
 
     s = sample_state(rng, profile)
     if size is not None:
         ratio = max(1.0, top[0] / max(1, size[0]))
         s = dc_replace(s, res_factor=min(RES_FACTORS, key=lambda f: abs(np.log(f / ratio))))
-    return dc_replace(s, **(want or {}))
+    return dc_replace(s, **{k: v for k, v in (want or {}).items() if k in State.__dataclass_fields__})
 
 
 def _render_all(people, states, height: int) -> torch.Tensor:
@@ -270,7 +323,8 @@ def captions(vlm: VisionLanguageModel, images, rng: np.random.Generator) -> list
 # ---------------------------------------------------------------------------------------------
 # 4. Shards, resume, assembly
 def _redraw(draw, score, n: int, keep_score: int, max_tries: int):
-    """Draw ``n`` images, redrawing the rejected ones up to ``max_tries`` draws in all. Returns the final
+    """Draw ``n`` images and redraw each rejected one until it passes (the paper's "regenerated until they
+    pass"), giving it up after ``max_tries`` draws in all (our cap: :data:`MAX_TRIES`). Returns the final
     images, their scores, whether each passed, and every draw's scores (for the rejection rates)."""
     images, scores = None, None
     ok = np.zeros(n, dtype=bool)
@@ -314,7 +368,7 @@ def synthesize_shard(root: Path, u: int, cfg: TIPSConfig, lm: LanguageModel, gen
                                            len(idx), cfg.keep_score, cfg.max_tries)
     # expansions of the kept seeds
     kept_seeds = np.flatnonzero(s_ok)
-    diffs = draw_differences(len(kept_seeds) * cfg.expansions, rng)
+    diffs = draw_differences(len(kept_seeds) * cfg.expansions, rng, cfg.differences)
     owner = np.repeat(kept_seeds, cfg.expansions)
     e_ok, e_scores, e_all, exp = np.zeros(0, dtype=bool), np.zeros((0, 3), dtype=np.int64), np.zeros((0, 3), dtype=np.int64), None
     if len(owner):
@@ -322,7 +376,7 @@ def synthesize_shard(root: Path, u: int, cfg: TIPSConfig, lm: LanguageModel, gen
             ora = None
             if people is not None:
                 r = rng_for(cfg.seed, "tips-oracle-exp", u, t)
-                ora = {"people": [people[owner[j]] for j in todo],
+                ora = {"people": [oracle_expansion_person(people[owner[j]], diffs[j][1]) for j in todo],
                        "states": [_oracle_state(r, profile, size_c[owner[j]], top, diffs[j][1]) for j in todo]}
             return expand(gen, cfg.source, seeds[owner[todo]], [diffs[j][0] for j in todo], cfg.seed * 7919 + u * 31 + 1000 + t, ora)
 
@@ -403,9 +457,11 @@ def trainable(manifest: dict) -> bool:
 def rejection_table(root: str | Path) -> pd.DataFrame:
     """Per criterion, the share of all draws (first draws and redraws) that failed it, for seeds and for
     expansions, and the share of images given up after every draw failed (the paper: 19.6% of seeds rejected
-    zero-shot, 17.5% few-shot; 36.2% of expansions on average)."""
+    zero-shot, 17.5% few-shot, 14.6% in the generalization scenario; 36.2% of expansions on average: the
+    ``"any (draw rejected)"`` rows; :func:`reported_rejections`). ``max draws`` is the cap of the redraws."""
     s = json.loads((Path(root) / "scores.json").read_text())
-    keep = json.loads((Path(root) / "synthesis.json").read_text())["keep_score"]
+    conf = json.loads((Path(root) / "synthesis.json").read_text())
+    keep = conf["keep_score"]
     rows = []
     for kind, crits, draws, final in (("seed", SEED_CRITERIA, s["seed_draws"], s["seed_kept"]),
                                       ("expansion", EXPANSION_CRITERIA, s["expansion_draws"], s["expansion_kept"])):
@@ -417,7 +473,15 @@ def rejection_table(root: str | Path) -> pd.DataFrame:
         rows.append({"images": kind, "criterion": "any (draw rejected)", "draws": len(d), "failed (%)": 100 * (~passes(d, keep)).sum() / n if len(d) else float("nan")})
         rows.append({"images": kind, "criterion": "given up after every draw", "draws": len(final),
                      "failed (%)": 100 * (1 - np.mean(final)) if final else float("nan")})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).assign(**{"max draws": conf.get("max_tries")})
+
+
+def reported_rejections() -> pd.DataFrame:
+    """The paper's rejection rates (TIPS App. A.2), in :func:`rejection_table`'s columns: seeds 19.6%
+    zero-shot, 17.5% few-shot and 14.6% in the generalization scenario; expansions 36.2% on average."""
+    from ..reports import reported
+
+    return reported("tips_rejections")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +490,7 @@ def _worker(rank: int, world: int, root: str, cfg_json: dict, scale: str, seed: 
             threads: int):
     """One process of a sharded synthesis (spawned processes import this, not notebook code)."""
     torch.set_num_threads(max(1, threads))
-    cfg = TIPSConfig(**{**cfg_json, "models": tuple(cfg_json["models"])})
+    cfg = TIPSConfig.from_json(cfg_json)
     lm, gen, vlm, _ = mini_models(scale, seed, dataset, data_root, progress=False)
     ex, sizes, profile = domain(scale, seed, dataset, data_root, cfg.scenario, gen, few_shot_root)
     synthesize(root, cfg, lm, gen, vlm, ex, sizes, profile, shard=rank, num_shards=world, progress=rank == 0)
@@ -439,7 +503,7 @@ def mini_models(scale: str, seed: int = 0, dataset: str = "cuhk_pedes", data_roo
 
     gen, report = mini_generators(scale, seed, dataset=dataset, data_root=data_root, gpus=gpus, progress=progress)
     vlm = mini_vlm(scale, seed, progress=progress)
-    return MiniLM(seed), gen, vlm, ("mini-lm", f"mini-generator:{Path(report['dir']).name}", f"mini-vlm:{scale}-seed{seed}")
+    return MiniLM(seed), gen, vlm, ("mini-lm", f"mini-generator:{Path(report['dir']).name}", f"{vlm.name}:{scale}-seed{seed}")
 
 
 def domain(scale: str, seed: int, dataset: str, data_root, scenario: str, gen=None, few_shot_root=None):
@@ -531,10 +595,10 @@ def read_timing(root: str | Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Other training sets: the few-shot split and the "web" corpus (MALS's role)
-def identity_subset(dataset: str, root, keep_train: set, name: str, note: dict | None = None) -> Path:
+def identity_subset(dataset: str, root, keep_train: set, name: str, note: dict | None = None, keep_val: set | None = None) -> Path:
     """A folder of ``dataset``'s format whose train split holds only the identities ``keep_train`` (ids as in
-    its annotation file) and every other split as it is; its images are the original folder's (a link).
-    Written once, under ``.cache/tips/subsets/<name>``."""
+    its annotation file), whose val split holds only ``keep_val`` (None: all of it), and every other split
+    as it is; its images are the original folder's (a link). Written once, under ``.cache/tips/subsets/<name>``."""
     fmt = TPR_FORMATS[dataset]
     root = Path(root)
     out = cache_dir() / "tips" / "subsets" / name
@@ -544,26 +608,54 @@ def identity_subset(dataset: str, root, keep_train: set, name: str, note: dict |
         link = out / fmt.image_dir
         if not link.exists():
             os.symlink((root / fmt.image_dir).resolve(), link, target_is_directory=True)
+        extra = {} if keep_val is None else {"val_identities": sorted(int(i) for i in keep_val)}
         write_json_atomic(out / "subset.json", {"source": str(root.resolve()), "train_identities": sorted(int(i) for i in keep_train),
-                                                **(note or {})})
-        write_tpr_annotations(dataset, out, [e for e in data if e["split"] != "train" or e["id"] in keep_train])
+                                                **extra, **(note or {})})
+        write_tpr_annotations(dataset, out, [e for e in data if (e["split"] != "train" or e["id"] in keep_train)
+                                             and (keep_val is None or e["split"] != "val" or e["id"] in keep_val)])
     return out
 
 
+def split_identities(dataset: str, root, split: str) -> list[int]:
+    """The identities (ids as in the annotation file) of one split of ``dataset`` at ``root``."""
+    return sorted({e["id"] for e in read_tpr_annotations(dataset, root) if e["split"] == split})
+
+
 def train_identities(dataset: str, root) -> list[int]:
-    return sorted({e["id"] for e in read_tpr_annotations(dataset, root) if e["split"] == "train"})
+    return split_identities(dataset, root, "train")
 
 
-def few_shot_split(dataset: str, root, share: float, seed: int = 0) -> Path:
+#: The few-shot split's validation identities: ``"budget"``, the same share of the labelled val identities as
+#: of the training ones (drawn by the seed: model selection spends the same 1% budget as training);
+#: ``"full"`` (ours, what this module did first): the whole labelled val split (at CUHK-PEDES, 1,000 val
+#: identities against 110 for training).
+FEW_SHOT_VALS = ("budget", "full")
+
+
+def few_shot_split(dataset: str, root, share: float, seed: int = 0, val: str = "budget") -> Path:
     """``dataset`` with ``share`` of its training identities (at least 2), drawn with the seed (every method
-    of one seed trains on the same identities), and every other split as it is."""
+    of one seed trains on the same identities), its test split as it is, and (``val="budget"``, the default)
+    the same ``share`` of its val identities (at least 2, drawn with the seed), or (``val="full"``) its whole
+    val split. A dataset without a val split (ICFG-PEDES) has its val identities held out of the few-shot
+    training ones by the training code, as for the full set."""
     if not 0 < share <= 1:
         raise ValueError(f"few_shot_share must be in (0, 1], got {share}")
+    if val not in FEW_SHOT_VALS:
+        raise ValueError(f"val must be one of {FEW_SHOT_VALS}, got {val!r}")
     ids = train_identities(dataset, root)
     k = min(len(ids), max(2, int(round(share * len(ids)))))
     chosen = set(rng_for(seed, "tips-few-shot", dataset).choice(ids, size=k, replace=False).tolist())
-    tag = hashlib.sha1(json.dumps([str(Path(root).resolve()), share, seed]).encode()).hexdigest()[:10]
-    return identity_subset(dataset, root, chosen, f"few_shot-{dataset}-{tag}", {"share": share, "seed": seed, "of": len(ids)})
+    note = {"share": share, "seed": seed, "of": len(ids)}
+    key = [str(Path(root).resolve()), share, seed]
+    keep_val = None
+    vids = split_identities(dataset, root, "val")
+    if val == "budget" and vids:
+        kv = min(len(vids), max(2, int(round(share * len(vids)))))
+        keep_val = set(rng_for(seed, "tips-few-shot-val", dataset).choice(vids, size=kv, replace=False).tolist())
+        note.update(val="budget", val_of=len(vids))
+        key.append("val-budget")  # the "full" folder keeps its first name (and its cached runs)
+    tag = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]
+    return identity_subset(dataset, root, chosen, f"few_shot-{dataset}-{tag}", note, keep_val=keep_val)
 
 
 def web_corpus(scale: str, seed: int, n_pairs: int, height: int = 64) -> Path:
@@ -610,15 +702,25 @@ def pretrain(method: str, root, scale: str, seed: int, gpus: int = 0, init=None,
     return run, path
 
 
+#: Fine-tuning schedules: ``"halved"``, half the baselines' epochs and learning rate (TIPS Sec. 4.1, the
+#: few-shot scenario's phase 2); ``"full"``, the baselines' own (Table 3: the Raw and the TIPS runs on the same
+#: schedule, so that only the pretraining differs).
+SCHEDULES = ("halved", "full")
+
+
 def fine_tune(method: str, dataset: str, root, scale: str, seed: int, gpus: int = 0, init=None, pretrained: bool = False,
-              progress: bool = False, weights=None):
+              progress: bool = False, weights=None, schedule: str | None = None):
     """Phase 2 (or the only phase): ``method`` on ``dataset`` at ``root`` from ``init`` (a weights file: the
-    mini CLIP's, or a phase-1 backbone) on the real CLIP ``weights``' architecture when given. After
-    pretraining (``pretrained=True``), epochs and learning rate are halved (TIPS Sec. 4.1)."""
+    mini CLIP's, or a phase-1 backbone) on the real CLIP ``weights``' architecture when given. ``schedule``
+    (:data:`SCHEDULES`): None gives the few-shot protocol, ``"halved"`` after pretraining
+    (``pretrained=True``: epochs and learning rate halved, TIPS Sec. 4.1) and ``"full"`` without."""
     from . import tpr
 
+    schedule = schedule or ("halved" if pretrained else "full")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     base = tpr.BASELINE_CONFIG["paper" if weights else scale]
-    over = dict(epochs=max(1, base["epochs"] // 2), lr=base["lr"] / 2) if pretrained else {}
+    over = dict(epochs=max(1, base["epochs"] // 2), lr=base["lr"] / 2) if schedule == "halved" else {}
     return tpr.fit_baseline(method, dataset, root, scale=scale, seed=seed, gpus=gpus, init=init, weights=weights, progress=progress, **over,
                             **_small_set_batch(dataset, root, "paper" if weights else scale, gpus))
 
@@ -835,7 +937,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--few-shot-share", type=float, default=0.01, help="the few-shot split's share of identities (the paper: 1%%)")
     ap.add_argument("--few-shot-seed", type=int, default=0, help="which few-shot split gives the examples (notebook: seeds[0])")
     ap.add_argument("--keep-score", type=int, default=KEEP_SCORE, help=f"the filter's bar on every score (default {KEEP_SCORE})")
-    ap.add_argument("--max-tries", type=int, default=3, help="draws per image before it is given up")
+    ap.add_argument("--max-tries", type=int, default=MAX_TRIES,
+                    help=f"the paper redraws a rejected image until it passes; the cap: draws per image before it is given up (default {MAX_TRIES})")
+    ap.add_argument("--differences", default=",".join(DIFFERENCES),
+                    help=f"what the difference prompts vary, comma-separated (default: the paper's {','.join(DIFFERENCES)})")
+    ap.add_argument("--few-shot-val", default="budget", choices=list(FEW_SHOT_VALS),
+                    help="the few-shot split's val identities: the same share as training (budget) or all (full)")
     ap.add_argument("--shard-size", type=int, help="identities per shard (default: by scale, as the notebook's)")
     args, real = shards.parse(ap, argv)
     if args.scale == "paper" and args.data_root is None:
@@ -851,9 +958,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             models = load_models(args.scale, args.seed, 1 if torch.cuda.is_available() else 0, weights=args.weights, llm=args.llm,
                                  vlm=args.vlm, dataset=args.dataset, adapters=("spg", "idpg"), data_root=args.data_root, progress=lead)
         root = dataset_root(args.dataset, args.data_root, args.scale, args.seed)
-        few = few_shot_split(args.dataset, root, args.few_shot_share, args.few_shot_seed) if args.scenario == "few_shot" else None
+        few = (few_shot_split(args.dataset, root, args.few_shot_share, args.few_shot_seed, args.few_shot_val) if args.scenario == "few_shot"
+               else None)
         plan = tips_plan(args.scale, args.seed, args.gpus, args.dataset, args.data_root, args.scenario, args.source, args.n_prompts, few, models,
-                         lead, keep_score=args.keep_score, max_tries=args.max_tries,
+                         lead, keep_score=args.keep_score, max_tries=args.max_tries, differences=tuple(args.differences.split(",")),
                          **({} if args.shard_size is None else {"shard_size": args.shard_size}))
         return {**plan, **shards.open_folder(plan["root"], plan["cfg"], lead, "identities")}
 
