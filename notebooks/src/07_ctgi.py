@@ -98,7 +98,7 @@ init = None if weights else models.pretrained_mini_clip(scale, seed, gpus)
 backbone = build_backbone(weights, scale)
 if init:
     load_weights(backbone, init)
-assistant_tag = "+".join(re.sub(r"[^A-Za-z0-9.]+", "_", x) for x in (vlm or "mini-vlm", llm or "mini-lm"))
+assistant_tag = "+".join(re.sub(r"[^A-Za-z0-9.]+", "_", x) for x in (vlm or f"mini-vlm-{A.mini.recognizer_tag(scale)}", llm or "mini-lm"))
 caption_dir = config.cache_dir() / "ctgi" / f"{scale}-seed{seed}-{assistant_tag}"  # by scale, seed and assistant
 print("pseudo-captions are cached in", caption_dir)
 

@@ -2,13 +2,16 @@
 are asked about.
 
 * :class:`AttributeRecognizer`: a small convolutional network trained on rendered world images and their
-  attribute labels (people it will never be asked about), predicting every slot and the view. It is what
-  the mini MLLM "sees"; its per-slot accuracy on held-out identities is measured, good and imperfect.
+  attribute labels (people it will never be asked about), predicting every slot and the view, trained
+  across capture sizes (each image also seen as a 2 or 4 times smaller capture), with a realism head that
+  tells a whole person from a broken image. It is what the mini MLLM "sees"; its per-slot accuracy on
+  held-out identities is measured, good and imperfect.
 * :class:`MiniVLM`: answers questions (parsed with :func:`.grammar.question_groups`) in sentences from
   what the recognizer predicts, describes a few salient attributes as an unprompted MLLM does, judges and
-  scores images by the probability the recognizer gives to what a text claims. An error-injection knob
-  (:class:`Noise`) adds hallucinations, contradictions and repetitions, for experiments that need a
-  noisy assistant (ChatPedes cleaning).
+  scores images by the probability the recognizer gives to what a text claims (its 1-10 scale fitted per
+  criterion and camera on validation renders; :mod:`.judge_check` measures it against the world's
+  truth). An error-injection knob (:class:`Noise`) adds hallucinations, contradictions and repetitions,
+  for experiments that need a noisy assistant (ChatPedes cleaning).
 * :class:`MiniLM`: the text jobs of the papers' prompts (summaries, reconstructions, merges, rephrasings,
   dialogue-round categorisation, quadruples, seed prompts) done with the world's lexicon and grammar. It
   recognises which prompt of :mod:`.prompts` it was given; any other prompt is an error.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +47,7 @@ class RecognizerNet(nn.Module):
     """Four stride-2 convolutions keep a coarse spatial map (top, legs and feet stay apart), then one
     linear head per attribute."""
 
-    def __init__(self, size: tuple[int, int], width: int = 24):
+    def __init__(self, size: tuple[int, int], width: int = 24, realism: bool = False):
         super().__init__()
         chans = [3, width, 2 * width, 4 * width, 4 * width]
         layers = []
@@ -55,11 +58,20 @@ class RecognizerNet(nn.Module):
         h, wd = size[0] // 16, size[1] // 16
         self.trunk = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(chans[-1] * h * wd, 256), nn.ReLU(inplace=True))
         self.heads = nn.ModuleDict({k: nn.Linear(256, len(v)) for k, v in HEADS.items()})
+        # realism: the logit that the image shows a whole, plausible person (not a broken image)
+        self.real = nn.Linear(256, 1) if realism else None
         self.size = tuple(size)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         z = self.trunk(self.features(x))
-        return {k: head(z) for k, head in self.heads.items()}
+        out = {k: head(z) for k, head in self.heads.items()}
+        if self.real is not None:
+            out[REAL] = self.real(z).squeeze(-1)
+        return out
+
+
+#: The realism output's key (not an attribute head).
+REAL = "_real"
 
 
 @dataclass
@@ -70,10 +82,19 @@ class RecognizerConfig:
     batch_size: int = 128
     lr: float = 3e-3
     width: int = 24
+    #: Capture-size augmentation: each training image is reduced by one of these factors (area) and brought
+    #: back to the input size (bilinear), as a smaller capture reaches the recognizer; () trains at the
+    #: native size only. The pipelines hand the judge images drawn at the generator's height (half the
+    #: native one at small) from cameras up to 4 times coarser.
+    capture_factors: tuple[int, ...] = (1, 2, 4)
+    #: A realism head, trained to tell renders from renders broken by :func:`training_breakage` (a third
+    #: of each batch): what the judge's quality and naturalness scores read. The grids it shuffles leave out
+    #: the judge check's 8 x 4 (:func:`broken_image`), so that check tests a breakage it never saw.
+    realism: bool = True
 
 
 RECOGNIZER_CONFIGS = {"tiny": RecognizerConfig(n_train=600, n_val=100, epochs=4, batch_size=64, width=16),
-                      "small": RecognizerConfig()}
+                      "small": RecognizerConfig(epochs=8, width=32)}
 
 
 def _render_set(n: int, seed: int, purpose: str, height: int):
@@ -87,6 +108,48 @@ def _to_input(images_u8: torch.Tensor, size) -> torch.Tensor:
     return (x - 0.45) / 0.25
 
 
+#: The block grids (rows, columns) :func:`training_breakage` shuffles (not the judge check's 8 x 4).
+TRAINING_GRIDS = ((2, 2), (4, 2), (4, 4), (16, 8), (16, 4))
+
+
+def training_breakage(images_u8: torch.Tensor, which: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The images ``which`` (bool) broken, each one way: its blocks shuffled on a grid of :data:`TRAINING_GRIDS`,
+    its lower half swapped for another image's (two people in one), or a quarter of it replaced by noise."""
+    out = images_u8.clone()
+    n, _, h, w = out.shape
+    for i in which.nonzero().flatten().tolist():
+        kind = int(torch.randint(3, (1,), generator=g))
+        if kind == 0:
+            gh, gw = TRAINING_GRIDS[int(torch.randint(len(TRAINING_GRIDS), (1,), generator=g))]
+            bh, bw = h // gh, w // gw
+            blocks = out[i, :, :gh * bh, :gw * bw].reshape(3, gh, bh, gw, bw).permute(1, 3, 0, 2, 4).reshape(gh * gw, 3, bh, bw)
+            blocks = blocks[torch.randperm(gh * gw, generator=g)]
+            out[i, :, :gh * bh, :gw * bw] = blocks.reshape(gh, gw, 3, bh, bw).permute(2, 0, 3, 1, 4).reshape(3, gh * bh, gw * bw)
+        elif kind == 1:
+            j = (i + 1 + int(torch.randint(max(1, n - 1), (1,), generator=g))) % n
+            cut = h // 3 + int(torch.randint(h // 3, (1,), generator=g))
+            out[i, :, cut:] = images_u8[j, :, cut:]
+        else:
+            y0, x0 = int(torch.randint(h // 2, (1,), generator=g)), int(torch.randint(w // 2, (1,), generator=g))
+            out[i, :, y0:y0 + h // 2, x0:x0 + w // 2] = torch.randint(0, 256, (3, h // 2, w // 2), generator=g, dtype=torch.uint8)
+    return out
+
+
+def captured(images_u8: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Each image as a capture ``factors[i]`` times smaller brings it: reduced by area averaging, rounded
+    to uint8 (a stored image) and brought back to its size (bilinear, as :func:`_to_input` does)."""
+    out = images_u8.clone()
+    h, w = images_u8.shape[-2:]
+    for f in factors.unique().tolist():
+        if f <= 1:
+            continue
+        idx = (factors == f).nonzero().flatten()
+        x = F.interpolate(images_u8[idx].float(), size=(max(1, h // f), max(1, w // f)), mode="area").round().clamp(0, 255)
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        out[idx] = x.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
 class AttributeRecognizer:
     """A trained :class:`RecognizerNet` with its input size. ``predict(images) -> {head: probabilities}``."""
 
@@ -94,15 +157,34 @@ class AttributeRecognizer:
         self.net = net.eval()
         self.accuracy = accuracy or {}
 
+    @property
+    def tag(self) -> str:
+        """A hash of the weights (computed once): what keys the caches of what an assistant seeing through
+        this recognizer produced."""
+        if "_tag" not in self.__dict__:
+            import hashlib
+
+            h = hashlib.sha1()
+            for k, v in sorted(self.net.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().numpy().tobytes())
+            self._tag = h.hexdigest()[:10]
+        return self._tag
+
     @torch.no_grad()
-    def predict(self, images: list[np.ndarray] | torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
+    def predict(self, images: list[np.ndarray] | torch.Tensor, batch: int = 256, realness: bool = False) -> dict[str, torch.Tensor]:
+        """``{head: probabilities}``; ``realness``: also ``REAL``, the probability that each image shows a
+        whole, plausible person (only from a recognizer with a realism head)."""
         if not isinstance(images, torch.Tensor):
             images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
         outs: dict[str, list] = {h: [] for h in HEADS}
+        if realness and self.net.real is not None:
+            outs[REAL] = []
         for s in range(0, len(images), batch):
             logits = self.net(_to_input(images[s: s + batch], self.net.size))
             for h, v in logits.items():
-                outs[h].append(v.softmax(-1))
+                if h in outs:
+                    outs[h].append(v.sigmoid() if h == REAL else v.softmax(-1))
         return {h: torch.cat(v) for h, v in outs.items()}
 
     @classmethod
@@ -115,7 +197,7 @@ class AttributeRecognizer:
         torch.manual_seed(seed)
         x, y, _, _ = _render_set(cfg.n_train, seed, "train", h)
         xv, yv, _, _ = _render_set(cfg.n_val, seed, "val", h)
-        net = RecognizerNet(size, cfg.width)
+        net = RecognizerNet(size, cfg.width, cfg.realism)
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
         steps = cfg.epochs * (len(x) // cfg.batch_size)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, steps), pct_start=0.15)
@@ -132,8 +214,19 @@ class AttributeRecognizer:
                 xb = x[idx]
                 flip = torch.rand(len(idx), generator=g) < 0.5
                 xb[flip] = xb[flip].flip(-1)
+                yb = {k: y[k][idx] for k in HEADS}
+                real = None
+                if cfg.realism:
+                    real = torch.rand(len(idx), generator=g) >= 1 / 3
+                    xb = training_breakage(xb, ~real, g)
+                    yb = {k: v.masked_fill(~real, -1) for k, v in yb.items()}  # a broken image has no attributes to learn
+                if cfg.capture_factors:
+                    f = torch.tensor(cfg.capture_factors)[torch.randint(len(cfg.capture_factors), (len(idx),), generator=g)]
+                    xb = captured(xb, f)
                 out = net(_to_input(xb, size))
-                loss = attribute_loss(out, {k: y[k][idx] for k in HEADS})
+                loss = attribute_loss({k: out[k] for k in HEADS}, yb)
+                if real is not None:
+                    loss = loss + F.binary_cross_entropy_with_logits(out[REAL], real.float())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -153,7 +246,8 @@ class AttributeRecognizer:
 
         path.mkdir(parents=True, exist_ok=True)
         (path / "recognizer.json").write_text(json.dumps({"size": list(self.net.size), "width": self.net.features[0].out_channels,
-                                                          "heads": HEADS, "accuracy": self.accuracy}, indent=1))
+                                                          "realism": self.net.real is not None, "heads": HEADS,
+                                                          "accuracy": self.accuracy}, indent=1))
         tmp = path / "recognizer.safetensors.tmp"
         save_model(self.net, str(tmp))
         tmp.replace(path / "recognizer.safetensors")
@@ -169,19 +263,24 @@ class AttributeRecognizer:
         meta = json.loads(meta_file.read_text())
         if meta["heads"] != HEADS:
             raise ValueError(f"{path}: recognizer was trained for other attribute heads; retrain it")
-        net = RecognizerNet(tuple(meta["size"]), meta["width"])
+        net = RecognizerNet(tuple(meta["size"]), meta["width"], meta.get("realism", False))
         load_model(net, str(weights))
         return cls(net, meta.get("accuracy"))
 
 
-def trained_recognizer(scale: str = "small", seed: int = 0, progress: bool = True) -> AttributeRecognizer:
-    """The recognizer for ``(scale, seed)``, trained and cached on first use."""
+def recognizer_tag(scale: str = "small", config: RecognizerConfig | None = None) -> str:
+    """A hash of the recognizer's configuration at ``scale`` (its cache key; part of the names that key
+    the caches of what the mini MLLM produced)."""
     import hashlib
     from dataclasses import asdict
 
-    cfg = RECOGNIZER_CONFIGS[get_scale(scale).name]
-    tag = hashlib.sha1(json.dumps([asdict(cfg), HEADS, 1], sort_keys=True).encode()).hexdigest()[:8]
-    path = cache_dir() / "models" / f"recognizer-{scale}-seed{seed}-{tag}"
+    cfg = config or RECOGNIZER_CONFIGS[get_scale(scale).name]
+    return hashlib.sha1(json.dumps([asdict(cfg), HEADS, 1], sort_keys=True).encode()).hexdigest()[:8]
+
+
+def trained_recognizer(scale: str = "small", seed: int = 0, progress: bool = True) -> AttributeRecognizer:
+    """The recognizer for ``(scale, seed)``, trained and cached on first use."""
+    path = cache_dir() / "models" / f"recognizer-{scale}-seed{seed}-{recognizer_tag(scale)}"
     if (path / "recognizer.safetensors").is_file():
         return AttributeRecognizer.load(path)
     rec = AttributeRecognizer.train(scale, seed, progress)
@@ -244,9 +343,14 @@ class MiniVLM(VisionLanguageModel):
 
     name = "mini-vlm"
 
+    #: The version of its 1-10 scale (:meth:`calibration`); with the recognizer's weights, part of its name,
+    #: which keys the caches of what it produced (TIPS, SynCPR, ChatPedes).
+    scale_version = 2
+
     def __init__(self, recognizer: AttributeRecognizer, noise: Noise = Noise(), seed: int = 0, judge_threshold: float = 0.5):
         super().__init__()
         self.recognizer, self.noise, self.seed = recognizer, noise, seed
+        self.name = f"mini-vlm:{getattr(recognizer, 'tag', type(recognizer).__name__)}:s{self.scale_version}"
         self.rng = np.random.default_rng(seed)  # replaced per item: see item_rng
         self.judge_threshold = judge_threshold
         self._last_answer: str | None = None
@@ -276,9 +380,15 @@ class MiniVLM(VisionLanguageModel):
         if todo:
             if len(self._memo) + len(todo) > self.memo_size:
                 self._memo.clear()
-            probs = {h: v.numpy() for h, v in self.recognizer.predict(list(todo.values())).items()}
+            try:
+                got = self.recognizer.predict(list(todo.values()), realness=True)
+            except TypeError:  # a recognizer without realness (a stand-in)
+                got = self.recognizer.predict(list(todo.values()))
+            probs = {h: v.numpy() for h, v in got.items()}
             for i, k in enumerate(todo):
                 p = {h: probs[h][i] for h in HEADS}
+                if REAL in probs:
+                    p[REAL] = float(probs[REAL][i])
                 val = {h: HEADS[h][int(p[h].argmax())] for h in HEADS}
                 person = Person(pid=-1, **{k: val[k] for k in Person.__dataclass_fields__ if k not in ("pid", "shade")})
                 self._memo[k] = (person, State(view=val["view"], pose=val["pose"], scene=val["scene"]), p)
@@ -288,6 +398,13 @@ class MiniVLM(VisionLanguageModel):
         """Mean probability the recognizer gives to each claim it can check (1.0 if none)."""
         ps = [float(probs[s][HEADS[s].index(v)]) for s, v in claims.items() if s in HEADS and v in HEADS[s]]
         return float(np.mean(ps)) if ps else 1.0
+
+    @staticmethod
+    def claim_evidence(probs: dict, claims: dict[str, str]) -> float:
+        """The geometric mean of the probabilities the recognizer gives to each claim it can check (1.0 if
+        none): one claim it finds false sinks it, as one false claim makes a description wrong."""
+        ps = [float(probs[s][HEADS[s].index(v)]) for s, v in claims.items() if s in HEADS and v in HEADS[s]]
+        return _geo(ps) if ps else 1.0
 
     def _item_rngs(self, images, texts) -> list[np.random.Generator]:
         """One random stream per (image, text) item of a call: :func:`item_rng` of the seed, the image's
@@ -431,17 +548,23 @@ class MiniVLM(VisionLanguageModel):
             if kind == "alignment":
                 if text is None:
                     raise ValueError(f"criterion {criterion!r} scores image-text alignment: pass texts")
-                s = self.claim_probability(probs, grammar.parse_claims(text))
-            elif kind == "quality":  # how sure the recognizer is of what it sees: blurred or broken images score low
-                s = float(np.mean([float(probs[h].max()) for h in IDENTITY + OUTFIT]))
-                s = (s - 0.5) / 0.5
+                s = self.claim_evidence(probs, grammar.parse_claims(text))
+            elif kind == "quality":  # the realism head's belief in a whole, plausible person; without one, how
+                # sure the recognizer is of what it sees (broken images score low)
+                s = probs[REAL] if REAL in probs else float(np.mean([float(probs[h].max()) for h in IDENTITY + OUTFIT]))
             elif kind in ("identity", "variation"):
                 if ref is None:
                     raise ValueError(f"criterion {criterion!r} compares two images: pass references")
                 rp = ref[2]
                 if kind == "identity":  # the same outfit too, unless the criterion allows a change of clothes
-                    heads = IDENTITY if _CHANGE_OF_CLOTHES.search(criterion) else IDENTITY + OUTFIT
-                    s = float(np.mean([float((probs[h] * rp[h]).sum()) for h in heads]))
+                    agree = {h: float((probs[h] * rp[h]).sum()) for h in IDENTITY + OUTFIT}
+                    if _CHANGE_OF_CLOTHES.search(criterion):
+                        # the world's people differ only in six coarse traits: the outfit tells them apart too,
+                        # bar the few garments or items a change of clothes changes (SynCPR's pairs: one to three)
+                        kept_outfit = sorted(agree[h] for h in OUTFIT)[CHANGED_ITEMS:]
+                        s = _geo([agree[h] for h in IDENTITY] + kept_outfit)
+                    else:
+                        s = _geo(list(agree.values()))
                 else:
                     s = float(np.mean([1 - float((probs[h] * rp[h]).sum()) for h in ("view", "pose", "scene", "held", "bag")]))
                     s = min(1.0, 2.5 * s)
@@ -449,55 +572,197 @@ class MiniVLM(VisionLanguageModel):
                 if text is None or ref is None:
                     raise ValueError(f"criterion {criterion!r} needs texts (the relative caption) and references")
                 claims = grammar.parse_claims(text)
-                s = self.claim_probability(probs, claims) * (1 - 0.5 * self.claim_probability(ref[2], claims))
+                s = self.claim_evidence(probs, claims) * (1 - 0.5 * self.claim_evidence(ref[2], claims))
             out.append(max(0.0, min(1.0, s)))
         return out
 
     def _score(self, images, criterion, texts, references):
+        from .base import _images
+
         kind = _criterion_kind(criterion)
         seen = self.perceive(images)
         refs = self.perceive(references) if references[0] is not None else [None] * len(seen)
         ev = self._evidence(kind, criterion, seen, texts, refs)
-        top = self.reference_evidence(kind, criterion) if self.calibrated else 1.0
-        return [int(np.clip(round(1 + 9 * min(1.0, s / top)), 1, 10)) for s in ev]
+        if not self.calibrated:
+            return [int(np.clip(round(1 + 9 * s), 1, 10)) for s in ev]
+        ims = _images(images)
+        return [self.calibration(kind, criterion, int(im.shape[0])).score(s, capture_detail(im)) for s, im in zip(ev, ims)]
 
     # -- the scale of its 1-10 scores ------------------------------------------------------------------
-    #: Calibrated (the default): a score of 10 means evidence as strong as the recognizer finds, in the
-    #: median, for a real photograph that fits (a real render of a person in no dataset, its own true
-    #: description, the same person again, a true relative caption), and lower scores fall in proportion.
-    #: A real MLLM gives good, real triplets 9 or 10: so must this one, for a bar such as SynCPR's 8.5 to
-    #: mean what it means there. Uncalibrated, the evidence itself maps to 1-10 (``1 + 9 s``).
+    #: Calibrated (the default): the 1-10 scale is fitted, per criterion, image height and camera
+    #: resolution, on validation renders of people in no dataset at the height of the images being judged,
+    #: from each camera of the world (:data:`~person_retrieval.world.render.RES_FACTORS`): fitting items (a
+    #: person and their own description, the same person again, a true relative caption) and failing ones
+    #: (another person's description, another person, another pair's relative caption, a render broken into
+    #: shuffled blocks). Evidence at the threshold where the two are told apart with equal error scores 8.5
+    #: (rounded up: 9, the TIPS bar, and SynCPR's 8.5), the median fitting evidence 10, and the upper
+    #: quartile of failing evidence 1; in between, linearly (:class:`ScoreScale`). A judged image gets the
+    #: scale of the camera whose validation renders show as much fine detail as it does
+    #: (:func:`capture_detail`): a small capture is judged against small captures, as a person who knows the
+    #: photo is small would. A real MLLM gives good, real items 9 or 10 and clear failures the lowest
+    #: scores: so must this one, for a bar such as SynCPR's mean of 8.5 to mean what it means there.
+    #: Variation (TIPS's yes/no, from 6) keeps one anchor: 10 is the median variation between two renders
+    #: of a person. Uncalibrated, the evidence itself maps to 1-10 (``1 + 9 s``).
     calibrated = True
-    n_calibration = 256
+    n_calibration = 768  # 256 per camera
 
-    def reference_evidence(self, kind: str, criterion: str = "") -> float:
-        """The median evidence on real, fitting items of ``kind`` (computed once, from renders of people in
-        no dataset; deterministic by the assistant's seed)."""
-        key = (kind, kind == "identity" and bool(_CHANGE_OF_CLOTHES.search(criterion)))
-        cache = self.__dict__.setdefault("_reference", {})
+    def calibration(self, kind: str, criterion: str = "", height: int | None = None) -> "ScoreScale":
+        """The fitted scale of ``kind`` for images ``height`` pixels high (default: the recognizer's own),
+        computed once from validation renders (deterministic by the assistant's seed)."""
+        h = int(height or self.recognizer.net.size[0])
+        key = (kind, kind == "identity" and bool(_CHANGE_OF_CLOTHES.search(criterion)), h)
+        cache = self.__dict__.setdefault("_scales", {})
         if key not in cache:
-            cache[key] = max(1e-6, float(np.median(self._evidence(kind, criterion, *self._calibration_items(kind, criterion)))))
+            (seen, texts, refs), false, factors, detail = self._calibration_items(kind, criterion, h)
+            true_ev = np.asarray(self._evidence(kind, criterion, seen, texts, refs))
+            false_ev = np.asarray(self._evidence(kind, criterion, *false)) if false is not None else None
+            scales = {}
+            for f in sorted(set(factors)):
+                m = np.asarray(factors) == f
+                scales[f] = (float(np.median(np.asarray(detail)[m])),
+                             ScoreScale.fit(true_ev[m], false_ev[m] if false_ev is not None else None))
+            cache[key] = CaptureScales(scales, ScoreScale.fit(true_ev, false_ev))
         return cache[key]
 
-    def _calibration_items(self, kind: str, criterion: str):
+    def reference_evidence(self, kind: str, criterion: str = "", height: int | None = None) -> float:
+        """The median evidence on real, fitting validation items of ``kind`` (what scores 10 at the
+        sharpest camera)."""
+        return self.calibration(kind, criterion, height).by_factor[1][1].top
+
+    def _calibration_items(self, kind: str, criterion: str, height: int):
+        """Validation items of ``kind`` at ``height``: ``(fitting, failing, camera factors, details)``,
+        fitting and failing each ``(seen, texts, refs)`` as :meth:`_evidence` takes them (failing: None for
+        variation); the camera factor of each item and the :func:`capture_detail` of its judged image."""
         from ..world.language import edit_person, relative_caption
-        from ..world.render import render, sample_state
+        from ..world.render import RES_FACTORS, render, sample_state
 
-        rng = rng_for(self.seed, "mini-vlm", "calibration", kind)
-        h = int(self.recognizer.net.size[0])  # the size it reads
-        a, b, texts = [], [], []
-        for i in range(self.n_calibration):
+        rng = rng_for(self.seed, "mini-vlm", "calibration", kind, height)
+        clothes = kind == "identity" and bool(_CHANGE_OF_CLOTHES.search(criterion))
+        n = self.n_calibration
+        people, a, b, texts = [], [], [], []
+        for i in range(n):
             p = sample_person(rng, -1 - i)
-            q = p
-            if kind == "relevance" or (kind == "identity" and _CHANGE_OF_CLOTHES.search(criterion)):
-                q, _ = edit_person(p, rng)
-            a.append(render(p, sample_state(rng), h))
-            b.append(render(q, sample_state(rng), h))
-            texts.append(relative_caption(p, q, rng) if kind == "relevance" else grammar.render_claims(outfit_claims(q), rng))
-        seen = self.perceive(b)
-        refs = self.perceive(a) if kind in ("identity", "variation", "relevance") else [None] * len(b)
-        return seen, texts if kind in ("alignment", "relevance") else [None] * len(b), refs
+            q = edit_person(p, rng)[0] if kind == "relevance" or clothes else p
+            f = RES_FACTORS[i % len(RES_FACTORS)]
+            s1, s2 = sample_state(rng), sample_state(rng)
+            a.append(render(p, replace(s1, res_factor=f), height))
+            b.append(render(q, replace(s2, res_factor=f), height))
+            if kind == "relevance":
+                texts.append(relative_caption(p, q, rng))
+            elif kind == "alignment":  # a description of some of what the person wears (a seed prompt) or all of it
+                keep = rng.uniform(0.4, 1.0)
+                texts.append(grammar.render_claims({k: v for k, v in outfit_claims(q).items() if k == "gender" or rng.random() < keep}, rng))
+            people.append(p)
+        # each item's failing partner: the next person of the same camera
+        other = np.array([(i + len(RES_FACTORS)) % n if (i + len(RES_FACTORS)) % n % len(RES_FACTORS) == i % len(RES_FACTORS)
+                          else (i + len(RES_FACTORS) - n) % n for i in range(n)])
+        factors = [RES_FACTORS[i % len(RES_FACTORS)] for i in range(n)]
+        detail = [capture_detail(x) for x in b]
+        if kind == "quality":
+            broken = [broken_image(x, rng) for x in b]
+            out = (self.perceive(b), [None] * n, [None] * n), (self.perceive(broken), [None] * n, [None] * n)
+        elif kind == "alignment":
+            seen = self.perceive(b)
+            out = (seen, texts, [None] * n), (seen, [texts[j] for j in other], [None] * n)
+        else:
+            seen, refs = self.perceive(b), self.perceive(a)
+            if kind == "variation":
+                out = (seen, [None] * n, refs), None
+            elif kind == "identity":
+                out = (seen, [None] * n, refs), ([seen[j] for j in other], [None] * n, refs)
+            else:
+                out = (seen, texts, refs), (seen, [texts[j] for j in other], refs)
+        return (*out, factors, detail)
 
+
+def capture_detail(image: np.ndarray) -> float:
+    """How sharp an image is, whatever its content: the log ratio of the mean grey-level difference between
+    neighbouring pixels to that between pixels two apart. An edge a coarser camera smeared over several
+    pixels changes little from one pixel to the next; a sharp one changes all at once. What the calibrated
+    judge reads the capture's camera from (on the world's renders it names the camera of 9 in 10 or more)."""
+    x = np.asarray(image, np.float32).mean(-1) / 255.0
+    g1 = np.abs(np.diff(x, axis=0)).mean() + np.abs(np.diff(x, axis=1)).mean()
+    g2 = np.abs(x[2:] - x[:-2]).mean() + np.abs(x[:, 2:] - x[:, :-2]).mean()
+    return float(np.log(g1 / (g2 + 1e-6) + 1e-6))
+
+
+@dataclass(frozen=True)
+class CaptureScales:
+    """One :class:`ScoreScale` per camera factor, each with the median :func:`capture_detail` of its
+    validation renders: an image is scored on the scale of the camera nearest in detail (``pooled``: one
+    scale over every camera)."""
+
+    by_factor: dict
+    pooled: "ScoreScale"
+
+    def scale_for(self, detail: float | None) -> "ScoreScale":
+        if detail is None or not self.by_factor:
+            return self.pooled
+        return min(self.by_factor.values(), key=lambda m_s: abs(m_s[0] - detail))[1]
+
+    def score(self, s: float, detail: float | None = None) -> int:
+        return self.scale_for(detail).score(s)
+
+
+def broken_image(image: np.ndarray, rng: np.random.Generator, grid: tuple[int, int] = (8, 4)) -> np.ndarray:
+    """An image broken as a failed generation is: its blocks (``grid`` rows x columns) shuffled."""
+    h, w = image.shape[:2]
+    gh, gw = grid
+    bh, bw = h // gh, w // gw
+    blocks = [image[i * bh:(i + 1) * bh, j * bw:(j + 1) * bw].copy() for i in range(gh) for j in range(gw)]
+    out = image.copy()
+    for k, src in enumerate(rng.permutation(len(blocks))):
+        i, j = divmod(k, gw)
+        out[i * bh:(i + 1) * bh, j * bw:(j + 1) * bw] = blocks[src]
+    return out
+
+
+@dataclass(frozen=True)
+class ScoreScale:
+    """A 1-10 scale of evidence: ``bottom`` scores 1, ``threshold`` 8.5, ``top`` 10, linearly in between
+    (scores round half up, so the threshold reaches 9). Without failing items (``threshold`` None): 10 at
+    ``top``, in proportion below."""
+
+    top: float
+    threshold: float | None = None
+    bottom: float = 0.0
+
+    @classmethod
+    def fit(cls, true_ev: np.ndarray, false_ev: np.ndarray | None = None) -> "ScoreScale":
+        """``top``: the median fitting evidence; ``threshold``: where the share of fitting items below it
+        equals the share of failing items at or above it (the equal-error point); ``bottom``: the upper
+        quartile of failing evidence."""
+        top = max(1e-6, float(np.median(true_ev)))
+        if false_ev is None or not len(false_ev):
+            return cls(top)
+        cands = np.unique(np.concatenate([true_ev, false_ev]))
+        gap = [abs(float((true_ev < t).mean()) - float((false_ev >= t).mean())) for t in cands]
+        t = float(cands[int(np.argmin(gap))])
+        t = min(t, top)
+        bottom = min(float(np.quantile(false_ev, 0.75)), t)
+        return cls(top, t, bottom)
+
+    def value(self, s: float) -> float:
+        if self.threshold is None:
+            return 1 + 9 * min(1.0, s / self.top)
+        if s >= self.top:
+            return 10.0
+        if s >= self.threshold:
+            return 8.5 + 1.5 * (s - self.threshold) / max(self.top - self.threshold, 1e-9)
+        if s <= self.bottom:
+            return 1.0
+        return 1 + 7.5 * (s - self.bottom) / max(self.threshold - self.bottom, 1e-9)
+
+    def score(self, s: float) -> int:
+        return int(np.clip(np.floor(self.value(s) + 0.5), 1, 10))
+
+
+def _geo(ps) -> float:
+    return float(np.exp(np.mean(np.log(np.clip(np.asarray(ps, dtype=float), 1e-4, 1.0)))))
+
+
+#: How many garments or items a change of clothes may change without the judge doubting the identity.
+CHANGED_ITEMS = 3
 
 _CHANGE_OF_CLOTHES = re.compile(r"whatever (they|he|she) wears?|change of cloth|different cloth|other cloth", re.I)
 

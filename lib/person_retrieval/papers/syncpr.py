@@ -361,7 +361,7 @@ def mini_models(scale: str, seed: int = 0, gpus: int = 0, progress: bool = True)
 
     gen, report = mini_generators(scale, seed, gpus=gpus, progress=progress)
     vlm = mini_vlm(scale, seed, progress=progress)
-    return MiniLM(seed), gen, vlm, ("mini-lm", f"mini-generator:{Path(report['dir']).name}", f"mini-vlm:{scale}-seed{seed}")
+    return MiniLM(seed), gen, vlm, ("mini-lm", f"mini-generator:{Path(report['dir']).name}", f"{vlm.name}:{scale}-seed{seed}")
 
 
 def load_models(scale: str, seed: int = 0, gpus: int = 0, weights=None, llm=None, vlm=None, rank: int | None = None,
