@@ -177,7 +177,7 @@ def test_tips_under_torchrun_merges_into_what_one_process_writes(tmp_path):
     assert man["identities"] == 6 and man["images"] == 30 and len(man["shards"]) == 3
     # the notebook's call finds the same folder done
     world = dataset_root("cuhk_pedes", None, "tiny", 0)
-    root, _ = tips.tips_dataset("tiny", 0, 0, n_prompts=6, shard_size=2, keep_score=1, max_tries=3, progress=False,
+    root, _ = tips.tips_dataset("tiny", 0, 0, n_prompts=6, shard_size=2, keep_score=1, max_tries=tips.MAX_TRIES, progress=False,
                                 few_shot_root=tips.few_shot_split("cuhk_pedes", world, 0.01, 0))
     assert root == folder and json.loads((folder / "timing.json").read_text())["processes"] == 2
     shutil.rmtree(folder)
