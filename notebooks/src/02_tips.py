@@ -451,6 +451,11 @@ for s in seeds:
             r = next(r for r in rows if r["alpha"] == a)
             t4.append({"seed": s, "method": "IRRA", "data": label, "TTA": tta, "dataset": target, "alpha": a,
                        **{k: r[k] for k in ("R1", "R5", "R10", "mAP")}})
+
+# %% [markdown]
+# Table 4 averages the repeats; the cost table says what TTA adds per query (drawing the preview dominates).
+
+# %%
 t4 = pd.DataFrame(t4)
 t4_sum = reports.seed_summary(t4, ["method", "data", "TTA", "dataset"]).assign(source=source)
 ref4 = reports.reported("tips_table4").assign(source="paper (real data; TIPS Table 4)")
@@ -550,6 +555,11 @@ for label in ("TIPS (spg+idpg)",) + (() if paper else ("TIPS, oracle renderer",)
     claims.append((f"zero-shot: TIPS beats the zero-shot backbone{who} (Table 1)",
                    *reports.verdict([r - t1[(t1.pretraining.str.startswith("- ")) & (t1.test == d)].R1.item()
                                      for d, r in t1[t1.pretraining == label][["test", "R1"]].values if not np.isnan(r)])))
+
+# %% [markdown]
+# The generalization, TTA and generator claims (Tables 3-5), then the table of every verdict.
+
+# %%
 if cross_domain and len(t3):
     for lab in [x for x in t3["training data"].unique() if x != "Raw"]:
         raw = t3[t3["training data"] == "Raw"].set_index(["seed", "train", "test"]).R1
