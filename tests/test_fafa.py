@@ -188,11 +188,16 @@ def test_claims_need_every_seed():
                        {"method": "late fusion", "R1": 9.0, "trained on": "-"},
                        {"method": "FAFA", "R1": float("nan"), "trained on": "too small"},  # a set not trained on: no verdict from it
                        {"method": "FAFA", "R1": 15.0, "trained on": "x"}])
-    c = fafa.claims(abl, t1).set_index("claim")["holds"]
+    anchor = pd.DataFrame([{"seed": s, "R1": r} for s, r in ((0, 21.0), (1, 22.0), (2, 19.0))])
+    c = fafa.claims(abl, t1, anchor).set_index("claim")["holds"]
     assert not any("too small" in k for k in c.index)
     assert c["FDA beats ITC"] and c["FD adds to FDA"]
     assert not c["MFR adds to FDA"]  # behind at seed 0, level at seed 1, ahead at seed 2: not in every seed
-    assert c["FAFA (trained on x) beats image only on ITCPR R1"] and not c["FAFA (trained on x) beats text only on ITCPR R1"]
+    # FAFA's three seeds (14, 15, 16) against each untrained baseline: every seed must be ahead
+    assert c["FAFA beats image only on ITCPR R1"] and not c["FAFA beats text only on ITCPR R1"]  # 14 < 20
+    assert c["FAFA beats late fusion on ITCPR R1"]  # 14, 15, 16 against 9
+    assert c["FAFA + anchor beats image only on ITCPR R1"] and not c["FAFA + anchor beats text only on ITCPR R1"]  # 19 < 20
+    assert "FAFA + anchor" not in " ".join(fafa.claims(abl, t1).claim)  # no anchor runs: no anchor claims
 
 
 def test_a_set_too_small_to_train_on_is_told(tmp_path):

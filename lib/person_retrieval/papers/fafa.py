@@ -61,12 +61,12 @@ class QFormerSize:
 
 
 QFORMER = {"tiny": QFormerSize(32, 2, 2, 8, 32, 64), "small": QFormerSize(128, 2, 4, 16, 128, 256)}
-#: Training per scale (the paper: AdamW, 10 epochs over 1.15 M triplets); ``batch_size`` in triplets (8 and 64: the
-#: 4 and 32 cpr_id groups of 2 that the grouped batches held). At small, 3 epochs, chosen on the held-out triplets
-#: (seed 0, the world's triplets, validation R1 at 2 / 3 / 4 epochs: FAFA 78.0 / 81.3 / 81.3, ITC 80.3 / 80.7 / 81.0),
-#: measured with grouped batches and the mean-token ITC, before shuffled batches and BLIP-2's ITC became the defaults.
+#: Training per scale (the paper: AdamW, 10 epochs over 1.15 M triplets); ``batch_size`` in triplets. At small, 4 epochs
+#: at 1e-3, chosen on the held-out triplets (seed 0, the world's triplets, FAFA without the anchor from the 16-epoch
+#: first stage, best validation R1: 3 epochs at 5e-4 50.0, 4 at 1e-3 60.7, 6 at 1e-3 63.7; 6 epochs would put notebook
+#: 04 over its 10 minutes a repeat). With the anchor, 4 epochs at 1e-3: 86.0.
 FAFA_CONFIG = {"tiny": dict(epochs=2, batch_size=8, lr=1e-3, weight_decay=0.05, warmup_epochs=0.2),
-               "small": dict(epochs=3, batch_size=64, lr=5e-4, weight_decay=0.05, warmup_epochs=0.5)}
+               "small": dict(epochs=4, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_epochs=0.5)}
 PER_GROUP = 2  # sampler="groups": triplets of one cpr_id group in a batch, its positives
 #: How training batches are drawn (``sampler``). "shuffled" (the default; the release's: its training script's shuffled
 #: DataLoader, the grouped sampler switched off): the training triplets in a random order, a batch of ``batch_size``
@@ -81,6 +81,10 @@ SAMPLER_ITEMS = {"shuffled": "triplets", "groups": "cpr_id groups"}
 #: "mean_token": the cosine between the query and the mean of the target's tokens (this project's earlier reading).
 ITC_SCORES = ("max_token", "mean_token")
 ITC_SCORE = "max_token"
+#: FAFA as the paper builds it (``anchor``): the Q-Former alone carries the targets and the composed query (False,
+#: the default). True: this project's named option, the frozen encoders' own composition as a start that the
+#: Q-Former joins through gates (:class:`FAFAModel`); its rows are "FAFA + anchor".
+ANCHOR = False
 
 
 def qformer(size: QFormerSize, image_dim: int):
@@ -333,16 +337,15 @@ class _TripletBatches(_Batches):
 class FAFATask:
     """FAFA (or one of its ablations: ``parts``) trained on a folder in SynCPR's format, for
     :func:`person_retrieval.train.fit`. A held-out ``val_fraction`` of the groups selects the checkpoint.
-    ``anchor``: start from the frozen encoders' own composition (:class:`FAFAModel`'s anchor), which the
-    Q-Former's features join through gates that start at 0. BLIP-2's pretrained Q-Former already reads
-    images and texts aligned; the mini one, trained here in minutes, does not (measured at small, seed 0,
-    on held-out world triplets, 3 epochs, with grouped batches: validation R1 81.3 with the anchor, 40.3
-    without). ``sampler``: how batches are drawn (:data:`SAMPLERS`; default shuffled triplets, the release's);
+    ``anchor`` (default False, the paper's FAFA: the Q-Former alone): True starts from the frozen encoders' own
+    composition (:class:`FAFAModel`'s anchor), which the Q-Former's features join through gates that start at 0,
+    this project's option (measured at small, seed 0, from the 16-epoch first stage, 4 epochs: validation R1 86.0
+    with the anchor, 60.7 without; zero-shot ITCPR R1 28.3 with, 5.2 without). ``sampler``: how batches are drawn (:data:`SAMPLERS`; default shuffled triplets, the release's);
     ``itc_score``: the ITC baseline's score (:data:`ITC_SCORES`; default BLIP-2's best query token)."""
 
     def __init__(self, root: str, scale: str = "small", seed: int = 0, init: str | None = None, parts=("fda", "fd", "mfr"),
                  lambda1: float = LAMBDA1, lambda2: float = LAMBDA2, mask_ratio: float = MASK_RATIO, top_k: int = TOP_K,
-                 val_fraction: float = 0.05, qformer_init: str | None = None, anchor: bool = True, sampler: str = SAMPLER,
+                 val_fraction: float = 0.05, qformer_init: str | None = None, anchor: bool = ANCHOR, sampler: str = SAMPLER,
                  itc_score: str = ITC_SCORE):
         _check_options(parts, sampler, itc_score)
         self.sampler, self.itc_score = sampler, itc_score
@@ -491,8 +494,11 @@ class QFormerPretrainTask:
         return retrieval_metrics(losses.fda_scores(t, model.targets(d.img[val]), 1), d.pids[val], d.pids[val])
 
 
+#: The first stage's training per scale. At small, 16 epochs (about 7 minutes on two cores): its held-out R1 (text
+#: to image, the corpus's held-out identities) climbs 8.3 / 13.3 / 17.5 after 1 / 7 / 16 epochs, and the Q-Former
+#: FAFA trains from it reaches validation R1 60.7 without the anchor, against 40.3 from the earlier 6 epochs.
 QFORMER_PRETRAIN = {"tiny": dict(epochs=1, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_epochs=0.2),
-                    "small": dict(epochs=6, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_epochs=0.3)}
+                    "small": dict(epochs=16, batch_size=64, lr=1e-3, weight_decay=0.05, warmup_epochs=0.3)}
 
 
 def pretrained_qformer(scale: str = "small", seed: int = 0, init: str | None = None, gpus: int = 0, progress: bool = True) -> Path:
@@ -517,11 +523,11 @@ def pretrained_qformer(scale: str = "small", seed: int = 0, init: str | None = N
 # ---------------------------------------------------------------------------------------------
 def fit_fafa(root, scale: str = "small", seed: int = 0, gpus: int = 0, init: str | None = None, parts=("fda", "fd", "mfr"),
              lambda1: float = LAMBDA1, lambda2: float = LAMBDA2, mask_ratio: float = MASK_RATIO, top_k: int = TOP_K,
-             epochs: int | None = None, progress: bool = True, pretrained: bool = True, anchor: bool = True, sampler: str = SAMPLER,
+             epochs: int | None = None, progress: bool = True, pretrained: bool = True, anchor: bool = ANCHOR, sampler: str = SAMPLER,
              itc_score: str = ITC_SCORE, **overrides):
     """Train FAFA (or an ablation) on a SynCPR-format folder, from the pretrained Q-Former
-    (:func:`pretrained_qformer`; ``pretrained=False``: from scratch), with the anchor of :class:`FAFATask`
-    unless ``anchor=False``, on shuffled batches of triplets (``sampler="groups"``: whole cpr_id groups) and, for
+    (:func:`pretrained_qformer`; ``pretrained=False``: from scratch), the Q-Former alone as the paper builds it
+    (``anchor=True``: with the anchor of :class:`FAFATask`, this project's option), on shuffled batches of triplets (``sampler="groups"``: whole cpr_id groups) and, for
     the ITC baseline, BLIP-2's score (``itc_score="mean_token"``: the cosine to the mean target token); a
     ``batch_size`` override counts triplets. Runs are cached (and resumed) under ``.cache/runs/`` by everything
     that makes them."""
@@ -596,23 +602,25 @@ def _holds(a: pd.DataFrame, b: pd.DataFrame, metric: str = "R1") -> tuple[bool, 
     return bool(m.mean() > 0 and (m > 0).all()), f"{a[metric].mean():.2f} vs {b[metric].mean():.2f} (per seed {', '.join(f'{v:+.2f}' for v in m)})"
 
 
-def claims(ablation: pd.DataFrame, table1: pd.DataFrame) -> pd.DataFrame:
-    """The paper's claims, each with a verdict: from the ablation (columns ``seed``, ``components``, R1)
-    and Table 1 (columns ``method``, ``trained on``, R1)."""
+def claims(ablation: pd.DataFrame, table1: pd.DataFrame, anchor: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The paper's claims, each with a verdict: from the ablation of the paper's FAFA (columns ``seed``,
+    ``components``, R1) and Table 1's untrained baselines (columns ``method``, R1): FAFA (all three losses)
+    beats image only, text only and late fusion in the mean over seeds and in every seed. ``anchor`` (columns
+    ``seed``, R1: "FAFA + anchor" runs, this project's option) gets the same three claims beside."""
     c = {k: ablation[ablation["components"] == k] for k in LOSS_SETS}
     rows = []
     for claim, a, b in (("FDA beats ITC", "FDA", "ITC"), ("FD adds to FDA", "FDA + FD", "FDA"), ("MFR adds to FDA", "FDA + MFR", "FDA"),
                         ("all three beat FDA + FD", "FDA + FD + MFR", "FDA + FD"), ("all three beat FDA + MFR", "FDA + FD + MFR", "FDA + MFR")):
         ok, ev = _holds(c[a], c[b])
         rows.append({"claim": claim, "holds": ok, "evidence": ev})
-    t = table1.set_index("method")
-    fafa_rows = table1[(table1["method"] == "FAFA") & table1["R1"].notna()]  # a set too small to train on has no R1
-    if len(fafa_rows):
-        best = fafa_rows.iloc[0]
+    base = table1[table1["R1"].notna()].drop_duplicates("method").set_index("method")["R1"]
+    for label, runs in (("FAFA", c["FDA + FD + MFR"]), ("FAFA + anchor", anchor)):
+        if runs is None or not len(runs):
+            continue
         for other in ("image only", "text only", "late fusion"):
-            if other in t.index:
-                rows.append({"claim": f"FAFA (trained on {best['trained on']}) beats {other} on ITCPR R1",
-                             "holds": bool(best["R1"] > t.loc[other, "R1"]), "evidence": f"{best['R1']:.2f} vs {t.loc[other, 'R1']:.2f}"})
+            if other in base.index:
+                ok, ev = _holds(runs, runs[["seed"]].assign(R1=float(base[other])))
+                rows.append({"claim": f"{label} beats {other} on ITCPR R1", "holds": ok, "evidence": ev})
     return pd.DataFrame(rows)
 
 
