@@ -340,7 +340,8 @@ class FAFATask:
     ``anchor`` (default False, the paper's FAFA: the Q-Former alone): True starts from the frozen encoders' own
     composition (:class:`FAFAModel`'s anchor), which the Q-Former's features join through gates that start at 0,
     this project's option (measured at small, seed 0, from the 16-epoch first stage, 4 epochs: validation R1 86.0
-    with the anchor, 60.7 without; zero-shot ITCPR R1 28.3 with, 5.2 without). ``sampler``: how batches are drawn (:data:`SAMPLERS`; default shuffled triplets, the release's);
+    with the anchor, 60.7 without; zero-shot ITCPR R1 28.3 with, 5.2 without). ``sampler``: how batches are
+    drawn (:data:`SAMPLERS`; default shuffled triplets, the release's);
     ``itc_score``: the ITC baseline's score (:data:`ITC_SCORES`; default BLIP-2's best query token)."""
 
     def __init__(self, root: str, scale: str = "small", seed: int = 0, init: str | None = None, parts=("fda", "fd", "mfr"),
@@ -494,7 +495,7 @@ class QFormerPretrainTask:
         return retrieval_metrics(losses.fda_scores(t, model.targets(d.img[val]), 1), d.pids[val], d.pids[val])
 
 
-#: The first stage's training per scale. At small, 16 epochs (about 7 minutes on two cores): its held-out R1 (text
+#: The first stage's training per scale. At small, 16 epochs (about 7 minutes on one core): its held-out R1 (text
 #: to image, the corpus's held-out identities) climbs 8.3 / 13.3 / 17.5 after 1 / 7 / 16 epochs, and the Q-Former
 #: FAFA trains from it reaches validation R1 60.7 without the anchor, against 40.3 from the earlier 6 epochs.
 QFORMER_PRETRAIN = {"tiny": dict(epochs=1, batch_size=32, lr=1e-3, weight_decay=0.05, warmup_epochs=0.2),
@@ -527,7 +528,8 @@ def fit_fafa(root, scale: str = "small", seed: int = 0, gpus: int = 0, init: str
              itc_score: str = ITC_SCORE, **overrides):
     """Train FAFA (or an ablation) on a SynCPR-format folder, from the pretrained Q-Former
     (:func:`pretrained_qformer`; ``pretrained=False``: from scratch), the Q-Former alone as the paper builds it
-    (``anchor=True``: with the anchor of :class:`FAFATask`, this project's option), on shuffled batches of triplets (``sampler="groups"``: whole cpr_id groups) and, for
+    (``anchor=True``: with the anchor of :class:`FAFATask`, this project's option), on shuffled batches of
+    triplets (``sampler="groups"``: whole cpr_id groups) and, for
     the ITC baseline, BLIP-2's score (``itc_score="mean_token"``: the cosine to the mean target token); a
     ``batch_size`` override counts triplets. Runs are cached (and resumed) under ``.cache/runs/`` by everything
     that makes them."""
