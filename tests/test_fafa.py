@@ -49,6 +49,37 @@ def test_the_anchor_starts_at_the_zero_shot_composition_and_lets_the_qformer_in(
         assert m.targets(gal).std(1).max() > 1e-3  # the Q-Former's tokens now differ
 
 
+def test_mfr_reconstructs_the_qformer_hidden_states_as_the_release_does():
+    size = fafa.QFORMER["tiny"]
+    m = _tiny_model()
+    h = m.qformer.config.hidden_size
+    assert fafa.MFR_ON == "hidden" and m.phi[0].in_features == 2 * h and m.phi[-1].out_features == h and isinstance(m.phi[1], torch.nn.ReLU)
+    old = fafa.FAFAModel(fafa.qformer(size, 16), size.queries, torch.nn.Linear(12, size.hidden), size.proj, mfr_on="projected")
+    assert old.phi[0].in_features == 2 * size.proj and old.phi[-1].out_features == size.proj
+    with pytest.raises(ValueError, match="unknown mfr_on 'tokens'"):
+        fafa.mfr_phi("tokens", h, size.proj)
+    img, txt, mask = torch.randn(3, 5, 16), torch.randn(3, 4, 12), torch.ones(3, 4, dtype=torch.long)
+    seen = {}
+
+    def fn(q, t, scale, phi, hidden):
+        seen.update(q=q, t=t, hidden=hidden)
+        return fafa.fafa_loss(q, t, torch.arange(3), scale, phi, parts=("mfr",), hidden=hidden)
+
+    with torch.no_grad():
+        loss, logs = m(img, txt, mask, img, loss_fn=fn)
+        hq, ht = seen["hidden"]
+        assert hq.shape == (3, h) and ht.shape == (3, h)
+        assert torch.allclose(m.compose(img, txt, mask, hidden=True)[1], hq) and torch.allclose(m.targets(img, hidden=True)[1], ht)
+        assert torch.allclose(m.compose(img, txt, mask, hidden=True)[0], seen["q"])  # the projected reading is unchanged
+        assert float(loss) == pytest.approx(0.5 * float(logs["mfr"]))  # lambda2 = 0.5
+        # not the projected features' MFR: the hidden states are neither projected nor normalised
+        torch.manual_seed(1)
+        on_hidden = float(fafa.losses.mfr_loss(hq, ht, m.phi, normalize=False))
+        assert on_hidden > 0 and abs(on_hidden - float(fafa.losses.mfr_loss(hq, ht, m.phi))) > 1e-4
+    with pytest.raises(ValueError, match="unknown mfr_on"):
+        fafa.fit_fafa("nowhere", "tiny", mfr_on="tokens")
+
+
 def _triplet_batches(sampler=None):
     groups = [[0, 1], [2], [3, 4, 5]]
     n = 6

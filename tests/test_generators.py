@@ -702,11 +702,12 @@ def test_training_batches_are_cut_to_their_longest_text_exactly(mini_gen, tiny_w
     assert toy.batch([0, 2])["s"].shape == (2, 3) and toy.batch([1, 3])["s"].shape == (2, 6)
     assert torch.equal(toy.batch([0, 2])["s"], torch.tensor([[0, 1, 2], [14, 15, 16]])) and torch.equal(toy.lengths, torch.tensor([2, 5, 1, 3]))
     # cutting the padding is exact: the text encoder is causal
-    text = mini_text_encoder("tiny", 0)
+    text = mini_text_encoder("tiny", 0, tokens="sequence")
     caps = ["a man in a red coat", "a woman with a long blue skirt and a black bag on her shoulder"]
     n = int((text.backbone.tokenize(caps) != 0).sum(1).max())
     assert torch.allclose(text.encode(caps, n + 9).seq[:, :n], text.encode(caps, n).seq, atol=1e-5)
-    task = GeneratorTask("base", "tiny", 0, root=str(tiny_world["cuhk_pedes"]), autoencoder=mini_gen[1]["dir"] + "/autoencoder.safetensors")
+    task = GeneratorTask("base", "tiny", 0, root=str(tiny_world["cuhk_pedes"]), autoencoder=mini_gen[1]["dir"] + "/autoencoder.safetensors",
+                         overrides={"text_tokens": "sequence"})
     data = task.train_data()
     order = epoch_order(len(data), 0, 0, data.lengths, 8)
     batch = data.batch(order[:8])
@@ -826,3 +827,98 @@ def test_lora_folder_is_found_for_any_rank_and_the_rank_read_from_the_files(tiny
     got, trained = flux.flux_loras(fresh, fresh_gen, "cuhk_pedes", None, 0, ("spg", "idpg"), log=said.append, progress=False)
     assert got == folder and trained == {} and said == []
     assert {m.r["spg"] for _, m in lora._lora_layers(fresh.transformer, "spg")} == {4}
+
+
+def test_pooled_text_tokens_are_one_token_a_text(mini_gen, tiny_world):
+    """The default: a caption enters the joint attention as one token, its pooled vector; SPG's size prefix
+    and separator keep their slots, a dual canvas has one token a panel, and batches are one token long."""
+    from person_retrieval.generators.mini import GeneratorTask, mini_config, mini_text_encoder
+
+    assert mini_config("small").text_tokens == "pooled"
+    with pytest.raises(ValueError, match="text_tokens must be one of"):
+        mini_text_encoder("tiny", 0, tokens="words")
+    text, seq_text = mini_text_encoder("tiny", 0), mini_text_encoder("tiny", 0, tokens="sequence")
+    caps = ["a man in a red coat", "a woman with a long blue skirt and a black bag on her shoulder"]
+    c, s = text.encode(caps), seq_text.encode(caps)
+    assert c.seq.shape == (2, 1, text.dim) and torch.allclose(c.seq[:, 0], c.pooled) and torch.allclose(c.pooled, s.pooled, atol=1e-5)
+    three = text.encode(caps, 3).seq
+    assert three.shape == (2, 3, text.dim) and torch.equal(three[:, 2], c.pooled)  # a fixed length repeats it
+    assert torch.equal(text.token_counts(caps), torch.ones(2, dtype=torch.long))
+    spg = flow.spg_condition(text, caps, [(16, 32), None])
+    assert spg.seq.shape[1] == flow.SIZE_TOKENS + flow.SEP_TOKENS + 1 and torch.allclose(spg.seq[:, -1], c.pooled)
+    assert flow.dual_condition(text, caps, caps[::-1]).seq.shape[1] == 2
+    task = GeneratorTask("base", "tiny", 0, root=str(tiny_world["cuhk_pedes"]), autoencoder=mini_gen[1]["dir"] + "/autoencoder.safetensors")
+    data = task.train_data()
+    assert data.t["seq"].shape[1] == 1 and int(data.lengths.max()) == 1 and data.batch([0, 1, 2])["seq"].shape[1] == 1
+
+
+def test_read_back_counts_the_stated_slots_read_in_the_image():
+    """Per slot, the share of the prompts stating it whose true value is read: a recognizer that reads the
+    truth scores 100, one that reads another value 0, and slots no prompt states are left out."""
+    from person_retrieval.generators import quality
+    from person_retrieval.world.labels import HEADS
+
+    held = quality.HeldOutPrompts(3, 12, (64, 32))
+    again = quality.HeldOutPrompts(3, 12, (64, 32))
+    assert held.texts == again.texts and torch.equal(held.renders, again.renders)  # fixed prompts
+    assert held.renders.shape == (12, 3, 64, 32) and held.renders.dtype == torch.uint8
+    assert all("gender" in m for m in held.mentioned) and any("upper_color" in m for m in held.mentioned)
+    with pytest.raises(ValueError, match="n must be at least 1"):
+        quality.HeldOutPrompts(0, 0, (64, 32))
+
+    class Reader:
+        def __init__(self, shift):
+            self.shift = shift
+
+        def predict(self, images):
+            return {h: torch.nn.functional.one_hot(torch.tensor([(held.truth[i].get(h, 0) + self.shift) % len(v) for i in range(len(images))]),
+                                                   len(v)).float() for h, v in HEADS.items()}
+
+    right, wrong = quality.read_back(Reader(0), held.renders, held), quality.read_back(Reader(1), held.renders, held)
+    for s in quality.READBACK_SLOTS:
+        k = sum(s in m for m in held.mentioned)
+        assert (s in right) == (k > 0)
+        if k:
+            assert right[s] == (100.0, k) and wrong[s] == (0.0, k)
+    with pytest.raises(ValueError, match="images for 12 prompts"):
+        quality.read_back(Reader(0), held.renders[:3], held)
+
+    class Judge:
+        def score(self, images, criterion, texts=None, references=None):
+            return [10 if texts is not None else 9] * len(images)  # alignment 10, quality 9: all pass TIPS's bar
+
+    table = quality.readback_table(Reader(0), Judge(), {"renders": held.renders, "half": held.renders}, held)
+    assert set(table["images"]) == {"renders", "half"} and (table["read_back"] == 100.0).all()
+    row = table[table["slot"] == "gender"].iloc[0]
+    assert row["chance"] == pytest.approx(100 / len(HEADS["gender"])) and row["prompts"] == 12
+    assert row["TIPS alignment"] == 10 and row["TIPS quality"] == 9 and row["SynCPR naturalness"] == 9 and row["TIPS seed filter passed"] == 100.0
+
+
+def test_a_killed_generator_build_resumes_where_it_stopped(tiny_world, monkeypatch, tmp_path):
+    """Killed between stages (after the autoencoder, the base and SPG), the build keeps what it finished and the
+    next call trains only the rest, ending with the weights of a build that never stopped (a kill inside a
+    stage resumes from that stage's last epoch: test_train's resume tests)."""
+    from person_retrieval.generators import mini
+
+    monkeypatch.setattr(mini, "cache_dir", lambda: tmp_path / "whole")
+    whole, _ = mini.mini_generators("tiny", 0, progress=False)
+    monkeypatch.setattr(mini, "cache_dir", lambda: tmp_path / "killed")
+    real, trained, kill = mini._fit_stage, [], [True]
+
+    def dies_at_idpg(kind, *a, **k):
+        if kind == "idpg" and kill[0]:
+            raise KeyboardInterrupt
+        trained.append(kind)
+        return real(kind, *a, **k)
+
+    monkeypatch.setattr(mini, "_fit_stage", dies_at_idpg)
+    with pytest.raises(KeyboardInterrupt):
+        mini.mini_generators("tiny", 0, progress=False)
+    (d,) = (tmp_path / "killed" / "models").iterdir()
+    assert [f.name for f in sorted(d.glob("*.safetensors"))] == ["autoencoder.safetensors", "base.safetensors", "spg.safetensors"]
+    trained.clear()
+    kill[0] = False
+    again, report = mini.mini_generators("tiny", 0, progress=False)
+    assert trained == ["idpg", "dual"] and {"base", "spg", "idpg", "dual"} <= set(report)
+    a, b = whole.transformer.state_dict(), again.transformer.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -120,6 +120,8 @@ def test_mfr_known_value_on_the_masked_dimensions():
     # rebuilt q = f_t = (0, 1): error on q's masked dim 0: (0 - 0.6)^2; rebuilt t = f_q = (0.6, 0.8): on dim 1: (0.8 - 1)^2
     v = losses.mfr_loss(fq, ft, phi, masks=(mq, mt)).item()
     assert v == pytest.approx(0.36 + 0.04)
+    # on raw hidden states (the release's): rebuilt q = (0, 2) vs (3, 4) on dim 0: 9; rebuilt t = (3, 4) vs (0, 2) on dim 1: 4
+    assert losses.mfr_loss(fq, ft, phi, masks=(mq, mt), normalize=False).item() == pytest.approx(9.0 + 4.0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     g = torch.Generator().manual_seed(0)
     x = losses.mfr_loss(torch.randn(16, 2), torch.randn(16, 2), net, mask_ratio=0.3, generator=g)

@@ -143,14 +143,17 @@ def fd_loss(features: torch.Tensor, margin: float = 0.5) -> torch.Tensor:
 
 
 def mfr_loss(query: torch.Tensor, target_mean: torch.Tensor, phi, mask_ratio: float = 0.3, masks=None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, normalize: bool = True) -> torch.Tensor:
     """FAFA's masked feature reasoning. ``query`` [B, D] composed features, ``target_mean`` [B, D] the mean
-    target token features (both normalised here), ``phi`` one shared network from [2D] to [D]. A random
+    target token features (normalised here unless ``normalize=False``: the release reconstructs the
+    Q-Former's raw hidden states), ``phi`` one shared network from [2D] to [D]. A random
     ``mask_ratio`` of each one's dimensions is zeroed (tilde), and each is rebuilt from the other:
     L_mfr = E[ ||f_q - Phi([f_t, f~_q])||^2 + ||f_t - Phi([f_q, f~_t])||^2 ], the squared error taken over
     the masked dimensions (their mean). ``masks`` = (mask_q, mask_t), bool [B, D] with True = masked, to
     fix them (tests); else drawn with ``generator``."""
-    fq, ft = F.normalize(query.float(), dim=-1), F.normalize(target_mean.float(), dim=-1)
+    fq, ft = query.float(), target_mean.float()
+    if normalize:
+        fq, ft = F.normalize(fq, dim=-1), F.normalize(ft, dim=-1)
     if masks is None:
         mq = torch.rand(fq.shape, generator=generator).to(fq.device) < mask_ratio
         mt = torch.rand(ft.shape, generator=generator).to(ft.device) < mask_ratio

@@ -69,6 +69,10 @@ P = params.check(dict(scale=scale, gpus=gpus, seed=seed, data_root=data_root, we
 if scale == "paper" and None in (weights, llm, vlm):
     raise ValueError("scale='paper' needs weights='FLUX.1-dev', llm (a chat LLM writes the quadruples) and vlm (the paper: Qwen2-VL "
                      "filters); the mini generator, LM and MLLM have tiny and small scales")
+# %% [markdown]
+# The checked parameters, then the three models the pipeline runs on: the language model that writes quadruples, the generator, and the MLLM that filters.
+
+# %%
 beta_range = P["beta_range"]
 source = reports.run_source(scale, seed, "mini world" if data_root is None else f"real data at {data_root}")
 models = "+".join(n.split(":")[0] for n in ("mini-lm" if llm is None else "llm", "mini-generator" if weights is None else "FLUX.1-dev",

@@ -28,13 +28,17 @@
 # $\mathcal{L}_{fd} = \frac{1}{N(N-1)}\sum_{i\neq j}\max\big(\cos(f_i, f_j) - m,\ 0\big)$, $f_1, \dots, f_N$ the
 # batch's target tokens, $m = 0.5$.
 #
-# **MFR**, masked feature reasoning, on the projected features, each normalised to unit length: the composed
-# query $f_q$ and the mean target token $\bar f_t = \mathrm{norm}\big(\frac{1}{Q}\sum_{k} f_t(k)\big)$. Each
+# **MFR**, masked feature reasoning, on the Q-Former's hidden states, as the release computes it (the paper says
+# "features"): the composed query's token $f_q$ and the mean of the target's query tokens
+# $\bar f_t = \frac{1}{Q}\sum_{k} h_t(k)$, before the projections and not normalised. Each
 # dimension of each is masked (zeroed: $\tilde f$) with probability 0.3, and each is rebuilt from its masked copy
-# and the other by one shared network $\Phi$ (linear, GELU, linear), the squared error averaged over the masked dimensions
+# and the other by one shared network $\Phi$ (linear $2h \to p$, ReLU, linear $p \to h$, the release's), the squared error averaged over the masked dimensions
 # ($M_q$, $M_t$) of the batch:
 # $\mathcal{L}_{mfr} = \frac{1}{|M_q|}\sum_{(i,d)\in M_q}\big(f_q - \Phi([\bar f_t, \tilde f_q])\big)_{i,d}^2
 # + \frac{1}{|M_t|}\sum_{(i,d)\in M_t}\big(\bar f_t - \Phi([f_q, \tilde f_t])\big)_{i,d}^2$.
+# (`mfr_on="projected"`, this project's earlier reading, takes the normalised projected features instead: their
+# errors are about $1/p$ as large, so MFR weighed little beside FDA. The release also averages the two terms
+# where the paper adds them, a factor of $\lambda_2$; we keep the paper's sum.)
 #
 # $$\mathcal{L} = \mathcal{L}_{fda} + \lambda_1 \mathcal{L}_{fd} + \lambda_2 \mathcal{L}_{mfr},\qquad \lambda_1 = 1,\ \lambda_2 = 0.5 .$$
 #
@@ -106,6 +110,10 @@ P = params.check(dict(scale=scale, gpus=gpus, seed=seed, seeds=seeds, data_root=
 if scale == "paper" and weights is None:
     raise params.ParameterError("scale='paper' needs BLIP-2 weights: set parameter 'weights' to a Blip2ForImageTextRetrieval folder "
                                 "(e.g. blip2-itm-vit-g, with its tokenizer); the mini Q-Former and the mini CLIP are not trained at paper")
+# %% [markdown]
+# The checked parameters, then what every run below shares: the image and text encoders' start and the ITCPR benchmark.
+
+# %%
 seeds = P["seeds"]
 real = weights is not None  # the paper's model, BLIP-2's Q-Former; else the mini Q-Former over the mini CLIP
 mini_scale = scale if scale != "paper" else "small"

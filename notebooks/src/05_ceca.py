@@ -256,6 +256,10 @@ for k in range(len(seeds)):
             else:
                 record(label, d, s, run.model, ceca.without_summaries(test_sets[d]))
     print(f"repeat seed {seeds[k]}: {time.time() - t_repeat:.0f} s")
+# %% [markdown]
+# Every run's scores in one table, and the training time of each run (a cached run reports its first training).
+
+# %%
 res = pd.DataFrame(rows)
 reports.save_table(pd.DataFrame(train_s).assign(source=source), "05_ceca_training", scale,
                    title="CECA: training seconds per run (cached runs report their first training)", timing=True)

@@ -273,6 +273,10 @@ for s in seeds:
         curves.append(c.assign(method=label, seed=s))
     repeat_s.append({"seed": s, "seconds": time.time() - t_rep, "source": source})
     print(f"repeat seed {s}: {repeat_s[-1]['seconds']:.0f} s")
+# %% [markdown]
+# The curves of every run, averaged over the repeats, and drawn: R1 and mAP as the dialogue grows.
+
+# %%
 curves = pd.concat(curves, ignore_index=True)
 reports.save_table(pd.DataFrame(repeat_s), "06_diana_repeats", scale, title="DiaNA: wall time per repeat", timing=True)
 curve_mean = curves.groupby(["method", "rounds"])[["R1", "R5", "R10", "mAP"]].mean().reset_index()

@@ -73,6 +73,10 @@ P = params.check(dict(scale=scale, gpus=gpus, seed=seed, seeds=seeds, data_root=
                  irr=params.choice([True, False], allow_none=True))
 if scale == "paper" and weights is None:
     raise ValueError("parameter 'weights': scale='paper' fine-tunes real CLIP weights (e.g. 'ViT-B-16' under PR_WEIGHTS_DIR)")
+# %% [markdown]
+# The checked parameters as CTGI's settings, and the three datasets' folders.
+
+# %%
 seeds, ablation_methods = P["seeds"], P["ablation_methods"]
 settings = ctgi.CTGISettings(rounds=rounds, top_k=top_k, lam=lam, xi=xi, ablation_methods=tuple(ablation_methods),
                              epochs=ctgi.EPOCHS.get(scale), n_captions=n_captions, irr=irr)
@@ -272,6 +276,10 @@ def label(row):
     return f"Ours with {row.method} ({what}{'' if row.PES else ', no PES'})"
 
 
+# %% [markdown]
+# Each run named as the paper's tables name it; our mean and spread beside the paper's rows.
+
+# %%
 res_all["setting"] = res_all.apply(label, axis=1)
 ours_src = reports.run_source(scale, seed, data_label) + f", repeats {seeds}"
 ref = reports.reported("ctgi")
@@ -327,6 +335,10 @@ def diff(a, b, d, metric="R1"):
 verdict = reports.verdict  # (mean, spread, verdict) of per-repeat differences
 
 
+# %% [markdown]
+# Claims (a) and (b) on every style; (c) and (d) on the ablation's style, RSTPReid, as the paper's Table 4.
+
+# %%
 claims = []
 for d in settings.datasets:
     for metric in ("R1", "mAP"):
@@ -346,6 +358,10 @@ for m in settings.methods:
                            *verdict(diff(both, f"{M}* (single-turn captions) + MTI", a, metric))))
             claims.append((f"(d) PES does not hurt ({M})", a, metric,
                            *verdict(diff(both, f"Ours with {M} (MTG + MTI, no PES)", a, metric), not_hurt=True)))
+# %% [markdown]
+# The verdicts, one row per claim, style and metric.
+
+# %%
 claims = pd.DataFrame(claims, columns=["claim", "dataset", "metric", "mean difference", "spread", "verdict"])
 claims = claims.sort_values(["claim", "metric"], kind="stable", key=lambda c: c.str[:3] if c.name == "claim" else c)
 reports.save_table(claims.assign(source=ours_src), "07_ctgi_claims", scale, title="CTGI's claims, checked over the repeats")
@@ -425,6 +441,10 @@ def top1_stats(b):
     return top.values[:, 0].numpy(), confirmed
 
 
+# %% [markdown]
+# How often the exit rule would fire: the top-1 cosines of every run, their quantiles, and the share above xi.
+
+# %%
 exit_rows, curves = [], {}
 for (s, method, d, caps, pes), b in mti.items():
     sim1, conf = top1_stats(b)
@@ -439,6 +459,10 @@ exits = pd.DataFrame(exit_rows).groupby(["dataset", "method", "captions", "PES"]
 exits = exits.drop(columns="seed").reset_index()
 reports.save_table(exits.assign(source=ours_src), "07_mti_early_exit", scale,
                    title=f"MTI's early exit: top-1 cosines of our models and the exit rule at xi = {xi} (mean over repeats)")
+# %% [markdown]
+# The same as a curve: the share of queries that would exit at each threshold, xi dashed.
+
+# %%
 ts = np.linspace(0, 1, 101)
 fig, ax = plt.subplots(figsize=(6, 2.6))
 for (m, d), parts in curves.items():

@@ -98,6 +98,10 @@ for m in methods:
     else:
         text_models[m.upper()] = {d: tpr.fit_baseline(m, d, roots[d], scale=scale, seed=seed, gpus=gpus, init=init, weights=weights,
                                                        progress=False).model for d in datasets}
+# %% [markdown]
+# The demo itself: type or pick a caption, and see the gallery ranked by each model.
+
+# %%
 text_demo = TextRetrievalDemo(test_sets, text_models, people, k=top_k, gallery_data=gallery_data)
 first = text_demo.pick_caption(0)
 print(f"caption 0: {first.text!r} -> Rank-1 {'right' if first.r1 else 'wrong'}")

@@ -15,7 +15,8 @@ import torch
 
 from ..metrics import frechet_distance
 
-__all__ = ["BLUR_CUTOFF", "clip_image_features", "frechet_distance", "high_frequency_energy", "identity_agreement", "through_codec"]
+__all__ = ["BLUR_CUTOFF", "READBACK_SLOTS", "HeldOutPrompts", "clip_image_features", "frechet_distance", "high_frequency_energy",
+           "identity_agreement", "read_back", "readback_table", "through_codec"]
 
 
 def high_frequency_energy(images: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
@@ -150,3 +151,87 @@ def identity_study(gen, recognizer, prompts: list[str], differences: list[str], 
     b = identity_agreement(recognizer, independent, refs)
     table = pd.DataFrame([{"attribute": h, "IDPG expansion vs seed": 100 * a[h], "independent SPG sample vs seed": 100 * b[h]} for h in a])
     return {"seeds": seeds, "expansions": expansions, "independent": independent}, table
+
+
+# ---------------------------------------------------------------------------------------------
+# Where alignment is lost: per-slot read-back on fixed held-out prompts
+#: The slots read back: garments' colours and types, shoes, hair and gender (what the papers' prompts state
+#: most and the recognizer reads at the generator's size).
+READBACK_SLOTS = ("upper_color", "lower_color", "upper_type", "lower_type", "shoes_color", "hair_style", "gender")
+#: The four filter criteria that judge one image against its prompt: TIPS's seed filter (alignment and
+#: quality) and SynCPR's single-image pair (naturalness, and alignment with the target's description).
+#: SynCPR's identity and relevance compare two images, so they are not in this table.
+READBACK_CRITERIA = {"TIPS alignment": "tips_seed_alignment", "TIPS quality": "tips_quality",
+                     "SynCPR naturalness": "naturalness", "SynCPR alignment": "alignment"}
+
+
+class HeldOutPrompts:
+    """``n`` people in no dataset, each rendered in the studio at ``image_size`` and captioned once in a
+    random dataset style: the prompts (``texts``), the slots each prompt states (``mentioned``), each
+    person's true value index per slot (``truth``, the recognizer's classes) and the renders (uint8)."""
+
+    def __init__(self, seed: int, n: int, image_size: tuple[int, int]):
+        from ..config import rng_for
+        from ..world import STYLES, caption, render, sample_person
+        from ..world.attributes import attribute_vector
+        from ..world.labels import HEADS
+        from .mini import studio_state
+
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        rng = rng_for(seed, "generator-readback-prompts")  # its own stream: no dataset's people or captions
+        self.texts, self.mentioned, self.truth, imgs = [], [], [], []
+        for i in range(n):
+            person = sample_person(rng, 10 ** 7 + i)
+            state = studio_state(rng)
+            text, slots = caption(person, state, STYLES[int(rng.integers(len(STYLES)))], rng)
+            values = attribute_vector(person)
+            self.texts.append(text)
+            self.mentioned.append(set(slots))
+            self.truth.append({s: HEADS[s].index(values[s]) for s in READBACK_SLOTS})
+            imgs.append(render(person, state, int(image_size[0])))
+        self.renders = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+        if tuple(self.renders.shape[-2:]) != tuple(image_size):
+            raise ValueError(f"renders came out {tuple(self.renders.shape[-2:])}, not the generator's {tuple(image_size)}")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def read_back(recognizer, images: torch.Tensor, prompts: HeldOutPrompts, slots=READBACK_SLOTS) -> dict[str, tuple[float, int]]:
+    """Per slot: ``(% of the prompts stating it whose true value the recognizer reads in the image, how many
+    prompts state it)``; slots no prompt states are left out."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+    pred = recognizer.predict(images)
+    out = {}
+    for s in slots:
+        idx = [i for i, m in enumerate(prompts.mentioned) if s in m]
+        if idx:
+            got = pred[s].argmax(-1)[idx]
+            want = torch.tensor([prompts.truth[i][s] for i in idx])
+            out[s] = (100.0 * float((got == want).float().mean()), len(idx))
+    return out
+
+
+def readback_table(recognizer, vlm, sets: dict[str, torch.Tensor], prompts: HeldOutPrompts, slots=READBACK_SLOTS):
+    """One row per image set and slot: ``read_back`` (%), ``prompts`` (how many state the slot),
+    ``chance`` (100 / the slot's classes), and the four single-image filter criteria's mean scores
+    (:data:`READBACK_CRITERIA`) with the share passing TIPS's seed filter (both of its scores >= 9)."""
+    import pandas as pd
+
+    from ..assistants.prompts import SYNCPR_CRITERIA
+    from ..world.labels import HEADS
+
+    rows = []
+    for name, images in sets.items():
+        scores = {}
+        for col, crit in READBACK_CRITERIA.items():
+            criterion = SYNCPR_CRITERIA[crit] if crit in SYNCPR_CRITERIA else crit
+            needs_text = crit != "tips_quality" and crit != "naturalness"
+            scores[col] = np.asarray(vlm.score(images, criterion, texts=list(prompts.texts) if needs_text else None), float)
+        passed = 100.0 * float(((scores["TIPS alignment"] >= 9) & (scores["TIPS quality"] >= 9)).mean())
+        for s, (pct, k) in read_back(recognizer, images, prompts, slots).items():
+            rows.append({"images": name, "slot": s, "read_back": pct, "prompts": k, "chance": 100.0 / len(HEADS[s]),
+                         **{c: float(v.mean()) for c, v in scores.items()}, "TIPS seed filter passed": passed})
+    return pd.DataFrame(rows)

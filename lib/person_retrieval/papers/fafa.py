@@ -81,6 +81,14 @@ SAMPLER_ITEMS = {"shuffled": "triplets", "groups": "cpr_id groups"}
 #: "mean_token": the cosine between the query and the mean of the target's tokens (this project's earlier reading).
 ITC_SCORES = ("max_token", "mean_token")
 ITC_SCORE = "max_token"
+#: What MFR reconstructs (:func:`fafa_loss`). "hidden" (default): the Q-Former's hidden states, the composed
+#: query's token and the mean of the target's query tokens, before the projections and unnormalised, with Phi
+#: ``Linear(2h, p)``-ReLU-``Linear(p, h)``, as the release (``blip2_fafa_cpr.py``: 2 x 768 -> 512 -> 768) computes
+#: it where the paper's equations name only "features"; "projected": this project's earlier reading, on the
+#: normalised projected features (Phi ``Linear(2p, p)``-GELU-``Linear(p, p)``), whose squared errors are about
+#: 1/p of the hidden states' and so weigh little beside FDA.
+MFR_ON = "hidden"
+MFR_ONS = ("hidden", "projected")
 #: FAFA as the paper builds it (``anchor``): the Q-Former alone carries the targets and the composed query (False,
 #: the default). True: this project's named option, the frozen encoders' own composition as a start that the
 #: Q-Former joins through gates (:class:`FAFAModel`); its rows are "FAFA + anchor".
@@ -108,13 +116,13 @@ class FAFAModel(nn.Module):
     from the zero-shot composition and lets the Q-Former in as far as it helps."""
 
     def __init__(self, qformer: nn.Module, queries: int, text_in: nn.Module, proj: int, temperature: float = 0.07,
-                 anchor: int | None = None):
+                 anchor: int | None = None, mfr_on: str = MFR_ON):
         super().__init__()
         h = qformer.config.hidden_size
         self.qformer, self.text_in = qformer, text_in
         self.query_tokens = nn.Parameter(torch.randn(1, queries, h) * 0.02)
         self.vision_proj, self.text_proj = nn.Linear(h, proj), nn.Linear(h, proj)
-        self.phi = nn.Sequential(nn.Linear(2 * proj, proj), nn.GELU(), nn.Linear(proj, proj))  # MFR's shared Phi
+        self.phi = mfr_phi(mfr_on, h, proj)  # MFR's shared Phi
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
         self.anchor = None
         if anchor:  # the frozen encoders' aligned global features (image token 0, the text's end token) as a start
@@ -133,22 +141,26 @@ class FAFAModel(nn.Module):
     def n_queries(self) -> int:
         return self.query_tokens.shape[1]
 
-    def targets(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        """``[B, Q, D]``: the query tokens after cross-attending to each target image's tokens, projected."""
+    def targets(self, image_tokens: torch.Tensor, hidden: bool = False):
+        """``[B, Q, D]``: the query tokens after cross-attending to each target image's tokens, projected
+        (``hidden=True``: also the mean of their hidden states, ``[B, h]``, for MFR)."""
         q = self.query_tokens.expand(image_tokens.shape[0], -1, -1)
-        out = self.qformer(query_embeds=q, encoder_hidden_states=image_tokens).last_hidden_state
-        t = self.vision_proj(out[:, : self.n_queries])
-        return t if self.anchor is None else self._target_anchor(image_tokens)[:, None] + self.gates[0] * t
+        out = self.qformer(query_embeds=q, encoder_hidden_states=image_tokens).last_hidden_state[:, : self.n_queries]
+        t = self.vision_proj(out)
+        t = t if self.anchor is None else self._target_anchor(image_tokens)[:, None] + self.gates[0] * t
+        return (t, out.mean(1)) if hidden else t
 
-    def compose(self, image_tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def compose(self, image_tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, hidden: bool = False):
         """``[B, D]``: the Q-Former on the reference image's tokens with the relative text after its query
-        tokens (which alone cross-attend to the image), read at the text's first token, projected."""
+        tokens (which alone cross-attend to the image), read at the text's first token, projected
+        (``hidden=True``: also that token's hidden state, ``[B, h]``, for MFR)."""
         b, n = image_tokens.shape[0], self.n_queries
         x = torch.cat([self.query_tokens.expand(b, -1, -1), self.text_in(text)], dim=1)
         mask = torch.cat([torch.ones(b, n, dtype=text_mask.dtype, device=text_mask.device), text_mask], dim=1)
         out = self.qformer(query_embeds=x, query_length=n, attention_mask=mask, encoder_hidden_states=image_tokens).last_hidden_state
         q = self.text_proj(out[:, n])
-        return q if self.anchor is None else self._query_anchor(image_tokens, text, text_mask) + self.gates[1] * q
+        q = q if self.anchor is None else self._query_anchor(image_tokens, text, text_mask) + self.gates[1] * q
+        return (q, out[:, n]) if hidden else q
 
     def text_features(self, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """``[B, D]``: the Q-Former on the text alone (no queries, no image), read at its first token:
@@ -159,10 +171,25 @@ class FAFAModel(nn.Module):
     def forward(self, ref_tokens, text, text_mask, tgt_tokens, loss_fn=None):
         """The training forward: the composed queries (or, with ``ref_tokens=None``, the text alone: the
         Q-Former's pretraining), the targets and the temperature; with ``loss_fn(query, targets, scale,
-        phi)`` its result, so that everything DDP must see (MFR's Phi too) runs inside one forward."""
-        q = self.compose(ref_tokens, text, text_mask) if ref_tokens is not None else self.text_features(text, text_mask)
-        out = (q, self.targets(tgt_tokens), self.logit_scale.exp().clamp(max=100))
-        return loss_fn(*out, self.phi) if loss_fn is not None else out
+        phi, hidden)`` its result (``hidden``: the query's and the mean target hidden states, MFR's inputs
+        by default; None for the text alone), so that everything DDP must see (MFR's Phi too) runs inside one forward."""
+        if ref_tokens is None:
+            q, hq = self.text_features(text, text_mask), None
+        else:
+            q, hq = self.compose(ref_tokens, text, text_mask, hidden=True)
+        t, ht = self.targets(tgt_tokens, hidden=True)
+        out = (q, t, self.logit_scale.exp().clamp(max=100))
+        return loss_fn(*out, self.phi, None if hq is None else (hq, ht)) if loss_fn is not None else out
+
+
+def mfr_phi(mfr_on: str, hidden: int, proj: int) -> nn.Module:
+    """MFR's reconstruction network for :data:`MFR_ON`: on hidden states ``Linear(2h, p)``-ReLU-``Linear(p, h)``
+    (the release's), on projected features ``Linear(2p, p)``-GELU-``Linear(p, p)``."""
+    if mfr_on == "hidden":
+        return nn.Sequential(nn.Linear(2 * hidden, proj), nn.ReLU(), nn.Linear(proj, hidden))
+    if mfr_on == "projected":
+        return nn.Sequential(nn.Linear(2 * proj, proj), nn.GELU(), nn.Linear(proj, proj))
+    raise ValueError(f"unknown mfr_on {mfr_on!r}; expected one of {MFR_ONS}")
 
 
 def itc_scores(composed: torch.Tensor, targets: torch.Tensor, itc_score: str = ITC_SCORE) -> torch.Tensor:
@@ -178,10 +205,12 @@ def itc_scores(composed: torch.Tensor, targets: torch.Tensor, itc_score: str = I
 
 def fafa_loss(composed: torch.Tensor, targets: torch.Tensor, gids: torch.Tensor, scale: torch.Tensor, phi: nn.Module,
               parts=("fda", "fd", "mfr"), lambda1: float = LAMBDA1, lambda2: float = LAMBDA2, mask_ratio: float = MASK_RATIO,
-              top_k: int = TOP_K, itc_score: str = ITC_SCORE) -> tuple[torch.Tensor, dict]:
+              top_k: int = TOP_K, itc_score: str = ITC_SCORE, hidden: tuple | None = None) -> tuple[torch.Tensor, dict]:
     """L = L_fda + lambda1 L_fd + lambda2 L_mfr (or any subset; ``"itc"``: the ITC baseline, InfoNCE over
     :func:`itc_scores`, by default BLIP-2's best query token). FD runs over all ``B * Q`` target tokens of the
-    batch; MFR on the normalised projected query and mean target token. Returns ``(loss, logs)``."""
+    batch. MFR reconstructs ``hidden`` = (the composed query's hidden state, the mean target hidden state),
+    unnormalised, as the release does (:data:`MFR_ON`); with ``hidden=None``, the normalised projected query
+    and mean target token (``mfr_on="projected"``). Returns ``(loss, logs)``."""
     logs, total = {}, 0.0
     if "itc" in parts:
         logs["itc"] = losses.itc_from_scores(itc_scores(composed, targets, itc_score), gids, scale)
@@ -193,7 +222,10 @@ def fafa_loss(composed: torch.Tensor, targets: torch.Tensor, gids: torch.Tensor,
         logs["fd"] = losses.fd_loss(targets.reshape(-1, targets.shape[-1]))
         total = total + lambda1 * logs["fd"]
     if "mfr" in parts:
-        logs["mfr"] = losses.mfr_loss(composed, targets.mean(1), phi, mask_ratio=mask_ratio)
+        if hidden is None:
+            logs["mfr"] = losses.mfr_loss(composed, targets.mean(1), phi, mask_ratio=mask_ratio)
+        else:
+            logs["mfr"] = losses.mfr_loss(hidden[0], hidden[1], phi, mask_ratio=mask_ratio, normalize=False)
         total = total + lambda2 * logs["mfr"]
     return total, {k: v.detach() for k, v in logs.items()}
 
@@ -268,7 +300,7 @@ def _features(scale: str, init: str | None, paths: tuple, texts: tuple):
     return _MEMO[key]
 
 
-def _check_options(parts, sampler: str, itc_score: str) -> None:
+def _check_options(parts, sampler: str, itc_score: str, mfr_on: str = MFR_ON) -> None:
     bad = sorted(set(parts) - {"itc", "fda", "fd", "mfr"})
     if bad or not parts:
         raise ValueError(f"unknown FAFA loss parts {bad}; expected a non-empty subset of itc, fda, fd, mfr")
@@ -276,6 +308,8 @@ def _check_options(parts, sampler: str, itc_score: str) -> None:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     if itc_score not in ITC_SCORES:
         raise ValueError(f"unknown itc_score {itc_score!r}; expected one of {ITC_SCORES}")
+    if mfr_on not in MFR_ONS:
+        raise ValueError(f"unknown mfr_on {mfr_on!r}; expected one of {MFR_ONS}")
 
 
 def _loop_batch(triplets: int, sampler: str) -> int:
@@ -347,9 +381,9 @@ class FAFATask:
     def __init__(self, root: str, scale: str = "small", seed: int = 0, init: str | None = None, parts=("fda", "fd", "mfr"),
                  lambda1: float = LAMBDA1, lambda2: float = LAMBDA2, mask_ratio: float = MASK_RATIO, top_k: int = TOP_K,
                  val_fraction: float = 0.05, qformer_init: str | None = None, anchor: bool = ANCHOR, sampler: str = SAMPLER,
-                 itc_score: str = ITC_SCORE):
-        _check_options(parts, sampler, itc_score)
-        self.sampler, self.itc_score = sampler, itc_score
+                 itc_score: str = ITC_SCORE, mfr_on: str = MFR_ON):
+        _check_options(parts, sampler, itc_score, mfr_on)
+        self.sampler, self.itc_score, self.mfr_on = sampler, itc_score, mfr_on
         self.root, self.scale, self.seed, self.init = str(root), scale, seed, init
         self.parts, self.lambda1, self.lambda2, self.mask_ratio, self.top_k = tuple(parts), lambda1, lambda2, mask_ratio, top_k
         self.val_fraction, self.qformer_init, self.use_anchor = val_fraction, qformer_init, anchor
@@ -386,12 +420,13 @@ class FAFATask:
         with torch.random.fork_rng(devices=[]):  # the initialisation depends on the seed alone
             torch.manual_seed(self.seed)
             model = FAFAModel(qformer(size, img.shape[-1]), size.queries, nn.Linear(txt.shape[-1], size.hidden), size.proj,
-                              anchor=img.shape[-1] if self.use_anchor else None)
+                              anchor=img.shape[-1] if self.use_anchor else None, mfr_on=self.mfr_on)
         if self.qformer_init:  # BLIP-2's first stage: a Q-Former whose queries already meet the text (pretrained_qformer)
             from safetensors.torch import load_file
 
-            missing, unexpected = model.load_state_dict(load_file(self.qformer_init), strict=False)
-            if unexpected or any(not k.startswith(("anchor.", "gates")) for k in missing):
+            stage1 = {k: v for k, v in load_file(self.qformer_init).items() if not k.startswith("phi.")}  # Phi: not trained there
+            missing, unexpected = model.load_state_dict(stage1, strict=False)
+            if unexpected or any(not k.startswith(("anchor.", "gates", "phi.")) for k in missing):
                 raise ValueError(f"{self.qformer_init} is not this Q-Former's first stage: missing {missing}, unexpected {unexpected}")
         return model
 
@@ -401,9 +436,10 @@ class FAFATask:
     def loss(self, model, batch, gather):
         gid = gather(batch["gid"].float()).long()
 
-        def fn(comp, tgt, scale, phi):
+        def fn(comp, tgt, scale, phi, hidden):
+            hidden = None if self.mfr_on == "projected" else tuple(gather(h) for h in hidden)
             return fafa_loss(gather(comp), gather(tgt), gid, scale, phi, self.parts, self.lambda1, self.lambda2, self.mask_ratio,
-                             self.top_k, self.itc_score)
+                             self.top_k, self.itc_score, hidden)
 
         return model(batch["ref"], batch["text"], batch["text_mask"], batch["tgt"], loss_fn=fn)
 
@@ -481,7 +517,7 @@ class QFormerPretrainTask:
     def loss(self, model, batch, gather):
         pid = gather(batch["pid"].float()).long()
 
-        def fn(t, v, scale, phi):
+        def fn(t, v, scale, phi, hidden):
             loss = losses.itc_from_scores(losses.fda_scores(gather(t), gather(v), 1), pid, scale)
             return loss, {"temperature": (1 / scale).detach()}
 
@@ -525,17 +561,18 @@ def pretrained_qformer(scale: str = "small", seed: int = 0, init: str | None = N
 def fit_fafa(root, scale: str = "small", seed: int = 0, gpus: int = 0, init: str | None = None, parts=("fda", "fd", "mfr"),
              lambda1: float = LAMBDA1, lambda2: float = LAMBDA2, mask_ratio: float = MASK_RATIO, top_k: int = TOP_K,
              epochs: int | None = None, progress: bool = True, pretrained: bool = True, anchor: bool = ANCHOR, sampler: str = SAMPLER,
-             itc_score: str = ITC_SCORE, **overrides):
+             itc_score: str = ITC_SCORE, mfr_on: str = MFR_ON, **overrides):
     """Train FAFA (or an ablation) on a SynCPR-format folder, from the pretrained Q-Former
     (:func:`pretrained_qformer`; ``pretrained=False``: from scratch), the Q-Former alone as the paper builds it
     (``anchor=True``: with the anchor of :class:`FAFATask`, this project's option), on shuffled batches of
     triplets (``sampler="groups"``: whole cpr_id groups) and, for
     the ITC baseline, BLIP-2's score (``itc_score="mean_token"``: the cosine to the mean target token); a
     ``batch_size`` override counts triplets. Runs are cached (and resumed) under ``.cache/runs/`` by everything
-    that makes them."""
+    that makes them. ``mfr_on``: what MFR reconstructs (:data:`MFR_ON`, the release's hidden states by default).
+    """
     from ..train import TaskSpec, TrainConfig, fit, process_tag
 
-    _check_options(parts, sampler, itc_score)
+    _check_options(parts, sampler, itc_score, mfr_on)
     conf = {**FAFA_CONFIG[scale if scale in FAFA_CONFIG else "small"], **overrides}
     conf["batch_size"] = _loop_batch(conf["batch_size"], sampler)
     if epochs is not None:
@@ -546,7 +583,7 @@ def fit_fafa(root, scale: str = "small", seed: int = 0, gpus: int = 0, init: str
     q_init = str(pretrained_qformer(scale, 0, init, min(gpus, 1) if torch.cuda.is_available() else 0, progress)) if pretrained else None
     kwargs = dict(root=str(root), scale=scale, seed=seed, init=init and str(init), parts=list(parts), lambda1=float(lambda1),
                   lambda2=float(lambda2), mask_ratio=float(mask_ratio), top_k=int(top_k), qformer_init=q_init, anchor=bool(anchor),
-                  sampler=sampler, itc_score=itc_score)
+                  sampler=sampler, itc_score=itc_score, mfr_on=mfr_on)
     key = _run_key(kwargs, root=_path_key(str(root)), init=_key(init), syncpr=_content_key(root), qformer_init=_key(q_init))
     out = cache_dir() / "runs" / f"fafa-{scale}-seed{seed}-{config_tag(conf, key, FAFA_VERSION, *process_tag(gpus))}"
     cfg = TrainConfig(**conf, gpus=gpus, seed=seed, out_dir=str(out), progress=progress, select="R1", clip_grad=1.0)
@@ -788,7 +825,7 @@ class Blip2Composer(nn.Module):
     tokens), plus MFR's Phi and the temperature. The image encoder stays frozen and outside the module's
     parameters (so checkpoints hold only what trains); ``copy``: train copies, leaving ``itr`` untouched."""
 
-    def __init__(self, itr, temperature: float = 0.07, copy: bool = False):
+    def __init__(self, itr, temperature: float = 0.07, copy: bool = False, mfr_on: str = MFR_ON):
         super().__init__()
         import copy as copy_
 
@@ -800,7 +837,8 @@ class Blip2Composer(nn.Module):
             for m in (self.qformer, self.embeddings, self.vision_projection, self.text_projection):
                 m.requires_grad_(True)
         d = itr.config.image_text_hidden_size
-        self.phi = nn.Sequential(nn.Linear(2 * d, d), nn.GELU(), nn.Linear(d, d))
+        # on hidden states the release's Phi: 2 x 768 -> 512 -> 768 (512 its hidden width)
+        self.phi = mfr_phi(mfr_on, itr.config.qformer_config.hidden_size, 512 if mfr_on == "hidden" else d)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
         object.__setattr__(self, "vision", itr.vision_model.eval().requires_grad_(False))  # not a submodule
 
@@ -811,18 +849,20 @@ class Blip2Composer(nn.Module):
             self.vision.to(pixel_values.device)
         return self.vision(pixel_values=pixel_values.to(next(self.vision.parameters()).dtype)).last_hidden_state
 
-    def targets(self, image_tokens: torch.Tensor) -> torch.Tensor:
+    def targets(self, image_tokens: torch.Tensor, hidden: bool = False):
         q = self.query_tokens.expand(image_tokens.shape[0], -1, -1)
         out = self.qformer(query_embeds=q, encoder_hidden_states=image_tokens).last_hidden_state
-        return self.vision_projection(out)
+        t = self.vision_projection(out)
+        return (t, out.mean(1)) if hidden else t
 
-    def compose(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def compose(self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden: bool = False):
         q = self.query_tokens.expand(image_tokens.shape[0], -1, -1)
         n = q.shape[1]
         x = self.embeddings(input_ids=input_ids, query_embeds=q)
         mask = torch.cat([torch.ones(q.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], 1)
         out = self.qformer(query_embeds=x, query_length=n, attention_mask=mask, encoder_hidden_states=image_tokens).last_hidden_state
-        return self.text_projection(out[:, n])
+        c = self.text_projection(out[:, n])
+        return (c, out[:, n]) if hidden else c
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """BLIP-2's own text reading (the Q-Former on the text alone, its first token), for the text-only row."""
@@ -831,9 +871,10 @@ class Blip2Composer(nn.Module):
 
     def forward(self, ref_pixels, input_ids, attention_mask, tgt_pixels, loss_fn=None):
         """The training forward from pixels (the image encoder frozen, under no grad), as :class:`FAFAModel`'s."""
-        q = self.compose(self.image_tokens(ref_pixels), input_ids, attention_mask)
-        out = (q, self.targets(self.image_tokens(tgt_pixels)), self.logit_scale.exp().clamp(max=100))
-        return loss_fn(*out, self.phi) if loss_fn is not None else out
+        q, hq = self.compose(self.image_tokens(ref_pixels), input_ids, attention_mask, hidden=True)
+        t, ht = self.targets(self.image_tokens(tgt_pixels), hidden=True)
+        out = (q, t, self.logit_scale.exp().clamp(max=100))
+        return loss_fn(*out, self.phi, (hq, ht)) if loss_fn is not None else out
 
 
 def blip2_model(folder):
@@ -869,9 +910,9 @@ class Blip2FAFATask:
 
     def __init__(self, root: str, weights: str, seed: int = 0, parts=("fda", "fd", "mfr"), lambda1: float = LAMBDA1,
                  lambda2: float = LAMBDA2, mask_ratio: float = MASK_RATIO, top_k: int = TOP_K, val_groups: int = BLIP2_VAL_GROUPS,
-                 sampler: str = SAMPLER, itc_score: str = ITC_SCORE):
-        _check_options(parts, sampler, itc_score)
-        self.sampler, self.itc_score = sampler, itc_score
+                 sampler: str = SAMPLER, itc_score: str = ITC_SCORE, mfr_on: str = MFR_ON):
+        _check_options(parts, sampler, itc_score, mfr_on)
+        self.sampler, self.itc_score, self.mfr_on = sampler, itc_score, mfr_on
         self.root, self.weights, self.seed, self.parts = Path(root), str(weights), seed, tuple(parts)
         self.lambda1, self.lambda2, self.mask_ratio, self.top_k, self.val_groups = lambda1, lambda2, mask_ratio, top_k, val_groups
         self._prepared = None
@@ -895,7 +936,7 @@ class Blip2FAFATask:
     def build(self) -> Blip2Composer:
         with torch.random.fork_rng(devices=[]):  # Phi's initialisation depends on the seed alone
             torch.manual_seed(self.seed)
-            return Blip2Composer(blip2_model(self.weights)[0], copy=True)
+            return Blip2Composer(blip2_model(self.weights)[0], copy=True, mfr_on=self.mfr_on)
 
     def train_data(self) -> _Blip2Batches:
         return self._prepare()[0]
@@ -903,9 +944,10 @@ class Blip2FAFATask:
     def loss(self, model, batch, gather):
         gid = gather(batch["gid"].float()).long()
 
-        def fn(comp, tgt, scale, phi):
+        def fn(comp, tgt, scale, phi, hidden):
+            hidden = None if self.mfr_on == "projected" else tuple(gather(h.float()) for h in hidden)
             return fafa_loss(gather(comp.float()), gather(tgt.float()), gid, scale, phi, self.parts, self.lambda1, self.lambda2,
-                             self.mask_ratio, self.top_k, self.itc_score)
+                             self.mask_ratio, self.top_k, self.itc_score, hidden)
 
         return model(batch["ref"], batch["ids"], batch["mask"], batch["tgt"], loss_fn=fn)
 
@@ -937,7 +979,7 @@ class Blip2FAFATask:
 
 def fit_fafa_blip2(root, weights, seed: int = 0, gpus: int = 0, parts=("fda", "fd", "mfr"), lambda1: float = LAMBDA1,
                    lambda2: float = LAMBDA2, mask_ratio: float = MASK_RATIO, top_k: int = TOP_K, epochs: int | None = None,
-                   progress: bool = True, sampler: str = SAMPLER, itc_score: str = ITC_SCORE, **overrides):
+                   progress: bool = True, sampler: str = SAMPLER, itc_score: str = ITC_SCORE, mfr_on: str = MFR_ON, **overrides):
     """Train FAFA (or an ablation) on the real path: BLIP-2's Q-Former from ``weights`` on the SynCPR-format
     folder ``root``, on the release's schedule (:data:`BLIP2_FAFA_CONFIG`: shuffled batches of 256 triplets;
     ``sampler="groups"``: whole cpr_id groups) and, for the ITC baseline, BLIP-2's score (``itc_score``); cached
@@ -945,13 +987,13 @@ def fit_fafa_blip2(root, weights, seed: int = 0, gpus: int = 0, parts=("fda", "f
     CLIP is read."""
     from ..train import TaskSpec, TrainConfig, fit, process_tag
 
-    _check_options(parts, sampler, itc_score)
+    _check_options(parts, sampler, itc_score, mfr_on)
     conf = {**BLIP2_FAFA_CONFIG, **overrides}
     conf["batch_size"] = _loop_batch(conf["batch_size"], sampler)
     if epochs is not None:
         conf["epochs"] = int(epochs)
     kwargs = dict(root=str(root), weights=str(weights), seed=seed, parts=list(parts), lambda1=float(lambda1), lambda2=float(lambda2),
-                  mask_ratio=float(mask_ratio), top_k=int(top_k), sampler=sampler, itc_score=itc_score)
+                  mask_ratio=float(mask_ratio), top_k=int(top_k), sampler=sampler, itc_score=itc_score, mfr_on=mfr_on)
     key = _run_key(kwargs, root=_path_key(str(root)), weights=_key(weights), syncpr=_content_key(root))
     out = cache_dir() / "runs" / f"fafa-blip2-seed{seed}-{config_tag(conf, key, FAFA_VERSION, *process_tag(gpus))}"
     cfg = TrainConfig(**conf, gpus=gpus, seed=seed, out_dir=str(out), progress=progress, select="R1", clip_grad=1.0)
