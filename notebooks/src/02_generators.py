@@ -145,7 +145,7 @@ reports.save_figure(fig, "02_domains", scale)
 # vector in every block's modulation. The mini generator reads each text as **one token**, the mini CLIP's
 # pooled vector (`text_tokens="pooled"`), beside the same vector in the modulation; SPG's size prefix and
 # separator keep their own tokens, and the dual canvas has one token per panel. Measured at small (issue 43):
-# with the mini CLIP's 36-token sequences the base spent two thirds of its compute on text tokens and, after
+# with the mini CLIP's token sequences (36 tokens a caption on average, beside 32 image tokens) the base, after
 # 2,200 steps, drew the stated upper colour in 24% of held-out prompts (the renders: 72%); with one token a step
 # costs 2.3 times less and 5,200 steps draw it in 46%. The sequence reading stays a named option
 # (`text_tokens="sequence"`). Half of the base's text-to-image batches carry SPG's prefix with the size
@@ -154,7 +154,7 @@ reports.save_figure(fig, "02_domains", scale)
 # section below measures the trained models.
 #
 # Everything is cached by scale and seed; the first run trains the autoencoder, the base (about 25 minutes at
-# `small` on 2 cores: 12,000 steps) and the three adapters. With FLUX.1-dev the three LoRAs are trained with
+# `small` on 2 cores: 11,376 steps) and the three adapters. With FLUX.1-dev the three LoRAs are trained with
 # TIPS's recipe for `flux_steps` steps each (capped by `max_steps`) and saved under
 # `.cache/models/flux-<dataset>-seed<seed>-r<rank>/`, where notebooks 02_tips and 03 find them (any rank).
 

@@ -36,8 +36,8 @@
 # ($M_q$, $M_t$) of the batch:
 # $\mathcal{L}_{mfr} = \frac{1}{|M_q|}\sum_{(i,d)\in M_q}\big(f_q - \Phi([\bar f_t, \tilde f_q])\big)_{i,d}^2
 # + \frac{1}{|M_t|}\sum_{(i,d)\in M_t}\big(\bar f_t - \Phi([f_q, \tilde f_t])\big)_{i,d}^2$.
-# (`mfr_on="projected"`, this project's earlier reading, takes the normalised projected features instead: their
-# errors are about $1/p$ as large, so MFR weighed little beside FDA. The release also averages the two terms
+# (`mfr_on="projected"`, this project's earlier reading, takes the normalised projected features instead: unit
+# vectors, whose squared error per dimension averages at most $4/p$. The release also averages the two terms
 # where the paper adds them, a factor of $\lambda_2$; we keep the paper's sum.)
 #
 # $$\mathcal{L} = \mathcal{L}_{fda} + \lambda_1 \mathcal{L}_{fd} + \lambda_2 \mathcal{L}_{mfr},\qquad \lambda_1 = 1,\ \lambda_2 = 0.5 .$$

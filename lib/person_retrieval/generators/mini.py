@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..config import cache_dir, get_scale, rng_for
-from .flow import SEP_TOKENS, SEPARATOR, SIZE_TOKENS, Condition, PixelCodec, dual_condition, dual_prompts, flow_matching_loss, size_text, spg_condition
+from .flow import SEP_TOKENS, SIZE_TOKENS, Condition, PixelCodec, dual_condition, dual_prompts, flow_matching_loss, size_text, spg_condition
 from .autoencoder import MiniAutoencoder
 from .lora import add_lora, load_lora, save_lora
 
@@ -54,8 +54,8 @@ class MiniFluxConfig:
     #: studio prompts (base only, text-to-image batches, lr 1e-3, batch 32, 2 threads, 8 minutes each;
     #: the recognizer's read-back of the stated upper / lower colour, renders 72.4 / 78.3): "sequence"
     #: 0.215 s a step, 2,238 steps, 23.7 / 29.1, flat after 4 minutes; "pooled" 0.092 s a step, 5,191
-    #: steps, 46.1 / 34.9 (upper type 42.7 against 23.9). The 36 text tokens of a caption were two thirds
-    #: of the sequence, and a network this small did not learn to bind their colours to garments.
+    #: steps, 46.1 / 34.9 (upper type 42.7 against 23.9). A studio caption is 36.3 tokens on average, half
+    #: of the 68-token sequence, and a network this small did not learn to bind their colours to garments.
     text_tokens: str = "pooled"
     width: int = 128  # heads * head_dim
     heads: int = 4
@@ -138,8 +138,8 @@ MINI_FLUX = {
                            ae_width=16, ae_world_images=32, ae_epochs=1),
     # 64x32 in 4x4 patches (48 values a token): measured at small, 128x64 in 8x8 patches (192 values)
     # trained to mosaics of blurred blocks in the same 15 minutes, and its LoRA adapters to noise.
-    # The base: 4,000 studio people (8,000 images) for 48 epochs (about 12,000 steps), against 2,000 for 7
-    # (about 900) before: binding colours to garments took thousands of steps (issue 43's curve), and the
+    # The base: 4,000 studio people (8,000 images) for 48 epochs (237 steps each, 11,376 in all), against 2,000
+    # for 7 (about 900) before: binding colours to garments took thousands of steps (issue 43's curve), and the
     # pooled text token makes a step 2.3x cheaper.
     "small": MiniFluxConfig(image_size=(64, 32), patch=4, studio_ids=4000, base_epochs=48),
 }
@@ -183,7 +183,7 @@ class MiniClipText:
 
     TOKENS = ("pooled", "sequence")
 
-    def __init__(self, backbone, tokens: str = "sequence"):
+    def __init__(self, backbone, tokens: str = "pooled"):
         if tokens not in self.TOKENS:
             raise ValueError(f"text_tokens must be one of {self.TOKENS}, got {tokens!r}")
         self.backbone = backbone.eval()
@@ -569,8 +569,8 @@ class GeneratorTask:
             diffs = [difference_text(states[j], states[i]) for i, j in enumerate(partner)]
             d = text.encode(diffs, _longest(text, diffs))
             self.diff_null = Condition(text.encode([""], d.seq.shape[1]).seq, text.encode([""]).pooled)
-            # SPG's prefix with the size dropped, and its separator (see MiniFluxConfig.base_prefix_share)
-            self.spg_prefix = torch.cat([text.encode([size_text(None)], SIZE_TOKENS).seq, text.encode([SEPARATOR], SEP_TOKENS).seq], 1)
+            # SPG's prefix with the size dropped, and its separator, as SPG builds them (MiniFluxConfig.base_prefix_share)
+            self.spg_prefix = spg_condition(text, [""], [None]).seq[:, : SIZE_TOKENS + SEP_TOKENS]
             data = dict(x=x, ref=x[partner], seq=c.seq, pooled=c.pooled, dseq=d.seq, dpooled=d.pooled)
             lens = {"seq": (_token_counts(text, caps), 0), "dseq": (_token_counts(text, diffs), 0)}
         else:

@@ -85,8 +85,8 @@ ITC_SCORE = "max_token"
 #: query's token and the mean of the target's query tokens, before the projections and unnormalised, with Phi
 #: ``Linear(2h, p)``-ReLU-``Linear(p, h)``, as the release (``blip2_fafa_cpr.py``: 2 x 768 -> 512 -> 768) computes
 #: it where the paper's equations name only "features"; "projected": this project's earlier reading, on the
-#: normalised projected features (Phi ``Linear(2p, p)``-GELU-``Linear(p, p)``), whose squared errors are about
-#: 1/p of the hidden states' and so weigh little beside FDA.
+#: normalised projected features (Phi ``Linear(2p, p)``-GELU-``Linear(p, p)``): unit vectors, whose squared
+#: error per dimension averages at most 4/p (how much less MFR then weighs beside FDA is not measured).
 MFR_ON = "hidden"
 MFR_ONS = ("hidden", "projected")
 #: FAFA as the paper builds it (``anchor``): the Q-Former alone carries the targets and the composed query (False,
